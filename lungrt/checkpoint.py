@@ -1,0 +1,188 @@
+"""Checkpoints: safetensors weights with JSON metadata in the safetensors header.
+
+One file carries the model name and config, the preprocessing spec, the data fingerprint, the
+metrics and the lungrt version. Loading never unpickles code: safetensors, or for users' own
+`.pt/.pth` state_dicts `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from . import __version__
+from .errors import CheckpointError
+from .models import REGISTRY, build_model
+from .preprocess import PreprocessSpec
+
+META_KEY = "lungrt"
+
+
+@dataclass
+class ModelInfo:
+    """What travels with the weights."""
+
+    name: str
+    width: int = 16
+    spec: PreprocessSpec = field(default_factory=PreprocessSpec)
+    data_fingerprint: str | None = None
+    metrics: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    lungrt_version: str = __version__
+    source: str = ""  # where it was loaded from (not saved)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "width": self.width,
+            "preprocess": self.spec.to_dict(),
+            "data_fingerprint": self.data_fingerprint,
+            "metrics": self.metrics,
+            "training": self.training,
+            "lungrt_version": self.lungrt_version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "") -> "ModelInfo":
+        return cls(
+            name=d["name"],
+            width=int(d.get("width", 16)),
+            spec=PreprocessSpec.from_dict(d.get("preprocess", {})),
+            data_fingerprint=d.get("data_fingerprint"),
+            metrics=d.get("metrics", {}),
+            training=d.get("training", {}),
+            lungrt_version=d.get("lungrt_version", "?"),
+            source=source,
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    info: ModelInfo
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.info.spec
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo, dtype: torch.dtype = torch.float32) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    meta = {META_KEY: json.dumps(info.to_dict(), sort_keys=True), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a crash mid-save keeps the previous best
+    return path
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, Exception) as e:
+        raise CheckpointError(path, f"not a readable safetensors file ({e})") from None
+    if META_KEY not in meta:
+        raise CheckpointError(path, "safetensors file has no lungrt metadata; pass --arch NAME to load bare weights")
+    return ModelInfo.from_dict(json.loads(meta[META_KEY]), source=str(path))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise CheckpointError(path, "file does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(path, f"not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(path, f"not a weights-only PyTorch state_dict ({type(e).__name__}: {str(e)[:200]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):  # common training-script wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(path, "does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}  # DataParallel prefix
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict load with an error that lists what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
+        if misshaped:
+            k = misshaped[0]
+            parts.append(f"{len(misshaped)} mis-shaped (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        raise CheckpointError(path, "weights do not fit the model: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    info = read_info(path)
+    if info.name not in REGISTRY:
+        raise CheckpointError(path, f"unknown model {info.name!r} in metadata")
+    model = build_model(info.name, info.width)
+    load_weights_into(model, _read_state_dict(path), path)
+    return LoadedModel(model.eval(), info)
+
+
+def load_bare_weights(path: str | Path, arch: str, width: int = 16, spec: PreprocessSpec | None = None) -> LoadedModel:
+    """A user's own state_dict (.pt/.pth weights only, or safetensors) into a registry model."""
+    path = Path(path)
+    if arch not in REGISTRY:
+        raise CheckpointError(path, f"unknown --arch {arch!r}; choose from {', '.join(REGISTRY)}")
+    model = build_model(arch, width)
+    load_weights_into(model, _read_state_dict(path), path)
+    return LoadedModel(model.eval(), ModelInfo(arch, width, spec or PreprocessSpec(), source=str(path)))
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    p = resources.files("lungrt") / "weights" / f"{name}.safetensors"
+    return Path(str(p)) if p.is_file() else None
+
+
+def resolve_model(ref: str, arch: str | None = None, width: int = 16) -> LoadedModel:
+    """A registry name (shipped weights), a lungrt checkpoint, or bare weights with --arch."""
+    if ref in REGISTRY and not Path(ref).exists():
+        ckpt = shipped_checkpoint(ref)
+        if ckpt is None:
+            raise CheckpointError(ref, "no shipped weights for this model in the installed package")
+        return load_checkpoint(ckpt)
+    path = Path(ref)
+    if path.is_dir() and (path / "model.safetensors").exists():  # a training run folder
+        path = path / "model.safetensors"
+    if arch:
+        return load_bare_weights(path, arch, width)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(path, "not a lungrt checkpoint; for a plain state_dict pass --arch NAME")
+    return load_checkpoint(path)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """Hash of the FP32 weights: identifies a model for caches and engine metadata."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu").float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,199 @@
+"""The `lungrt` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import LungrtError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Lung-segmentation U-Nets for chest X-rays: train, export, verify, deploy fast.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+app.add_typer(data_app, name="data")
+out = Console()
+
+
+def fail(message: str, code: int = 2) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run_guarded(fn):
+    """Run a command body; typed lungrt errors become one line on stderr."""
+    try:
+        return fn()
+    except LungrtError as e:
+        fail(str(e))
+
+
+def write_json(path: Optional[Path], payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        out.print(f"wrote {path}")
+
+
+@app.callback(invoke_without_command=True)
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        out.print(f"lungrt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def doctor():
+    """Versions, GPUs and which backends are usable here (and why not)."""
+    from .doctor import collect
+
+    report = collect()
+    table = Table(title=f"lungrt {__version__} doctor")
+    table.add_column("item")
+    table.add_column("status")
+    for k, v in report["versions"].items():
+        table.add_row(k, v)
+    table.add_row("GPUs", ", ".join(report["gpus"]) or "none")
+    for name, (ok, why) in report["backends"].items():
+        table.add_row(f"backend {name}", ("[green]usable[/] " if ok else "[yellow]unavailable[/] ") + why)
+    out.print(table)
+
+
+@data_app.command("check")
+def data_check(
+    folder: Path = typer.Argument(..., help="Dataset folder (images/ + masks/, or NAME_mask files)."),
+    seed: int = typer.Option(0, help="Split seed."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
+):
+    """Pairs found, unmatched and unreadable files, mask statistics and the 4:3:3 split."""
+    from .data import check_dataset
+
+    report = run_guarded(lambda: check_dataset(folder, seed))
+    out.print(f"[bold]{folder}[/]: {report['pairs']} pairs, {report['readable_pairs']} readable, "
+              f"{len(report['unmatched_images'])} unmatched images, {len(report['unmatched_masks'])} unmatched masks, "
+              f"{len(report['unreadable'])} unreadable")
+    for item in report["unreadable"]:
+        out.print(f"  unreadable {item['file']}: {item['reason']}", highlight=False)
+    for p in report["unmatched_images"] + report["unmatched_masks"]:
+        out.print(f"  unmatched {p}", highlight=False)
+    lf = report["lung_fraction"]
+    if lf["mean"] is not None:
+        out.print(f"masks: {report['mask_values']}; lung fraction mean {lf['mean']:.3f} "
+                  f"(min {lf['min']:.3f}, max {lf['max']:.3f}), {lf['empty_masks']} empty")
+    table = Table(title=f"split (seed {seed}, 4:3:3)")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("by source")
+    for name, s in report["splits"].items():
+        table.add_row(name, str(s["total"]), ", ".join(f"{k} {v}" for k, v in s["by_source"].items()))
+    out.print(table)
+    write_json(json_path, report)
+
+
+@app.command()
+def models(size: int = typer.Option(256, help="Input size for the GFLOPs count."),
+           width: int = typer.Option(16, help="Base width.")):
+    """Each registered model's parameter count and GFLOPs per image."""
+    from .models import REGISTRY, build_model, count_parameters, gflops_per_image
+
+    table = Table(title=f"models at {size}x{size}, width {width}")
+    for col in ("model", "parameters", "GFLOPs / image"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name in REGISTRY:
+        m = build_model(name, width)
+        table.add_row(name, f"{count_parameters(m):,}", f"{gflops_per_image(m, size):.2f}")
+    out.print(table)
+
+
+@app.command()
+def train(
+    model: str = typer.Option("unet", help="unet | gsconv-unet | msag-unet"),
+    data: Path = typer.Option(..., help="Dataset folder."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder for checkpoint, metrics.json, loss curves."),
+    epochs: int = typer.Option(50, help="Epochs (papers: 50)."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (papers: 1e-4), cosine to 0.01x."),
+    batch_size: int = typer.Option(8),
+    size: int = typer.Option(256, help="Square input size (multiple of 16)."),
+    width: int = typer.Option(16, help="Base channel width."),
+    equalization: str = typer.Option("histogram", help="none | histogram | clahe"),
+    seed: int = typer.Option(0),
+    limit: int = typer.Option(0, help="Use only N training images (smoke runs)."),
+    resume: bool = typer.Option(False, help="Continue from RUN_DIR/resume.pt."),
+):
+    """Train a model on image/mask pairs (4:3:3 split, best checkpoint by validation Dice)."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
+                      batch_size=batch_size, seed=seed, limit=limit)
+    result = run_guarded(lambda: run_training(cfg, data, out_dir, resume=resume, log=out.print))
+    out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
+
+
+PAPERS_NOTE = "papers: Dice ~0.92 reported for their U-Net variants (exact per-metric figures not reproduced here)"
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: List[str] = typer.Option(["unet"], help="Checkpoint, run folder or shipped name; repeat to compare."),
+    onnx: Optional[Path] = typer.Option(None, help="Evaluate an exported ONNX variant instead (ONNX Runtime)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare .pt/.pth/.safetensors weights."),
+    data: Path = typer.Option(..., help="Dataset folder."),
+    split: str = typer.Option("test", help="train | val | test | all"),
+    seed: int = typer.Option(0, help="Split seed."),
+    batch_size: int = typer.Option(8),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for per-image CSVs and the prediction grid PNGs."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write means (and per-image rows) as JSON."),
+):
+    """All metrics per image at native resolution; a Table-1-style comparison for several models."""
+    from .data import select_split
+    from .evaluate import evaluate, write_per_image_csv
+    from .plots import prediction_grid
+    from .runners import open_runner
+
+    def body():
+        pairs = select_split(data, split, seed)
+        refs = [None] if onnx else model
+        results = []
+        for ref in refs:
+            with open_runner(model=ref, onnx=onnx, arch=arch) as runner:
+                res = evaluate(runner, pairs, batch_size=batch_size, keep=4)
+            label = Path(onnx).name if onnx else ref
+            if out_dir:
+                stem = Path(label).stem if label.endswith((".onnx", ".safetensors")) else Path(label).name
+                write_per_image_csv(res["per_image"], out_dir / f"{stem}_per_image.csv")
+                prediction_grid(res.pop("examples"), out_dir / f"{stem}_examples.png", title=f"{label} on {split}")
+            res.pop("examples", None)
+            results.append((label, res))
+        return results
+
+    results = run_guarded(body)
+    table = Table(title=f"{data} / {split} split (per-image mean at native resolution)")
+    cols = ("Accuracy", "IoU", "mIoU", "Dice", "F1", "Precision", "Recall", "HD95 px")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for label, res in results:
+        m = res["mean"]
+        table.add_row(label, *[f"{m[k]:.4f}" for k in ("accuracy", "iou", "miou", "dice", "f1", "precision", "recall")], f"{m['hd95']:.2f}")
+    out.print(table)
+    out.print(f"[dim]{PAPERS_NOTE}; {results[0][1]['mean']['images']} images[/]")
+    write_json(json_path, {"data": str(data), "split": split, "seed": seed,
+                           "results": {label: res for label, res in results}})
+
+
+def entrypoint() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,69 @@
+"""What is installed and which backends can run here, with the reason for each that cannot."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as e:  # an import can fail with more than ImportError (missing CUDA libs)
+        return f"not installed ({type(e).__name__}: {str(e).splitlines()[0][:120]})" if str(e) else "not installed"
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, reason). TensorRT needs its Python package and an NVIDIA GPU."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except Exception as e:
+        return False, f"tensorrt does not import ({type(e).__name__}: {e}); install it with: pip install 'lungrt[trt]' on a machine with an NVIDIA GPU and driver"
+    try:
+        import polygraphy  # noqa: F401
+    except Exception:
+        return False, "polygraphy is missing; install it with: pip install 'lungrt[trt]'"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, f"tensorrt {trt.__version__} imports but no CUDA GPU is visible to torch"
+    return True, f"tensorrt {trt.__version__} on {torch.cuda.get_device_name(0)}"
+
+
+def onnxruntime_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+
+        return list(ort.get_available_providers())
+    except Exception:
+        return []
+
+
+def gpus() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [f"cuda:{i} {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())]
+
+
+def collect() -> dict:
+    import torch
+
+    providers = onnxruntime_providers()
+    versions = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
+    for mod in ("lungrt", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "polygraphy"):
+        versions[mod] = _version(mod)
+    versions["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
+    cuda_ok = torch.cuda.is_available()
+    backends = {
+        "torch-cpu": (True, f"torch {torch.__version__}"),
+        "torch-cuda": (cuda_ok, "CUDA available" if cuda_ok else f"no CUDA device (torch {torch.__version__}, cuda build: {torch.version.cuda or 'no'})"),
+        "onnxruntime-cpu": ("CPUExecutionProvider" in providers, ", ".join(providers) or "onnxruntime not installed"),
+        "onnxruntime-cuda": ("CUDAExecutionProvider" in providers,
+                             "CUDAExecutionProvider present" if "CUDAExecutionProvider" in providers
+                             else "no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"),
+        "tensorrt": tensorrt_status(),
+    }
+    return {"versions": versions, "gpus": gpus(), "backends": backends}

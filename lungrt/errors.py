@@ -1,0 +1,31 @@
+"""Typed errors. Every user-facing failure names the file (when there is one) and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LungrtError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero."""
+
+
+class ImageReadError(LungrtError):
+    """An input file could not be read as an X-ray."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class CheckpointError(LungrtError):
+    """Weights or checkpoint metadata that cannot be loaded into a model."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DatasetError(LungrtError):
+    """A dataset folder that holds no usable image/mask pairs."""

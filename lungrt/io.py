@@ -1,0 +1,222 @@
+"""Reading chest X-rays (PNG, JPEG, BMP, TIFF, DICOM) into one gray float image, and atomic writes.
+
+Every failure raises ImageReadError naming the file and the reason, so a batch job can record it
+and go on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .errors import ImageReadError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+# A 4020x4892 Montgomery original is 20 MP; anything far past that is a bomb or not an X-ray.
+MAX_PIXELS = 100_000_000
+MIN_SIDE = 16
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half-grey
+
+
+@dataclass
+class XRay:
+    """A decoded X-ray: `pixels` is float32 in [0, 1], 2-D, bright = dense (MONOCHROME2)."""
+
+    path: str
+    pixels: np.ndarray
+    spacing_mm: tuple[float, float] | None = None  # (row, column) pixel spacing when known
+    bits: int = 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+def is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_supported(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom(path)
+
+
+def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
+    """Read any supported X-ray file; raises ImageReadError with the reason on any failure."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(path, "file does not exist")
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty")
+    if is_dicom(path):
+        return _read_dicom(path, max_pixels)
+    return _read_raster(path, max_pixels)
+
+
+def _check_dimensions(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageReadError(
+            path, f"absurd dimensions {width}x{height} (over {max_pixels:,} pixels; decompression bomb?)"
+        )
+    if min(width, height) < MIN_SIDE:
+        raise ImageReadError(path, f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
+
+
+def _read_raster(path: Path, max_pixels: int) -> XRay:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_dimensions(path, im.width, im.height, max_pixels)
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)  # multi-page TIFF: the first page is the radiograph
+                im.load()
+                arr, bits = _pil_to_gray(im)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a recognised image (content is not PNG/JPEG/BMP/TIFF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageReadError(path, f"absurd dimensions, decompression bomb refused ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
+    return XRay(str(path), _to_unit(arr, bits), None, bits)
+
+
+def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(im, dtype=np.uint16), 16
+    if mode == "I":
+        return np.asarray(im, dtype=np.int64), 32
+    if mode == "F":
+        return np.asarray(im, dtype=np.float32), 32
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8), 8
+    if mode in ("1",):
+        return np.asarray(im.convert("L"), dtype=np.uint8), 8
+    # RGB, RGBA, LA, P, CMYK, YCbCr...: composite on black for alpha, then luminance
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(bg, im)
+    return np.asarray(im.convert("L"), dtype=np.uint8), 8
+
+
+def _to_unit(arr: np.ndarray, bits: int) -> np.ndarray:
+    """Map stored values to [0, 1]. 8-bit keeps its scale; deeper images are stretched min..max
+    because 12-bit detectors stored in 16-bit containers would otherwise look black."""
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D gray image, got shape {arr.shape}")
+    if bits == 8:
+        return arr.astype(np.float32) / 255.0
+    a = arr.astype(np.float64)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
+
+
+def _read_dicom(path: Path, max_pixels: int) -> XRay:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
+    except Exception as e:  # pydicom raises many kinds on truncated headers
+        raise ImageReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
+    if "PixelData" not in ds:
+        raise ImageReadError(path, "DICOM has no pixel data")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    _check_dimensions(path, cols, rows, max_pixels)
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise ImageReadError(path, "multi-frame DICOM is not a single radiograph")
+    try:
+        raw = ds.pixel_array
+    except Exception as e:
+        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(tsyntax, "name", str(tsyntax))
+        raise ImageReadError(
+            path, f"unsupported transfer syntax {name} or corrupt pixel data ({type(e).__name__}: {e})"
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if raw.ndim == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        raw = raw.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if raw.ndim != 2:
+        raise ImageReadError(path, f"DICOM pixel data of shape {raw.shape} is not a 2-D radiograph")
+    values = apply_modality_lut(raw, ds)  # Rescale Slope/Intercept
+    values = apply_voi_lut(values, ds)  # VOI LUT sequence or Window Center/Width
+    values = _to_unit(np.asarray(values, dtype=np.float64), 16)
+    if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
+        values = 1.0 - values
+    return XRay(str(path), values, _dicom_spacing(ds), int(ds.get("BitsStored", 16) or 16))
+
+
+def _dicom_spacing(ds) -> tuple[float, float] | None:
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        v = ds.get(tag)
+        if v is not None and len(v) == 2:
+            try:
+                r, c = float(v[0]), float(v[1])
+            except (TypeError, ValueError):
+                continue
+            if r > 0 and c > 0:
+                return (r, c)
+    return None
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a mask as bool: value > 127 for 0/255 masks, non-zero for small label maps."""
+    xr = read_xray(path)
+    raw = np.rint(xr.pixels * 255.0)
+    if raw.max() <= 16:  # label map (0/1, 0/1/2...) rather than a 0/255 picture
+        return raw > 0
+    return raw > 127
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write via a temp file + rename in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 gray or RGB array."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    atomic_write_bytes(path, encode_png(array))

@@ -1,0 +1,61 @@
+"""PNGs people would rather look at than read: loss curves, prediction grids, overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_loss_curves(history: list[dict], path: str | Path, title: str = "") -> None:
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    ax[0].plot(ep, [h["val_loss"] for h in history], label="validation")
+    ax[0].set(xlabel="epoch", ylabel="Dice + BCE loss", title="loss")
+    ax[0].legend()
+    ax[1].plot(ep, [h["val_dice"] for h in history], color="tab:green")
+    ax[1].set(xlabel="epoch", ylabel="Dice", title="validation Dice (network resolution)")
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the X-ray with the predicted lung field tinted and its outline drawn
+    (gold outline in green when given)."""
+    import cv2
+
+    gray = np.clip(image * 255, 0, 255).astype(np.uint8)
+    rgb = np.stack([gray] * 3, -1).astype(np.float32)
+    tint = np.array([255, 64, 32], np.float32)
+    rgb[mask] = 0.7 * rgb[mask] + 0.3 * tint
+    rgb = rgb.astype(np.uint8)
+    thick = max(1, round(max(image.shape) / 400))
+    if gold is not None:
+        cs, _ = cv2.findContours(gold.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(rgb, cs, -1, (40, 220, 40), thick)
+    cs, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(rgb, cs, -1, (255, 80, 40), thick)
+    return rgb
+
+
+def prediction_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> None:
+    """The papers' Fig. 9: image | gold mask | prediction, one row per (name, image, gold, pred)."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for r, (name, image, gold, pred) in enumerate(rows):
+        for c, (im, label) in enumerate(((image, name), (gold, "gold mask"), (overlay(image, pred, gold), "prediction"))):
+            axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None)
+            axes[r, c].set_title(label, fontsize=9)
+            axes[r, c].axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

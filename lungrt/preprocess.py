@@ -1,0 +1,89 @@
+"""The one preprocessing spec that travels with a model.
+
+Training, every backend, parity and inference call `PreprocessSpec.apply`; predicted masks go back
+to the original image size through `PreprocessSpec.invert`. The spec is stored in checkpoints and in
+ONNX / engine metadata as JSON, so no consumer re-implements it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import cv2
+import numpy as np
+
+EQUALIZATIONS = ("none", "histogram", "clahe")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    size: int = 256  # square network input; the originals are resized without keeping aspect
+    equalization: str = "histogram"  # none | histogram | clahe (papers: histogram)
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
+    mean: float = 0.5
+    std: float = 0.25
+
+    def __post_init__(self):
+        if self.equalization not in EQUALIZATIONS:
+            raise ValueError(f"equalization must be one of {EQUALIZATIONS}, got {self.equalization!r}")
+        if self.size % 16 or self.size < 32:
+            raise ValueError(f"input size must be a multiple of 16 and >= 32, got {self.size}")
+        if self.std <= 0:
+            raise ValueError("std must be positive")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, s: str) -> "PreprocessSpec":
+        return cls.from_dict(json.loads(s))
+
+    # -- forward mapping -----------------------------------------------------------------------
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """[0,1] float image of any size -> equalized [0,1] float32 image of size x size.
+        Split from `normalize` so training can augment intensities in between."""
+        u8 = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+        h, w = u8.shape
+        interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
+        u8 = cv2.resize(u8, (self.size, self.size), interpolation=interp)
+        if self.equalization == "histogram":
+            u8 = cv2.equalizeHist(u8)
+        elif self.equalization == "clahe":
+            clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
+            u8 = clahe.apply(u8)
+        return u8.astype(np.float32) / 255.0
+
+    def normalize(self, unit: np.ndarray) -> np.ndarray:
+        return ((unit - self.mean) / self.std).astype(np.float32)
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """[0,1] float image of any size -> network input, float32 array (1, size, size)."""
+        return self.normalize(self.prepare(pixels))[None]
+
+    def apply_batch(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.stack([self.apply(im) for im in images])
+
+    # -- inverse mapping -----------------------------------------------------------------------
+    def invert(self, probability: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
+        """Network-size probability map (size x size) -> probability map at the original (h, w)."""
+        h, w = original_shape
+        prob = np.asarray(probability, dtype=np.float32).reshape(self.size, self.size)
+        return cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+
+    def invert_mask(self, probability: np.ndarray, original_shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
+        return self.invert(probability, original_shape) > threshold
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))).astype(np.float32)

@@ -1,0 +1,159 @@
+"""One small runner interface for every backend, so evaluation, parity, infer and bench compare
+any two of them with the same code.
+
+A runner takes a preprocessed batch (B, 1, S, S) float32, normalised by the model's spec, and
+returns lung probabilities (B, 1, S, S) float32. It reports its backend, device and precision,
+and is closed (or used as a context manager) when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import LoadedModel, ModelInfo
+from .errors import LungrtError
+from .preprocess import PreprocessSpec
+
+INPUT_NAME, OUTPUT_NAME = "image", "probability"
+
+
+class Runner(ABC):
+    backend: str = "?"
+    device: str = "cpu"
+    precision: str = "fp32"
+    spec: PreprocessSpec
+    info: ModelInfo
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 1, S, S) float32 normalised input -> (B, 1, S, S) float32 probabilities."""
+
+    def close(self) -> None:  # noqa: B027 - optional for runners that hold nothing
+        pass
+
+    def describe(self) -> str:
+        return f"{self.backend}/{self.device}/{self.precision}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ProbabilityModel(nn.Module):
+    """The network plus the sigmoid: what every backend runs and what ONNX exports."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(image))
+
+
+class TorchRunner(Runner):
+    """PyTorch eager, on CPU or CUDA, fp32 / fp16 / bf16 (autocast), optionally channels_last."""
+
+    backend = "torch"
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", precision: str = "fp32", channels_last: bool = False):
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise LungrtError(f"torch runner: precision {precision!r} not supported (fp32, fp16, bf16)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise LungrtError("torch runner: CUDA requested but no CUDA device is available")
+        self.info, self.spec = loaded.info, loaded.spec
+        self.device, self.precision = device, precision
+        self.model = ProbabilityModel(loaded.model).eval().to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+    @torch.inference_mode()
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.autocast(dev_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            y = self.model(x)
+        return y.float().cpu().numpy()
+
+
+def onnx_metadata(path: str | Path) -> dict:
+    """lungrt metadata stored in an ONNX file's metadata_props (without loading the weights)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def info_from_metadata(meta: dict, source: str) -> ModelInfo:
+    if "lungrt.model" not in meta:
+        raise LungrtError(f"{source}: ONNX file has no lungrt metadata (export it with `lungrt export`)")
+    return ModelInfo.from_dict(json.loads(meta["lungrt.model"]), source=source)
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime session on the CPU (or CUDA when onnxruntime-gpu provides it)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        onnx_path = Path(onnx_path)
+        if not onnx_path.exists():
+            raise LungrtError(f"{onnx_path}: ONNX file does not exist")
+        meta = onnx_metadata(onnx_path)
+        self.info = info_from_metadata(meta, str(onnx_path))
+        self.spec = self.info.spec
+        self.precision = meta.get("lungrt.precision", "fp32")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise LungrtError("onnxruntime: CUDAExecutionProvider is not available (install onnxruntime-gpu)")
+            providers = [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1]) if ":" in device else 0}),
+                         "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.device = device
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        return np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def open_runner(model: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
+                backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+                arch: str | None = None, width: int = 16) -> Runner:
+    """The runner a command asked for: a checkpoint/name on torch, an ONNX file on ONNX Runtime,
+    or a TensorRT plan."""
+    if engine is not None:
+        from .tensorrt_runner import TensorRTRunner  # imported lazily: needs tensorrt
+
+        return TensorRTRunner(engine)
+    if onnx is not None:
+        if backend not in ("auto", "onnxruntime"):
+            raise LungrtError(f"--onnx runs on onnxruntime, not {backend!r}")
+        return OnnxRuntimeRunner(onnx, device=device)
+    from .checkpoint import resolve_model
+
+    loaded = resolve_model(model or "unet", arch=arch, width=width)
+    if backend in ("auto", "torch"):
+        return TorchRunner(loaded, device=device, precision=precision)
+    raise LungrtError(f"backend {backend!r} needs an exported model: pass --onnx FILE (see `lungrt export`)")

@@ -1,0 +1,20 @@
+"""Shared fixtures: small synthetic data the project makes itself; the real X-rays only when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-mc-sz"
+
+needs_real_data = pytest.mark.skipif(
+    not (REAL_DATA / "images").is_dir(), reason=f"real X-rays not present at {REAL_DATA} (restricted data, never in the repo)"
+)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from lungrt.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), count=24, size=128, seed=1)

@@ -1,0 +1,170 @@
+"""X-ray reading: every supported kind decodes, every broken file fails with its own reason."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
+
+from lungrt.errors import ImageReadError
+from lungrt.io import read_mask, read_xray, write_png
+
+
+def _png_header_only(path, width, height):
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0,
+               window=None, spacing=(0.2, 0.25), syntax=ExplicitVRLittleEndian):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelSpacing = list(spacing)
+    if syntax == ExplicitVRLittleEndian:
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    else:  # a compressed syntax with a frame the default install cannot decode
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture()
+def gradient():
+    return np.tile(np.linspace(0, 4095, 64), (48, 1)).astype(np.uint16)
+
+
+def test_8bit_png_keeps_scale(tmp_path):
+    arr = np.full((40, 50), 128, np.uint8)
+    write_png(tmp_path / "a.png", arr)
+    xr = read_xray(tmp_path / "a.png")
+    assert xr.shape == (40, 50) and xr.bits == 8
+    assert xr.pixels.dtype == np.float32 and np.allclose(xr.pixels, 128 / 255)
+
+
+def test_16bit_png_is_stretched(tmp_path, gradient):
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    xr = read_xray(tmp_path / "g16.png")
+    assert xr.bits == 16 and xr.pixels.min() == 0.0 and xr.pixels.max() == 1.0
+    assert np.all(np.diff(xr.pixels[0]) >= 0)  # monotone ramp survives
+
+
+def test_rgba_and_palette_become_gray(tmp_path):
+    rgba = np.zeros((30, 30, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, 255
+    rgba[:10, :, 3] = 0  # transparent band composites onto black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    xr = read_xray(tmp_path / "rgba.png")
+    assert xr.shape == (30, 30)
+    assert np.allclose(xr.pixels[:10], 0) and np.allclose(xr.pixels[10:], 200 / 255, atol=1 / 255)
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "pal.png")
+    assert np.allclose(read_xray(tmp_path / "pal.png").pixels, 90 / 255, atol=2 / 255)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "bmp", "tif"])
+def test_other_raster_formats(tmp_path, ext):
+    Image.fromarray(np.full((32, 40), 100, np.uint8)).save(tmp_path / f"x.{ext}")
+    xr = read_xray(tmp_path / f"x.{ext}")
+    assert xr.shape == (32, 40) and abs(float(xr.pixels.mean()) - 100 / 255) < 0.02
+
+
+def test_monochrome1_dicom_is_inverted_with_spacing(tmp_path, gradient):
+    m2 = read_xray(make_dicom(tmp_path / "m2.dcm", gradient))
+    m1 = read_xray(make_dicom(tmp_path / "m1.dcm", gradient, photometric="MONOCHROME1"))
+    assert m1.spacing_mm == (0.2, 0.25)
+    assert np.allclose(m1.pixels, 1.0 - m2.pixels)
+    assert m2.pixels[0, 0] < m2.pixels[0, -1] and m1.pixels[0, 0] > m1.pixels[0, -1]
+
+
+def test_dicom_window_is_applied(tmp_path, gradient):
+    # a window over the lower quarter saturates everything above it
+    xr = read_xray(make_dicom(tmp_path / "w.dcm", gradient, window=(512, 1024)))
+    assert np.isclose(xr.pixels.max(), 1.0) and (xr.pixels[0] >= 0.999).mean() > 0.7
+
+
+def test_dicom_without_extension_is_sniffed(tmp_path, gradient):
+    p = make_dicom(tmp_path / "IM0001", gradient)
+    assert read_xray(p).shape == gradient.shape
+
+
+def test_dicom_rescale_slope_intercept(tmp_path, gradient):
+    # a negative slope flips the ramp before min-max scaling; proves modality LUT is applied
+    xr = read_xray(make_dicom(tmp_path / "s.dcm", gradient, slope=-1.0, intercept=4095.0))
+    assert xr.pixels[0, 0] > xr.pixels[0, -1]
+
+
+BROKEN = {
+    "empty.png": "empty",
+    "truncated.png": "truncated",
+    "text.png": "not a recognised image",
+    "bomb.png": "absurd dimensions",
+    "tiny.png": "too small",
+    "compressed.dcm": "unsupported transfer syntax",
+    "notdicom.dcm": "DICOM",
+}
+
+
+@pytest.fixture()
+def broken_folder(tmp_path, gradient):
+    (tmp_path / "empty.png").write_bytes(b"")
+    write_png(tmp_path / "good.png", np.full((64, 64), 7, np.uint8))
+    data = (tmp_path / "good.png").read_bytes()
+    big = np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)
+    write_png(tmp_path / "big.png", big)
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "big.png").read_bytes()[:2000])
+    (tmp_path / "text.png").write_text("this is not an image\n" * 20)
+    _png_header_only(tmp_path / "bomb.png", 60000, 60000)
+    write_png(tmp_path / "tiny.png", np.zeros((4, 4), np.uint8))
+    make_dicom(tmp_path / "compressed.dcm", gradient, syntax=JPEG2000Lossless)
+    (tmp_path / "notdicom.dcm").write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_files_fail_with_reason(broken_folder, name):
+    with pytest.raises(ImageReadError) as e:
+        read_xray(broken_folder / name)
+    assert e.value.path.endswith(name)
+    assert BROKEN[name].lower() in e.value.reason.lower(), e.value.reason
+    assert name in str(e.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageReadError, match="does not exist"):
+        read_xray(tmp_path / "nope.png")
+    with pytest.raises(ImageReadError, match="directory"):
+        read_xray(tmp_path)
+
+
+def test_masks_binarise_pictures_and_label_maps(tmp_path):
+    soft = np.array([[0, 100, 128, 200, 255] * 4] * 20, np.uint8)
+    write_png(tmp_path / "soft.png", soft)
+    assert read_mask(tmp_path / "soft.png")[0, :5].tolist() == [False, False, True, True, True]
+    labels = np.zeros((20, 20), np.uint8)
+    labels[5:10, 5:10], labels[12:15, 12:15] = 1, 2
+    write_png(tmp_path / "labels.png", labels)
+    assert read_mask(tmp_path / "labels.png").sum() == 25 + 9
