@@ -188,6 +188,100 @@ def evaluate_cmd(
                            "results": {label: res for label, res in results}})
 
 
+@app.command()
+def export(
+    model: str = typer.Option("unet", help="Checkpoint, run folder or shipped name."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare .pt/.pth/.safetensors weights."),
+    out_path: Path = typer.Option(..., "--out", help="Output .onnx file."),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
+    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split; else all images). Default: synthetic phantoms."),
+    method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
+    val_data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates INT8 (sensitive blocks are then left unquantized)."),
+):
+    """Export to ONNX (opset 17, dynamic batch, metadata, simplified, checked against PyTorch),
+    optionally as the FP16 or INT8 (explicit Q/DQ) variant."""
+    import shutil
+
+    from .checkpoint import resolve_model
+    from .data import select_split
+    from .variants import make_variant
+
+    def body():
+        loaded = resolve_model(model, arch=arch)
+        val = select_split(val_data, "val") if val_data else None
+        v = make_variant(loaded, precision, folder=Path("engines"), calib_dir=calib, method=method, val_pairs=val, log=out.print)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(v.path, out_path)
+        return v
+
+    v = run_guarded(body)
+    out.print(f"wrote {out_path} ({v.precision}){'; ' + json.dumps(v.notes) if v.notes else ''}")
+
+
+@app.command()
+def parity(
+    model: str = typer.Option("unet", help="Reference: checkpoint, run folder or shipped name (PyTorch FP32)."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
+    variant: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
+    backend: str = typer.Option("onnxruntime", help="Candidate backend: onnxruntime | torch | tensorrt"),
+    onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file (default: make the variant in engines/)."),
+    engine: Optional[Path] = typer.Option(None, help="Candidate TensorRT plan."),
+    data: Path = typer.Option(..., help="Dataset folder (labelled: task Dice is gated too)."),
+    split: str = typer.Option("test"),
+    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (default: --data, its train split)."),
+    method: str = typer.Option("entropy"),
+    limit: int = typer.Option(0, help="Use only the first N images of the split."),
+    batch_size: int = typer.Option(8),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Compare a precision variant with the PyTorch FP32 reference; exit 1 when its gate fails."""
+    from .checkpoint import resolve_model
+    from .data import select_split
+    from .parity import GATES, apply_gate, compare
+    from .runners import OnnxRuntimeRunner, TorchRunner, open_runner
+    from .variants import make_variant
+
+    def body():
+        loaded = resolve_model(model, arch=arch)
+        pairs = select_split(data, split)
+        pairs = pairs[:limit] if limit else pairs
+        notes = {}
+        if engine is not None or onnx is not None:
+            cand = open_runner(onnx=onnx, engine=engine)
+        elif backend == "torch":
+            cand = TorchRunner(loaded, precision=variant if variant != "int8" else "fp32")
+        elif backend == "onnxruntime":
+            val = select_split(data, "val") if variant == "int8" else None
+            v = make_variant(loaded, variant, calib_dir=calib or data, method=method, val_pairs=val, log=out.print)
+            notes = v.notes
+            cand = OnnxRuntimeRunner(v.path)
+        else:
+            fail(f"backend {backend!r}: pass --engine PLAN for TensorRT (see `lungrt build`)")
+        with cand:
+            result = compare(TorchRunner(loaded), cand, pairs, batch_size=batch_size)
+        result["variant"], result["notes"] = variant, notes
+        result["gate"] = apply_gate(result["summary"], GATES[variant])
+        return result
+
+    result = run_guarded(body)
+    s, g = result["summary"], result["gate"]
+    table = Table(title=f"parity {result['candidate']} vs {result['reference']} on {s['images']} images ({variant} gate)")
+    for col in ("metric", "value", "gate"):
+        table.add_column(col)
+    for k in ("max_abs_prob_diff", "mean_abs_prob_diff", "mask_agreement", "min_mask_agreement", "boundary_hd95_px",
+              "dice_reference", "dice_candidate", "dice_drop"):
+        if k in s:
+            chk = g["checks"].get(k)
+            table.add_row(k, f"{s[k]:.6f}", "" if chk is None else (("[green]pass[/] " if chk["passed"] else "[red]FAIL[/] ") + chk["required"]))
+    out.print(table)
+    out.print("worst images: " + ", ".join(f"{r['name']} ({r['agreement']:.4f})" for r in s["worst"]), highlight=False)
+    if result["notes"]:
+        out.print(f"variant notes: {json.dumps(result['notes'])}", highlight=False)
+    write_json(json_path, result)
+    out.print("[bold green]PASS[/]" if g["passed"] else "[bold red]FAIL[/]: gate not met")
+    raise typer.Exit(0 if g["passed"] else 1)
+
+
 def entrypoint() -> None:
     try:
         app()

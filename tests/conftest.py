@@ -18,3 +18,17 @@ def phantom_dir(tmp_path_factory) -> Path:
     from lungrt.phantoms import write_phantom_dataset
 
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), count=24, size=128, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, phantom_dir) -> Path:
+    """A width-4 U-Net trained for a few epochs on phantoms: decisive enough for parity tests."""
+    import torch
+
+    from lungrt.train import TrainConfig, train
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = TrainConfig(model="unet", width=4, size=64, epochs=8, lr=5e-3, batch_size=4, seed=0, augment=False)
+    train(cfg, phantom_dir, out, log=lambda *a: None)
+    return out / "model.safetensors"

@@ -1,0 +1,102 @@
+"""ONNX export: opset 17, dynamic batch, simplified with onnxslim, checked, and proved equal to
+PyTorch before it is written. The model identity and preprocessing spec go into the ONNX metadata,
+so every consumer (ONNX Runtime, TensorRT build, infer) reads the same spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from . import __version__
+from .checkpoint import LoadedModel, weights_hash
+from .errors import LungrtError
+from .runners import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
+
+OPSET = 17
+FP32_TOLERANCE = 1e-4  # max |probability difference| accepted between ONNX Runtime and PyTorch
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in entries.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.add(key=k, value=v)
+
+
+def reference_inputs(spec, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Phantom X-rays through the spec: realistic value ranges for equality checks."""
+    from .phantoms import make_phantom
+
+    return np.stack([spec.apply(make_phantom(seed + i, spec.size).image) for i in range(batch)])
+
+
+def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    spec = loaded.spec
+    model = ProbabilityModel(loaded.model).eval().float()
+    example = torch.from_numpy(reference_inputs(spec, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is legacy
+            torch.onnx.export(
+                model, (example,), str(raw), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        graph = simplify(onnx.load(str(raw)))
+    set_metadata(graph, {
+        "lungrt.model": json.dumps(loaded.info.to_dict(), sort_keys=True),
+        "lungrt.preprocess": spec.to_json(),
+        "lungrt.precision": "fp32",
+        "lungrt.weights_hash": weights_hash(loaded.model),
+        "lungrt.version": __version__,
+    })
+    graph.producer_name, graph.producer_version = "lungrt", __version__
+    onnx.checker.check_model(graph, full_check=True)
+    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
+    onnx.save(graph, str(tmp_out))
+    if verify:
+        diff = compare_with_torch(loaded, tmp_out)
+        if diff > FP32_TOLERANCE:
+            tmp_out.unlink(missing_ok=True)
+            raise LungrtError(f"{out_path}: exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})")
+    tmp_out.replace(out_path)
+    return out_path
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim: constant folding, dead-node removal and op fusion, keeping the dynamic batch."""
+    import onnxslim
+
+    return onnxslim.slim(model)
+
+
+def compare_with_torch(loaded: LoadedModel, onnx_path: str | Path, batch: int = 3) -> float:
+    """Max |probability difference| between ONNX Runtime and PyTorch on phantom inputs, at a batch
+    size other than the export example's (proves the dynamic batch axis too)."""
+    from .runners import OnnxRuntimeRunner, TorchRunner
+
+    x = reference_inputs(loaded.spec, batch, seed=7)
+    ref = TorchRunner(loaded).run(x)
+    with OnnxRuntimeRunner(onnx_path) as ort_runner:
+        got = ort_runner.run(x)
+    return float(np.abs(ref - got).max())

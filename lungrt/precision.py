@@ -1,0 +1,202 @@
+"""Precision variants written into the ONNX graph, as TensorRT's strongly typed builds need them.
+
+- fp32: the exported graph.
+- fp16: weights and compute in FP16 (onnxconverter-common's float16 converter), graph inputs and
+  outputs kept FP32, numerically sensitive ops (softmax, normalisation, reductions, exp/pow) kept
+  FP32 behind Cast nodes.
+- int8: explicit Q/DQ (ONNX Runtime's quantize_static in QDQ format), symmetric INT8 activations
+  and symmetric per-channel INT8 weights: the form TensorRT's explicit quantization compiles.
+  Calibrated on a calibration set; the ranges are cached under calibration/ keyed by model hash,
+  calibration-set hash and method.
+
+ONNX Runtime runs every variant on the CPU, so each one is checked here before any engine exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import LungrtError
+from .export import set_metadata
+from .runners import onnx_metadata
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
+# Kept FP32 in the FP16 graph: accumulations whose range or precision FP16 cannot hold.
+FP16_KEEP_FP32_OPS = [
+    "Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
+    "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "Exp", "Pow", "Sqrt", "Log", "Erf",
+]
+# Ops whose inputs get Q/DQ: the GEMM-like layers that INT8 speeds up, on TensorRT and ORT CPU alike.
+INT8_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+DEFAULT_CALIBRATION_IMAGES = 64
+
+
+def make_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
+    from onnxconverter_common import float16
+
+    model = unshare_initializers(onnx.load(str(fp32_path)))
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS))
+    fp16 = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    set_metadata(fp16, {"lungrt.precision": "fp16", "lungrt.fp16_kept_fp32_ops": ",".join(FP16_KEEP_FP32_OPS)})
+    onnx.checker.check_model(fp16)
+    _save(fp16, out_path)
+    return Path(out_path)
+
+
+def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node its own copy of a shared initializer. The simplifier merges identical
+    constants (e.g. zero biases); one shared by an FP16 conv and an FP32-kept op would otherwise
+    stay FP32 and leave the conv with mixed input types."""
+    inits = {i.name: i for i in model.graph.initializer}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}__{node.name or node.op_type}_{k}"
+                model.graph.initializer.append(copy)
+                node.input[k] = copy.name
+            else:
+                seen.add(name)
+    return model
+
+
+def _save(model: onnx.ModelProto, out_path: str | Path) -> None:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(out_path)
+
+
+# -- calibration set ---------------------------------------------------------------------------
+
+@dataclass
+class CalibrationSet:
+    """Preprocessed calibration inputs and the hash that identifies them."""
+
+    inputs: np.ndarray  # (N, 1, S, S) float32, normalised by the model's spec
+    digest: str
+    description: str
+    files: list[str] = field(default_factory=list)
+
+
+def calibration_files(folder: str | Path, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> list[Path]:
+    """A fixed-size subset of the training split when the folder is a labelled dataset (never
+    val or test), else of all readable-looking images under it; chosen by name hash."""
+    from .data import discover_pairs, split_pairs, _files, _unit_hash
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LungrtError(f"{folder}: calibration folder does not exist")
+    pairs = discover_pairs(folder).pairs
+    if pairs:
+        files = [p.image for p in split_pairs(pairs, seed)["train"]]
+    else:
+        files = _files(folder)
+    if not files:
+        raise LungrtError(f"{folder}: no images for calibration")
+    files = sorted(files, key=lambda p: _unit_hash(seed, p.name))[:count]
+    return sorted(files)
+
+
+def load_calibration_set(spec, folder: str | Path | None, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> CalibrationSet:
+    from .io import read_xray
+    from .phantoms import make_phantom
+
+    h = hashlib.sha256(spec.to_json().encode())
+    if folder is None:  # no data at hand (demo, tests): synthetic phantoms, said so in the report
+        inputs = np.stack([spec.apply(make_phantom(10_000 + i, spec.size).image) for i in range(count)])
+        h.update(f"phantoms:{count}".encode())
+        return CalibrationSet(inputs, h.hexdigest()[:16], f"{count} synthetic phantoms")
+    files = calibration_files(folder, count, seed)
+    inputs = np.stack([spec.apply(read_xray(f).pixels) for f in files])
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return CalibrationSet(inputs, h.hexdigest()[:16], f"{len(files)} images from {folder}", [str(f) for f in files])
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an array, a few images per batch."""
+
+    def __init__(self, input_name: str, inputs: np.ndarray, batch: int = 8):
+        self.batches = [{input_name: inputs[i : i + batch]} for i in range(0, len(inputs), batch)]
+        self.pos = 0
+
+    def get_next(self):
+        if self.pos >= len(self.batches):
+            return None
+        self.pos += 1
+        return self.batches[self.pos - 1]
+
+    def rewind(self):
+        self.pos = 0
+
+
+def calibration_cache_path(cache_dir: str | Path, weights_hash: str, calib_digest: str, method: str) -> Path:
+    return Path(cache_dir) / f"{weights_hash}-{calib_digest}-{method}.json"
+
+
+def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "entropy",
+              exclude: list[str] | None = None, cache_dir: str | Path = "calibration") -> dict:
+    """Quantize with explicit symmetric Q/DQ. Returns what was done, including whether the
+    calibration cache was hit."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    meta = onnx_metadata(fp32_path)
+    cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, method)
+    hit = cache.is_file()
+    model = onnx.load(str(fp32_path))
+    input_name = model.graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(fp32_path), str(tmp_out), _Reader(input_name, calib.inputs),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=list(exclude or []),
+            calibrate_method={"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            # TensorRT takes biases in float (no int32 DQ); symmetric zero-point-0 INT8 everywhere
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            calibration_cache_path=str(cache),
+        )
+        q = onnx.load(str(tmp_out))
+    set_metadata(q, {
+        "lungrt.precision": "int8",
+        "lungrt.calibration": json.dumps({"method": method, "set": calib.description, "digest": calib.digest,
+                                          "excluded_nodes": list(exclude or [])}),
+    })
+    _save(q, out_path)
+    return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
+
+
+def quantizable_nodes(fp32_path: str | Path) -> list[str]:
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type in INT8_OP_TYPES]
+
+
+def node_block(name: str) -> str:
+    """The model block a node belongs to, from the exporter's scoped names:
+    '/net/enc.2/enc.2.0/Conv' -> 'enc.2'; '/net/enc_attn.3/attn/q/MatMul' -> 'enc_attn.3'."""
+    parts = [p for p in name.split("/") if p]
+    if parts and parts[0] == "net":
+        parts = parts[1:]
+    return parts[0] if len(parts) > 1 else (parts[0] if parts else name)
+
+
+def variant_path(folder: str | Path, model_name: str, precision: str) -> Path:
+    return Path(folder) / f"{model_name}.{precision}.onnx"

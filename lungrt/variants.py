@@ -1,0 +1,106 @@
+"""Making (and reusing) the precision variants of a model as ONNX files, with the INT8 accuracy
+search: if INT8 fails its parity gate on validation images, the blocks that cause it are found by
+sensitivity and left unquantized until it passes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import LoadedModel, weights_hash
+from .errors import LungrtError
+from .export import export_onnx
+from .parity import GATES, apply_gate, compare
+from .precision import (
+    DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
+    node_block, quantizable_nodes,
+)
+from .runners import OnnxRuntimeRunner, TorchRunner, onnx_metadata
+
+SENSITIVITY_IMAGES = 32  # validation images used by the INT8 exclusion search
+
+
+@dataclass
+class Variant:
+    precision: str
+    path: Path
+    notes: dict = field(default_factory=dict)
+
+
+def variant_file(folder: Path, loaded: LoadedModel, precision: str, calib: CalibrationSet | None = None, method: str = "") -> Path:
+    stem = f"{loaded.info.name}-{weights_hash(loaded.model)}"
+    if precision == "int8":
+        return folder / f"{stem}.int8-{method}-{calib.digest}.onnx"
+    return folder / f"{stem}.{precision}.onnx"
+
+
+def fp32_variant(loaded: LoadedModel, folder: Path) -> Path:
+    path = variant_file(folder, loaded, "fp32")
+    if not path.exists():
+        export_onnx(loaded, path)
+    return path
+
+
+def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engines", calib_dir: str | Path | None = None,
+                 method: str = "entropy", val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
+                 cache_dir: str | Path = "calibration", log=print) -> Variant:
+    """The ONNX file of one precision variant, made once and reused while the weights (and, for
+    INT8, calibration set and method) are unchanged."""
+    if precision not in PRECISIONS:
+        raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    folder = Path(folder)
+    fp32 = fp32_variant(loaded, folder)
+    if precision == "fp32":
+        return Variant("fp32", fp32)
+    if precision == "fp16":
+        path = variant_file(folder, loaded, "fp16")
+        if not path.exists():
+            make_fp16(fp32, path)
+        return Variant("fp16", path)
+    calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
+    path = variant_file(folder, loaded, "int8", calib, method)
+    if path.exists():
+        return Variant("int8", path, json.loads(onnx_metadata(path).get("lungrt.calibration", "{}")))
+    info = make_int8(fp32, path, calib, method, cache_dir=cache_dir)
+    notes = {"calibration": calib.description, "method": method, "cache_hit": info["cache_hit"], "excluded_blocks": []}
+    if val_pairs:
+        excluded = search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log)
+        notes["excluded_blocks"] = excluded
+    return Variant("int8", path, notes)
+
+
+def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes) -> dict:
+    make_int8(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
+    with OnnxRuntimeRunner(path) as cand:
+        return compare(TorchRunner(loaded), cand, pairs)["summary"]
+
+
+def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir, log=print) -> list[str]:
+    """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`.
+
+    Sensitivity of a block = the agreement lost when only that block is quantized. Blocks are
+    excluded worst first; the search stops at the first exclusion set that passes."""
+    gate = GATES["int8"]
+    summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, [])
+    if apply_gate(summary, gate)["passed"]:
+        return []
+    nodes = quantizable_nodes(fp32)
+    blocks: dict[str, list[str]] = {}
+    for n in nodes:
+        blocks.setdefault(node_block(n), []).append(n)
+    log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f}); measuring sensitivity of {len(blocks)} blocks")
+    loss = {}
+    for b, members in blocks.items():
+        others = [n for n in nodes if n not in members]
+        s = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, others)
+        loss[b] = 1.0 - s["mask_agreement"] + max(s.get("dice_drop", 0.0), 0.0)
+    excluded: list[str] = []
+    for b in sorted(loss, key=loss.get, reverse=True):
+        excluded.append(b)
+        ex_nodes = [n for blk in excluded for n in blocks[blk]]
+        summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, ex_nodes)
+        log(f"  excluding {', '.join(excluded)}: agreement {summary['mask_agreement']:.4f}")
+        if apply_gate(summary, gate)["passed"]:
+            return excluded
+    raise LungrtError(f"INT8 cannot pass its gate even with every block in floating point ({path})")
