@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -22,7 +23,7 @@ out = Console()
 
 
 def fail(message: str, code: int = 2) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -58,10 +59,10 @@ def doctor():
     table.add_column("item")
     table.add_column("status")
     for k, v in report["versions"].items():
-        table.add_row(k, v)
-    table.add_row("GPUs", ", ".join(report["gpus"]) or "none")
+        table.add_row(k, escape(v))
+    table.add_row("GPUs", escape(", ".join(report["gpus"])) or "none")
     for name, (ok, why) in report["backends"].items():
-        table.add_row(f"backend {name}", ("[green]usable[/] " if ok else "[yellow]unavailable[/] ") + why)
+        table.add_row(f"backend {name}", ("[green]usable[/] " if ok else "[yellow]unavailable[/] ") + escape(why))
     out.print(table)
 
 
@@ -136,6 +137,7 @@ def train(
     out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
 
+DEFAULT_MODEL = "unet"  # the best shipped checkpoint by test Dice (README table)
 PAPERS_NOTE = "papers: Dice ~0.92 reported for their U-Net variants (exact per-metric figures not reproduced here)"
 
 
@@ -280,6 +282,70 @@ def parity(
     write_json(json_path, result)
     out.print("[bold green]PASS[/]" if g["passed"] else "[bold red]FAIL[/]: gate not met")
     raise typer.Exit(0 if g["passed"] else 1)
+
+
+def resolve_runner(model: str, arch: Optional[str], onnx: Optional[Path], engine: Optional[Path], backend: str,
+                   precision: str = "fp32", device: str = "auto"):
+    """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
+    backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
+    import torch
+
+    from .checkpoint import resolve_model
+    from .doctor import tensorrt_status
+    from .runners import OnnxRuntimeRunner, TorchRunner, open_runner
+    from .variants import make_variant
+
+    if engine is not None or onnx is not None:
+        return open_runner(onnx=onnx, engine=engine, backend=backend)
+    if backend == "tensorrt" and not tensorrt_status()[0]:
+        fail(f"backend tensorrt: {tensorrt_status()[1]}")
+    loaded = resolve_model(model, arch=arch)
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if backend == "torch" or (backend == "auto" and cuda):
+        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision="fp16" if cuda and precision == "fp16" else "fp32")
+    if backend in ("auto", "onnxruntime"):
+        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=Path("engines"), log=out.print).path)
+    fail(f"backend {backend!r} needs --engine PLAN (see `lungrt build`)")
+
+
+@app.command()
+def infer(
+    inputs: List[str] = typer.Argument(..., help="Files, folders (recursive) and globs of PNG/JPEG/BMP/TIFF/DICOM."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (mirrors the input tree)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
+    onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file on ONNX Runtime."),
+    engine: Optional[Path] = typer.Option(None, help="Run this TensorRT plan."),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt"),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (variant made for onnxruntime)"),
+    batch_size: int = typer.Option(8, min=1),
+    workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write the probability map (8-bit PNG)."),
+    postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep the two largest components and fill holes."),
+    resume: bool = typer.Option(False, "--resume", help="Skip inputs whose outputs are complete."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable input."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
+):
+    """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
+    (see results.csv); 2: bad arguments or model."""
+    from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_infer
+
+    opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
+
+    def body():
+        items = collect_inputs(inputs)
+        if not items:
+            fail("no supported images found in the inputs")
+        with resolve_runner(model, arch, onnx, engine, backend, precision) as runner:
+            return run_infer(runner, items, out_dir, opts)
+
+    summary = run_guarded(body)
+    out.print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped_done']} already done; "
+              f"{summary['images_per_second']:.1f} img/s on {summary['backend']} ({summary['model']}); "
+              f"results: {summary['results_csv']}", highlight=False)
+    write_json(json_path, summary)
+    raise typer.Exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
 
 
 def entrypoint() -> None:

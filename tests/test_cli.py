@@ -1,0 +1,122 @@
+"""The command line as a user drives it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lungrt.cli import app
+
+from .conftest import REAL_DATA, needs_real_data
+
+runner = CliRunner()
+
+
+def test_help_lists_the_commands():
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("doctor", "data", "models", "train", "eval", "export", "parity"):
+        assert cmd in res.output
+
+
+def test_doctor_exits_zero_and_explains_tensorrt():
+    from lungrt.doctor import tensorrt_status
+
+    res = runner.invoke(app, ["doctor"])
+    assert res.exit_code == 0, res.output
+    ok, why = tensorrt_status()
+    assert "backend tensorrt" in res.output
+    if not ok:  # this CPU machine: unavailable, with the reason and what to install
+        assert "unavailable" in res.output and "lungrt[trt]" in why
+
+
+def test_data_check_on_phantoms(phantom_dir, tmp_path):
+    res = runner.invoke(app, ["data", "check", str(phantom_dir), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["pairs"] == 24 and not report["unreadable"]
+    assert all(set(s["by_source"]) == {"PHA", "PHB"} for s in report["splits"].values())
+
+
+def test_data_check_missing_folder_is_one_line_error(tmp_path):
+    res = runner.invoke(app, ["data", "check", str(tmp_path / "nope")])
+    assert res.exit_code == 2
+    assert "nope" in res.output and "Traceback" not in res.output
+
+
+def test_models_table():
+    res = runner.invoke(app, ["models", "--size", "64", "--width", "4"])
+    assert res.exit_code == 0
+    for name in ("unet", "gsconv-unet", "msag-unet"):
+        assert name in res.output
+
+
+def test_train_then_eval_writes_run_files(phantom_dir, tmp_path):
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--model", "unet", "--data", str(phantom_dir), "--out", str(run),
+                              "--epochs", "2", "--size", "64", "--width", "4", "--lr", "3e-3"])
+    assert res.exit_code == 0, res.output
+    for f in ("model.safetensors", "metrics.json", "loss_curves.png", "resume.pt"):
+        assert (run / f).exists(), f
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
+    res = runner.invoke(app, ["train", "--model", "unet", "--data", str(phantom_dir), "--out", str(run),
+                              "--epochs", "3", "--size", "64", "--width", "4", "--lr", "3e-3", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert "resumed" in res.output
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 3
+    res = runner.invoke(app, ["eval", "--model", str(run), "--model", str(run / "model.safetensors"),
+                              "--data", str(phantom_dir), "--split", "test", "--out", str(tmp_path / "ev"),
+                              "--json", str(tmp_path / "ev.json")])
+    assert res.exit_code == 0, res.output
+    assert "Dice" in res.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert len(ev["results"]) == 2
+    assert (tmp_path / "ev" / "run_per_image.csv").exists() and (tmp_path / "ev" / "model_examples.png").exists()
+
+
+def test_eval_on_known_case_scores_perfectly(tmp_path, phantom_dir):
+    """A 'model' whose probability is the gold mask itself must score Dice 1: checks the whole
+    eval path (preprocess, invert to native size, metrics) on a known answer."""
+    import numpy as np
+
+    from lungrt.checkpoint import ModelInfo
+    from lungrt.data import discover_pairs
+    from lungrt.evaluate import evaluate
+    from lungrt.io import read_mask
+    from lungrt.preprocess import PreprocessSpec
+    from lungrt.runners import Runner
+
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    spec = PreprocessSpec(size=128)  # phantoms are 128 px: the inverse resize is the identity
+
+    class GoldRunner(Runner):  # a fake model for glue: returns each image's own gold mask
+        backend, info = "fake", ModelInfo("gold", 0, spec)
+
+        def __init__(self):
+            self.spec, self.queue = spec, [read_mask(p.mask).astype(np.float32) for p in pairs]
+
+        def run(self, batch):
+            out = np.stack([self.queue.pop(0)[None] for _ in range(len(batch))])
+            return out
+
+    res = evaluate(GoldRunner(), pairs, batch_size=2)
+    assert res["mean"]["dice"] == 1.0 and res["mean"]["hd95"] == 0.0 and res["mean"]["images"] == 4
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path, phantom_dir):
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    res = runner.invoke(app, ["eval", "--model", str(tmp_path / "junk.safetensors"), "--data", str(phantom_dir)])
+    assert res.exit_code == 2 and "junk.safetensors" in res.output and "Traceback" not in res.output
+
+
+@needs_real_data
+def test_data_check_on_the_real_xrays(tmp_path):
+    res = runner.invoke(app, ["data", "check", str(REAL_DATA), "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["pairs"] == 704 and not r["unmatched_images"] and not r["unmatched_masks"] and not r["unreadable"]
+    sizes = {k: v["total"] for k, v in r["splits"].items()}
+    assert sizes == {"train": 281, "val": 211, "test": 212}
+    assert all(set(v["by_source"]) == {"MCUCXR", "CHNCXR"} for v in r["splits"].values())

@@ -1,0 +1,133 @@
+"""`lungrt infer`: mixed good/broken folders, original sizes, odd names, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lungrt.cli import app
+from lungrt.io import write_png
+from lungrt.phantoms import make_phantom
+
+from .test_io import make_dicom
+
+runner = CliRunner()
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with open(out / "results.csv") as f:
+        return {Path(r["path"]).name: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path):
+    d = tmp_path / "in"
+    for i in range(3):
+        write_png(d / f"ok_{i}.png", (make_phantom(i, 128).image * 255).astype(np.uint8))
+    wide = make_phantom(7, 96, 160)  # non-square: mask must come back 96 x 160
+    write_png(d / "nested" / "wide.png", (wide.image * 255).astype(np.uint8))
+    ph = make_phantom(8, 112, 100)
+    make_dicom(d / "nested" / "scan.dcm", (ph.image * 4095).astype(np.uint16), spacing=(0.5, 0.4))
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("not an image")
+    write_png(d / "huge_dims.png", np.zeros((8, 8), np.uint8))  # too small: rejected with reason
+    return d
+
+
+def _infer(inputs, out, ckpt, *extra):
+    return runner.invoke(app, ["infer", *map(str, inputs), "--out", str(out), "--model", str(ckpt),
+                               "--backend", "torch", "--batch-size", "2", *extra])
+
+
+def test_mixed_folder_rows_sizes_and_exit_code(mixed_folder, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    res = _infer([mixed_folder], out, tiny_checkpoint, "--overlay", "--probabilities")
+    assert res.exit_code == 3, res.output  # some inputs failed
+    rows = _rows(out)
+    assert len(rows) == 8
+    bad = {k: v for k, v in rows.items() if v["status"] == "error"}
+    assert set(bad) == {"empty.png", "text.png", "huge_dims.png"}
+    assert "empty" in bad["empty.png"]["error"] and "too small" in bad["huge_dims.png"]["error"]
+    wide = Image.open(out / "in" / "nested" / "wide.mask.png")
+    assert wide.size == (160, 96)
+    dcm = rows["scan.dcm"]
+    assert Image.open(out / "in" / "nested" / "scan.mask.png").size == (100, 112)
+    assert int(dcm["width"]) == 100 and int(dcm["height"]) == 112
+    px = int(dcm["right_lung_px"]) + int(dcm["left_lung_px"])
+    mm2 = float(dcm["right_lung_mm2"]) + float(dcm["left_lung_mm2"])
+    assert px > 0 and mm2 == pytest.approx(px * 0.2, rel=1e-3)
+    assert (out / "in" / "ok_0.overlay.png").exists() and (out / "in" / "ok_0.prob.png").exists()
+    assert set(np.unique(np.asarray(Image.open(out / "in" / "ok_0.mask.png")))) <= {0, 255}
+
+
+def test_all_good_exits_zero_and_strict_stops(mixed_folder, tmp_path, tiny_checkpoint):
+    good = [mixed_folder / f"ok_{i}.png" for i in range(3)]
+    assert _infer(good, tmp_path / "a", tiny_checkpoint).exit_code == 0
+    res = _infer([mixed_folder / "empty.png", *good], tmp_path / "b", tiny_checkpoint, "--strict")
+    assert res.exit_code == 3
+    assert len(_rows(tmp_path / "b")) == 1  # stopped at the first bad input
+
+
+def test_outputs_stay_inside_for_odd_names(tmp_path, tiny_checkpoint):
+    d = tmp_path / "odd"
+    img = (make_phantom(1, 64).image * 255).astype(np.uint8)
+    for name in ("..png", ".hidden.png", "-dash.png", "spa ce.png", "ünï cødé.png", "a.b.c.png"):
+        write_png(d / name, img)
+    out = tmp_path / "out"
+    res = _infer([d, str(d / "*.png"), d / "..png", d / ".hidden.png"], out, tiny_checkpoint)
+    assert res.exit_code == 0, res.output
+    written = [p for p in tmp_path.rglob("*.mask.png")]
+    assert written and all(out in p.parents for p in written)
+    # folder listing and globs skip dotfiles; named explicitly, they are processed, safely renamed
+    assert len(_rows(out)) == 6
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".lungrt-records" and ".lungrt-records" not in p.parts]
+
+
+def test_missing_input_is_one_line_error(tmp_path, tiny_checkpoint):
+    res = _infer([tmp_path / "nothing_here"], tmp_path / "o", tiny_checkpoint)
+    assert res.exit_code == 2 and "nothing_here" in res.output
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and ".lungrt-records" not in p.parts}
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint):
+    d = tmp_path / "many"
+    for i in range(40):
+        write_png(d / f"img_{i:03d}.png", (make_phantom(100 + i, 160).image * 255).astype(np.uint8))
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cmd = [sys.executable, "-m", "lungrt.cli", "infer", str(d), "--model", str(tiny_checkpoint),
+           "--backend", "torch", "--batch-size", "2", "--workers", "1", "--overlay"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=False, env=env, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.rglob("*.mask.png"))) < 8:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((killed / ".lungrt-records").glob("*.json")))
+    assert 0 < done_before < 41, "the kill must land mid-run"
+    res = subprocess.run(cmd + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr  # the broken file is still reported
+    assert "already done" in res.stdout
+    full, resumed = _snapshot(tmp_path / "full"), _snapshot(killed)
+    assert full.keys() == resumed.keys()
+    for k in full:
+        if k != "results.csv":
+            assert full[k] == resumed[k], k
+    assert (tmp_path / "full" / "results.csv").read_text() == (killed / "results.csv").read_text()
+    assert not [p for p in killed.rglob("*.tmp")]  # no half-written files left behind
