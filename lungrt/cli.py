@@ -284,30 +284,6 @@ def parity(
     raise typer.Exit(0 if g["passed"] else 1)
 
 
-def resolve_runner(model: str, arch: Optional[str], onnx: Optional[Path], engine: Optional[Path], backend: str,
-                   precision: str = "fp32", device: str = "auto"):
-    """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
-    backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
-    import torch
-
-    from .checkpoint import resolve_model
-    from .doctor import tensorrt_status
-    from .runners import OnnxRuntimeRunner, TorchRunner, open_runner
-    from .variants import make_variant
-
-    if engine is not None or onnx is not None:
-        return open_runner(onnx=onnx, engine=engine, backend=backend)
-    if backend == "tensorrt" and not tensorrt_status()[0]:
-        fail(f"backend tensorrt: {tensorrt_status()[1]}")
-    loaded = resolve_model(model, arch=arch)
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if backend == "torch" or (backend == "auto" and cuda):
-        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision="fp16" if cuda and precision == "fp16" else "fp32")
-    if backend in ("auto", "onnxruntime"):
-        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=Path("engines"), log=out.print).path)
-    fail(f"backend {backend!r} needs --engine PLAN (see `lungrt build`)")
-
-
 @app.command()
 def infer(
     inputs: List[str] = typer.Argument(..., help="Files, folders (recursive) and globs of PNG/JPEG/BMP/TIFF/DICOM."),
@@ -330,6 +306,7 @@ def infer(
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
     from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_infer
+    from .runners import select_runner
 
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
 
@@ -337,7 +314,7 @@ def infer(
         items = collect_inputs(inputs)
         if not items:
             fail("no supported images found in the inputs")
-        with resolve_runner(model, arch, onnx, engine, backend, precision) as runner:
+        with select_runner(model, arch, onnx, engine, backend, precision, log=out.print) as runner:
             return run_infer(runner, items, out_dir, opts)
 
     summary = run_guarded(body)
@@ -346,6 +323,32 @@ def infer(
               f"results: {summary['results_csv']}", highlight=False)
     write_json(json_path, summary)
     raise typer.Exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("lungrt-demo"), "--out", help="Where the demo writes everything."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Shipped model name or checkpoint."),
+    count: int = typer.Option(12, min=1, help="How many synthetic X-rays to generate."),
+):
+    """The main job on embedded data: synthetic X-rays -> best backend here -> infer with overlays,
+    parity against PyTorch, and a short benchmark. No data or network needed."""
+    from .demo import run_demo
+
+    r = run_guarded(lambda: run_demo(out_dir, model, count, log=out.print))
+    p, b, i = r["parity"], r["benchmark"], r["infer"]
+    out.print(f"\n[bold]lungrt demo[/] ({r['model']} on {r['backend']})", highlight=False)
+    out.print(f"  infer:     {i['ok']} X-rays segmented, {i['failed']} failed; masks + overlays in {out_dir / 'masks'}", highlight=False)
+    out.print(f"  parity:    mask agreement with PyTorch {p['mask_agreement']:.5f}, max |dp| {p['max_abs_prob_diff']:.2e} "
+              f"-> {'PASS' if p['gate']['passed'] else 'FAIL'}", highlight=False)
+    if "dice_candidate" in p:
+        out.print(f"  accuracy:  Dice vs the phantoms' true lung masks {p['dice_candidate']:.4f} "
+                  "(the model was trained on real X-rays; phantoms are only X-ray-like)", highlight=False)
+    out.print(f"  speed:     {b['candidate_img_s']:.1f} img/s vs PyTorch eager FP32 {b['torch_fp32_img_s']:.1f} img/s "
+              f"({b['speedup']:.2f}x), batch 8", highlight=False)
+    out.print(f"  look at:   {out_dir / 'overview.png'} (red: predicted lungs, green: true outline); "
+              f"table: {out_dir / 'masks' / 'results.csv'}; report: {out_dir / 'demo_report.json'}", highlight=False)
+    raise typer.Exit(0 if p["gate"]["passed"] else 1)
 
 
 def entrypoint() -> None:

@@ -157,3 +157,27 @@ def open_runner(model: str | None = None, onnx: str | Path | None = None, engine
     if backend in ("auto", "torch"):
         return TorchRunner(loaded, device=device, precision=precision)
     raise LungrtError(f"backend {backend!r} needs an exported model: pass --onnx FILE (see `lungrt export`)")
+
+
+def select_runner(model: str, arch: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
+                  backend: str = "auto", precision: str = "fp32", device: str = "auto", log=print) -> Runner:
+    """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
+    backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
+    from .checkpoint import resolve_model
+    from .doctor import tensorrt_status
+    from .variants import make_variant
+
+    if engine is not None or onnx is not None:
+        return open_runner(onnx=onnx, engine=engine, backend=backend)
+    if backend == "tensorrt":
+        usable, why = tensorrt_status()
+        if not usable:
+            raise LungrtError(f"backend tensorrt: {why}")
+        raise LungrtError("backend tensorrt: build an engine first with `lungrt build`, then pass --engine PLAN")
+    loaded = resolve_model(model, arch=arch)
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if backend == "torch" or (backend == "auto" and cuda):
+        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision if cuda and precision == "fp16" else "fp32")
+    if backend in ("auto", "onnxruntime"):
+        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=Path("engines"), log=log).path)
+    raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime or tensorrt")
