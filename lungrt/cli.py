@@ -351,6 +351,125 @@ def demo(
     raise typer.Exit(0 if p["gate"]["passed"] else 1)
 
 
+def _csv_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
+    backends: str = typer.Option("torch,onnxruntime", help="Comma list: torch, torch-cl, torch-compile, torch-cudagraph, onnxruntime, tensorrt"),
+    variants: str = typer.Option("fp32,fp16,int8", help="Comma list of precisions (torch fp16 runs as bf16 autocast on CPU)."),
+    batch_sizes: str = typer.Option("1,8", help="Comma list of batch sizes."),
+    size: Optional[int] = typer.Option(None, help="Input size (must match the model's spec)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    warmup: int = typer.Option(2, min=0),
+    iters: int = typer.Option(5, min=1, help="Timed calls per configuration per round."),
+    rounds: int = typer.Option(3, min=1, help="Interleaved rounds over all configurations."),
+    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (default: synthetic phantoms)."),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
+):
+    """Throughput, latency p50/p90/p99, memory and GFLOP/s of each configuration, with the ratio
+    to PyTorch eager FP32 measured in the same run."""
+    import torch
+
+    from .bench import plot_bench, run_bench
+    from .checkpoint import resolve_model
+    from .variants import make_variant
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+    def body():
+        loaded = resolve_model(model, arch=arch)
+
+        def variant_path(v, engine=False):
+            if engine:
+                raise LungrtError("TensorRT benchmarking needs a built engine: see `lungrt build`")
+            return make_variant(loaded, v, calib_dir=calib, log=out.print).path
+
+        return run_bench(loaded, _csv_list(backends), _csv_list(variants), [int(b) for b in _csv_list(batch_sizes)],
+                         size, warmup, iters, rounds, dev, variant_path, log=out.print)
+
+    result = run_guarded(body)
+    hw = result["hardware"]
+    table = Table(title=f"{result['model']} @ {result['input_size']}px on {hw['gpu'] or hw['cpu']} "
+                        f"({hw['cpu_count']} cores, {hw['torch_cpu_capability']}); {rounds} rounds x {iters} iters")
+    for col in ("backend", "variant", "batch", "img/s", "min-max", "p50 ms", "p90 ms", "p99 ms", "peak MB", "GFLOP/s", "vs eager fp32"):
+        table.add_column(col, justify="left" if col in ("backend", "variant") else "right")
+    for r in result["rows"]:
+        if "skipped" in r:
+            table.add_row(r["backend"], r["variant"], str(r["batch"]), "-", "", "", "", "", "", "", f"skipped: {escape(r['skipped'][:50])}")
+            continue
+        mem = r["peak_cuda_mb"] or r["peak_rss_mb"]
+        table.add_row(r["backend"], r["variant"], str(r["batch"]), f"{r['img_per_s']:.1f}",
+                      f"{r['img_per_s_min']:.1f}-{r['img_per_s_max']:.1f}", f"{r['latency_ms_p50']:.1f}",
+                      f"{r['latency_ms_p90']:.1f}", f"{r['latency_ms_p99']:.1f}", f"{mem:.0f}" if mem else "-",
+                      f"{r['achieved_gflops_per_s']:.0f}" + (f" ({r['pct_of_peak']:.1f}%)" if r.get("pct_of_peak") else ""),
+                      f"{r['vs_torch_eager_fp32']:.2f}x" if r["vs_torch_eager_fp32"] else "-")
+    out.print(table)
+    write_json(json_path, result)
+    if plot:
+        plot_bench(result, plot)
+        out.print(f"wrote {plot}")
+
+
+@app.command()
+def build(
+    model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
+    arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
+    onnx: Optional[Path] = typer.Option(None, help="Build from this precision-variant ONNX file instead."),
+    precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | auto"),
+    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime"),
+    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
+    method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
+    data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates int8 and auto."),
+    batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
+    workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
+    out_dir: Path = typer.Option(Path("engines"), "--out", help="Where engines and variants go."),
+    rebuild_stale: bool = typer.Option(False, "--rebuild-stale", help="Rebuild even when an engine looks up to date."),
+):
+    """Compile the model for deployment: a strongly typed TensorRT plan where TensorRT is usable,
+    else the ONNX Runtime variant. `--precision auto` keeps the fastest variant that passes parity."""
+    from .build import build_auto, build_one, choose_backend, validation_pairs
+    from .checkpoint import resolve_model
+    from .engine import BatchProfile, build_engine
+
+    def body():
+        be = choose_backend(backend, log=out.print)
+        profile = BatchProfile.parse(batch)
+        if onnx is not None:
+            if be != "tensorrt":
+                fail("--onnx is already an ONNX Runtime artefact; --onnx with build needs the tensorrt backend")
+            return {"built": build_engine(onnx, out_dir, profile, workspace, rebuild=rebuild_stale, log=out.print)}
+        loaded = resolve_model(model, arch=arch)
+        if precision == "auto":
+            return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild_stale, log=out.print)
+        b = build_one(loaded, precision, be, out_dir, calib, method, validation_pairs(data) if precision == "int8" else None,
+                      profile, workspace, rebuild_stale, log=out.print)
+        return {"backend": b.backend, "precision": b.precision, "path": str(b.path), "notes": b.notes}
+
+    result = run_guarded(body)
+    if "choice" in result:
+        out.print(Path(result["report"]).read_text(), highlight=False, markup=False)
+    elif "path" in result:
+        out.print(f"built {result['path']} ({result['backend']}, {result['precision']})", highlight=False)
+
+
+@app.command()
+def package(
+    engine: Path = typer.Option(..., help="A TensorRT plan built by `lungrt build` (its .json metadata beside it)."),
+    triton: Path = typer.Option(..., help="Triton model repository folder to write into."),
+    name: Optional[str] = typer.Option(None, help="Model name in the repository."),
+):
+    """Export a plan as a Triton model (config.pbtxt + 1/model.plan)."""
+    from .engine import export_triton
+
+    model_dir = run_guarded(lambda: export_triton(engine, triton, name))
+    out.print(f"wrote {model_dir / 'config.pbtxt'} and {model_dir / '1' / 'model.plan'}", highlight=False)
+
+
 def entrypoint() -> None:
     try:
         app()
