@@ -151,6 +151,7 @@ def evaluate_cmd(
     seed: int = typer.Option(0, help="Split seed."),
     batch_size: int = typer.Option(8),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for per-image CSVs and the prediction grid PNGs."),
+    postprocess: bool = typer.Option(False, "--postprocess", help="Score after infer's clean-up (two largest components, holes filled)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write means (and per-image rows) as JSON."),
 ):
     """All metrics per image at native resolution; a Table-1-style comparison for several models."""
@@ -165,7 +166,7 @@ def evaluate_cmd(
         results = []
         for ref in refs:
             with open_runner(model=ref, onnx=onnx, arch=arch) as runner:
-                res = evaluate(runner, pairs, batch_size=batch_size, keep=4)
+                res = evaluate(runner, pairs, batch_size=batch_size, keep=4, postprocess=postprocess)
             label = Path(onnx).name if onnx else ref
             if out_dir:
                 stem = Path(label).stem if label.endswith((".onnx", ".safetensors")) else Path(label).name

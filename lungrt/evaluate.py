@@ -57,14 +57,17 @@ def predict_native(runner: Runner, samples: list[Sample]) -> list[np.ndarray]:
     return [runner.spec.invert(p[0], s.xray.shape) for p, s in zip(probs, samples)]
 
 
-def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0) -> dict:
-    """Per-image metrics and their means; `keep` first samples are returned for figures."""
+def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0, postprocess: bool = False) -> dict:
+    """Per-image metrics and their means; `keep` first samples are returned for figures.
+    `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
+    from .postprocess import keep_two_largest_and_fill
+
     rows, kept = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {runner.info.name} ({runner.describe()})", total=len(pairs))
         for batch in batched(load_samples(pairs, runner.spec), batch_size):
             for s, prob in zip(batch, predict_native(runner, batch)):
-                pred = prob > 0.5
+                pred = keep_two_largest_and_fill(prob > 0.5) if postprocess else prob > 0.5
                 rows.append({"name": s.name, **segmentation_metrics(pred, s.gold, s.xray.spacing_mm)})
                 if len(kept) < keep:
                     kept.append((s.name, s.xray.pixels, s.gold, pred))

@@ -1,0 +1,153 @@
+"""Regenerates the README's measured tables, each measured in one run on this machine.
+
+    .venv/bin/python benchmarks/readme_tables.py accuracy --data ../shared/data/cxr-mc-sz
+    .venv/bin/python benchmarks/readme_tables.py parity   --data ../shared/data/cxr-mc-sz
+    .venv/bin/python benchmarks/readme_tables.py bench    --data ../shared/data/cxr-mc-sz
+    .venv/bin/python benchmarks/readme_tables.py infer    --data ../shared/data/cxr-mc-sz
+
+Each prints a Markdown table and writes its JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lungrt.bench import hardware, run_bench
+from lungrt.checkpoint import resolve_model
+from lungrt.data import discover_pairs, select_split
+from lungrt.evaluate import evaluate
+from lungrt.infer import InferOptions, collect_inputs, run_infer
+from lungrt.io import read_xray
+from lungrt.parity import GATES, apply_gate, compare, throughput
+from lungrt.runners import OnnxRuntimeRunner, TorchRunner
+from lungrt.variants import make_variant
+
+MODELS = ("unet", "gsconv-unet", "msag-unet")
+RESULTS = Path(__file__).parent / "results"
+
+
+def save(name: str, payload: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def first_batch(loaded, paths, n: int = 8) -> np.ndarray:
+    return np.stack([loaded.spec.apply(read_xray(p).pixels) for p in paths[:n]])
+
+
+def accuracy(data: Path) -> None:
+    pairs = select_split(data, "test")
+    rows = {}
+    for name in MODELS:
+        loaded = resolve_model(name)
+        with TorchRunner(loaded) as r:
+            raw = evaluate(r, pairs)["mean"]
+        with TorchRunner(loaded) as r:
+            post = evaluate(r, pairs, postprocess=True)["mean"]
+        rows[name] = {"raw": raw, "postprocessed": post, "training": loaded.info.training, "width": loaded.info.width}
+    save("accuracy", rows)
+    print(f"Test split: {len(pairs)} images, per-image mean at native 512x512; PyTorch FP32 on the CPU.\n")
+    print("| model | Accuracy | IoU | mIoU | Dice | F1 | Precision | Recall | HD95 (px) | Dice after clean-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        m = r["raw"]
+        print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("accuracy", "iou", "miou", "dice", "f1", "precision", "recall"))
+              + f" | {m['hd95']:.2f} | {r['postprocessed']['dice']:.4f} |")
+
+
+def parity(data: Path) -> None:
+    test = select_split(data, "test")
+    val = select_split(data, "val")
+    rows = []
+    for name in MODELS:
+        loaded = resolve_model(name)
+        reference = TorchRunner(loaded)
+        batch = first_batch(loaded, [p.image for p in test])
+        eager = throughput(reference, batch, seconds=4)
+        for precision in ("fp32", "fp16", "int8"):
+            v = make_variant(loaded, precision, calib_dir=data, val_pairs=val if precision == "int8" else None)
+            with OnnxRuntimeRunner(v.path) as cand:
+                s = compare(reference, cand, test)["summary"]
+                ips = throughput(cand, batch, seconds=4)
+            s.pop("worst")
+            rows.append({"model": name, "variant": precision, **s, "gate": apply_gate(s, GATES[precision]),
+                         "img_per_s": ips, "torch_eager_img_per_s": eager, "notes": v.notes})
+            print(f"{name} {precision}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f} {ips:.1f} img/s", flush=True)
+    save("parity", {"hardware": hardware(), "rows": rows})
+    print(f"\nTest split ({len(test)} images) through ONNX Runtime CPU vs PyTorch FP32; throughput at batch 8, "
+          "same run, same inputs.\n")
+    print("| model | variant | mask agreement | Dice (PyTorch) | Dice (variant) | drop | gate | img/s | vs eager FP32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['variant']} | {r['mask_agreement']:.5f} | {r['dice_reference']:.4f} | "
+              f"{r['dice_candidate']:.4f} | {r['dice_drop']:+.5f} | {'pass' if r['gate']['passed'] else 'FAIL'} | "
+              f"{r['img_per_s']:.1f} | {r['img_per_s'] / r['torch_eager_img_per_s']:.2f}x |")
+
+
+def bench(data: Path) -> None:
+    out = {}
+    for name in MODELS:
+        loaded = resolve_model(name)
+        res = run_bench(loaded, ["torch", "onnxruntime"], ["fp32", "fp16", "int8"], [1, 8], iters=4, rounds=3,
+                        variant_path=lambda v, engine=False, loaded=loaded: make_variant(loaded, v, calib_dir=data).path)
+        out[name] = res
+    save("bench_cpu", out)
+    hw = next(iter(out.values()))["hardware"]
+    print(f"CPU: {hw['cpu']}, {hw['cpu_count']} cores, torch capability {hw['torch_cpu_capability']}; "
+          "3 interleaved rounds x 4 timed calls per row.\n")
+    print("| model | backend | variant | batch | img/s (min-max) | p50 ms | p99 ms | vs eager FP32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, res in out.items():
+        for r in res["rows"]:
+            if "img_per_s" in r:
+                print(f"| {name} | {r['backend']} | {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} "
+                      f"({r['img_per_s_min']:.1f}-{r['img_per_s_max']:.1f}) | {r['latency_ms_p50']:.0f} | "
+                      f"{r['latency_ms_p99']:.0f} | {r['vs_torch_eager_fp32']:.2f}x |")
+
+
+def infer(data: Path, model: str = "unet", batch_size: int = 8) -> None:
+    images = data / "images"
+    items = collect_inputs([str(images)])
+    loaded = resolve_model(model)
+    rows = []
+    for backend in ("onnxruntime", "torch"):
+        runner = (OnnxRuntimeRunner(make_variant(loaded, "fp32").path) if backend == "onnxruntime" else TorchRunner(loaded))
+        x = first_batch(loaded, [it.source for it in items], batch_size)
+        bare = throughput(runner, x, seconds=10)
+        tmp = Path(tempfile.mkdtemp())
+        t0 = time.perf_counter()
+        summary = run_infer(runner, items, tmp, InferOptions(batch_size=batch_size, workers=2))
+        wall = time.perf_counter() - t0
+        shutil.rmtree(tmp)
+        rows.append({"backend": runner.describe(), "images": len(items), "end_to_end_img_per_s": len(items) / wall,
+                     "bare_model_img_per_s": bare, "ratio": len(items) / wall / bare, "summary": summary})
+        print(f"{backend}: {rows[-1]}", flush=True)
+    save("infer_throughput", {"hardware": hardware(), "model": model, "batch_size": batch_size, "rows": rows})
+    print(f"\n`lungrt infer` on the {len(items)} shared X-rays ({model}, batch {batch_size}, 2 worker threads), "
+          "vs the bare model on the same backend and batch size:\n")
+    print("| backend | end-to-end img/s | bare model img/s | ratio |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backend']} | {r['end_to_end_img_per_s']:.1f} | {r['bare_model_img_per_s']:.1f} | {r['ratio']:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("table", choices=["accuracy", "parity", "bench", "infer", "all"])
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/cxr-mc-sz"))
+    args = ap.parse_args()
+    if not discover_pairs(args.data).pairs:
+        raise SystemExit(f"{args.data}: no labelled X-rays found")
+    for table in (["accuracy", "parity", "bench", "infer"] if args.table == "all" else [args.table]):
+        globals()[table](args.data)
+
+
+if __name__ == "__main__":
+    main()
