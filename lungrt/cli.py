@@ -303,6 +303,9 @@ def infer(
     resume: bool = typer.Option(False, "--resume", help="Skip inputs whose outputs are complete."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable input."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."),
+    actors: int = typer.Option(1, min=1, help="--ray: inference actors (one runner each)."),
+    gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--ray: GPUs reserved per actor."),
 ):
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
@@ -315,8 +318,15 @@ def infer(
         items = collect_inputs(inputs)
         if not items:
             fail("no supported images found in the inputs")
+        if ray is not None:
+            from .ray_infer import require_ray, run_infer_ray, runner_args_for
+
+            require_ray()  # fail before any model work when the extra is missing
         with select_runner(model, arch, onnx, engine, backend, precision, log=out.print) as runner:
-            return run_infer(runner, items, out_dir, opts)
+            if ray is None:
+                return run_infer(runner, items, out_dir, opts)
+            args, spec = runner_args_for(runner, model, arch), runner.spec
+        return run_infer_ray(args, spec, items, out_dir, opts, address=ray, actors=actors, gpus_per_actor=gpus_per_actor)
 
     summary = run_guarded(body)
     out.print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped_done']} already done; "

@@ -157,7 +157,7 @@ class OnnxRuntimeRunner(Runner):
                          "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        self.device = device
+        self.device, self.path = device, onnx_path
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 

@@ -30,7 +30,7 @@ class TensorRTRunner(Runner):
         plan = Path(plan)
         meta = check_plan_usable(plan, PolygraphyBuilder().environment())
         self.info = ModelInfo.from_dict(meta["model"], source=str(plan))
-        self.spec, self.precision, self.device = self.info.spec, meta["precision"], "cuda:0"
+        self.spec, self.precision, self.device, self.path = self.info.spec, meta["precision"], "cuda:0", plan
         self._torch = torch
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())

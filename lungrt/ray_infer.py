@@ -1,0 +1,162 @@
+"""`lungrt infer --ray`: the same inference as `infer.py`, scheduled by Ray Data.
+
+Listing happens on the driver; reading and preprocessing run as CPU tasks; inference runs in an
+actor pool (ActorPoolStrategy) where each actor opens the runner once; writing runs as CPU tasks
+through the very function the single-machine path uses (`finish_one`), with the same atomic writes,
+records and resume rule. Backpressure comes from Ray's streaming executor. Outputs must live on a
+filesystem every node can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError, LungrtError
+from .infer import InferOptions, Item, _error_row, _write_record, finish_one, is_done, record_path, write_results_csv
+from .io import XRay, read_xray
+from .preprocess import PreprocessSpec
+from .progress import progress_bar
+
+
+def require_ray():
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise LungrtError("--ray needs Ray Data: pip install 'lungrt[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> None:
+    """'local' starts a cluster on this machine; 'auto' joins the one running here; else an address."""
+    import logging
+
+    ray = require_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # lungrt draws its own bar
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address == "local":
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+def _read(row: dict, spec_json: str) -> dict:
+    spec = PreprocessSpec.from_json(spec_json)
+    try:
+        xr = read_xray(row["abs"])  # workers need not share the driver's working folder
+        return {**row, "error": "", "tensor": spec.apply(xr.pixels), "pixels": xr.pixels,
+                "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits}
+    except ImageReadError as e:
+        reason = e.reason
+    except Exception as e:  # one bad file must never stop the run
+        reason = f"{type(e).__name__}: {e}"
+    s = spec.size
+    return {**row, "error": reason, "tensor": np.zeros((1, s, s), np.float32), "pixels": np.zeros((1, 1), np.float32),
+            "spacing": np.zeros(2, np.float64), "bits": 0}
+
+
+class InferActor:
+    """Opens the runner once per actor; pads partial batches like the single-machine path."""
+
+    def __init__(self, runner_args: dict, batch_size: int):
+        from .runners import select_runner
+
+        self.runner = select_runner(**runner_args, log=lambda *a: None)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        x = np.asarray(batch["tensor"], np.float32)
+        n = len(x)
+        if n < self.batch_size:
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
+        probs = self.runner.run(x)[:n, 0]
+        batch["prob"] = probs
+        batch["runner"] = np.array([self.runner.describe()] * n)
+        batch["model"] = np.array([self.runner.info.name] * n)
+        del batch["tensor"]
+        return batch
+
+
+class _RunnerView:
+    """What `finish_one` needs of a runner, rebuilt in a writer task."""
+
+    def __init__(self, spec: PreprocessSpec, described: str, model: str):
+        from .checkpoint import ModelInfo
+
+        self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec)
+
+    def describe(self) -> str:
+        return self._described
+
+
+def _write(row: dict, out_dir: str, spec_json: str, opts: dict) -> dict:
+    item = Item(Path(row["source"]), Path(row["rel"]))
+    spec = PreprocessSpec.from_json(spec_json)
+    view = _RunnerView(spec, str(row["runner"]), str(row["model"]))
+    if row["error"]:
+        rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
+    else:
+        sp = tuple(float(v) for v in row["spacing"])
+        xr = XRay(str(item.source), np.asarray(row["pixels"], np.float32), sp if sp[0] > 0 else None, int(row["bits"]))
+        rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, InferOptions(**opts))
+    return {"status": rec["status"]}
+
+
+def runner_args_for(runner, model: str, arch: str | None) -> dict:
+    """How an actor re-opens, on any node, the runner the driver resolved (artefacts by absolute
+    path: they must be on storage every node sees)."""
+    if runner.backend == "onnxruntime":
+        return {"model": model, "onnx": str(Path(runner.path).resolve())}
+    if runner.backend == "tensorrt":
+        return {"model": model, "engine": str(Path(runner.path).resolve())}
+    ref = str(Path(model).resolve()) if Path(model).exists() else model
+    return {"model": ref, "arch": arch, "backend": "torch", "precision": runner.precision}
+
+
+def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], out_dir: str | Path, opts: InferOptions,
+                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0) -> dict:
+    ray = require_ray()
+    from ray.data import ActorPoolStrategy
+
+    if opts.strict:
+        raise LungrtError("--strict is not supported with --ray (inputs are processed out of order)")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [it for it in items if not (opts.resume and is_done(out_dir, it, opts))]
+    if not opts.resume:
+        for it in items:
+            record_path(out_dir, it).unlink(missing_ok=True)
+    connect(address)
+    t0 = time.perf_counter()
+    ok = failed = 0
+    if todo:
+        spec_json = spec.to_json()
+        opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
+        ds = ray.data.from_items([{"source": str(it.source), "abs": str(it.source.resolve()), "rel": str(it.rel)} for it in todo])
+        ds = ds.map(_read, fn_kwargs={"spec_json": spec_json})
+        ds = ds.map_batches(InferActor, fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
+                            batch_size=opts.batch_size, compute=ActorPoolStrategy(size=actors),
+                            num_gpus=gpus_per_actor or None, batch_format="numpy")
+        ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d})
+        with progress_bar() as bar:
+            task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
+            for row in ds.iter_rows():
+                ok += row["status"] == "ok"
+                failed += row["status"] != "ok"
+                bar.advance(task)
+    elapsed = time.perf_counter() - t0
+    csv_path = write_results_csv(out_dir, items)
+    return {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
+            "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
+            "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": runner_args.get("model") or "",
+            "runner_args": json.dumps(runner_args, default=str)}
