@@ -1,0 +1,44 @@
+"""Copy trained checkpoints into the package as FP16 safetensors, with their test-split metrics.
+
+    .venv/bin/python scripts/ship_weights.py runs/unet runs/gsconv-unet runs/msag-unet --data ../shared/data/cxr-mc-sz
+
+The weights are rounded to FP16 first and the metrics measured on the rounded weights, so the
+numbers in the metadata are the ones the shipped model gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lungrt.checkpoint import load_checkpoint, save_checkpoint
+from lungrt.data import select_split
+from lungrt.evaluate import evaluate
+from lungrt.runners import TorchRunner
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "lungrt" / "weights"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--data", type=Path, required=True)
+    args = ap.parse_args()
+    test = select_split(args.data, "test")
+    for run in args.runs:
+        loaded = load_checkpoint(run / "model.safetensors")
+        dest = WEIGHTS / f"{loaded.info.name}.safetensors"
+        save_checkpoint(dest, loaded.model, loaded.info, dtype=torch.float16)
+        shipped = load_checkpoint(dest)
+        with TorchRunner(shipped) as r:
+            mean = evaluate(r, test)["mean"]
+        shipped.info.metrics = {**loaded.info.metrics, "test_split_native": mean, "test_images": len(test)}
+        save_checkpoint(dest, shipped.model, shipped.info, dtype=torch.float16)
+        print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, IoU {mean['iou']:.4f}, "
+              f"accuracy {mean['accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

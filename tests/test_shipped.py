@@ -1,0 +1,41 @@
+"""The checkpoints shipped inside the package: present, loadable with no data or network, with the
+test-split metrics they were shipped with, and sensible on an X-ray-like input. Plus `lungrt demo`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lungrt.checkpoint import resolve_model, shipped_checkpoint
+from lungrt.cli import app
+from lungrt.export import reference_inputs
+from lungrt.models import REGISTRY
+from lungrt.runners import TorchRunner
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_shipped_checkpoint_loads_and_meets_its_targets(name):
+    path = shipped_checkpoint(name)
+    assert path is not None, f"no shipped weights for {name}"
+    assert path.stat().st_size < 10e6  # fp16, a few MB
+    loaded = resolve_model(name)
+    m = loaded.info.metrics["test_split_native"]
+    assert m["dice"] >= 0.96 and m["iou"] >= 0.92 and m["accuracy"] >= 0.97, m
+    assert loaded.spec.equalization == "histogram"
+    prob = TorchRunner(loaded).run(reference_inputs(loaded.spec, 2))
+    lung_fraction = (prob > 0.5).mean()
+    assert 0.1 < lung_fraction < 0.5  # finds lung fields in the phantoms, not all or nothing
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--count", "4"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["infer"]["ok"] == 4 and report["parity"]["gate"]["passed"]
+    assert report["parity"]["dice_candidate"] > 0.8  # the shipped model segments the phantoms
+    assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "masks").rglob("*.overlay.png"))) == 4
+    assert "overview.png" in res.output
