@@ -126,13 +126,14 @@ def train(
     seed: int = typer.Option(0),
     limit: int = typer.Option(0, help="Use only N training images (smoke runs)."),
     resume: bool = typer.Option(False, help="Continue from RUN_DIR/resume.pt."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (AMP on CUDA, bf16 autocast on CPUs with native bf16)."),
 ):
     """Train a model on image/mask pairs (4:3:3 split, best checkpoint by validation Dice)."""
     from .train import TrainConfig
     from .train import train as run_training
 
     cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
-                      batch_size=batch_size, seed=seed, limit=limit)
+                      batch_size=batch_size, seed=seed, limit=limit, device=device)
     result = run_guarded(lambda: run_training(cfg, data, out_dir, resume=resume, log=out.print))
     out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
@@ -379,6 +380,7 @@ def bench(
     iters: int = typer.Option(5, min=1, help="Timed calls per configuration per round."),
     rounds: int = typer.Option(3, min=1, help="Interleaved rounds over all configurations."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (default: synthetic phantoms)."),
+    engine: List[Path] = typer.Option([], help="TensorRT plan(s) to add as tensorrt rows (repeatable)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
 ):
@@ -395,12 +397,17 @@ def bench(
     def body():
         loaded = resolve_model(model, arch=arch)
 
+        plans = {json.loads(Path(str(p) + ".json").read_text())["precision"]: p for p in engine if Path(str(p) + ".json").exists()}
+
         def variant_path(v, engine=False):
             if engine:
-                raise LungrtError("TensorRT benchmarking needs a built engine: see `lungrt build`")
+                if v not in plans:
+                    raise LungrtError(f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN")
+                return plans[v]
             return make_variant(loaded, v, calib_dir=calib, log=out.print).path
 
-        return run_bench(loaded, _csv_list(backends), _csv_list(variants), [int(b) for b in _csv_list(batch_sizes)],
+        names = _csv_list(backends) + (["tensorrt"] if engine and "tensorrt" not in backends else [])
+        return run_bench(loaded, names, _csv_list(variants), [int(b) for b in _csv_list(batch_sizes)],
                          size, warmup, iters, rounds, dev, variant_path, log=out.print)
 
     result = run_guarded(body)

@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     limit: int = 0  # use only the first N training images (smoke runs)
+    device: str = "auto"  # auto: CUDA when available
 
 
 def bf16_autocast_supported() -> bool:
@@ -44,6 +45,22 @@ def bf16_autocast_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         return False
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA requested but no CUDA device is available")
+    return device
+
+
+def amp_settings(device: str) -> tuple[str, torch.dtype, bool]:
+    """(device type, dtype, enabled): bf16 autocast on CPUs with native bf16, AMP on CUDA (bf16
+    where the GPU has it, else fp16 with a gradient scaler)."""
+    if device.startswith("cuda"):
+        return "cuda", (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), True
+    return "cpu", torch.bfloat16, bf16_autocast_supported()
 
 
 def seed_everything(seed: int) -> None:
@@ -65,8 +82,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generato
 
     images, masks: (B, 1, S, S) in [0, 1]. Intensity changes mimic other detectors and hospitals.
     """
-    b = images.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)  # noqa: E731
+    b, dev = images.shape[0], images.device
+    u = lambda lo, hi: (lo + (hi - lo) * torch.rand(b, generator=gen)).to(dev)  # noqa: E731
     angle = u(-10, 10) * math.pi / 180
     scale = u(0.88, 1.12)
     tx, ty = u(-0.06, 0.06), u(-0.06, 0.06)
@@ -78,20 +95,21 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generato
     gamma = torch.exp(u(-0.35, 0.35)).view(b, 1, 1, 1)
     contrast = u(0.8, 1.2).view(b, 1, 1, 1)
     bright = u(-0.08, 0.08).view(b, 1, 1, 1)
-    noise = u(0.0, 0.03).view(b, 1, 1, 1) * torch.randn(images.shape, generator=gen)
+    noise = u(0.0, 0.03).view(b, 1, 1, 1) * torch.randn(images.shape, generator=gen).to(dev)
     images = images.clamp(0, 1) ** gamma
     mean = images.mean(dim=(2, 3), keepdim=True)
     images = ((images - mean) * contrast + mean + bright + noise).clamp(0, 1)
     return images, masks
 
 
-def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, autocast: bool = False) -> np.ndarray:
+def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, device: str = "cpu") -> np.ndarray:
     """Logits for normalised inputs (N, 1, S, S), in batches, eval mode."""
+    dev_type, dtype, enabled = amp_settings(device)
     model.eval()
     out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.inference_mode(), torch.autocast(dev_type, dtype=dtype, enabled=enabled):
         for i in range(0, len(x), batch_size):
-            out.append(model(torch.from_numpy(x[i : i + batch_size])).float().numpy())
+            out.append(model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -110,7 +128,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         va_img, va_mask = load_arrays(val_pairs, spec, lambda: bar.advance(task))
     va_x = spec.normalize(va_img)[:, None]
 
-    model = build_model(cfg.model, cfg.width).to(memory_format=torch.channels_last)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.width).to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr_img) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -120,21 +139,22 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     best, start_epoch, gen_state = -1.0, 0, None
     state_path = out / "resume.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        torch.set_rng_state(st["rng"])
-        gen_state = st["gen"]
+        torch.set_rng_state(st["rng"].cpu())
+        gen_state = st["gen"].cpu()
         start_epoch, best = int(st["epoch"]), float(st["best"])
         history = json.loads((out / "metrics.json").read_text())["history"]
         log(f"resumed from {state_path} at epoch {start_epoch}")
-    use_bf16 = bf16_autocast_supported()
+    dev_type, amp_dtype, use_amp = amp_settings(device)
+    scaler = torch.amp.GradScaler(dev_type, enabled=use_amp and amp_dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed)
     if gen_state is not None:  # resume continues the same augmentation stream
         gen.set_state(gen_state)
     info = ModelInfo(cfg.model, cfg.width, spec, fingerprint(train_pairs + val_pairs),
-                     training={**asdict(cfg), "bf16_autocast": use_bf16})
+                     training={**asdict(cfg), "device": device, "autocast": str(amp_dtype) if use_amp else "off"})
 
     with progress_bar() as bar:
         task = bar.add_task(f"training {cfg.model}", total=cfg.epochs * steps_per_epoch,
@@ -146,21 +166,22 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
             losses = []
             for i in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[i : i + cfg.batch_size])
-                x = torch.from_numpy(tr_img[idx])[:, None]
-                y = torch.from_numpy(tr_mask[idx])[:, None].float()
+                x = torch.from_numpy(tr_img[idx])[:, None].to(device)
+                y = torch.from_numpy(tr_mask[idx])[:, None].float().to(device)
                 if cfg.augment:
                     x, y = augment_batch(x, y, gen)
                 x = ((x - spec.mean) / spec.std).contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(dev_type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(x)
                 loss = dice_bce_loss(logits.float(), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 losses.append(loss.item())
                 bar.update(task, advance=1, description=f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} best val Dice {max(best, 0):.4f}")
-            val_logits = predict_logits(model, va_x, autocast=use_bf16)
+            val_logits = predict_logits(model, va_x, device=device)
             val_loss = float(dice_bce_loss(torch.from_numpy(val_logits), torch.from_numpy(va_mask[:, None]).float()))
             val_dice = float(dice_batch(val_logits[:, 0] > 0, va_mask).mean())
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,

@@ -60,14 +60,22 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engi
         return Variant("fp16", path)
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
     path = variant_file(folder, loaded, "int8", calib, method)
-    if path.exists():
-        return Variant("int8", path, json.loads(onnx_metadata(path).get("lungrt.calibration", "{}")))
-    info = make_int8(fp32, path, calib, method, cache_dir=cache_dir)
-    notes = {"calibration": calib.description, "method": method, "cache_hit": info["cache_hit"], "excluded_blocks": []}
-    if val_pairs:
-        excluded = search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log)
-        notes["excluded_blocks"] = excluded
-    return Variant("int8", path, notes)
+    if not path.exists():
+        make_int8(fp32, path, calib, method, cache_dir=cache_dir)
+        if val_pairs:
+            try:
+                search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log)
+            except LungrtError:
+                path.unlink(missing_ok=True)  # never leave a variant that failed its gate for reuse
+                raise
+    return Variant("int8", path, int8_notes(path))
+
+
+def int8_notes(path: Path) -> dict:
+    """What an INT8 variant was calibrated on and which blocks stay in floating point."""
+    cal = json.loads(onnx_metadata(path).get("lungrt.calibration", "{}"))
+    return {"calibration": cal.get("set"), "method": cal.get("method"),
+            "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
 
 
 def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes) -> dict:

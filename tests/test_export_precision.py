@@ -133,3 +133,24 @@ def test_parity_passes_for_good_variants_and_fails_for_a_broken_one(tmp_path, ti
     bad = _parity(*common, "--variant", "fp32", "--onnx", str(tmp_path / "broken.onnx"))
     assert bad.exit_code == 1, bad.output
     assert "FAIL" in bad.output
+
+
+def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+    """With a gate that full INT8 cannot meet, the search must exclude blocks (worst first) until
+    the variant passes, and record them in the ONNX metadata."""
+    from lungrt import parity, variants as variants_mod
+    from lungrt.data import discover_pairs
+
+    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))
+    loaded = load_checkpoint(tiny_checkpoint)
+    pairs = discover_pairs(phantom_dir).pairs[:6]
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, method="minmax", val_pairs=pairs,
+                                  cache_dir=tmp_path / "cal", log=lambda *a: None)
+    excluded = v.notes["excluded_blocks"]
+    assert excluded, "a gate full INT8 misses must exclude something"
+    meta = json.loads(onnx_metadata(v.path)["lungrt.calibration"])
+    assert meta["excluded_nodes"] and all(any(f"/{b}/" in n for b in excluded) for n in meta["excluded_nodes"])
+    with OnnxRuntimeRunner(v.path) as cand:
+        from lungrt.parity import apply_gate, compare
+
+        assert apply_gate(compare(TorchRunner(loaded), cand, pairs)["summary"], parity.GATES["int8"])["passed"]
