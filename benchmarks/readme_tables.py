@@ -62,33 +62,38 @@ def accuracy(data: Path) -> None:
               + f" | {m['hd95']:.2f} | {r['postprocessed']['dice']:.4f} |")
 
 
-def parity(data: Path) -> None:
-    test = select_split(data, "test")
-    val = select_split(data, "val")
+def parity(data: Path, models=MODELS) -> None:
+    """Accuracy parity of every variant (no timing here: throughput comes from `bench`, measured
+    on a quiet machine, and `join` prints both in one table)."""
+    test, val = select_split(data, "test"), select_split(data, "val")
     rows = []
-    for name in MODELS:
+    for name in models:
         loaded = resolve_model(name)
         reference = TorchRunner(loaded)
-        batch = first_batch(loaded, [p.image for p in test])
-        eager = throughput(reference, batch, seconds=4)
         for precision in ("fp32", "fp16", "int8"):
             v = make_variant(loaded, precision, calib_dir=data, val_pairs=val if precision == "int8" else None)
             with OnnxRuntimeRunner(v.path) as cand:
                 s = compare(reference, cand, test)["summary"]
-                ips = throughput(cand, batch, seconds=4)
             s.pop("worst")
-            rows.append({"model": name, "variant": precision, **s, "gate": apply_gate(s, GATES[precision]),
-                         "img_per_s": ips, "torch_eager_img_per_s": eager, "notes": v.notes})
-            print(f"{name} {precision}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f} {ips:.1f} img/s", flush=True)
-    save("parity", {"hardware": hardware(), "rows": rows})
-    print(f"\nTest split ({len(test)} images) through ONNX Runtime CPU vs PyTorch FP32; throughput at batch 8, "
-          "same run, same inputs.\n")
-    print("| model | variant | mask agreement | Dice (PyTorch) | Dice (variant) | drop | gate | img/s | vs eager FP32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+            rows.append({"model": name, "variant": precision, **s, "gate": apply_gate(s, GATES[precision]), "notes": v.notes})
+            print(f"{name} {precision}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
+    save(f"parity_{'_'.join(models)}" if models != MODELS else "parity", {"test_images": len(test), "rows": rows})
+
+
+def join(data: Path) -> None:
+    """The README's precision table: parity (results/parity*.json) beside bench throughput at batch 8."""
+    rows = [r for f in sorted(RESULTS.glob("parity*.json")) for r in json.loads(f.read_text())["rows"]]
+    bench = json.loads((RESULTS / "bench_cpu.json").read_text())
+    ips = {(m, r["backend"], r["variant"]): r for m, res in bench.items() for r in res["rows"] if r.get("batch") == 8 and "img_per_s" in r}
+    print("| model | variant | mask agreement (min) | Dice PyTorch | Dice variant | drop | gate | INT8 blocks kept float | img/s b8 | vs eager FP32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['variant']} | {r['mask_agreement']:.5f} | {r['dice_reference']:.4f} | "
-              f"{r['dice_candidate']:.4f} | {r['dice_drop']:+.5f} | {'pass' if r['gate']['passed'] else 'FAIL'} | "
-              f"{r['img_per_s']:.1f} | {r['img_per_s'] / r['torch_eager_img_per_s']:.2f}x |")
+        b = ips.get((r["model"], "onnxruntime", r["variant"]))
+        kept = ", ".join(r["notes"].get("excluded_blocks") or []) if r["variant"] == "int8" else ""
+        print(f"| {r['model']} | {r['variant']} | {r['mask_agreement']:.5f} ({r['min_mask_agreement']:.4f}) | "
+              f"{r['dice_reference']:.4f} | {r['dice_candidate']:.4f} | {r['dice_drop']:+.5f} | "
+              f"{'pass' if r['gate']['passed'] else 'FAIL'} | {kept or ('none' if r['variant'] == 'int8' else '')} | "
+              + (f"{b['img_per_s']:.1f} | {b['vs_torch_eager_fp32']:.2f}x |" if b else "- | - |"))
 
 
 def bench(data: Path) -> None:
@@ -140,12 +145,15 @@ def infer(data: Path, model: str = "unet", batch_size: int = 8) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["accuracy", "parity", "bench", "infer", "all"])
+    ap.add_argument("table", choices=["accuracy", "parity", "bench", "infer", "join", "all"])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cxr-mc-sz"))
+    ap.add_argument("--models", default=",".join(MODELS), help="parity: comma list of shipped models")
     args = ap.parse_args()
     if not discover_pairs(args.data).pairs:
         raise SystemExit(f"{args.data}: no labelled X-rays found")
-    for table in (["accuracy", "parity", "bench", "infer"] if args.table == "all" else [args.table]):
+    if args.table == "parity":
+        return parity(args.data, tuple(args.models.split(",")))
+    for table in (["accuracy", "parity", "bench", "infer", "join"] if args.table == "all" else [args.table]):
         globals()[table](args.data)
 
 

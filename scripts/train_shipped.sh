@@ -8,4 +8,4 @@ LUNGRT=${LUNGRT:-.venv/bin/lungrt}
 common=(--data "$DATA" --size 192 --epochs 30 --lr 1e-3 --batch-size 8 --seed 0)
 "$LUNGRT" train --model unet        --width 16 --out "$RUNS/unet"        "${common[@]}"
 "$LUNGRT" train --model msag-unet   --width 16 --out "$RUNS/msag-unet"   "${common[@]}"
-"$LUNGRT" train --model gsconv-unet --width 12 --out "$RUNS/gsconv-unet" "${common[@]}"
+"$LUNGRT" train --model gsconv-unet --width 12 --out "$RUNS/gsconv-unet" "${common[@]}" --epochs 20  # the session-time budget: 20 epochs

@@ -120,3 +120,12 @@ def test_data_check_on_the_real_xrays(tmp_path):
     sizes = {k: v["total"] for k, v in r["splits"].items()}
     assert sizes == {"train": 281, "val": 211, "test": 212}
     assert all(set(v["by_source"]) == {"MCUCXR", "CHNCXR"} for v in r["splits"].values())
+
+
+def test_export_command_writes_checked_onnx(tmp_path, tiny_checkpoint):
+    from lungrt.runners import onnx_metadata
+
+    res = runner.invoke(app, ["export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "fp16"])
+    assert res.exit_code == 0, res.output
+    meta = onnx_metadata(tmp_path / "m.onnx")
+    assert meta["lungrt.precision"] == "fp16" and json.loads(meta["lungrt.model"])["name"] == "unet"
