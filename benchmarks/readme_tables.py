@@ -30,6 +30,7 @@ from lungrt.runners import OnnxRuntimeRunner, TorchRunner
 from lungrt.variants import make_variant
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
+BACKENDS = ("onnxruntime", "torch")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -100,13 +101,13 @@ def bench(data: Path) -> None:
     out = {}
     for name in MODELS:
         loaded = resolve_model(name)
-        res = run_bench(loaded, ["torch", "onnxruntime"], ["fp32", "fp16", "int8"], [1, 8], iters=4, rounds=3,
+        res = run_bench(loaded, ["torch", "onnxruntime"], ["fp32", "fp16", "int8"], [1, 8], iters=3, rounds=3,
                         variant_path=lambda v, engine=False, loaded=loaded: make_variant(loaded, v, calib_dir=data).path)
         out[name] = res
     save("bench_cpu", out)
     hw = next(iter(out.values()))["hardware"]
     print(f"CPU: {hw['cpu']}, {hw['cpu_count']} cores, torch capability {hw['torch_cpu_capability']}; "
-          "3 interleaved rounds x 4 timed calls per row.\n")
+          "3 interleaved rounds x 3 timed calls per row.\n")
     print("| model | backend | variant | batch | img/s (min-max) | p50 ms | p99 ms | vs eager FP32 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, res in out.items():
@@ -122,7 +123,7 @@ def infer(data: Path, model: str = "unet", batch_size: int = 8) -> None:
     items = collect_inputs([str(images)])
     loaded = resolve_model(model)
     rows = []
-    for backend in ("onnxruntime", "torch"):
+    for backend in BACKENDS:
         runner = (OnnxRuntimeRunner(make_variant(loaded, "fp32").path) if backend == "onnxruntime" else TorchRunner(loaded))
         x = first_batch(loaded, [it.source for it in items], batch_size)
         bare = throughput(runner, x, seconds=10)

@@ -138,7 +138,7 @@ def train(
     out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
 
-DEFAULT_MODEL = "unet"  # the best shipped checkpoint by test Dice (README table)
+DEFAULT_MODEL = "msag-unet"  # the best shipped checkpoint by test Dice (README table)
 PAPERS_NOTE = "papers: Dice ~0.92 reported for their U-Net variants (exact per-metric figures not reproduced here)"
 
 

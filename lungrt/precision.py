@@ -48,6 +48,10 @@ def make_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one line per tiny weight flushed to FP16's range: noise
         fp16 = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    # The converter leaves stale value_info types behind the casts it adds after blocked ops
+    # (seen on the attention gates' Resize); drop them and let shape inference recompute.
+    del fp16.graph.value_info[:]
+    fp16 = onnx.shape_inference.infer_shapes(fp16)
     set_metadata(fp16, {"lungrt.precision": "fp16", "lungrt.fp16_kept_fp32_ops": ",".join(FP16_KEEP_FP32_OPS)})
     onnx.checker.check_model(fp16)
     _save(fp16, out_path)

@@ -150,6 +150,8 @@ class OnnxRuntimeRunner(Runner):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        # no busy-waiting between runs: infer's decode/write threads need those cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise LungrtError("onnxruntime: CUDAExecutionProvider is not available (install onnxruntime-gpu)")

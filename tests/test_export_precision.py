@@ -154,3 +154,16 @@ def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_c
         from lungrt.parity import apply_gate, compare
 
         assert apply_gate(compare(TorchRunner(loaded), cand, pairs)["summary"], parity.GATES["int8"])["passed"]
+
+
+def test_fp16_of_gsconv_loads_in_onnxruntime(tmp_path):
+    """Attention gates' Resize and the ASPP pooling stay FP32 behind casts; the graph must stay valid."""
+    from lungrt.checkpoint import LoadedModel, ModelInfo
+    from lungrt.models import build_model
+    from lungrt.preprocess import PreprocessSpec
+
+    loaded = LoadedModel(build_model("gsconv-unet", 4).eval(), ModelInfo("gsconv-unet", 4, PreprocessSpec(size=64)))
+    fp16 = make_fp16(export_onnx(loaded, tmp_path / "g.onnx"), tmp_path / "g16.onnx")
+    x = reference_inputs(loaded.spec, 2)
+    with OnnxRuntimeRunner(fp16) as r:
+        assert np.abs(r.run(x) - TorchRunner(loaded).run(x)).max() < 5e-3
