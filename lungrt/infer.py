@@ -190,9 +190,16 @@ def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
     return path
 
 
+def remove_partial_writes(out_dir: Path) -> None:
+    """Temp files of atomic writes that a killed run never renamed (never a finished output)."""
+    for p in out_dir.rglob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: InferOptions) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(out_dir)
     todo = [it for it in items if not (opts.resume and is_done(out_dir, it, opts))]
     skipped = len(items) - len(todo)
     if not opts.resume:

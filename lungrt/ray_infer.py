@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageReadError, LungrtError
-from .infer import InferOptions, Item, _error_row, _write_record, finish_one, is_done, record_path, write_results_csv
+from .infer import (InferOptions, Item, _error_row, _write_record, finish_one, is_done, record_path, remove_partial_writes,
+                    write_results_csv)
 from .io import XRay, read_xray
 from .preprocess import PreprocessSpec
 from .progress import progress_bar
@@ -132,6 +133,7 @@ def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], ou
         raise LungrtError("--strict is not supported with --ray (inputs are processed out of order)")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(out_dir)
     todo = [it for it in items if not (opts.resume and is_done(out_dir, it, opts))]
     if not opts.resume:
         for it in items:
