@@ -93,7 +93,12 @@ def test_killed_ray_run_resumes_only_missing(tmp_path, tiny_checkpoint):
     res = subprocess.run(cmd + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True, timeout=400,
                          start_new_session=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"{24 - done} ok" in res.stdout and f"{done} already done" in res.stdout
+    import re
+
+    redone = int(re.search(r"(\d+) ok", res.stdout).group(1))
+    skipped = int(re.search(r"(\d+) already done", res.stdout).group(1))
+    # a Ray worker can outlive its killed driver by a moment and finish one more image
+    assert redone + skipped == 24 and skipped >= done and redone > 0
     single = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "single"), "--model", str(tiny_checkpoint),
                                  "--backend", "torch", "--batch-size", "2"])
     assert single.exit_code == 0
