@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .errors import LungrtError
 from .models import gflops_per_image
-from .phantoms import make_phantom
+from .export import reference_inputs
 from .runners import OnnxRuntimeRunner, Runner, TorchRunner
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor datasheets), for "% of peak".
@@ -125,7 +125,7 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
     size = size or spec.size
     if size != spec.size:
         raise LungrtError(f"--size {size} differs from the model's input size {spec.size}")
-    images = np.stack([spec.apply(make_phantom(i, size).image) for i in range(max(batch_sizes))])
+    images = reference_inputs(spec, max(batch_sizes))
     configs: list[Config] = []
     for backend in backends:
         for variant in variants:

@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .checkpoint import LoadedModel
 from .data import discover_pairs, select_split
@@ -19,7 +18,8 @@ from .doctor import tensorrt_status
 from .engine import BatchProfile, build_engine
 from .errors import LungrtError
 from .parity import GATES, apply_gate, compare, throughput
-from .phantoms import make_phantom, write_phantom_dataset
+from .export import reference_inputs
+from .phantoms import write_phantom_dataset
 from .precision import PRECISIONS
 from .runners import OnnxRuntimeRunner, Runner, TorchRunner
 from .variants import make_variant
@@ -83,7 +83,7 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
     if val is None:
         folder = write_phantom_dataset(out_dir / "auto-phantoms", 16, size=loaded.spec.size, seed=77)
         val = discover_pairs(folder).pairs
-    x = np.stack([loaded.spec.apply(make_phantom(i, loaded.spec.size).image) for i in range(batch.opt)])
+    x = reference_inputs(loaded.spec, batch.opt)
     reference = TorchRunner(loaded)
     candidates = []
     for precision in PRECISIONS:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, LungrtError
-from .infer import (InferOptions, Item, _error_row, _write_record, finish_one, is_done, record_path, remove_partial_writes,
+from .errors import LungrtError
+from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, is_done, record_path, remove_partial_writes,
                     write_results_csv)
-from .io import XRay, read_xray
+from .io import XRay
 from .preprocess import PreprocessSpec
 from .progress import progress_bar
 
@@ -52,18 +52,15 @@ def connect(address: str) -> None:
 
 
 def _read(row: dict, spec_json: str) -> dict:
+    """infer's own loader (same errors, same preprocessing); workers read by absolute path."""
     spec = PreprocessSpec.from_json(spec_json)
-    try:
-        xr = read_xray(row["abs"])  # workers need not share the driver's working folder
-        return {**row, "error": "", "tensor": spec.apply(xr.pixels), "pixels": xr.pixels,
-                "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits}
-    except ImageReadError as e:
-        reason = e.reason
-    except Exception as e:  # one bad file must never stop the run
-        reason = f"{type(e).__name__}: {e}"
-    s = spec.size
-    return {**row, "error": reason, "tensor": np.zeros((1, s, s), np.float32), "pixels": np.zeros((1, 1), np.float32),
-            "spacing": np.zeros(2, np.float64), "bits": 0}
+    _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"])), spec)
+    if err is not None:
+        s = spec.size
+        return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "pixels": np.zeros((1, 1), np.float32),
+                "spacing": np.zeros(2, np.float64), "bits": 0}
+    return {**row, "error": "", "tensor": tensor, "pixels": xr.pixels,
+            "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits}
 
 
 class InferActor:
