@@ -136,7 +136,7 @@ def fingerprint(pairs: list[Pair]) -> str:
 
 
 def _load_one(pair: Pair, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    image = spec.prepare(read_xray(pair.image).pixels)
+    image = spec.prepare(read_xray(pair.image).gray8)
     mask = read_mask(pair.mask).astype(np.float32)
     mask = cv2.resize(mask, (spec.size, spec.size), interpolation=cv2.INTER_AREA) > 0.5
     return image, mask

@@ -34,7 +34,7 @@ def load_samples(pairs: list[Pair], spec, workers: int = 4) -> Iterator[Sample]:
 
     def load(p: Pair) -> Sample:
         xr = read_xray(p.image)
-        return Sample(p.name, xr, read_mask(p.mask), spec.apply(xr.pixels))
+        return Sample(p.name, xr, read_mask(p.mask), spec.apply(xr.gray8))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(load, pairs)
@@ -60,14 +60,14 @@ def predict_native(runner: Runner, samples: list[Sample]) -> list[np.ndarray]:
 def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0, postprocess: bool = False) -> dict:
     """Per-image metrics and their means; `keep` first samples are returned for figures.
     `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
-    from .postprocess import keep_two_largest_and_fill
+    from .postprocess import lung_fields
 
     rows, kept = [], []
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {runner.info.name} ({runner.describe()})", total=len(pairs))
         for batch in batched(load_samples(pairs, runner.spec), batch_size):
             for s, prob in zip(batch, predict_native(runner, batch)):
-                pred = keep_two_largest_and_fill(prob > 0.5) if postprocess else prob > 0.5
+                pred = lung_fields(prob > 0.5).mask > 0 if postprocess else prob > 0.5
                 rows.append({"name": s.name, **segmentation_metrics(pred, s.gold, s.xray.spacing_mm)})
                 if len(kept) < keep:
                     kept.append((s.name, s.xray.pixels, s.gold, pred))

@@ -10,6 +10,7 @@ counts as done only when all its files are complete. results.csv is assembled fr
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import io
@@ -27,7 +28,7 @@ import numpy as np
 from .errors import ImageReadError, LungrtError
 from .io import atomic_write_bytes, is_supported, read_xray
 from .plots import overlay
-from .postprocess import keep_two_largest_and_fill, lung_areas
+from .postprocess import lung_fields
 from .progress import progress_bar
 from .runners import Runner
 
@@ -100,10 +101,17 @@ def outputs_for(out_dir: Path, item: Item, opts: InferOptions) -> dict[str, Path
         paths["overlay"] = base.with_name(base.name + ".overlay.png")
     if opts.probabilities:
         paths["probability"] = base.with_name(base.name + ".prob.png")
-    for p in paths.values():  # defence in depth: never write outside the output folder
-        if not str(p.resolve()).startswith(str(out_dir.resolve()) + os.sep):
-            raise LungrtError(f"{item.source}: output {p} would escape {out_dir}")
+    if not _inside(str(out_dir), str(base.parent)):  # defence in depth: never write outside the output folder
+        raise LungrtError(f"{item.source}: output {paths['mask']} would escape {out_dir}")
     return paths
+
+
+@functools.lru_cache(maxsize=4096)
+def _inside(out_dir: str, folder: str) -> bool:
+    """Whether `folder` lies in `out_dir` once symlinks are resolved (cached per folder: this is on
+    the hot path, and outputs are written by rename, which replaces a symlink rather than following it)."""
+    root, real = os.path.realpath(out_dir), os.path.realpath(folder)
+    return real == root or real.startswith(root + os.sep)
 
 
 def record_path(out_dir: Path, item: Item) -> Path:
@@ -111,6 +119,8 @@ def record_path(out_dir: Path, item: Item) -> Path:
 
 
 def is_done(out_dir: Path, item: Item, opts: InferOptions) -> bool:
+    """Done = an ok record whose outputs all exist with the sizes it recorded (a file cut short by
+    a power loss, since per-image files are not fsynced, is redone)."""
     rec = record_path(out_dir, item)
     if not rec.exists():
         return False
@@ -120,18 +130,30 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions) -> bool:
         return False
     if row.get("status") != "ok":
         return False
-    return all(p.exists() for p in outputs_for(out_dir, item, opts).values())
+    sizes = row.get("sizes", {})
+    for kind, p in outputs_for(out_dir, item, opts).items():
+        try:
+            if p.stat().st_size != sizes.get(kind, -1):
+                return False
+        except OSError:
+            return False
+    return True
 
 
-def _png(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", array)
+# no row filter + run-length zlib: a third faster than OpenCV's defaults on 0/255 masks, ~30% larger files
+_PNG_FAST = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+             cv2.IMWRITE_PNG_COMPRESSION, 3]
+
+
+def _png(array: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(".png", array, params or [])
     if not ok:
         raise LungrtError("PNG encoding failed")
     return buf.tobytes()
 
 
 def _write_record(out_dir: Path, item: Item, row: dict) -> dict:
-    atomic_write_bytes(record_path(out_dir, item), json.dumps(row).encode())
+    atomic_write_bytes(record_path(out_dir, item), json.dumps(row).encode(), durable=False)
     return row
 
 
@@ -142,32 +164,41 @@ def _error_row(item: Item, reason: str, runner: Runner) -> dict:
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     prob = runner.spec.invert(prob_small, xray.shape)
-    mask = prob > 0.5
-    if opts.postprocess:
-        mask = keep_two_largest_and_fill(mask)
-    paths = outputs_for(out_dir, item, opts)
-    atomic_write_bytes(paths["mask"], _png(mask.astype(np.uint8) * 255))
+    lungs = lung_fields(cv2.compare(prob, 0.5, cv2.CMP_GT), clean=opts.postprocess)
+    files = {"mask": _png(lungs.mask, _PNG_FAST)}
     if opts.overlay:
-        atomic_write_bytes(paths["overlay"], _png(cv2.cvtColor(overlay(xray.pixels, mask), cv2.COLOR_RGB2BGR)))
+        files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, lungs.mask > 0), cv2.COLOR_RGB2BGR))
     if opts.probabilities:
-        atomic_write_bytes(paths["probability"], _png(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8)))
-    right, left = lung_areas(mask)
+        files["probability"] = _png(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
+    paths = outputs_for(out_dir, item, opts)
+    for kind, data in files.items():
+        atomic_write_bytes(paths[kind], data, durable=False)
+    right, left = lungs.right_px, lungs.left_px
     h, w = xray.shape
     px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
     row = {
         "path": str(item.source), "width": w, "height": h, "status": "ok", "error": "",
-        "lung_fraction": round(float(mask.mean()), 6), "right_lung_px": right, "left_lung_px": left,
+        "lung_fraction": round(lungs.area_px / (h * w), 6), "right_lung_px": right, "left_lung_px": left,
         "right_lung_mm2": round(right * px_mm2, 2) if px_mm2 else "", "left_lung_mm2": round(left * px_mm2, 2) if px_mm2 else "",
-        "mean_confidence": round(float(prob[mask].mean()), 6) if mask.any() else 0.0,
+        "mean_confidence": _mean_confidence(prob_small, lungs.mask),
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
+        "sizes": {kind: len(data) for kind, data in files.items()},
     }
     return _write_record(out_dir, item, row)
+
+
+def _mean_confidence(prob_small: np.ndarray, mask: np.ndarray) -> float:
+    """Mean network probability inside the final mask, at the network's own resolution (where the
+    probabilities come from; 7x fewer pixels than a 512x512 original)."""
+    small = prob_small.reshape(prob_small.shape[-2:])
+    inside = cv2.resize(mask, small.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return round(cv2.mean(small, mask=inside)[0], 6) if cv2.countNonZero(inside) else 0.0
 
 
 def _load(item: Item, spec):
     try:
         xr = read_xray(item.source)
-        return item, xr, spec.apply(xr.pixels), None
+        return item, xr, spec.apply(xr.gray8), None
     except ImageReadError as e:
         return item, None, None, e.reason
     except Exception as e:  # one bad file must never stop the run
@@ -175,6 +206,7 @@ def _load(item: Item, spec):
 
 
 def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
+    os.sync()  # per-image files and records were not fsynced one by one; they reach the disk before the CSV
     rows = []
     for it in items:
         rec = record_path(out_dir, it)
@@ -196,6 +228,18 @@ def remove_partial_writes(out_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def _take_idle_cpu_only() -> None:
+    """Run the calling (decode/write) thread only on CPU time nothing else wants (Linux SCHED_IDLE).
+    Preempting one of the model's threads stalls the others at its next synchronisation point (a
+    parallel op is as slow as its slowest thread); at idle priority pre- and post-processing fill
+    the model's gaps, and when the model runs out of input it blocks and they get every core.
+    Measured on 2 cores with ONNX Runtime: 0.88 of the bare model's img/s at normal priority, 0.99 idle."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0 = the calling thread
+    except (AttributeError, OSError):  # not Linux / not permitted: only a speed matter
+        pass
+
+
 def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: InferOptions) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,8 +253,10 @@ def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: Infe
     stopped = False
     window = max(opts.batch_size * 3, opts.workers * 2)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(opts.workers, thread_name_prefix="read") as readers, \
-            ThreadPoolExecutor(max(1, opts.workers), thread_name_prefix="write") as writers, progress_bar() as bar:
+    # only for runners that sleep while waiting: a spinning one (PyTorch's OpenMP) would starve the helpers
+    helper_init = _take_idle_cpu_only if runner.sleeps_when_idle else None
+    with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
+            ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers, progress_bar() as bar:
         task = bar.add_task(f"infer {runner.describe()}", total=len(todo))
         pending: deque[Future] = deque()
         writes: deque[Future] = deque()
@@ -260,8 +306,8 @@ def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: Infe
             writes.popleft().result()
             ok += 1
             bar.advance(task)
-    elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
+    elapsed = time.perf_counter() - t0
     return {"inputs": len(items), "skipped_done": skipped, "ok": ok, "failed": failed, "stopped_early": stopped,
             "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
             "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name}

@@ -6,9 +6,9 @@ and go on.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,28 +16,45 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import ImageReadError
+from .preprocess import to_gray8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 # A 4020x4892 Montgomery original is 20 MP; anything far past that is a bomb or not an X-ray.
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 16
+MAX_FILE_BYTES = 2**30  # read whole into memory: refuse files no radiograph comes near
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half-grey
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # our own check refuses larger images before Pillow would warn
 
 
 @dataclass
 class XRay:
-    """A decoded X-ray: `pixels` is float32 in [0, 1], 2-D, bright = dense (MONOCHROME2)."""
+    """A decoded X-ray, 2-D, bright = dense (MONOCHROME2). `image` is what was decoded: uint8 for
+    8-bit files (kept as is: converting 8-bit pixels to float and back costs more than decoding on
+    the inference hot path), float32 in [0, 1] for deeper ones."""
 
     path: str
-    pixels: np.ndarray
+    image: np.ndarray
     spacing_mm: tuple[float, float] | None = None  # (row, column) pixel spacing when known
     bits: int = 8
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.pixels.shape  # type: ignore[return-value]
+        return self.image.shape  # type: ignore[return-value]
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """float32 in [0, 1]."""
+        if self.image.dtype == np.uint8:
+            return self.image.astype(np.float32) / 255.0
+        return self.image
+
+    @property
+    def gray8(self) -> np.ndarray:
+        """uint8, exactly what `PreprocessSpec.prepare` makes of `pixels`."""
+        return self.image if self.image.dtype == np.uint8 else to_gray8(self.image)
 
 
 def is_dicom(path: Path) -> bool:
@@ -58,15 +75,22 @@ def is_supported(path: Path) -> bool:
 def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
     """Read any supported X-ray file; raises ImageReadError with the reason on any failure."""
     path = Path(path)
-    if not path.exists():
-        raise ImageReadError(path, "file does not exist")
-    if path.is_dir():
-        raise ImageReadError(path, "is a directory, not an image")
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
+        data = path.read_bytes()  # one read: the format check and the decoder share it
+    except FileNotFoundError:
+        raise ImageReadError(path, "file does not exist") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory, not an image") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot read ({e.strerror or e})") from None
+    if not data:
         raise ImageReadError(path, "file is empty")
-    if is_dicom(path):
+    if path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
         return _read_dicom(path, max_pixels)
-    return _read_raster(path, max_pixels)
+    return _read_raster(path, data, max_pixels)
 
 
 def _check_dimensions(path: Path, width: int, height: int, max_pixels: int) -> None:
@@ -78,16 +102,14 @@ def _check_dimensions(path: Path, width: int, height: int, max_pixels: int) -> N
         raise ImageReadError(path, f"image too small ({width}x{height}, need at least {MIN_SIDE} px a side)")
 
 
-def _read_raster(path: Path, max_pixels: int) -> XRay:
+def _read_raster(path: Path, data: bytes, max_pixels: int) -> XRay:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_dimensions(path, im.width, im.height, max_pixels)
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)  # multi-page TIFF: the first page is the radiograph
-                im.load()
-                arr, bits = _pil_to_gray(im)
+        with Image.open(io.BytesIO(data)) as im:  # parses the header only
+            _check_dimensions(path, im.width, im.height, max_pixels)
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)  # multi-page TIFF: the first page is the radiograph
+            im.load()
+            arr, bits = _pil_to_gray(im)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -96,7 +118,7 @@ def _read_raster(path: Path, max_pixels: int) -> XRay:
         raise ImageReadError(path, f"absurd dimensions, decompression bomb refused ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
-    return XRay(str(path), _to_unit(arr, bits), None, bits)
+    return XRay(str(path), arr if bits == 8 else _to_unit(arr, bits), None, bits)
 
 
 def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
@@ -193,16 +215,19 @@ def read_mask(path: str | Path) -> np.ndarray:
     return raw > 127
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write via a temp file + rename in the same folder, so a crash never leaves half a file."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write via a temp file + rename in the same folder, so a crash never leaves half a file.
+    `durable=False` skips the fsync: still atomic for a killed process; callers that write many
+    small files check sizes on resume and sync once at the end instead (power loss)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -211,9 +236,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 gray or RGB array."""
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
 

@@ -33,7 +33,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None)
     (gold outline in green when given)."""
     import cv2
 
-    gray = np.clip(image * 255, 0, 255).astype(np.uint8)
+    from .preprocess import to_gray8
+
+    gray = image if image.dtype == np.uint8 else to_gray8(image)
     rgb = np.stack([gray] * 3, -1).astype(np.float32)
     tint = np.array([255, 64, 32], np.float32)
     rgb[mask] = 0.7 * rgb[mask] + 0.3 * tint

@@ -51,9 +51,9 @@ class PreprocessSpec:
 
     # -- forward mapping -----------------------------------------------------------------------
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """[0,1] float image of any size -> equalized [0,1] float32 image of size x size.
-        Split from `normalize` so training can augment intensities in between."""
-        u8 = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+        """[0,1] float image (or its uint8 `to_gray8`) of any size -> equalized [0,1] float32 image
+        of size x size. Split from `normalize` so training can augment intensities in between."""
+        u8 = pixels if pixels.dtype == np.uint8 else to_gray8(pixels)
         h, w = u8.shape
         interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
         u8 = cv2.resize(u8, (self.size, self.size), interpolation=interp)
@@ -83,6 +83,11 @@ class PreprocessSpec:
 
     def invert_mask(self, probability: np.ndarray, original_shape: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
         return self.invert(probability, original_shape) > threshold
+
+
+def to_gray8(pixels: np.ndarray) -> np.ndarray:
+    """[0,1] float image -> uint8; the network sees 8-bit gray whatever the file stored."""
+    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

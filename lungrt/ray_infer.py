@@ -57,9 +57,9 @@ def _read(row: dict, spec_json: str) -> dict:
     _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"])), spec)
     if err is not None:
         s = spec.size
-        return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "pixels": np.zeros((1, 1), np.float32),
+        return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "image": np.zeros((1, 1), np.uint8),
                 "spacing": np.zeros(2, np.float64), "bits": 0}
-    return {**row, "error": "", "tensor": tensor, "pixels": xr.pixels,
+    return {**row, "error": "", "tensor": tensor, "image": xr.gray8,  # one dtype for every row; all the writer needs
             "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits}
 
 
@@ -105,7 +105,7 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict) -> dict:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
     else:
         sp = tuple(float(v) for v in row["spacing"])
-        xr = XRay(str(item.source), np.asarray(row["pixels"], np.float32), sp if sp[0] > 0 else None, int(row["bits"]))
+        xr = XRay(str(item.source), np.asarray(row["image"]), sp if sp[0] > 0 else None, int(row["bits"]))
         rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, InferOptions(**opts))
     return {"status": rec["status"]}
 

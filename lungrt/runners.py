@@ -30,6 +30,9 @@ class Runner(ABC):
     precision: str = "fp32"
     spec: PreprocessSpec
     info: ModelInfo
+    # True when the runner's CPU threads sleep (never spin) while waiting: helper threads may then
+    # take only the CPU time it leaves idle (see infer). Spinning runners would starve them.
+    sleeps_when_idle: bool = False
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -160,6 +163,7 @@ class OnnxRuntimeRunner(Runner):
         else:
             providers = ["CPUExecutionProvider"]
         self.device, self.path = device, onnx_path
+        self.sleeps_when_idle = device == "cpu"
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 

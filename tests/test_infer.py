@@ -98,6 +98,42 @@ def test_missing_input_is_one_line_error(tmp_path, tiny_checkpoint):
     assert res.exit_code == 2 and "nothing_here" in res.output
 
 
+def test_resume_redoes_an_output_cut_short(tmp_path, tiny_checkpoint):
+    """Per-image files are not fsynced; a mask cut short by a power loss must not count as done."""
+    d = tmp_path / "in"
+    for i in range(3):
+        write_png(d / f"ok_{i}.png", (make_phantom(i, 128).image * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    assert _infer([d], out, tiny_checkpoint).exit_code == 0
+    mask = out / "in" / "ok_1.mask.png"
+    whole = mask.read_bytes()
+    mask.write_bytes(whole[: len(whole) // 2])
+    res = _infer([d], out, tiny_checkpoint, "--resume")
+    assert res.exit_code == 0 and "2 already done" in res.output, res.output
+    assert mask.read_bytes() == whole
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize("sleeps", [True, False])
+def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_checkpoint, monkeypatch, sleeps):
+    import lungrt.infer as infer
+    from lungrt.checkpoint import resolve_model
+    from lungrt.runners import TorchRunner
+
+    d = tmp_path / "in"
+    for i in range(2):
+        write_png(d / f"ok_{i}.png", (make_phantom(i, 96).image * 255).astype(np.uint8))
+    policies = []
+    real_read = infer.read_xray
+    monkeypatch.setattr(infer, "read_xray", lambda p: (policies.append(os.sched_getscheduler(0)), real_read(p))[1])
+    model = TorchRunner(resolve_model(str(tiny_checkpoint)))
+    model.sleeps_when_idle = sleeps
+    summary = infer.run_infer(model, infer.collect_inputs([str(d)]), tmp_path / "out", infer.InferOptions(batch_size=2))
+    assert summary["ok"] == 2 and len(policies) == 2
+    assert set(policies) == {os.SCHED_IDLE if sleeps else os.SCHED_OTHER}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the calling thread keeps its priority
+
+
 def _snapshot(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and ".lungrt-records" not in p.parts}

@@ -66,6 +66,19 @@ def test_8bit_png_keeps_scale(tmp_path):
     assert xr.pixels.dtype == np.float32 and np.allclose(xr.pixels, 128 / 255)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_kept_8bit_pixels_preprocess_exactly_like_float(tmp_path, dtype):
+    from lungrt.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, np.iinfo(dtype).max, (70, 90), dtype=dtype)
+    write_png(tmp_path / "x.png", raw)
+    xr = read_xray(tmp_path / "x.png")
+    assert xr.gray8.dtype == np.uint8 and xr.pixels.dtype == np.float32
+    spec = PreprocessSpec(size=64)
+    assert np.array_equal(spec.apply(xr.gray8), spec.apply(xr.pixels))
+
+
 def test_16bit_png_is_stretched(tmp_path, gradient):
     Image.fromarray(gradient).save(tmp_path / "g16.png")
     xr = read_xray(tmp_path / "g16.png")

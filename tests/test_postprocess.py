@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungrt.postprocess import fill_holes, keep_two_largest_and_fill, lung_areas
+from lungrt.postprocess import lung_fields
 
 
 def _two_lungs():
@@ -13,19 +13,42 @@ def _two_lungs():
 def test_keeps_two_largest_and_fills_holes():
     m = _two_lungs()
     m[20:25, 10:15] = False  # a hole inside the right lung
+    m[30:33, 60:62] = False  # a hole inside the left lung
     m[2:4, 40:42] = True  # a speck between the lungs
     m[55:58, 0:3] = True  # a speck at the border
-    clean = keep_two_largest_and_fill(m)
-    assert np.array_equal(clean, _two_lungs())
+    lungs = lung_fields(m)
+    assert lungs.mask.dtype == np.uint8 and set(np.unique(lungs.mask)) == {0, 255}
+    assert np.array_equal(lungs.mask > 0, _two_lungs())
+    assert (lungs.right_px, lungs.left_px) == (1000, 750)  # measured after clean-up
+
+
+def test_island_inside_a_hole_is_filled_not_counted_apart():
+    m = np.zeros((40, 40), bool)
+    m[5:35, 5:35] = True
+    m[10:30, 10:30] = False  # large hole
+    m[18:22, 18:22] = True  # island inside it
+    lungs = lung_fields(m)
+    assert (lungs.mask > 0).sum() == 900 and lungs.area_px == 900
 
 
 def test_border_touching_background_is_not_a_hole():
     m = np.zeros((20, 20), bool)
     m[:, 5:15] = True
     m[0:5, 8:12] = False  # notch open to the top border
-    assert np.array_equal(fill_holes(m), m)
+    assert np.array_equal(lung_fields(m).mask > 0, m)
 
 
-def test_lung_areas_by_side():
-    assert lung_areas(_two_lungs()) == (1000, 750)
-    assert lung_areas(np.zeros((10, 10), bool)) == (0, 0)
+def test_without_clean_up_every_component_is_measured_as_is():
+    m = _two_lungs()
+    m[20:25, 10:15] = False
+    m[2:4, 70:72] = True  # a speck on the image's right
+    lungs = lung_fields(m, clean=False)
+    assert np.array_equal(lungs.mask > 0, m)
+    assert (lungs.right_px, lungs.left_px) == (1000 - 25, 750 + 4)
+
+
+def test_empty_and_full_masks():
+    empty = lung_fields(np.zeros((10, 10), bool))
+    assert (empty.right_px, empty.left_px) == (0, 0) and not empty.mask.any()
+    full = lung_fields(np.ones((10, 12), bool))
+    assert full.area_px == 120 and full.mask.all()
