@@ -3,8 +3,8 @@
 Decoding/preprocessing runs in a thread pool ahead of the model (bounded window, in input order),
 the model runs full batches (partial batches are padded so every image sees the same batch shape,
 which keeps results identical between a resumed and an uninterrupted run), and writing runs in a
-second pool. Every output is written atomically; a per-input record is written last, so an input
-counts as done only when all its files are complete. results.csv is assembled from those records.
+second pool. Every output is written atomically; a per-input record (journal.py) is written last, so
+an input counts as done only when all its files are complete. results.csv is assembled from those records.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
-import hashlib
 import io
-import json
 import os
 import time
 from collections import deque
@@ -27,13 +25,13 @@ import numpy as np
 
 from .errors import ImageReadError, LungrtError
 from .io import atomic_write_bytes, is_supported, read_xray
+from .journal import journal_for, read_records, start_fresh
 from .plots import overlay
 from .postprocess import lung_fields
 from .progress import progress_bar
 from .runners import Runner
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
-RECORDS = ".lungrt-records"
 CSV_FIELDS = ["path", "width", "height", "status", "error", "lung_fraction", "right_lung_px", "left_lung_px",
               "right_lung_mm2", "left_lung_mm2", "mean_confidence", "backend", "model", "mask"]
 
@@ -114,21 +112,11 @@ def _inside(out_dir: str, folder: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
-def record_path(out_dir: Path, item: Item) -> Path:
-    return out_dir / RECORDS / (hashlib.sha1(str(item.rel).encode()).hexdigest() + ".json")
-
-
-def is_done(out_dir: Path, item: Item, opts: InferOptions) -> bool:
+def is_done(out_dir: Path, item: Item, opts: InferOptions, records: dict[str, dict]) -> bool:
     """Done = an ok record whose outputs all exist with the sizes it recorded (a file cut short by
     a power loss, since per-image files are not fsynced, is redone)."""
-    rec = record_path(out_dir, item)
-    if not rec.exists():
-        return False
-    try:
-        row = json.loads(rec.read_text())
-    except (OSError, ValueError):
-        return False
-    if row.get("status") != "ok":
+    row = records.get(str(item.rel))
+    if row is None or row.get("status") != "ok":
         return False
     sizes = row.get("sizes", {})
     for kind, p in outputs_for(out_dir, item, opts).items():
@@ -138,6 +126,15 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions) -> bool:
         except OSError:
             return False
     return True
+
+
+def todo_items(out_dir: Path, items: list[Item], opts: InferOptions) -> list[Item]:
+    """What a run has to do: with --resume, what is not done yet; otherwise all, from a clean journal."""
+    if not opts.resume:
+        start_fresh(out_dir)
+        return list(items)
+    records = read_records(out_dir)
+    return [it for it in items if not is_done(out_dir, it, opts, records)]
 
 
 # no row filter + run-length zlib: a third faster than OpenCV's defaults on 0/255 masks, ~30% larger files
@@ -153,8 +150,7 @@ def _png(array: np.ndarray, params: list[int] | None = None) -> bytes:
 
 
 def _write_record(out_dir: Path, item: Item, row: dict) -> dict:
-    atomic_write_bytes(record_path(out_dir, item), json.dumps(row).encode(), durable=False)
-    return row
+    return journal_for(out_dir).append({"rel": str(item.rel), **row})
 
 
 def _error_row(item: Item, reason: str, runner: Runner) -> dict:
@@ -206,17 +202,15 @@ def _load(item: Item, spec):
 
 
 def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
-    os.sync()  # per-image files and records were not fsynced one by one; they reach the disk before the CSV
-    rows = []
-    for it in items:
-        rec = record_path(out_dir, it)
-        if rec.exists():
-            rows.append(json.loads(rec.read_text()))
+    os.sync()  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
+    records = read_records(out_dir)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    for it in items:
+        r = records.get(str(it.rel))
+        if r is not None:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
     path = out_dir / "results.csv"
     atomic_write_bytes(path, buf.getvalue().encode())
     return path
@@ -244,11 +238,8 @@ def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: Infe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(out_dir)
-    todo = [it for it in items if not (opts.resume and is_done(out_dir, it, opts))]
+    todo = todo_items(out_dir, items, opts)
     skipped = len(items) - len(todo)
-    if not opts.resume:
-        for it in items:  # a fresh run must not report an older run's rows
-            record_path(out_dir, it).unlink(missing_ok=True)
     ok = failed = 0
     stopped = False
     window = max(opts.batch_size * 3, opts.workers * 2)

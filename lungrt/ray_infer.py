@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LungrtError
-from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, is_done, record_path, remove_partial_writes,
+from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, remove_partial_writes, todo_items,
                     write_results_csv)
 from .io import XRay
 from .preprocess import PreprocessSpec
@@ -131,10 +131,7 @@ def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], ou
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(out_dir)
-    todo = [it for it in items if not (opts.resume and is_done(out_dir, it, opts))]
-    if not opts.resume:
-        for it in items:
-            record_path(out_dir, it).unlink(missing_ok=True)
+    todo = todo_items(out_dir, items, opts)
     connect(address)
     t0 = time.perf_counter()
     ok = failed = 0

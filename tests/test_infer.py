@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from lungrt.cli import app
 from lungrt.io import write_png
+from lungrt.journal import read_records
 from lungrt.phantoms import make_phantom
 
 from .test_io import make_dicom
@@ -155,7 +156,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint)
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list((killed / ".lungrt-records").glob("*.json")))
+    done_before = len(read_records(killed))
     assert 0 < done_before < 41, "the kill must land mid-run"
     res = subprocess.run(cmd + ["--out", str(killed), "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr  # the broken file is still reported
@@ -167,3 +168,23 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint)
             assert full[k] == resumed[k], k
     assert (tmp_path / "full" / "results.csv").read_text() == (killed / "results.csv").read_text()
     assert not [p for p in killed.rglob("*.tmp")]  # no half-written files left behind
+
+
+def test_journal_keeps_whole_lines_latest_run_wins(tmp_path):
+    from lungrt.journal import journal_for, start_fresh
+
+    out = tmp_path / "out"
+    journal_for(out).append({"rel": "a", "status": "error"})
+    journal_for(out).append({"rel": "b", "status": "ok"})
+    first = journal_for(out).path
+    with open(first, "ab") as f:
+        f.write(b'{"rel": "c", "stat')  # a line cut short by a power loss
+    time.sleep(0.001)
+    later = out / ".lungrt-records" / f"{time.time_ns():020d}-otherhost-1.jsonl"  # a later run, another process
+    later.write_text('{"rel": "a", "status": "ok"}\n')
+    rows = read_records(out)
+    assert set(rows) == {"a", "b"} and rows["a"]["status"] == "ok"
+    start_fresh(out)
+    assert read_records(out) == {}
+    journal_for(out).append({"rel": "d", "status": "ok"})  # a new file after the old ones were removed
+    assert set(read_records(out)) == {"d"} and journal_for(out).path != first

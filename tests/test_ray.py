@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from lungrt.cli import app
 from lungrt.io import write_png
+from lungrt.journal import read_records
 from lungrt.phantoms import make_phantom
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lungrt[ray]'")
@@ -79,16 +80,15 @@ def test_killed_ray_run_resumes_only_missing(tmp_path, tiny_checkpoint):
     proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
-    records = out / ".lungrt-records"
-    while time.time() < deadline and len(list(records.glob("*.json"))) < 4 and proc.poll() is None:
+    while time.time() < deadline and len(read_records(out)) < 4 and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     proc.wait()
-    done, settled = -1, len(list(records.glob("*.json")))
+    done, settled = -1, len(read_records(out))
     while done != settled:  # a worker mid-write may finish before it notices its raylet is gone
         done = settled
         time.sleep(1.0)
-        settled = len(list(records.glob("*.json")))
+        settled = len(read_records(out))
     assert 0 < done < 24, "the kill must land mid-run"
     res = subprocess.run(cmd + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True, timeout=400,
                          start_new_session=True)
