@@ -227,7 +227,7 @@ def _take_idle_cpu_only() -> None:
     Preempting one of the model's threads stalls the others at its next synchronisation point (a
     parallel op is as slow as its slowest thread); at idle priority pre- and post-processing fill
     the model's gaps, and when the model runs out of input it blocks and they get every core.
-    Measured on 2 cores with ONNX Runtime: 0.88 of the bare model's img/s at normal priority, 0.99 idle."""
+    On 2 cores with ONNX Runtime, five paired runs gave +4 to +12 points of the bare model's img/s."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0 = the calling thread
     except (AttributeError, OSError):  # not Linux / not permitted: only a speed matter
