@@ -168,7 +168,7 @@ def check_dataset(root: str | Path, seed: int = 0) -> dict:
         except ImageReadError as e:
             unreadable.append({"file": e.path, "reason": e.reason})
             continue
-        raw = np.rint(xr.pixels * 255).astype(np.int32)
+        raw = xr.gray8
         binary = np.isin(raw, (0, 255)).mean()
         value_kinds["binary 0/255" if binary == 1.0 else "0/255 with soft edges" if binary > 0.9 else "other"] += 1
         lung_fracs.append(float(read_mask(p.mask).mean()))

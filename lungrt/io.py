@@ -62,10 +62,14 @@ def is_dicom(path: Path) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            return _has_dicom_magic(f.read(132))
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _has_dicom_magic(head: bytes) -> bool:
+    """DICOM Part 10: a 128-byte preamble, then 'DICM' (files need no extension)."""
+    return head[128:132] == b"DICM"
 
 
 def is_supported(path: Path) -> bool:
@@ -88,7 +92,7 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         raise ImageReadError(path, f"cannot read ({e.strerror or e})") from None
     if not data:
         raise ImageReadError(path, "file is empty")
-    if path.suffix.lower() in DICOM_SUFFIXES or data[128:132] == b"DICM":
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(data):
         return _read_dicom(path, max_pixels)
     return _read_raster(path, data, max_pixels)
 
@@ -209,7 +213,7 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a mask as bool: value > 127 for 0/255 masks, non-zero for small label maps."""
     xr = read_xray(path)
-    raw = np.rint(xr.pixels * 255.0)
+    raw = xr.gray8
     if raw.max() <= 16:  # label map (0/1, 0/1/2...) rather than a 0/255 picture
         return raw > 0
     return raw > 127

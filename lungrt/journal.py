@@ -11,6 +11,7 @@ input overrides an earlier one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -41,9 +42,14 @@ _open: dict[tuple[str, int], Journal] = {}
 _open_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=64)
+def _folder_key(out_dir: str) -> str:
+    return os.path.realpath(out_dir)  # once per folder: journal_for is called once per image
+
+
 def journal_for(out_dir: str | Path) -> Journal:
     """This process's journal for `out_dir` (opened once; a forked child opens its own)."""
-    key = (str(Path(out_dir).resolve()), os.getpid())
+    key = (_folder_key(os.fspath(out_dir)), os.getpid())
     with _open_lock:
         if key not in _open or not _open[key].path.exists():  # removed under us: start a new file
             _open[key] = Journal(Path(out_dir))
@@ -53,7 +59,7 @@ def journal_for(out_dir: str | Path) -> Journal:
 def start_fresh(out_dir: str | Path) -> None:
     """A fresh (not resumed) run must not report an older run's rows."""
     with _open_lock:
-        for key in [k for k in _open if k[0] == str(Path(out_dir).resolve())]:
+        for key in [k for k in _open if k[0] == _folder_key(os.fspath(out_dir))]:
             os.close(_open.pop(key)._fd)
     shutil.rmtree(Path(out_dir) / RECORDS, ignore_errors=True)
 
