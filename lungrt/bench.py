@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import LoadedModel
-from .errors import LungrtError
+from .errors import BackendUnavailable, LungrtError
 from .models import gflops_per_image
 from .export import reference_inputs
 from .runners import OnnxRuntimeRunner, Runner, TorchRunner
@@ -48,6 +48,7 @@ class Config:
     peak_rss_mb: float | None = None
     peak_cuda_mb: float | None = None
     skipped: str = ""
+    error: str = ""
 
     @property
     def label(self) -> str:
@@ -95,22 +96,25 @@ def _peak_rss_mb() -> float | None:
 
 
 def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
+    import torch
+
     if backend in TORCH_FAST_PATHS:
         from .train import bf16_autocast_supported
 
         if variant == "int8":
-            raise LungrtError("no int8 for PyTorch eager")
+            raise BackendUnavailable("no int8 for PyTorch eager")
         if variant == "bf16" and not device.startswith("cuda") and not bf16_autocast_supported():
-            raise LungrtError("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
+            raise BackendUnavailable("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device here")
         return TorchRunner(loaded, device=device, precision=variant, **TORCH_FAST_PATHS[backend])
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
     if backend == "tensorrt":
-        from .doctor import tensorrt_status
+        from .engine import gpu_environment
 
-        usable, why = tensorrt_status()
-        if not usable:
-            raise LungrtError(why)
+        if gpu_environment() is None:
+            raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
         from .tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(variant_path(variant, engine=True))
@@ -142,9 +146,12 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
     for c in configs:
         try:
             c.runner = open_config_runner(loaded, c.backend, c.variant, device, variant_path)
-        except Exception as e:  # a backend missing here is a row that says why, not a crash
+        except BackendUnavailable as e:  # not installed / no such hardware here: a skip that says why
             c.skipped = str(e).splitlines()[0][:160]
             log(f"skip {c.label}: {c.skipped}")
+        except Exception as e:  # anything else is a failure of a backend that should work: an error row
+            c.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+            log(f"ERROR {c.label}: {c.error}")
     live = [c for c in configs if c.runner is not None]
     for c in live:  # warm-up (compile, autotune, allocator) before any timing
         for _ in range(warmup):
@@ -170,7 +177,7 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
     for c in configs:
         row = {"backend": c.backend, "variant": c.variant, "batch": c.batch}
         if c.runner is None:
-            rows.append(row | {"skipped": c.skipped})
+            rows.append(row | ({"error": c.error} if c.error else {"skipped": c.skipped}))
             continue
         lat = np.array(c.latencies)
         per_round = lat.reshape(rounds, iters).sum(1)

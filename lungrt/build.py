@@ -1,30 +1,37 @@
-"""`lungrt build`: the deployable artefact for a model on the best backend here.
+"""`lungrt build`: the deployable artefact for a model, verified.
 
-TensorRT when it is usable (a plan built strongly typed from the precision-variant ONNX), else the
-ONNX Runtime variant itself. `--precision auto` builds every candidate, gates each with the parity
-check on validation images, times the ones that pass, and keeps the fastest.
+Backends: `tensorrt` (standard TensorRT, built on its GPU), `tensorrt-rtx` (TensorRT for RTX GPUs,
+built ahead of time without one, default target SM86 = RTX 3090), `onnxruntime` (the variant file
+itself), `auto` (a TensorRT flavour that can build here, else ONNX Runtime).
+
+Every build is checked: the compiled engine against PyTorch where it can run (a GPU is present);
+where it cannot, the exact ONNX graph it compiled runs on ONNX Runtime instead, and the report says
+so. `--precision auto` gates every candidate and keeps the fastest that passes (timed where it can
+run; on TensorRT without a GPU, untimed, the lowest precision that passes).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-
 
 from .checkpoint import LoadedModel
 from .data import discover_pairs, select_split
-from .doctor import tensorrt_status
-from .engine import BatchProfile, build_engine
+from .engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
 from .errors import LungrtError
-from .parity import GATES, apply_gate, compare, throughput
 from .export import reference_inputs
+from .parity import GATES, apply_gate, compare, throughput
 from .phantoms import write_phantom_dataset
 from .precision import PRECISIONS
 from .runners import OnnxRuntimeRunner, Runner, TorchRunner
 from .variants import make_variant
 
+log_ = logging.getLogger(__name__)
 AUTO_VAL_IMAGES = 48
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 
 
 @dataclass
@@ -33,42 +40,73 @@ class Built:
     precision: str
     path: Path  # .plan for TensorRT, .onnx for ONNX Runtime
     notes: dict
+    onnx: Path | None = None  # the variant graph an engine was compiled from
+    verification: dict = field(default_factory=dict)
 
 
-def choose_backend(backend: str, log=print) -> str:
-    usable, why = tensorrt_status()
-    if backend == "tensorrt" and not usable:
-        raise LungrtError(f"--backend tensorrt: {why}")
-    if backend == "auto":
-        if usable:
-            return "tensorrt"
-        log(f"TensorRT unavailable ({why.split(';')[0]}); building the ONNX Runtime variant instead")
+def choose_backend(backend: str, log=log_.info) -> str:
+    if backend not in BACKENDS:
+        raise LungrtError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        return backend
+    try:
+        return choose_flavour(backend).name
+    except LungrtError as e:
+        if backend != "auto":
+            raise
+        log(f"{str(e).split(';')[0]}; building the ONNX Runtime variant instead")
         return "onnxruntime"
-    if backend not in ("tensorrt", "onnxruntime"):
-        raise LungrtError(f"unknown backend {backend!r}; use auto, tensorrt or onnxruntime")
-    return backend
 
 
 def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, calib: Path | None, method: str,
-              val_pairs, batch: BatchProfile, workspace: float, rebuild: bool, log=print) -> Built:
-    variant = make_variant(loaded, precision, folder=out_dir, calib_dir=calib, method=method, val_pairs=val_pairs, log=log)
-    if backend == "onnxruntime":
-        return Built(backend, precision, variant.path, variant.notes)
-    meta = build_engine(variant.path, out_dir, batch, workspace, rebuild=rebuild, log=log)
-    plan = out_dir / f"{variant.path.name.removesuffix('.onnx')}.plan"
-    return Built(backend, precision, plan, {**variant.notes, "engine": meta})
+              val_pairs, batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info,
+              cache_dir: Path | None = None) -> Built:
+    on_trt = backend in FLAVOURS
+    variant = make_variant(loaded, precision, folder=out_dir, calib_dir=calib, method=method, val_pairs=val_pairs,
+                           log=log, target="tensorrt" if on_trt else "cpu",
+                           **({"cache_dir": cache_dir} if cache_dir else {}))
+    if not on_trt:
+        return Built(backend, precision, variant.path, variant.notes, variant.path)
+    builder = PolygraphyBuilder(backend, targets)
+    meta = build_engine(variant.path, out_dir, batch, workspace, builder=builder, rebuild=rebuild, log=log)
+    return Built(backend, precision, out_dir / meta["plan"], {**variant.notes, "engine": meta}, variant.path)
 
 
 def open_built(b: Built) -> Runner:
-    if b.backend == "tensorrt":
+    if b.backend in FLAVOURS:
         from .tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(b.path)
     return OnnxRuntimeRunner(b.path)
 
 
+def open_for_verification(b: Built, log=log_.info) -> tuple[Runner, str]:
+    """The compiled engine where it can run here; else the exact graph it compiled, on ONNX Runtime."""
+    try:
+        return open_built(b), "engine"
+    except LungrtError as e:
+        if b.backend not in FLAVOURS:
+            raise
+        log(f"engine not run here ({str(e).split('(')[0].strip().rstrip(':')}); checking the ONNX graph it compiled "
+            "on ONNX Runtime instead")
+        return OnnxRuntimeRunner(b.onnx), "compiled ONNX graph on onnxruntime"
+
+
+def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info) -> dict:
+    """Parity of what was built against PyTorch FP32, on `pairs` (labelled)."""
+    runner, what = open_for_verification(b, log)
+    with runner:
+        summary = compare(TorchRunner(loaded), runner, pairs)["summary"]
+    summary.pop("worst", None)
+    gate = apply_gate(summary, GATES[b.precision])
+    result = {"checked": what, "images": summary["images"], "parity": summary, "gate": gate}
+    log(f"verified {b.path.name} ({what}): mask agreement {summary['mask_agreement']:.5f} on {summary['images']} "
+        f"images, {'passes' if gate['passed'] else 'FAILS'} the {b.precision} gate")
+    return result
+
+
 def validation_pairs(data: Path | None, limit: int = AUTO_VAL_IMAGES):
-    """Labelled validation images (never test) for gating; phantoms when no data is given."""
+    """Labelled validation images (never test) for gating; None when no data is given."""
     if data is None:
         return None
     pairs = select_split(data, "val")
@@ -76,49 +114,93 @@ def validation_pairs(data: Path | None, limit: int = AUTO_VAL_IMAGES):
     return pairs[::step][:limit]
 
 
-def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | None, method: str, data: Path | None,
-               batch: BatchProfile, workspace: float, rebuild: bool, log=print) -> dict:
-    """Every candidate precision, gated on validation images and timed; the fastest passing wins."""
+def gating_pairs(data: Path | None, spec_size: int, folder: Path):
+    """Validation pairs of `data`, or 16 generated phantoms (said so in the report) in `folder`."""
     val = validation_pairs(data)
-    if val is None:
-        folder = write_phantom_dataset(out_dir / "auto-phantoms", 16, size=loaded.spec.size, seed=77)
-        val = discover_pairs(folder).pairs
+    if val is not None:
+        return val, str(data)
+    phantoms = write_phantom_dataset(folder, 16, size=spec_size, seed=77)
+    return discover_pairs(phantoms).pairs, "16 synthetic phantoms"
+
+
+def build_and_verify(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, calib: Path | None, method: str,
+                     data: Path | None, batch: BatchProfile, workspace: float, rebuild: bool, targets=None,
+                     log=log_.info) -> Built:
+    """`lungrt build --precision fp32|fp16|int8`: build, then check what was built."""
+    with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
+        pairs, where = gating_pairs(data, loaded.spec.size, Path(tmp))
+        b = build_one(loaded, precision, backend, out_dir, calib, method, pairs if precision == "int8" else None,
+                      batch, workspace, rebuild, targets, log)
+        b.verification = {**verify(b, loaded, pairs, log), "images_from": where}
+    _write_build_report(b, loaded)
+    if not b.verification["gate"]["passed"]:
+        raise LungrtError(f"{b.path}: built, but fails its parity gate (agreement "
+                          f"{b.verification['parity']['mask_agreement']:.5f}); see {b.path}.build.json")
+    return b
+
+
+def _write_build_report(b: Built, loaded: LoadedModel) -> None:
+    report = {"model": loaded.info.name, "backend": b.backend, "precision": b.precision, "path": str(b.path),
+              "onnx": str(b.onnx), "notes": b.notes, "verification": b.verification}
+    b.path.with_name(b.path.name + ".build.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | None, method: str, data: Path | None,
+               batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info) -> dict:
+    """Every candidate precision, gated and (where it can run) timed; the fastest passing wins."""
     x = reference_inputs(loaded.spec, batch.opt)
-    reference = TorchRunner(loaded)
     candidates = []
-    for precision in PRECISIONS:
-        log(f"candidate {precision}: building")
-        b = build_one(loaded, precision, backend, out_dir, calib, method, val, batch, workspace, rebuild, log)
-        with open_built(b) as runner:
-            summary = compare(reference, runner, val)["summary"]
-            gate = apply_gate(summary, GATES[precision])
-            speed = throughput(runner, x, seconds=3.0)
-        summary.pop("worst", None)
-        candidates.append({"precision": precision, "path": str(b.path), "gate": gate, "parity": summary,
-                           "img_per_s": speed, "notes": b.notes})
-        log(f"candidate {precision}: agreement {summary['mask_agreement']:.5f}, "
-            f"{'passes' if gate['passed'] else 'FAILS'} its gate, {speed:.1f} img/s at batch {batch.opt}")
+    with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
+        val, where = gating_pairs(data, loaded.spec.size, Path(tmp))
+        for precision in PRECISIONS:
+            log(f"candidate {precision}: building")
+            b = build_one(loaded, precision, backend, out_dir, calib, method, val, batch, workspace, rebuild, targets, log)
+            runner, what = open_for_verification(b, log)
+            with runner:
+                summary = compare(TorchRunner(loaded), runner, val)["summary"]
+                gate = apply_gate(summary, GATES[precision])
+                speed = throughput(runner, x, seconds=3.0) if what == "engine" else None
+            summary.pop("worst", None)
+            candidates.append({"precision": precision, "path": str(b.path), "gate": gate, "parity": summary,
+                               "checked": what, "img_per_s": speed, "notes": b.notes})
+            log(f"candidate {precision}: agreement {summary['mask_agreement']:.5f}, "
+                f"{'passes' if gate['passed'] else 'FAILS'} its gate, "
+                + (f"{speed:.1f} img/s at batch {batch.opt}" if speed is not None else "not timed (engine cannot run here)"))
     passing = [c for c in candidates if c["gate"]["passed"]]
     if not passing:
         raise LungrtError("no precision variant passed its parity gate; see the report")
-    choice = max(passing, key=lambda c: c["img_per_s"])
+    if all(c["img_per_s"] is not None for c in passing):
+        choice, rule = max(passing, key=lambda c: c["img_per_s"]), "fastest passing"
+    else:  # engines that cannot run here: the lowest precision that passes (INT8 > FP16 > FP32 on RTX GPUs)
+        choice, rule = passing[-1], "lowest passing precision (not timed: no GPU here)"
     report = {"model": loaded.info.name, "backend": backend, "batch_for_timing": batch.opt,
-              "validation_images": len(val), "validation": str(data) if data else "synthetic phantoms",
-              "candidates": candidates, "choice": choice["precision"], "path": choice["path"]}
-    stem = out_dir / f"{loaded.info.name}-auto"
+              "validation_images": len(val), "validation": where, "candidates": candidates,
+              "choice": choice["precision"], "rule": rule, "path": choice["path"]}
+    stem = out_dir / f"{loaded.info.name}-auto-{backend}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(auto_report_markdown(report))
     report["report"] = str(stem.with_suffix(".md"))
     return report
 
 
+def census_text(census: dict | None) -> str:
+    if not census:
+        return ""
+    nodes = ", ".join(f"{n} {k}" for k, n in census["compute_nodes"].items())
+    kept = ", ".join(f"{k} {n}" for k, n in census["float32_ops"].items())
+    return f"{nodes}" + (f" (float32: {kept})" if kept else "")
+
+
 def auto_report_markdown(r: dict) -> str:
     lines = [f"### `--precision auto` for {r['model']} on {r['backend']}",
-             f"Gated on {r['validation_images']} validation images ({r['validation']}); timed at batch {r['batch_for_timing']}.", "",
-             "| candidate | mask agreement | task Dice drop | gate | img/s |", "|---|---|---|---|---|"]
+             f"Gated on {r['validation_images']} images ({r['validation']}); timed at batch {r['batch_for_timing']}.", "",
+             "| candidate | checked | mask agreement | task Dice drop | gate | img/s | compute dtypes |",
+             "|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
         drop = c["parity"].get("dice_drop")
-        lines.append(f"| {c['precision']} | {c['parity']['mask_agreement']:.5f} | "
-                     f"{'' if drop is None else f'{drop:+.5f}'} | {'pass' if c['gate']['passed'] else 'FAIL'} | {c['img_per_s']:.1f} |")
-    lines += ["", f"Chosen: **{r['choice']}** (`{r['path']}`)", ""]
+        speed = "n/a" if c["img_per_s"] is None else f"{c['img_per_s']:.1f}"
+        census = census_text(c["notes"].get("engine", {}).get("dtype_census"))
+        lines.append(f"| {c['precision']} | {c['checked']} | {c['parity']['mask_agreement']:.5f} | "
+                     f"{'' if drop is None else f'{drop:+.5f}'} | {'pass' if c['gate']['passed'] else 'FAIL'} | {speed} | {census} |")
+    lines += ["", f"Chosen: **{r['choice']}** ({r['rule']}; `{r['path']}`)", ""]
     return "\n".join(lines)

@@ -127,13 +127,16 @@ def train(
     limit: int = typer.Option(0, help="Use only N training images (smoke runs)."),
     resume: bool = typer.Option(False, help="Continue from RUN_DIR/resume.pt."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (AMP on CUDA, bf16 autocast on CPUs with native bf16)."),
+    recipe: str = typer.Option("basic", help="basic | robust (synthetic abnormalities, detector looks, wider geometry)."),
+    init: str = typer.Option("", help="Fine-tune from this checkpoint or shipped model name (same model and width)."),
 ):
     """Train a model on image/mask pairs (4:3:3 split, best checkpoint by validation Dice)."""
     from .train import TrainConfig
     from .train import train as run_training
 
     cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
-                      batch_size=batch_size, seed=seed, limit=limit, device=device)
+                      batch_size=batch_size, seed=seed, limit=limit, device=device, recipe=recipe,
+                      init=init)
     result = run_guarded(lambda: run_training(cfg, data, out_dir, resume=resume, log=out.print))
     out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
@@ -417,8 +420,9 @@ def bench(
     for col in ("backend", "variant", "batch", "img/s", "min-max", "p50 ms", "p90 ms", "p99 ms", "peak MB", "GFLOP/s", "vs eager fp32"):
         table.add_column(col, justify="left" if col in ("backend", "variant") else "right")
     for r in result["rows"]:
-        if "skipped" in r:
-            table.add_row(r["backend"], r["variant"], str(r["batch"]), "-", "", "", "", "", "", "", f"skipped: {escape(r['skipped'][:50])}")
+        if "skipped" in r or "error" in r:
+            why = f"skipped: {escape(r['skipped'][:50])}" if "skipped" in r else f"[red]ERROR[/]: {escape(r['error'][:60])}"
+            table.add_row(r["backend"], r["variant"], str(r["batch"]), "-", "", "", "", "", "", "", why)
             continue
         mem = r["peak_cuda_mb"] or r["peak_rss_mb"]
         table.add_row(r["backend"], r["variant"], str(r["batch"]), f"{r['img_per_s']:.1f}",
@@ -431,6 +435,9 @@ def bench(
     if plot:
         plot_bench(result, plot)
         out.print(f"wrote {plot}")
+    errors = [r for r in result["rows"] if "error" in r]
+    if errors:
+        fail(f"{len(errors)} configuration(s) failed: " + "; ".join(f"{r['backend']} {r['variant']} b{r['batch']}: {r['error']}" for r in errors), code=1)
 
 
 @app.command()
@@ -439,39 +446,49 @@ def build(
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     onnx: Optional[Path] = typer.Option(None, help="Build from this precision-variant ONNX file instead."),
     precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | auto"),
-    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime"),
+    backend: str = typer.Option("auto", help="auto | tensorrt | tensorrt-rtx | onnxruntime"),
+    target: Optional[str] = typer.Option(None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
     method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
-    data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates int8 and auto."),
+    data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates and verifies the build (default: generated phantoms)."),
     batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
     out_dir: Path = typer.Option(Path("engines"), "--out", help="Where engines and variants go."),
     rebuild_stale: bool = typer.Option(False, "--rebuild-stale", help="Rebuild even when an engine looks up to date."),
 ):
-    """Compile the model for deployment: a strongly typed TensorRT plan where TensorRT is usable,
-    else the ONNX Runtime variant. `--precision auto` keeps the fastest variant that passes parity."""
-    from .build import build_auto, build_one, choose_backend, validation_pairs
+    """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
+    TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
+    `--precision auto` keeps the fastest variant that passes parity."""
+    from .build import build_and_verify, build_auto, census_text, choose_backend
     from .checkpoint import resolve_model
-    from .engine import BatchProfile, build_engine
+    from .engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
 
     def body():
         be = choose_backend(backend, log=out.print)
         profile = BatchProfile.parse(batch)
+        targets = parse_targets(target)
         if onnx is not None:
-            if be != "tensorrt":
-                fail("--onnx is already an ONNX Runtime artefact; --onnx with build needs the tensorrt backend")
-            return {"built": build_engine(onnx, out_dir, profile, workspace, rebuild=rebuild_stale, log=out.print)}
+            if be == "onnxruntime":
+                fail("--onnx is already an ONNX Runtime artefact; --onnx with build needs a TensorRT backend")
+            meta = build_engine(onnx, out_dir, profile, workspace, builder=PolygraphyBuilder(be, targets),
+                                rebuild=rebuild_stale, log=out.print)
+            return {"backend": be, "precision": meta["precision"], "path": str(out_dir / meta["plan"]),
+                    "census": meta["dtype_census"]}
         loaded = resolve_model(model, arch=arch)
         if precision == "auto":
-            return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild_stale, log=out.print)
-        b = build_one(loaded, precision, be, out_dir, calib, method, validation_pairs(data) if precision == "int8" else None,
-                      profile, workspace, rebuild_stale, log=out.print)
-        return {"backend": b.backend, "precision": b.precision, "path": str(b.path), "notes": b.notes}
+            return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild_stale, targets,
+                              log=out.print)
+        b = build_and_verify(loaded, precision, be, out_dir, calib, method, data, profile, workspace, rebuild_stale,
+                             targets, log=out.print)
+        return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
+                "census": b.notes.get("engine", {}).get("dtype_census")}
 
     result = run_guarded(body)
     if "choice" in result:
         out.print(Path(result["report"]).read_text(), highlight=False, markup=False)
-    elif "path" in result:
+    else:
+        if result.get("census"):
+            out.print(f"compute dtypes of the compiled graph: {census_text(result['census'])}", highlight=False)
         out.print(f"built {result['path']} ({result['backend']}, {result['precision']})", highlight=False)
 
 

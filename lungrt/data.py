@@ -135,19 +135,23 @@ def fingerprint(pairs: list[Pair]) -> str:
     return h.hexdigest()[:16]
 
 
-def _load_one(pair: Pair, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    image = spec.prepare(read_xray(pair.image).gray8)
+def _load_one(pair: Pair, spec: PreprocessSpec, equalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    gray8 = read_xray(pair.image).gray8
+    image = spec.prepare(gray8) if equalize else spec.resize8(gray8).astype(np.float32) / 255.0
     mask = read_mask(pair.mask).astype(np.float32)
     mask = cv2.resize(mask, (spec.size, spec.size), interpolation=cv2.INTER_AREA) > 0.5
     return image, mask
 
 
-def load_arrays(pairs: list[Pair], spec: PreprocessSpec, progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Prepared images (N, S, S) float32 in [0,1] (before normalisation) and masks (N, S, S) bool."""
+def load_arrays(pairs: list[Pair], spec: PreprocessSpec, progress=None, equalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Prepared images (N, S, S) float32 in [0,1] (before normalisation) and masks (N, S, S) bool.
+
+    equalize=False keeps the resized raw pixels, for augmentation that must happen before the
+    spec's equalization (as an abnormality in the patient would)."""
     images = np.empty((len(pairs), spec.size, spec.size), np.float32)
     masks = np.empty((len(pairs), spec.size, spec.size), bool)
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for i, (im, m) in enumerate(pool.map(lambda p: _load_one(p, spec), pairs)):
+        for i, (im, m) in enumerate(pool.map(lambda p: _load_one(p, spec, equalize), pairs)):
             images[i], masks[i] = im, m
             if progress is not None:
                 progress()

@@ -13,21 +13,11 @@ def _version(module: str) -> str:
         return f"not installed ({type(e).__name__}: {str(e).splitlines()[0][:120]})" if str(e) else "not installed"
 
 
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, reason). TensorRT needs its Python package and an NVIDIA GPU."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except Exception as e:
-        return False, f"tensorrt does not import ({type(e).__name__}: {e}); install it with: pip install 'lungrt[trt]' on a machine with an NVIDIA GPU and driver"
-    try:
-        import polygraphy  # noqa: F401
-    except Exception:
-        return False, "polygraphy is missing; install it with: pip install 'lungrt[trt]'"
-    import torch
+def tensorrt_status(flavour: str = "tensorrt") -> tuple[bool, str]:
+    """(can build here, reason) for a TensorRT flavour: `tensorrt` or `tensorrt-rtx`."""
+    from .engine import flavour_status
 
-    if not torch.cuda.is_available():
-        return False, f"tensorrt {trt.__version__} imports but no CUDA GPU is visible to torch"
-    return True, f"tensorrt {trt.__version__} on {torch.cuda.get_device_name(0)}"
+    return flavour_status(flavour)
 
 
 def onnxruntime_providers() -> list[str]:
@@ -53,7 +43,7 @@ def collect() -> dict:
 
     providers = onnxruntime_providers()
     versions = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
-    for mod in ("lungrt", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "polygraphy"):
+    for mod in ("lungrt", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "tensorrt_rtx", "polygraphy"):
         versions[mod] = _version(mod)
     versions["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
     cuda_ok = torch.cuda.is_available()
@@ -64,6 +54,7 @@ def collect() -> dict:
         "onnxruntime-cuda": ("CUDAExecutionProvider" in providers,
                              "CUDAExecutionProvider present" if "CUDAExecutionProvider" in providers
                              else "no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"),
-        "tensorrt": tensorrt_status(),
+        "tensorrt (build + run)": tensorrt_status("tensorrt"),
+        "tensorrt-rtx (build)": tensorrt_status("tensorrt-rtx"),
     }
     return {"versions": versions, "gpus": gpus(), "backends": backends}

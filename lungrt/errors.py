@@ -29,3 +29,8 @@ class CheckpointError(LungrtError):
 
 class DatasetError(LungrtError):
     """A dataset folder that holds no usable image/mask pairs."""
+
+
+class BackendUnavailable(LungrtError):
+    """A backend that is not installed, or whose hardware is not here: a skip with its reason
+    (bench), never a silent one; any other failure of a backend is an error."""

@@ -58,6 +58,65 @@ def make_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     return Path(out_path)
 
 
+def make_int8_fp16(int8_path: str | Path, out_path: str | Path) -> Path:
+    """The INT8 variant for TensorRT: the same Q/DQ graph, with everything that is not INT8 in FP16
+    (kept FP32 exactly where the FP16 variant keeps it). Engines are strongly typed, so without this
+    every unquantized layer of the INT8 engine would run in FP32.
+
+    Q/DQ scales become FP16 too, so each DequantizeLinear yields FP16 directly (no Cast between it
+    and the layer it feeds); FP16 scales need opset 19."""
+    from onnx import version_converter
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(int8_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("lungrt.precision") != "int8":
+        raise LungrtError(f"{int8_path}: not an INT8 variant")
+    if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 19:
+        model = version_converter.convert_version(model, 19)
+    model = unshare_initializers(model)
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    del half.graph.value_info[:]
+    half = onnx.shape_inference.infer_shapes(half)
+    del half.metadata_props[:]
+    set_metadata(half, {**meta, "lungrt.int8_float": "fp16", "lungrt.fp16_kept_fp32_ops": ",".join(FP16_KEEP_FP32_OPS)})
+    onnx.checker.check_model(half)
+    _save(half, out_path)
+    return Path(out_path)
+
+
+# Ops that move or reinterpret data rather than compute: left out of the dtype census.
+_NOT_COMPUTE = {
+    "Cast", "QuantizeLinear", "DequantizeLinear", "Constant", "ConstantOfShape", "Shape", "Gather", "Unsqueeze",
+    "Squeeze", "Concat", "Reshape", "Transpose", "Identity", "Slice", "Flatten", "Range", "Expand", "Where",
+    "Equal", "Split", "Size",
+}
+
+
+def dtype_census(path: str | Path) -> dict:
+    """Output dtypes of the compute nodes of a graph, after shape inference: what a strongly typed
+    TensorRT engine runs each layer in. Returns counts per dtype and the FP32 compute by op type."""
+    from collections import Counter
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.value_info, *g.output, *g.input]}
+    counts: Counter = Counter()
+    fp32_ops: Counter = Counter()
+    for node in g.node:
+        if node.op_type in _NOT_COMPUTE:
+            continue
+        name = onnx.TensorProto.DataType.Name(types.get(node.output[0], 0)).lower()
+        name = {"float": "float32", "undefined": "unknown"}.get(name, name)
+        counts[name] += 1
+        if name == "float32":
+            fp32_ops[node.op_type] += 1
+    return {"compute_nodes": dict(sorted(counts.items())), "float32_ops": dict(sorted(fp32_ops.items()))}
+
+
 def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give every node its own copy of a shared initializer. The simplifier merges identical
     constants (e.g. zero biases); one shared by an FP16 conv and an FP32-kept op would otherwise

@@ -53,16 +53,22 @@ class PreprocessSpec:
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """[0,1] float image (or its uint8 `to_gray8`) of any size -> equalized [0,1] float32 image
         of size x size. Split from `normalize` so training can augment intensities in between."""
+        return self.equalize8(self.resize8(pixels)).astype(np.float32) / 255.0
+
+    def resize8(self, pixels: np.ndarray) -> np.ndarray:
+        """Any-size image -> uint8 size x size, before equalization (training augments here)."""
         u8 = pixels if pixels.dtype == np.uint8 else to_gray8(pixels)
         h, w = u8.shape
         interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
-        u8 = cv2.resize(u8, (self.size, self.size), interpolation=interp)
+        return cv2.resize(u8, (self.size, self.size), interpolation=interp)
+
+    def equalize8(self, u8: np.ndarray) -> np.ndarray:
         if self.equalization == "histogram":
-            u8 = cv2.equalizeHist(u8)
-        elif self.equalization == "clahe":
+            return cv2.equalizeHist(u8)
+        if self.equalization == "clahe":
             clahe = cv2.createCLAHE(clipLimit=self.clahe_clip, tileGridSize=(self.clahe_tiles, self.clahe_tiles))
-            u8 = clahe.apply(u8)
-        return u8.astype(np.float32) / 255.0
+            return clahe.apply(u8)
+        return u8
 
     def normalize(self, unit: np.ndarray) -> np.ndarray:
         return ((unit - self.mean) / self.std).astype(np.float32)

@@ -152,6 +152,10 @@ class OnnxRuntimeRunner(Runner):
         self.precision = meta.get("lungrt.precision", "fp32")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if meta.get("lungrt.int8_float") == "fp16":
+            # the TensorRT INT8 graph (FP16 Q/DQ scales): ORT 1.32's graph optimizer breaks it
+            # (mask agreement 0.79 against 0.999 unoptimized), so it runs exactly as written
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         # no busy-waiting between runs: infer's decode/write threads need those cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -201,16 +205,13 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
     """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
     backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
     from .checkpoint import resolve_model
-    from .doctor import tensorrt_status
     from .variants import make_variant
 
     if engine is not None or onnx is not None:
         return open_runner(onnx=onnx, engine=engine, backend=backend)
-    if backend == "tensorrt":
-        usable, why = tensorrt_status()
-        if not usable:
-            raise LungrtError(f"backend tensorrt: {why}")
-        raise LungrtError("backend tensorrt: build an engine first with `lungrt build`, then pass --engine PLAN")
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
+                          "then pass --engine PLAN")
     loaded = resolve_model(model, arch=arch)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if backend == "torch" or (backend == "auto" and cuda):

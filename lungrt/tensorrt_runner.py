@@ -1,45 +1,82 @@
-"""TensorRT runner in the shared runner interface.
+"""TensorRT runner in the shared runner interface, for both flavours (standard TensorRT and
+TensorRT-RTX share the runtime API; the plan's metadata says which module opens it).
 
-Torch CUDA tensors are the I/O buffers (no pycuda): input shapes are set per batch inside the
-engine's optimization profile, addresses bound with set_tensor_address, and execute_async_v3 runs
-on a non-default stream. With cuda_graph=True the enqueue for a fixed batch is captured once and
-replayed.
+Torch CUDA tensors are the I/O buffers (no pycuda). Tensor dtypes and the output shape come from
+the engine, never assumed; every binding call's result is checked; execute_async_v3 runs on a
+non-default stream. With cuda_graph=True the enqueue for a fixed batch is captured once and
+replayed, and the graph is kept only after a capture that succeeded.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import ModelInfo
-from .engine import check_plan_usable, PolygraphyBuilder
+from .engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, metadata_path, _read_metadata
 from .errors import LungrtError
 from .runners import INPUT_NAME, OUTPUT_NAME, Runner
+
+log = logging.getLogger(__name__)
+
+# Every attribute of the TensorRT Python API this module and the builder touch; tests check each
+# one exists on the installed classes, so a renamed call fails in CI, not on a user's GPU.
+RUNTIME_API = {
+    "Logger": ["WARNING"],
+    "Runtime": ["deserialize_cuda_engine"],
+    "ICudaEngine": ["create_execution_context", "get_tensor_profile_shape", "get_tensor_dtype", "num_io_tensors",
+                    "get_tensor_name"],
+    "IExecutionContext": ["set_input_shape", "set_tensor_address", "get_tensor_shape", "execute_async_v3"],
+    "DataType": ["FLOAT", "HALF", "INT8", "INT32", "BOOL"],
+    "MemoryPoolType": ["WORKSPACE"],
+}
+
+
+def torch_dtype(trt, dtype):
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT8: torch.int8,
+             trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+    if dtype not in table:
+        raise LungrtError(f"TensorRT runner: engine tensor type {dtype} is not supported")
+    return table[dtype]
 
 
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, plan: str | Path, cuda_graph: bool = False):
-        try:
-            import tensorrt as trt
-            import torch
-        except ImportError as e:
-            raise LungrtError(f"TensorRT runner: {e}; install with pip install 'lungrt[trt]'") from None
         plan = Path(plan)
-        meta = check_plan_usable(plan, PolygraphyBuilder().environment())
+        if not metadata_path(plan).exists():
+            raise LungrtError(f"{plan}: no metadata file {metadata_path(plan).name}; rebuild it with `lungrt build`")
+        flavour = FLAVOURS.get(_read_metadata(plan).get("flavour", "tensorrt"))
+        if flavour is None:
+            raise LungrtError(f"{plan}: unknown TensorRT flavour in its metadata")
+        trt = import_flavour(flavour)
+        gpu = gpu_environment()
+        if gpu is None:
+            raise LungrtError(f"{plan}: running a {flavour.name} engine needs an NVIDIA GPU; none is visible "
+                              "(build works without one, running does not)")
+        import torch
+
+        meta = check_plan_usable(plan, trt.__version__, gpu)
+        self.backend = flavour.name
         self.info = ModelInfo.from_dict(meta["model"], source=str(plan))
         self.spec, self.precision, self.device, self.path = self.info.spec, meta["precision"], "cuda:0", plan
-        self._torch = torch
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(plan.read_bytes())
+        self._trt, self._torch = trt, torch
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
-            raise LungrtError(f"{plan}: TensorRT could not deserialize the plan (see the log above)")
+            raise LungrtError(f"{plan}: {flavour.name} could not deserialize the plan (see the log above)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise LungrtError(f"{plan}: could not create an execution context (GPU memory?)")
         self.stream = torch.cuda.Stream()
         lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
         self.batch_range = (lo[0], hi[0])
+        self.in_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(INPUT_NAME))
+        self.out_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(OUTPUT_NAME))
         self.cuda_graph = cuda_graph
         self._graph = None
         self._static: dict = {}
@@ -48,16 +85,38 @@ class TensorRTRunner(Runner):
         torch = self._torch
         if self._static.get("batch") != batch:
             shape = (batch, 1, self.spec.size, self.spec.size)
-            self._static = {"batch": batch, "in": torch.empty(shape, device="cuda"), "out": torch.empty(shape, device="cuda")}
-            self.context.set_input_shape(INPUT_NAME, shape)
-            self.context.set_tensor_address(INPUT_NAME, self._static["in"].data_ptr())
-            self.context.set_tensor_address(OUTPUT_NAME, self._static["out"].data_ptr())
+            if not self.context.set_input_shape(INPUT_NAME, shape):
+                raise LungrtError(f"{self.path}: the engine refused input shape {shape}")
+            out_shape = tuple(self.context.get_tensor_shape(OUTPUT_NAME))
+            if any(d < 0 for d in out_shape):
+                raise LungrtError(f"{self.path}: output shape {out_shape} is not fully known for input {shape}")
+            x = torch.empty(shape, dtype=self.in_dtype, device="cuda")
+            y = torch.empty(out_shape, dtype=self.out_dtype, device="cuda")
+            for name, t in ((INPUT_NAME, x), (OUTPUT_NAME, y)):
+                if not self.context.set_tensor_address(name, t.data_ptr()):
+                    raise LungrtError(f"{self.path}: could not bind tensor {name!r}")
+            self._static = {"batch": batch, "in": x, "out": y}
             self._graph = None
         return self._static["in"], self._static["out"]
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise LungrtError("TensorRT execute_async_v3 failed")
+
+    def _run_graph(self) -> None:
+        torch = self._torch
+        if self._graph is None:
+            self._enqueue()  # one plain run before capture, as TensorRT requires
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._enqueue()
+            except Exception as e:  # some engines cannot be captured: run them plainly
+                log.warning("CUDA graph capture failed (%s); running without it", str(e).splitlines()[0])
+                self.cuda_graph = False
+                return
+            self._graph = graph
+        self._graph.replay()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -69,17 +128,12 @@ class TensorRTRunner(Runner):
         with torch.cuda.stream(self.stream):
             x_in.copy_(host, non_blocking=True)
             if self.cuda_graph:
-                if self._graph is None:
-                    self._enqueue()  # one plain run before capture, as TensorRT requires
-                    self._graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self._graph, stream=self.stream):
-                        self._enqueue()
-                self._graph.replay()
-            else:
+                self._run_graph()
+            if not self.cuda_graph:
                 self._enqueue()
             out = y_out.to("cpu", non_blocking=True)
         self.stream.synchronize()
-        return out.numpy()
+        return out.float().numpy()
 
     def close(self) -> None:
         self._graph = None

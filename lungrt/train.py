@@ -10,15 +10,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import ModelInfo, save_checkpoint
+from .abnormalities import paint_training
+from .checkpoint import ModelInfo, resolve_model, save_checkpoint
 from .data import fingerprint, load_arrays, select_split
 from .metrics import dice_batch
 from .models import build_model
-from .preprocess import PreprocessSpec
+from .preprocess import PreprocessSpec, to_gray8
 from .progress import progress_bar
 
 
@@ -37,6 +39,12 @@ class TrainConfig:
     augment: bool = True
     limit: int = 0  # use only the first N training images (smoke runs)
     device: str = "auto"  # auto: CUDA when available
+    # "basic": geometry + exposure after equalization. "robust": wider geometry (incl. anisotropic
+    # scale, crops), synthetic abnormalities inside the lung field and detector looks (blur,
+    # sharpening, noise, collimation borders), all painted before the spec's equalization.
+    recipe: str = "basic"
+    abnormality_p: float = 0.5  # robust recipe: share of training images with a painted abnormality
+    init: str = ""  # fine-tune: start from these weights (shipped name, checkpoint or run folder)
 
 
 def bf16_autocast_supported() -> bool:
@@ -102,6 +110,65 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generato
     return images, masks
 
 
+def augment_robust(raw: torch.Tensor, masks: torch.Tensor, spec: PreprocessSpec, gen: torch.Generator,
+                   abnormality_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The robust recipe on raw (un-equalized) [0,1] images (B, 1, S, S): wider geometry, then per
+    image an abnormality, a detector look and the spec's own equalization, then mild exposure jitter.
+    Returns equalized [0,1] images and masks, like `augment_batch`."""
+    b = raw.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)  # noqa: E731
+    angle = u(-15, 15) * math.pi / 180
+    sx, sy = u(0.8, 1.2), u(0.8, 1.2)  # other hospitals' aspect ratios get squashed differently
+    tx, ty = u(-0.1, 0.1), u(-0.1, 0.1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos / sx, -sin / sx, tx], 1), torch.stack([sin / sy, cos / sy, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(raw.shape), align_corners=False)
+    fill = raw.mean(dim=(1, 2, 3))
+    # pad with each image's mean rather than black, then paint occasional collimation below
+    shifted = raw - fill.view(b, 1, 1, 1)
+    images = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill.view(b, 1, 1, 1)
+    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    seeds = torch.randint(0, 2**31 - 1, (b,), generator=gen).tolist()
+    out = np.empty(tuple(images.shape), np.float32)
+    for i in range(b):
+        rng = np.random.default_rng(seeds[i])
+        im = images[i, 0].clamp(0, 1).numpy()
+        m = masks[i, 0].numpy() > 0.5
+        if rng.random() < abnormality_p:
+            im = paint_training(im, m, rng)
+        im = _detector_look(im, rng)
+        out[i, 0] = spec.equalize8(to_gray8(im)).astype(np.float32) / 255.0
+    images = torch.from_numpy(out)
+    gamma = torch.exp(u(-0.2, 0.2)).view(b, 1, 1, 1)
+    return images.clamp(0, 1) ** gamma, masks
+
+
+def _detector_look(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Other detectors and hospitals: blur or sharpening, noise, black/white collimation borders."""
+    r = rng.random()
+    if r < 0.25:
+        im = cv2.GaussianBlur(im, (0, 0), rng.uniform(0.5, 1.5))
+    elif r < 0.5:
+        blur = cv2.GaussianBlur(im, (0, 0), rng.uniform(1.0, 3.0))
+        im = im + rng.uniform(0.3, 1.0) * (im - blur)
+    if rng.random() < 0.5:
+        im = im + rng.uniform(0.0, 0.04) * rng.standard_normal(im.shape).astype(np.float32)
+    if rng.random() < 0.2:
+        h, w = im.shape
+        value = float(rng.choice([0.0, 1.0]))
+        side = rng.integers(4)
+        k = int(rng.uniform(0.02, 0.1) * (h if side < 2 else w))
+        if side == 0:
+            im[:k] = value
+        elif side == 1:
+            im[h - k:] = value
+        elif side == 2:
+            im[:, :k] = value
+        else:
+            im[:, w - k:] = value
+    return np.clip(im, 0, 1)
+
+
 def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, device: str = "cpu") -> np.ndarray:
     """Logits for normalised inputs (N, 1, S, S), in batches, eval mode."""
     dev_type, dtype, enabled = amp_settings(device)
@@ -124,12 +191,22 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         train_pairs, val_pairs = train_pairs[: cfg.limit], val_pairs[: max(2, cfg.limit // 2)]
     with progress_bar() as bar:
         task = bar.add_task("loading X-rays", total=len(train_pairs) + len(val_pairs))
-        tr_img, tr_mask = load_arrays(train_pairs, spec, lambda: bar.advance(task))
+        tr_img, tr_mask = load_arrays(train_pairs, spec, lambda: bar.advance(task), equalize=cfg.recipe != "robust")
         va_img, va_mask = load_arrays(val_pairs, spec, lambda: bar.advance(task))
     va_x = spec.normalize(va_img)[:, None]
 
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model, cfg.width).to(device, memory_format=torch.channels_last)
+    if cfg.recipe not in ("basic", "robust"):
+        raise ValueError(f"recipe must be basic or robust, got {cfg.recipe!r}")
+    model = build_model(cfg.model, cfg.width)
+    if cfg.init:
+        start = resolve_model(cfg.init)
+        if (start.info.name, start.info.width) != (cfg.model, cfg.width):
+            raise ValueError(f"--init {cfg.init}: a {start.info.name} of width {start.info.width}, "
+                             f"not a {cfg.model} of width {cfg.width}")
+        model.load_state_dict(start.model.state_dict())
+        log(f"fine-tuning from {cfg.init}")
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tr_img) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -168,7 +245,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
                 idx = np.sort(order[i : i + cfg.batch_size])
                 x = torch.from_numpy(tr_img[idx])[:, None].to(device)
                 y = torch.from_numpy(tr_mask[idx])[:, None].float().to(device)
-                if cfg.augment:
+                if cfg.augment and cfg.recipe == "robust":
+                    x, y = augment_robust(x.cpu(), y.cpu(), spec, gen, cfg.abnormality_p)
+                    x, y = x.to(device), y.to(device)
+                elif cfg.augment:
                     x, y = augment_batch(x, y, gen)
                 x = ((x - spec.mean) / spec.std).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev_type, dtype=amp_dtype, enabled=use_amp):

@@ -14,7 +14,7 @@ from .export import export_onnx
 from .parity import GATES, apply_gate, compare
 from .precision import (
     DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
-    node_block, quantizable_nodes,
+    make_int8_fp16, node_block, quantizable_nodes,
 )
 from .runners import OnnxRuntimeRunner, TorchRunner, onnx_metadata
 
@@ -44,9 +44,12 @@ def fp32_variant(loaded: LoadedModel, folder: Path) -> Path:
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engines", calib_dir: str | Path | None = None,
                  method: str = "entropy", val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path = "calibration", log=print) -> Variant:
+                 cache_dir: str | Path = "calibration", log=print, target: str = "cpu") -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
-    INT8, calibration set and method) are unchanged."""
+    INT8, calibration set and method) are unchanged.
+
+    target="tensorrt" gives the INT8 variant TensorRT should compile: the same Q/DQ with FP16 for
+    everything that is not INT8 (`make_int8_fp16`), gated again on `val_pairs` when given."""
     if precision not in PRECISIONS:
         raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     folder = Path(folder)
@@ -68,7 +71,23 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engi
             except LungrtError:
                 path.unlink(missing_ok=True)  # never leave a variant that failed its gate for reuse
                 raise
-    return Variant("int8", path, int8_notes(path))
+    if target != "tensorrt":
+        return Variant("int8", path, int8_notes(path))
+    half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
+    if not half.exists():
+        make_int8_fp16(path, half)
+        if val_pairs:
+            summary = _gate_summary(loaded, half, val_pairs[:SENSITIVITY_IMAGES])
+            if not apply_gate(summary, GATES["int8"])["passed"]:
+                half.unlink(missing_ok=True)
+                raise LungrtError(f"the INT8+FP16 variant of {path.name} fails the INT8 gate "
+                                  f"(agreement {summary['mask_agreement']:.4f})")
+    return Variant("int8", half, {**int8_notes(half), "float": "fp16"})
+
+
+def _gate_summary(loaded, path: Path, pairs) -> dict:
+    with OnnxRuntimeRunner(path) as cand:
+        return compare(TorchRunner(loaded), cand, pairs)["summary"]
 
 
 def int8_notes(path: Path) -> dict:
@@ -80,8 +99,7 @@ def int8_notes(path: Path) -> dict:
 
 def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes) -> dict:
     make_int8(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
-    with OnnxRuntimeRunner(path) as cand:
-        return compare(TorchRunner(loaded), cand, pairs)["summary"]
+    return _gate_summary(loaded, path, pairs)
 
 
 def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir, log=print) -> list[str]:

@@ -13,19 +13,18 @@ from typer.testing import CliRunner
 from lungrt.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
-from lungrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, metadata_path
+from lungrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path
 from lungrt.errors import LungrtError
 from lungrt.variants import make_variant
 
-TRT_OK, TRT_WHY = tensorrt_status()
-needs_tensorrt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT not usable here: {TRT_WHY}")
+TRT_OK, TRT_WHY = tensorrt_status("tensorrt")
 
 
 class RecordingFakeBuilder:
     """FAKE TensorRT builder: records what lungrt asks for and returns placeholder bytes."""
 
     def __init__(self, env=None):
-        self.env = env or {"tensorrt": "10.99.0", "gpu": "FAKE GPU", "compute_capability": "9.0"}
+        self.env = env or {"flavour": "tensorrt", "tensorrt": "10.99.0", "gpu": "FAKE GPU", "compute_capability": "9.0"}
         self.calls: list[dict] = []
 
     def environment(self):
@@ -33,7 +32,8 @@ class RecordingFakeBuilder:
 
     def build(self, onnx_path, **kwargs):
         self.calls.append({"onnx": Path(onnx_path), **kwargs})
-        kwargs["timing_cache"].write_bytes(b"fake timing cache")
+        if kwargs["timing_cache"] is not None:
+            kwargs["timing_cache"].write_bytes(b"fake timing cache")
         return b"FAKE-PLAN-" + Path(onnx_path).name.encode()
 
 
@@ -49,40 +49,49 @@ def test_builder_is_asked_for_a_strongly_typed_profiled_build(tmp_path, fp16_onn
     assert call["strongly_typed"] is True
     assert call["input_name"] == "image"
     assert call["shapes"] == {"min": (2, 1, 64, 64), "opt": (4, 1, 64, 64), "max": (8, 1, 64, 64)}
-    assert call["timing_cache"] == tmp_path / "timing.cache"
+    # the timing cache is keyed by flavour, TensorRT version and compute capability
+    assert call["timing_cache"] == tmp_path / "timing-tensorrt-10.99.0-sm90.cache"
     assert call["workspace_bytes"] == int(1.5 * 2**30)
-    plan = tmp_path / (fp16_onnx.name.removesuffix(".onnx") + ".plan")
-    assert plan.read_bytes().startswith(b"FAKE-PLAN-")
+    plan = tmp_path / (fp16_onnx.name.removesuffix(".onnx") + ".trt-sm90.plan")
+    assert plan.read_bytes() == b"FAKE-PLAN-" + fp16_onnx.name.encode()
     saved = json.loads(metadata_path(plan).read_text())
-    assert saved == meta
-    for key in ("onnx_hash", "weights_hash", "precision", "tensorrt", "gpu", "compute_capability", "batch_profile",
-                "input", "output", "calibration", "lungrt_version", "built_at", "model"):
-        assert key in saved, key
+    assert saved["plan"] == plan.name and saved["engine_bytes"] == plan.stat().st_size
     assert saved["precision"] == "fp16" and saved["batch_profile"] == [2, 4, 8]
+    assert (saved["flavour"], saved["tensorrt"], saved["gpu"], saved["compute_capability"]) == ("tensorrt", "10.99.0", "FAKE GPU", "9.0")
+    assert saved["model"]["name"] == "unet" and saved["model"]["preprocess"]["size"] == 64
+    assert saved["onnx"] == str(fp16_onnx) and len(saved["onnx_hash"]) == 16
+    assert saved["dtype_census"]["compute_nodes"].get("float16", 0) > 0
 
 
-def test_up_to_date_engine_is_a_no_op_and_timing_cache_is_reused(tmp_path, fp16_onnx):
+def test_up_to_date_engine_is_a_no_op_and_timing_cache_is_per_version(tmp_path, fp16_onnx):
     fake = RecordingFakeBuilder()
     build_engine(fp16_onnx, tmp_path, builder=fake, log=lambda *a: None)
     build_engine(fp16_onnx, tmp_path, builder=fake, log=lambda *a: None)
     assert len(fake.calls) == 1  # second build: nothing to do
     other = RecordingFakeBuilder({**fake.env, "tensorrt": "11.0.0"})
     build_engine(fp16_onnx, tmp_path, builder=other, log=lambda *a: None)
-    assert len(other.calls) == 1  # new TensorRT: rebuilt, with the persisted timing cache offered
-    assert other.calls[0]["timing_cache"].read_bytes() == b"fake timing cache"
+    assert len(other.calls) == 1  # new TensorRT: rebuilt, and not fed the old version's timing cache
+    assert other.calls[0]["timing_cache"] == tmp_path / "timing-tensorrt-11.0.0-sm90.cache"
+    assert fake.calls[0]["timing_cache"].exists()
     build_engine(fp16_onnx, tmp_path, builder=other, rebuild=True, log=lambda *a: None)
     assert len(other.calls) == 2
 
 
-@pytest.mark.parametrize("change, needle", [({"gpu": "Other GPU"}, "GPU"), ({"tensorrt": "9.0"}, "TensorRT version"),
-                                            ({"compute_capability": "8.6"}, "compute capability")])
-def test_stale_engines_are_refused_with_rebuild_advice(tmp_path, fp16_onnx, change, needle):
+GPU_90 = {"gpu": "FAKE GPU", "compute_capability": "9.0"}
+
+
+@pytest.mark.parametrize("version, gpu, needle", [
+    ("10.99.0", {"gpu": "Other GPU", "compute_capability": "9.0"}, "GPU"),
+    ("9.0", GPU_90, "installed 9.0"),
+    ("10.99.0", {"gpu": "FAKE GPU", "compute_capability": "8.6"}, "compute capability"),
+])
+def test_stale_engines_are_refused_with_rebuild_advice(tmp_path, fp16_onnx, version, gpu, needle):
     fake = RecordingFakeBuilder()
     build_engine(fp16_onnx, tmp_path, builder=fake, log=lambda *a: None)
     plan = next(tmp_path.glob("*.plan"))
-    check_plan_usable(plan, fake.environment())  # same environment: fine
+    check_plan_usable(plan, "10.99.0", GPU_90)  # same environment: fine
     with pytest.raises(LungrtError) as e:
-        check_plan_usable(plan, {**fake.environment(), **change})
+        check_plan_usable(plan, version, gpu)
     assert needle in str(e.value) and "lungrt build" in str(e.value) and "--rebuild-stale" in str(e.value)
 
 
@@ -96,7 +105,7 @@ def test_changed_onnx_makes_engine_stale(tmp_path, fp16_onnx):
     with open(onnx_copy, "ab") as f:
         f.write(b"\0")
     with pytest.raises(LungrtError, match="ONNX file it was built from has changed"):
-        check_plan_usable(next(tmp_path.glob("*.plan")), fake.environment())
+        check_plan_usable(next(tmp_path.glob("*.plan")), "10.99.0", GPU_90)
 
 
 def parse_pbtxt(text: str) -> dict:
@@ -162,39 +171,53 @@ def test_package_without_metadata_is_one_line_error(tmp_path):
     assert res.exit_code == 2 and "x.plan" in res.output
 
 
-@pytest.mark.skipif(TRT_OK, reason="checks the behaviour without TensorRT")
-def test_without_tensorrt_auto_falls_back_and_tensorrt_fails_clearly(tmp_path, tiny_checkpoint):
-    r = CliRunner()
-    res = r.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "fp32", "--out", str(tmp_path)])
+@pytest.mark.skipif(TRT_OK, reason="checks the behaviour without a GPU for standard TensorRT")
+def test_standard_tensorrt_without_gpu_fails_clearly(tmp_path, tiny_checkpoint):
+    res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "--backend tensorrt" in res.output and ("lungrt[trt]" in res.output or "no NVIDIA GPU" in res.output)
+    assert not list(tmp_path.glob("*.plan"))
+
+
+def test_onnxruntime_backend_builds_the_variant_and_verifies_it(tmp_path, tiny_checkpoint):
+    res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend",
+                                   "onnxruntime", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert "building the ONNX Runtime variant instead" in res.output
-    assert list(tmp_path.glob("*.fp32.onnx"))
-    res = r.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "lungrt[trt]" in res.output
+    text = " ".join(res.output.split())
+    assert "verified" in text and "passes the fp16 gate" in text
+    (onnx_file,) = tmp_path.glob("*.fp16.onnx")
+    report = json.loads(onnx_file.with_name(onnx_file.name + ".build.json").read_text())
+    assert report["verification"]["images"] == 16 and report["verification"]["gate"]["passed"]
 
 
 def test_precision_auto_on_onnxruntime_picks_a_passing_variant(tmp_path, tiny_checkpoint, phantom_dir):
     res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "auto", "--backend", "onnxruntime",
                                    "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "unet-auto.json").read_text())
+    report = json.loads((tmp_path / "unet-auto-onnxruntime.json").read_text())
     assert {c["precision"] for c in report["candidates"]} == {"fp32", "fp16", "int8"}
     chosen = next(c for c in report["candidates"] if c["precision"] == report["choice"])
     assert chosen["gate"]["passed"]
     assert chosen["img_per_s"] == max(c["img_per_s"] for c in report["candidates"] if c["gate"]["passed"])
-    assert (tmp_path / "unet-auto.md").read_text().count("|") > 10
+    assert (tmp_path / "unet-auto-onnxruntime.md").read_text().count("|") > 10
 
 
-# -- real TensorRT (skipped here: no TensorRT on this machine) ----------------------------------
+# -- real TensorRT engines run on a GPU (skipped here: no GPU on this machine) ----------------------
 
 @pytest.mark.tensorrt
-@needs_tensorrt
+@pytest.mark.skipif(gpu_environment() is None, reason="running TensorRT engines needs an NVIDIA GPU; none here")
+@pytest.mark.parametrize("backend", ["tensorrt", "tensorrt-rtx"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_real_tensorrt_engine_passes_parity(tmp_path, tiny_checkpoint, phantom_dir, precision):
+def test_real_engine_runs_and_passes_parity(tmp_path, tiny_checkpoint, phantom_dir, backend, precision):
+    ok, why = tensorrt_status(backend)
+    if not ok:
+        pytest.skip(why)
     r = CliRunner()
-    res = r.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", precision, "--backend", "tensorrt",
+    res = r.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", precision, "--backend", backend,
+                         "--target", "sm" + gpu_environment()["compute_capability"].replace(".", ""),
                          "--calib", str(phantom_dir), "--batch", "1,4,8", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
+    assert "(engine)" in res.output  # verified by running the engine itself, not the ONNX stand-in
     plan = next(tmp_path.glob("*.plan"))
     res = r.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--variant", precision, "--engine", str(plan),
                          "--data", str(phantom_dir), "--split", "all"])
