@@ -213,15 +213,13 @@ def _pct_of_peak(gpu: str | None, variant: str, gflops_s: float) -> float | None
 
 
 def plot_bench(result: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import figure
 
     rows = [r for r in result["rows"] if "img_per_s" in r]
     batches = sorted({r["batch"] for r in rows})
     labels = sorted({f"{r['backend']}/{r['variant']}" for r in rows}, key=lambda s: (not s.startswith("torch/fp32"), s))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(batches)), 4))
+    fig = figure(figsize=(max(6, 1.2 * len(labels) * len(batches)), 4))
+    ax = fig.subplots()
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         vals, errs = [], []
@@ -239,4 +237,3 @@ def plot_bench(result: dict, path: str | Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -21,10 +21,12 @@ from torch import nn
 
 from . import __version__
 from .errors import CheckpointError
+from .io import temp_path_for
 from .models import REGISTRY, build_model
 from .preprocess import PreprocessSpec
 
 META_KEY = "lungrt"
+MAX_WIDTH = 256
 
 
 @dataclass
@@ -81,7 +83,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: ModelInfo, dtype: 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
     meta = {META_KEY: json.dumps(info.to_dict(), sort_keys=True), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path_for(path)
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic: a crash mid-save keeps the previous best
     return path
@@ -96,7 +98,10 @@ def read_info(path: str | Path) -> ModelInfo:
         raise CheckpointError(path, f"not a readable safetensors file ({e})") from None
     if META_KEY not in meta:
         raise CheckpointError(path, "safetensors file has no lungrt metadata; pass --arch NAME to load bare weights")
-    return ModelInfo.from_dict(json.loads(meta[META_KEY]), source=str(path))
+    try:
+        return ModelInfo.from_dict(json.loads(meta[META_KEY]), source=str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"malformed lungrt metadata ({type(e).__name__}: {e})") from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -134,6 +139,9 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
             k = misshaped[0]
             parts.append(f"{len(misshaped)} mis-shaped (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
         raise CheckpointError(path, "weights do not fit the model: " + "; ".join(parts))
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(path, f"weights contain NaN or infinite values (e.g. {bad})")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
@@ -142,6 +150,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     info = read_info(path)
     if info.name not in REGISTRY:
         raise CheckpointError(path, f"unknown model {info.name!r} in metadata")
+    if not 1 <= info.width <= MAX_WIDTH:  # checked before building: a huge width allocates gigabytes
+        raise CheckpointError(path, f"model width {info.width} in metadata is out of range (1..{MAX_WIDTH})")
     model = build_model(info.name, info.width)
     load_weights_into(model, _read_state_dict(path), path)
     return LoadedModel(model.eval(), info)

@@ -35,8 +35,14 @@ def run_guarded(fn):
         fail(str(e))
 
 
+def check_json_path(path: Optional[Path]) -> None:
+    if path is not None and (path.is_dir() or str(path) in ("", ".")):
+        fail(f"--json {path}: is a folder; give a file name such as {Path(path) / 'summary.json'}")
+
+
 def write_json(path: Optional[Path], payload: dict) -> None:
     if path:
+        check_json_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2, default=str))
         out.print(f"wrote {path}")
@@ -156,9 +162,12 @@ def evaluate_cmd(
     batch_size: int = typer.Option(8),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for per-image CSVs and the prediction grid PNGs."),
     postprocess: bool = typer.Option(False, "--postprocess", help="Score after infer's clean-up (two largest components, holes filled)."),
+    robustness: bool = typer.Option(False, "--robustness", help="Instead: Dice with synthetic consolidation/haze/effusion painted inside the gold lung field, per severity."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write means (and per-image rows) as JSON."),
 ):
     """All metrics per image at native resolution; a Table-1-style comparison for several models."""
+    if robustness:
+        return _robustness_cmd(model, onnx, arch, data, split, seed, out_dir, json_path)
     from .data import select_split
     from .evaluate import evaluate, write_per_image_csv
     from .plots import prediction_grid
@@ -216,7 +225,7 @@ def export(
     def body():
         loaded = resolve_model(model, arch=arch)
         val = select_split(val_data, "val") if val_data else None
-        v = make_variant(loaded, precision, folder=Path("engines"), calib_dir=calib, method=method, val_pairs=val, log=out.print)
+        v = make_variant(loaded, precision, calib_dir=calib, method=method, val_pairs=val, log=out.print)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(v.path, out_path)
         return v
@@ -292,14 +301,14 @@ def parity(
 @app.command()
 def infer(
     inputs: List[str] = typer.Argument(..., help="Files, folders (recursive) and globs of PNG/JPEG/BMP/TIFF/DICOM."),
-    out_dir: Path = typer.Option(..., "--out", help="Output folder (mirrors the input tree)."),
+    out_dir: str = typer.Option(..., "--out", help="Output folder (mirrors the input tree)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file on ONNX Runtime."),
     engine: Optional[Path] = typer.Option(None, help="Run this TensorRT plan."),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt"),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (variant made for onnxruntime)"),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, max=4096, help="Images per model call (clamped to the number of inputs and the engine's profile)."),
     workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write the probability map (8-bit PNG)."),
@@ -313,13 +322,16 @@ def infer(
 ):
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
-    from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_infer
+    from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
     from .runners import select_runner
 
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
+    if not out_dir.strip():
+        fail("--out is empty; name the output folder")
+    check_json_path(json_path)
 
     def body():
-        items = collect_inputs(inputs)
+        items = collect_inputs(inputs, out_dir)
         if not items:
             fail("no supported images found in the inputs")
         if ray is not None:
@@ -329,8 +341,9 @@ def infer(
         with select_runner(model, arch, onnx, engine, backend, precision, log=out.print) as runner:
             if ray is None:
                 return run_infer(runner, items, out_dir, opts)
-            args, spec = runner_args_for(runner, model, arch), runner.spec
-        return run_infer_ray(args, spec, items, out_dir, opts, address=ray, actors=actors, gpus_per_actor=gpus_per_actor)
+            args, spec, identity = runner_args_for(runner, model, arch), runner.spec, run_identity(runner, opts)
+        return run_infer_ray(args, spec, items, out_dir, opts, address=ray, actors=actors, gpus_per_actor=gpus_per_actor,
+                             identity=identity)
 
     summary = run_guarded(body)
     out.print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped_done']} already done; "
@@ -366,6 +379,39 @@ def demo(
     raise typer.Exit(0 if p["gate"]["passed"] else 1)
 
 
+def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -> None:
+    from .data import select_split
+    from .robustness import run_robustness, severity_summary, worst_cases_png
+    from .runners import open_runner
+
+    def body():
+        pairs = select_split(data, split, seed)
+        results = []
+        for ref in ([None] if onnx else models):
+            with open_runner(model=ref, onnx=onnx, arch=arch) as runner:
+                res = run_robustness(runner, pairs)
+            label = Path(onnx).name if onnx else ref
+            if out_dir:
+                png = worst_cases_png(res, out_dir / f"{Path(label).stem if label.endswith(('.onnx', '.safetensors')) else Path(label).name}_robustness_worst.png")
+                out.print(f"wrote {png}")
+            res.pop("worst")
+            results.append((label, res))
+        return results
+
+    results = run_guarded(body)
+    for label, res in results:
+        table = Table(title=f"{label}: synthetic abnormalities inside the gold lung field, {data} / {split}")
+        for col in ("kind", "severity", "Dice", "drop vs clean", "share losing > 0.05", "worst drop"):
+            table.add_column(col, justify="left" if col in ("kind", "severity") else "right")
+        for r in res["rows"]:
+            table.add_row(r["kind"], r["severity"], f"{r['dice']:.4f}", f"{r['dice_drop']:+.4f}",
+                          f"{r['share_losing_over_0.05']:.1%}", f"{r['worst_drop']:.3f}")
+        out.print(table)
+        out.print("mean drop by severity: " + ", ".join(f"{k} {v:+.4f}" for k, v in severity_summary(res["rows"]).items()),
+                  highlight=False)
+    write_json(json_path, {"data": str(data), "split": split, "results": dict(results)})
+
+
 def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -396,6 +442,13 @@ def bench(
     from .variants import make_variant
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        sizes = [int(b) for b in _csv_list(batch_sizes)]
+    except ValueError:
+        fail(f"--batch-sizes {batch_sizes!r}: give positive whole numbers, e.g. 1,8")
+    if not sizes or min(sizes) < 1:
+        fail(f"--batch-sizes {batch_sizes!r}: every batch size must be at least 1")
+    check_json_path(json_path)
 
     def body():
         loaded = resolve_model(model, arch=arch)
@@ -410,7 +463,7 @@ def bench(
             return make_variant(loaded, v, calib_dir=calib, log=out.print).path
 
         names = _csv_list(backends) + (["tensorrt"] if engine and "tensorrt" not in backends else [])
-        return run_bench(loaded, names, _csv_list(variants), [int(b) for b in _csv_list(batch_sizes)],
+        return run_bench(loaded, names, _csv_list(variants), sizes,
                          size, warmup, iters, rounds, dev, variant_path, log=out.print)
 
     result = run_guarded(body)

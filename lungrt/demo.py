@@ -22,14 +22,13 @@ from .runners import TorchRunner, select_runner
 
 
 def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 4) -> None:
-    import cv2
-    import matplotlib.pyplot as plt
-
     from .io import read_mask, read_xray
+    from .plots import figure
 
     n = min(len(pairs), 8)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    fig = figure(figsize=(3 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, p in zip(axes.flat, pairs[:n]):
@@ -39,7 +38,6 @@ def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 
     fig.suptitle("lungrt demo: predicted lung field (red) vs phantom ground truth (green outline)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=print) -> dict:

@@ -28,6 +28,7 @@ from typing import Protocol
 from . import __version__
 from .errors import LungrtError
 from .export import file_hash
+from .io import temp_path_for
 from .runners import INPUT_NAME, OUTPUT_NAME, onnx_metadata
 
 log_ = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.lungrt-tmp")
+    tmp = temp_path_for(path)
     tmp.write_bytes(data)
     tmp.replace(path)
 

@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from .checkpoint import LoadedModel, weights_hash
 from .errors import LungrtError
+from .io import temp_path_for
 from .runners import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
 
 OPSET = 17
@@ -72,14 +73,16 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) 
     })
     graph.producer_name, graph.producer_version = "lungrt", __version__
     onnx.checker.check_model(graph, full_check=True)
-    tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-    onnx.save(graph, str(tmp_out))
-    if verify:
-        diff = compare_with_torch(loaded, tmp_out)
-        if diff > FP32_TOLERANCE:
-            tmp_out.unlink(missing_ok=True)
-            raise LungrtError(f"{out_path}: exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})")
-    tmp_out.replace(out_path)
+    tmp_out = temp_path_for(out_path)
+    try:
+        onnx.save(graph, str(tmp_out))
+        if verify:
+            diff = compare_with_torch(loaded, tmp_out)
+            if not diff <= FP32_TOLERANCE:  # NaN too: weights that make NaN must not pass
+                raise LungrtError(f"{out_path}: exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})")
+        tmp_out.replace(out_path)
+    finally:
+        tmp_out.unlink(missing_ok=True)
     return out_path
 
 

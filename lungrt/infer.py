@@ -10,8 +10,11 @@ an input counts as done only when all its files are complete. results.csv is ass
 from __future__ import annotations
 
 import csv
+import errno
+import fnmatch
 import functools
 import glob
+import hashlib
 import io
 import os
 import time
@@ -24,14 +27,16 @@ import cv2
 import numpy as np
 
 from .errors import ImageReadError, LungrtError
-from .io import atomic_write_bytes, is_supported, read_xray
-from .journal import journal_for, read_records, start_fresh
+from .io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
+from .journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity
 from .plots import overlay
 from .postprocess import lung_fields
 from .progress import progress_bar
 from .runners import Runner
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
+# a full, over-quota, read-only or failing disk stops the run (every later write would fail too)
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 CSV_FIELDS = ["path", "width", "height", "status", "error", "lung_fraction", "right_lung_px", "left_lung_px",
               "right_lung_mm2", "left_lung_mm2", "mean_confidence", "backend", "model", "mask"]
 
@@ -40,6 +45,7 @@ CSV_FIELDS = ["path", "width", "height", "status", "error", "lung_fraction", "ri
 class Item:
     source: Path
     rel: Path  # output path stem relative to the output folder, without suffix
+    error: str = ""  # known before reading (a broken link, an unreadable folder): becomes its row
 
 
 @dataclass
@@ -53,43 +59,137 @@ class InferOptions:
     postprocess: bool = True
 
 
+OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png")
+MAX_NAME_BYTES = 160  # leaves room for ".overlay.png" and the temp-file affixes under NAME_MAX (255)
+
+
+def display_path(path) -> str:
+    """A path as text that any encoder accepts: undecodable bytes of a file name shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _safe_part(part: str) -> str:
+    """One output path component: valid UTF-8, no control characters, not hidden, not too long."""
+    text = os.fsencode(part).decode("utf-8", "replace").replace("\ufffd", "_")
+    text = "".join("_" if ord(c) < 32 or ord(c) == 127 else c for c in text)
+    if text.startswith("."):
+        text = "_" + text
+    if len(text.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha1(os.fsencode(part)).hexdigest()[:8]
+        text = text.encode()[: MAX_NAME_BYTES - 9].decode("utf-8", "ignore") + "~" + digest
+    return text or "_"
+
+
 def _safe_rel(rel: Path) -> Path:
     """Relative path that cannot climb out of the output folder or hide as a dotfile."""
-    parts = [p for p in rel.parts if p not in ("", ".", "..", "/")]
-    parts = [("_" + p) if p.startswith(".") else p for p in parts]
+    parts = [_safe_part(p) for p in rel.parts if p not in ("", ".", "..", "/")]
     return Path(*parts) if parts else Path("_")
 
 
-def collect_inputs(inputs: list[str]) -> list[Item]:
-    """Files, folders (recursive) and globs, in a stable order, each with its mirrored output stem."""
-    items: dict[Path, Item] = {}
+def _walk_files(folder: Path):
+    """(path, error) for every file under `folder`, following folder links once each (a link loop
+    is visited once, never forever); unreadable folders and broken links come with their error."""
+    seen: set[str] = set()
+    errors: list[tuple[Path, str]] = []
+    for root, dirs, files in os.walk(folder, followlinks=True,
+                                     onerror=lambda e: errors.append((Path(e.filename), f"unreadable folder ({e.strerror})"))):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
+        for name in sorted(files):
+            f = Path(root) / name
+            if name.startswith("."):
+                continue
+            if os.path.islink(f) and not os.path.exists(f):
+                yield f, "broken symbolic link (dangling, or a loop)"
+            elif is_supported(f):
+                yield f, ""
+    yield from errors
+
+
+def _glob_base(spec: str) -> Path:
+    """The longest leading folder of a glob without wildcards."""
+    parts = Path(spec).parts
+    k = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+    return Path(*parts[:k]) if k else Path(".")
+
+
+def _match_parts(parts: tuple[str, ...], pats: tuple[str, ...]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
+
+
+def _glob_files(spec: str):
+    """Files matching a glob; `**` walks folders without ever looping through links."""
+    base = _glob_base(spec)
+    pats = Path(spec).parts[len(base.parts):] if base != Path(".") else Path(spec).parts
+    if "**" not in pats:
+        for f in sorted(glob.glob(spec)):
+            if os.path.isfile(f) or os.path.islink(f):
+                yield Path(f), ("" if os.path.exists(f) else "broken symbolic link (dangling, or a loop)")
+        return
+    if not base.is_dir():
+        return
+    for f, err in _walk_files(base):
+        rel = f.relative_to(base).parts if not err.startswith("unreadable") else ()
+        if err.startswith("unreadable") or _match_parts(rel, tuple(pats)):
+            yield f, err
+
+
+def _is_own_output(f: Path, out_dir: Path | None) -> bool:
+    if out_dir is None or not f.name.endswith(OUTPUT_SUFFIXES):
+        return False
+    root = os.path.abspath(out_dir)
+    return os.path.abspath(f).startswith(root + os.sep)
+
+
+def collect_inputs(inputs: list[str], out_dir: str | Path | None = None) -> list[Item]:
+    """Files, folders (recursive) and globs, in a stable order, each with a unique output stem:
+    the input's path relative to the common folder of all inputs (siteA/images/x and
+    siteB/images/x stay apart). lungrt's own outputs inside `out_dir` are never inputs."""
+    found: dict[str, tuple[Path, Path, str]] = {}  # real path -> (source, anchor folder, error)
+
+    def add(f: Path, anchor: Path, error: str) -> None:
+        if not _is_own_output(f, Path(out_dir) if out_dir is not None else None):
+            found.setdefault(os.path.realpath(f) if not error else os.path.abspath(f), (f, anchor, error))
+
     for spec in inputs:
+        if not spec:
+            raise LungrtError("an input is an empty string; give files, folders or globs")
         p = Path(spec)
         if p.is_dir():
-            for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
-                if is_supported(f):
-                    items.setdefault(f.resolve(), Item(f, _safe_rel(Path(p.resolve().name) / f.relative_to(p).with_suffix(""))))
-        elif p.is_file() or p.is_symlink() or p.exists():
-            items.setdefault(p.resolve(), Item(p, _safe_rel(Path(p.stem))))
+            anchor = Path(os.path.abspath(p)).parent
+            for f, err in _walk_files(p):
+                add(f, anchor, err)
+        elif os.path.lexists(p):  # a file, or a link that leads nowhere (its row says so)
+            add(p, Path(os.path.abspath(p)).parent, "" if p.exists() else "broken symbolic link (dangling, or a loop)")
         elif glob.has_magic(spec):
-            base = Path(spec.split("*")[0].split("?")[0].split("[")[0])
-            base = base if base.is_dir() else base.parent
-            for f in sorted(Path(x) for x in glob.glob(spec, recursive=True)):
-                if f.is_file():
-                    items.setdefault(f.resolve(), Item(f, _safe_rel(f.relative_to(base).with_suffix(""))))
+            anchor = Path(os.path.abspath(_glob_base(spec)))
+            for f, err in _glob_files(spec):
+                add(f, anchor, err)
         else:
-            raise LungrtError(f"{spec}: no such file, folder or glob match")
-    # two inputs mapping to one stem (a.png and a.dcm) get distinct outputs
-    seen: dict[Path, int] = {}
-    out = []
-    for it in items.values():
-        rel = it.rel
-        if rel in seen:
-            seen[rel] += 1
-            rel = rel.with_name(f"{rel.name}_{it.source.suffix.lstrip('.') or seen[rel]}")
-        seen[rel] = seen.get(rel, 0)
-        out.append(Item(it.source, rel))
-    return out
+            raise LungrtError(f"{display_path(spec)}: no such file, folder or glob match")
+    if not found:
+        return []
+    root = Path(os.path.commonpath([str(a) for _, a, _ in found.values()]))
+    items, taken = [], set()
+    for source, _, error in found.values():
+        rel = _safe_rel(Path(os.path.abspath(source)).relative_to(root))
+        rel = rel.with_name(rel.name.removesuffix(source.suffix)) if source.suffix and not error.startswith("unreadable") else rel
+        if rel in taken:  # a.png beside a.dcm, or names made equal by sanitising
+            alt = rel.with_name(f"{rel.name}_{source.suffix.lstrip('.')}") if source.suffix else rel
+            if alt in taken or alt == rel:
+                alt = rel.with_name(f"{rel.name}_{hashlib.sha1(os.fsencode(source)).hexdigest()[:8]}")
+            rel = alt
+        taken.add(rel)
+        items.append(Item(source, rel, error))
+    return sorted(items, key=lambda it: str(it.rel))
 
 
 def outputs_for(out_dir: Path, item: Item, opts: InferOptions) -> dict[str, Path]:
@@ -100,7 +200,7 @@ def outputs_for(out_dir: Path, item: Item, opts: InferOptions) -> dict[str, Path
     if opts.probabilities:
         paths["probability"] = base.with_name(base.name + ".prob.png")
     if not _inside(str(out_dir), str(base.parent)):  # defence in depth: never write outside the output folder
-        raise LungrtError(f"{item.source}: output {paths['mask']} would escape {out_dir}")
+        raise LungrtError(f"{display_path(item.source)}: output {display_path(paths['mask'])} would escape {out_dir}")
     return paths
 
 
@@ -118,6 +218,8 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions, records: dict[str, di
     row = records.get(str(item.rel))
     if row is None or row.get("status") != "ok":
         return False
+    if row.get("source_stat") != source_stat(item.source):  # replaced by another image since
+        return False
     sizes = row.get("sizes", {})
     for kind, p in outputs_for(out_dir, item, opts).items():
         try:
@@ -128,11 +230,31 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions, records: dict[str, di
     return True
 
 
-def todo_items(out_dir: Path, items: list[Item], opts: InferOptions) -> list[Item]:
-    """What a run has to do: with --resume, what is not done yet; otherwise all, from a clean journal."""
+def source_stat(path: Path) -> list[int] | None:
+    """Size and modification time of an input: an input replaced under the same name is redone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def run_identity(runner: Runner, opts: InferOptions) -> dict:
+    """What makes two runs' masks comparable; `--resume` refuses to mix runs that differ in it."""
+    return {"model": runner.info.name, "weights": runner.weights_id, "precision": runner.precision,
+            "postprocess": opts.postprocess, "preprocess": runner.spec.to_dict()}
+
+
+def todo_items(out_dir: Path, items: list[Item], opts: InferOptions, identity: dict | None = None) -> list[Item]:
+    """What a run has to do: with --resume, what is not done yet (after checking that the earlier
+    run used the same model and options); otherwise all, from a clean journal."""
     if not opts.resume:
         start_fresh(out_dir)
+        if identity is not None:
+            write_identity(out_dir, identity)
         return list(items)
+    if identity is not None:
+        check_identity(out_dir, identity)
     records = read_records(out_dir)
     return [it for it in items if not is_done(out_dir, it, opts, records)]
 
@@ -154,7 +276,19 @@ def _write_record(out_dir: Path, item: Item, row: dict) -> dict:
 
 
 def _error_row(item: Item, reason: str, runner: Runner) -> dict:
-    return {"path": str(item.source), "status": "error", "error": reason, "backend": runner.describe(), "model": runner.info.name}
+    return {"path": display_path(item.source), "status": "error", "error": reason, "backend": runner.describe(),
+            "model": runner.info.name}
+
+
+def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
+    """`finish_one`, with a failure that belongs to this input alone (its name, a permission) made
+    its error row. A full or read-only disk is everyone's failure: it propagates and stops the run."""
+    try:
+        return finish_one(out_dir, item, xray, prob_small, runner, opts)
+    except OSError as e:
+        if e.errno in FATAL_ERRNOS:
+            raise
+        return _write_record(out_dir, item, _error_row(item, f"could not write its outputs ({e.strerror})", runner))
 
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
@@ -173,12 +307,12 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
     h, w = xray.shape
     px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
     row = {
-        "path": str(item.source), "width": w, "height": h, "status": "ok", "error": "",
+        "path": display_path(item.source), "width": w, "height": h, "status": "ok", "error": "",
         "lung_fraction": round(lungs.area_px / (h * w), 6), "right_lung_px": right, "left_lung_px": left,
         "right_lung_mm2": round(right * px_mm2, 2) if px_mm2 else "", "left_lung_mm2": round(left * px_mm2, 2) if px_mm2 else "",
         "mean_confidence": _mean_confidence(prob_small, lungs.mask),
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
-        "sizes": {kind: len(data) for kind, data in files.items()},
+        "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.source),
     }
     return _write_record(out_dir, item, row)
 
@@ -192,6 +326,8 @@ def _mean_confidence(prob_small: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _load(item: Item, spec):
+    if item.error:
+        return item, None, None, item.error
     try:
         xr = read_xray(item.source)
         return item, xr, spec.apply(xr.gray8), None
@@ -217,9 +353,45 @@ def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
 
 
 def remove_partial_writes(out_dir: Path) -> None:
-    """Temp files of atomic writes that a killed run never renamed (never a finished output)."""
-    for p in out_dir.rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
+    """Temp files of lungrt's own atomic writes that a killed run never renamed. Only names that
+    only lungrt makes (`*.lungrt-tmp`), never a user's file; links to other folders are not followed."""
+    for root, _, files in os.walk(out_dir, followlinks=False):
+        for name in files:
+            if name.endswith(TEMP_SUFFIX):
+                Path(root, name).unlink(missing_ok=True)
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """The output folder, made if needed; one line when it cannot be one."""
+    if str(out_dir) == "":
+        raise LungrtError("--out is empty; name the output folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LungrtError(f"{out_dir}: --out exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LungrtError(f"{out_dir}: cannot create the output folder ({e.strerror})") from None
+    return out_dir
+
+
+def effective_batch(opts: InferOptions, items: list[Item], runner: Runner) -> int:
+    """No larger than the run (padding 1 image to 256 costs 256 images' compute and memory) nor
+    than the engine's profile. Depends on the whole input list, not on what is left, so a resumed
+    run computes every image in the same batch shape as an uninterrupted one."""
+    limit = getattr(runner, "batch_range", (1, opts.batch_size))[1]
+    return max(1, min(opts.batch_size, len(items), limit))
+
+
+def _stopped_by_disk(out_dir: Path, items: list[Item], error: OSError, done: int) -> LungrtError:
+    """The one line a full or read-only disk gets; results.csv of what is done, if it still fits."""
+    try:
+        write_results_csv(out_dir, items)
+        kept = "results.csv lists them"
+    except OSError:
+        kept = "their journal lines are kept"
+    where = f" writing {display_path(error.filename)}" if error.filename else ""
+    return LungrtError(f"{out_dir}: {error.strerror or error}{where}; stopped after {done} more images ({kept}); "
+                       "free space and rerun with --resume to finish")
 
 
 def _take_idle_cpu_only() -> None:
@@ -235,14 +407,20 @@ def _take_idle_cpu_only() -> None:
 
 
 def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: InferOptions) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir))
+    with lock_out_dir(out_dir):
+        return _run_infer_locked(runner, items, out_dir, opts)
+
+
+def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: InferOptions) -> dict:
     remove_partial_writes(out_dir)
-    todo = todo_items(out_dir, items, opts)
+    todo = todo_items(out_dir, items, opts, run_identity(runner, opts))
     skipped = len(items) - len(todo)
+    batch_size = effective_batch(opts, items, runner)
     ok = failed = 0
     stopped = False
-    window = max(opts.batch_size * 3, opts.workers * 2)
+    window = max(batch_size * 3, opts.workers * 2)
+    fatal: list[OSError] = []
     t0 = time.perf_counter()
     # only for runners that sleep while waiting: a spinning one (PyTorch's OpenMP) would starve the helpers
     helper_init = _take_idle_cpu_only if runner.sleeps_when_idle else None
@@ -260,25 +438,37 @@ def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: Infe
                 if len(pending) >= window:
                     return
 
+        def settle(future: Future) -> None:
+            nonlocal ok, failed
+            try:
+                row = future.result()
+            except OSError as e:  # disk full / read-only: keep what is done, stop cleanly
+                fatal.append(e)
+                return
+            ok += row["status"] == "ok"
+            failed += row["status"] != "ok"
+            bar.advance(task)
+
         def flush(batch):
-            nonlocal ok
             x = np.stack([b[2] for b in batch])
-            if len(x) < opts.batch_size:  # pad: every image is computed in a batch of one shape
-                x = np.concatenate([x, np.repeat(x[-1:], opts.batch_size - len(x), 0)])
+            if len(x) < batch_size:  # pad: every image is computed in a batch of one shape
+                x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
             probs = runner.run(x)
             for (item, xr, _, _), p in zip(batch, probs):
-                writes.append(writers.submit(finish_one, out_dir, item, xr, p[0], runner, opts))
+                writes.append(writers.submit(finish_or_error_row, out_dir, item, xr, p[0], runner, opts))
             while len(writes) > window:
-                writes.popleft().result()
-                ok += 1
-                bar.advance(task)
+                settle(writes.popleft())
 
         fill()
-        while pending:
+        while pending and not fatal:
             item, xr, tensor, err = pending.popleft().result()
             fill()
             if err is not None:
-                _write_record(out_dir, item, _error_row(item, err, runner))
+                try:
+                    _write_record(out_dir, item, _error_row(item, err, runner))
+                except OSError as e:
+                    fatal.append(e)
+                    break
                 failed += 1
                 bar.advance(task)
                 if opts.strict:
@@ -286,19 +476,19 @@ def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: Infe
                     break
                 continue
             batch.append((item, xr, tensor, None))
-            if len(batch) == opts.batch_size:
+            if len(batch) == batch_size:
                 flush(batch)
                 batch = []
-        if batch and not stopped:
+        if batch and not stopped and not fatal:
             flush(batch)
         for f in pending:
             f.cancel()
         while writes:
-            writes.popleft().result()
-            ok += 1
-            bar.advance(task)
+            settle(writes.popleft())
+    if fatal:
+        raise _stopped_by_disk(out_dir, items, fatal[0], ok)
     csv_path = write_results_csv(out_dir, items)
     elapsed = time.perf_counter() - t0
-    return {"inputs": len(items), "skipped_done": skipped, "ok": ok, "failed": failed, "stopped_early": stopped,
+    return {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed, "stopped_early": stopped,
             "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
             "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name}

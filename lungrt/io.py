@@ -6,6 +6,7 @@ and go on.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError
 from .preprocess import to_gray8
@@ -24,6 +25,7 @@ DICOM_SUFFIXES = {".dcm", ".dicom"}
 MAX_PIXELS = 100_000_000
 MIN_SIDE = 16
 MAX_FILE_BYTES = 2**30  # read whole into memory: refuse files no radiograph comes near
+TEMP_SUFFIX = ".lungrt-tmp"  # only lungrt makes such names: a restart may delete them safely
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half-grey
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # our own check refuses larger images before Pillow would warn
@@ -113,7 +115,8 @@ def _read_raster(path: Path, data: bytes, max_pixels: int) -> XRay:
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)  # multi-page TIFF: the first page is the radiograph
             im.load()
-            arr, bits = _pil_to_gray(im)
+            # as displayed: a phone or scanner JPEG may store rotated pixels plus an EXIF orientation
+            arr, bits = _pil_to_gray(ImageOps.exif_transpose(im))
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -122,7 +125,10 @@ def _read_raster(path: Path, data: bytes, max_pixels: int) -> XRay:
         raise ImageReadError(path, f"absurd dimensions, decompression bomb refused ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
-    return XRay(str(path), arr if bits == 8 else _to_unit(arr, bits), None, bits)
+    try:
+        return XRay(str(path), arr if bits == 8 else _to_unit(arr, bits), None, bits)
+    except ValueError as e:
+        raise ImageReadError(path, str(e)) from None
 
 
 def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, int]:
@@ -153,6 +159,11 @@ def _to_unit(arr: np.ndarray, bits: int) -> np.ndarray:
     if bits == 8:
         return arr.astype(np.float32) / 255.0
     a = arr.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():  # NaN/inf pixels (float TIFFs): left out of the window, shown as its minimum
+        if not finite.any():
+            raise ValueError("no finite pixel value (all NaN or infinite)")
+        a = np.where(finite, a, a[finite].min())
     lo, hi = float(a.min()), float(a.max())
     if hi <= lo:
         return np.zeros(a.shape, np.float32)
@@ -171,6 +182,8 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
     except Exception as e:  # pydicom raises many kinds on truncated headers
         raise ImageReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
     if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG in path.read_bytes():  # the tag is there but pydicom stopped before it
+            raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
         raise ImageReadError(path, "DICOM has no pixel data")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     _check_dimensions(path, cols, rows, max_pixels)
@@ -195,6 +208,9 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         values = 1.0 - values
     return XRay(str(path), values, _dicom_spacing(ds), int(ds.get("BitsStored", 16) or 16))
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 
 
 def _dicom_spacing(ds) -> tuple[float, float] | None:
@@ -225,8 +241,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     small files check sizes on resume and sync once at the end instead (power loss)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes 0600; outputs follow the umask like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -236,6 +253,25 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A temp name beside `path`, unique to this process and call: two processes making the same
+    cached file never write into one temp file; the rename that follows is atomic."""
+    path = Path(path)
+    return path.with_name(f".{path.name[:200]}.{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
+
+
+@functools.lru_cache(maxsize=1)
+def process_umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -11,6 +11,8 @@ input overrides an earlier one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -20,12 +22,76 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import LungrtError
+
 RECORDS = ".lungrt-records"
+
+
+LOCK = ".lungrt-lock"
+IDENTITY = "run.json"
+
+
+def records_folder(out_dir: str | Path) -> Path:
+    """OUT/.lungrt-records, refused when it is a link (it would carry writes out of OUT)."""
+    folder = Path(out_dir) / RECORDS
+    if folder.is_symlink():
+        raise LungrtError(f"{folder}: is a symbolic link; lungrt keeps its journal only inside --out (remove the link)")
+    return folder
+
+
+@contextlib.contextmanager
+def lock_out_dir(out_dir: str | Path):
+    """One run per output folder at a time: a second one is refused (it would drop the first's
+    rows). An advisory lock the kernel releases when the process dies, however it dies."""
+    path = Path(out_dir) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise LungrtError(f"{path}: cannot open the run lock ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise LungrtError(f"{out_dir}: in use by another lungrt run (pid {holder}); wait for it to finish "
+                              "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_identity(out_dir: str | Path, identity: dict) -> None:
+    folder = records_folder(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / IDENTITY).write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def check_identity(out_dir: str | Path, identity: dict) -> None:
+    """`--resume` continues only a run of the same model, weights and mask-changing options."""
+    path = records_folder(out_dir) / IDENTITY
+    try:
+        earlier = json.loads(path.read_text())
+    except FileNotFoundError:
+        if any(records_folder(out_dir).glob("*.jsonl")):
+            raise LungrtError(f"{out_dir}: its earlier run recorded no model identity (an older lungrt); "
+                              "start afresh without --resume or use another --out") from None
+        write_identity(out_dir, identity)
+        return
+    except (OSError, ValueError):
+        raise LungrtError(f"{path}: unreadable run identity; start afresh without --resume") from None
+    diffs = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(identity) if earlier.get(k) != identity.get(k)]
+    if diffs:
+        what = "; ".join(d if not d.startswith("weights") else "weights " + f"{earlier.get('weights')} -> {identity.get('weights')}"
+                         for d in diffs)
+        raise LungrtError(f"{out_dir}: --resume would mix two runs ({what}); resume with the earlier model and "
+                          "options, or start afresh without --resume, or use another --out")
 
 
 class Journal:
     def __init__(self, out_dir: Path):
-        folder = Path(out_dir) / RECORDS
+        folder = records_folder(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -61,13 +127,13 @@ def start_fresh(out_dir: str | Path) -> None:
     with _open_lock:
         for key in [k for k in _open if k[0] == _folder_key(os.fspath(out_dir))]:
             os.close(_open.pop(key)._fd)
-    shutil.rmtree(Path(out_dir) / RECORDS, ignore_errors=True)
+    shutil.rmtree(records_folder(out_dir), ignore_errors=True)
 
 
 def read_records(out_dir: str | Path) -> dict[str, dict]:
     """Latest row per input (keyed by its output stem), over every journal in `out_dir`."""
     rows: dict[str, dict] = {}
-    for f in sorted((Path(out_dir) / RECORDS).glob("*.jsonl")):
+    for f in sorted(records_folder(out_dir).glob("*.jsonl")):
         for line in f.read_bytes().splitlines():
             try:
                 row = json.loads(line)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def figure(**kwargs):
+    """A matplotlib Figure of its own, not pyplot's: no global backend switch (importing lungrt
+    changes nothing in a notebook), nothing to close, safe in threads; savefig picks Agg for PNG."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def plot_loss_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = figure(figsize=(10, 3.8))
+    ax = fig.subplots(1, 2)
     ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
     ax[0].plot(ep, [h["val_loss"] for h in history], label="validation")
     ax[0].set(xlabel="epoch", ylabel="Dice + BCE loss", title="loss")
@@ -25,7 +30,6 @@ def plot_loss_curves(history: list[dict], path: str | Path, title: str = "") -> 
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None) -> np.ndarray:
@@ -51,7 +55,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None)
 
 def prediction_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> None:
     """The papers' Fig. 9: image | gold mask | prediction, one row per (name, image, gold, pred)."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    fig = figure(figsize=(9, 3 * len(rows)))
+    axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, (name, image, gold, pred) in enumerate(rows):
         for c, (im, label) in enumerate(((image, name), (gold, "gold mask"), (overlay(image, pred, gold), "prediction"))):
             axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None)
@@ -60,4 +65,3 @@ def prediction_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], 
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

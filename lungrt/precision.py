@@ -26,6 +26,7 @@ import onnx
 
 from .errors import LungrtError
 from .export import set_metadata
+from .io import temp_path_for
 from .runners import onnx_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -141,9 +142,12 @@ def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 def _save(model: onnx.ModelProto, out_path: str | Path) -> None:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(out_path)
+    tmp = temp_path_for(out_path)
+    try:
+        onnx.save(model, str(tmp))
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # -- calibration set ---------------------------------------------------------------------------
@@ -216,13 +220,17 @@ def calibration_cache_path(cache_dir: str | Path, weights_hash: str, calib_diges
 
 
 def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "entropy",
-              exclude: list[str] | None = None, cache_dir: str | Path = "calibration") -> dict:
+              exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
     """Quantize with explicit symmetric Q/DQ. Returns what was done, including whether the
     calibration cache was hit."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if cache_dir is None:
+        from .cache import cache_root
+
+        cache_dir = cache_root() / "calibration"
     meta = onnx_metadata(fp32_path)
     cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, method)
     hit = cache.is_file()

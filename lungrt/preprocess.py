@@ -28,8 +28,8 @@ class PreprocessSpec:
     def __post_init__(self):
         if self.equalization not in EQUALIZATIONS:
             raise ValueError(f"equalization must be one of {EQUALIZATIONS}, got {self.equalization!r}")
-        if self.size % 16 or self.size < 32:
-            raise ValueError(f"input size must be a multiple of 16 and >= 32, got {self.size}")
+        if self.size % 16 or not 32 <= self.size <= 2048:
+            raise ValueError(f"input size must be a multiple of 16 in 32..2048, got {self.size}")
         if self.std <= 0:
             raise ValueError("std must be positive")
 

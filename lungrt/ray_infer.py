@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LungrtError
-from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, remove_partial_writes, todo_items,
-                    write_results_csv)
+from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, prepare_out_dir,
+                    remove_partial_writes, todo_items, write_results_csv)
+from .journal import lock_out_dir
 from .io import XRay
 from .preprocess import PreprocessSpec
 from .progress import progress_bar
@@ -54,7 +56,7 @@ def connect(address: str) -> None:
 def _read(row: dict, spec_json: str) -> dict:
     """infer's own loader (same errors, same preprocessing); workers read by absolute path."""
     spec = PreprocessSpec.from_json(spec_json)
-    _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"])), spec)
+    _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"]), row["known_error"]), spec)
     if err is not None:
         s = spec.size
         return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "image": np.zeros((1, 1), np.uint8),
@@ -115,30 +117,37 @@ def runner_args_for(runner, model: str, arch: str | None) -> dict:
     path: they must be on storage every node sees)."""
     if runner.backend == "onnxruntime":
         return {"model": model, "onnx": str(Path(runner.path).resolve())}
-    if runner.backend == "tensorrt":
+    if runner.backend in ("tensorrt", "tensorrt-rtx"):
         return {"model": model, "engine": str(Path(runner.path).resolve())}
     ref = str(Path(model).resolve()) if Path(model).exists() else model
     return {"model": ref, "arch": arch, "backend": "torch", "precision": runner.precision}
 
 
 def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], out_dir: str | Path, opts: InferOptions,
-                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0) -> dict:
+                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0, identity: dict | None = None) -> dict:
     ray = require_ray()
     from ray.data import ActorPoolStrategy
 
     if opts.strict:
         raise LungrtError("--strict is not supported with --ray (inputs are processed out of order)")
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir)).resolve()
+    with lock_out_dir(out_dir):
+        return _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors,
+                           gpus_per_actor, identity)
+
+
+def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor, identity):
     remove_partial_writes(out_dir)
-    todo = todo_items(out_dir, items, opts)
+    todo = todo_items(out_dir, items, opts, identity)
+    opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
     connect(address)
     t0 = time.perf_counter()
     ok = failed = 0
     if todo:
         spec_json = spec.to_json()
         opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
-        ds = ray.data.from_items([{"source": str(it.source), "abs": str(it.source.resolve()), "rel": str(it.rel)} for it in todo])
+        ds = ray.data.from_items([{"source": str(it.source), "abs": os.path.abspath(it.source), "rel": str(it.rel),
+                                    "known_error": it.error} for it in todo])
         ds = ds.map(_read, fn_kwargs={"spec_json": spec_json})
         ds = ds.map_batches(InferActor, fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
                             batch_size=opts.batch_size, compute=ActorPoolStrategy(size=actors),

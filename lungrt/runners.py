@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import LoadedModel, ModelInfo
+from .checkpoint import LoadedModel, ModelInfo, weights_hash
 from .errors import LungrtError
 from .preprocess import PreprocessSpec
 
@@ -33,6 +33,7 @@ class Runner(ABC):
     # True when the runner's CPU threads sleep (never spin) while waiting: helper threads may then
     # take only the CPU time it leaves idle (see infer). Spinning runners would starve them.
     sleeps_when_idle: bool = False
+    weights_id: str | None = None  # hash of the weights it runs: what `infer --resume` compares
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -78,6 +79,7 @@ class TorchRunner(Runner):
             raise LungrtError("torch runner: CUDA graphs need a CUDA device")
         self.info, self.spec = loaded.info, loaded.spec
         self.device, self.precision = device, precision
+        self.weights_id = weights_hash(loaded.model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = ProbabilityModel(loaded.model).eval().to(device).to(memory_format=self.memory_format)
         self.dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -146,8 +148,12 @@ class OnnxRuntimeRunner(Runner):
         onnx_path = Path(onnx_path)
         if not onnx_path.exists():
             raise LungrtError(f"{onnx_path}: ONNX file does not exist")
-        meta = onnx_metadata(onnx_path)
+        try:
+            meta = onnx_metadata(onnx_path)
+        except Exception as e:  # protobuf raises its own errors on garbage
+            raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
         self.info = info_from_metadata(meta, str(onnx_path))
+        self.weights_id = meta.get("lungrt.weights_hash")
         self.spec = self.info.spec
         self.precision = meta.get("lungrt.precision", "fp32")
         opts = ort.SessionOptions()
@@ -168,7 +174,10 @@ class OnnxRuntimeRunner(Runner):
             providers = ["CPUExecutionProvider"]
         self.device, self.path = device, onnx_path
         self.sleeps_when_idle = device == "cpu"
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        except Exception as e:
+            raise LungrtError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -215,7 +224,14 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
     loaded = resolve_model(model, arch=arch)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if backend == "torch" or (backend == "auto" and cuda):
-        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision if cuda and precision == "fp16" else "fp32")
+        if precision == "int8" or (precision == "fp16" and not cuda):
+            raise LungrtError(f"backend torch runs {precision} only {'on ONNX Runtime or TensorRT' if precision == 'int8' else 'on a CUDA GPU'}; "
+                              f"use --backend onnxruntime --precision {precision}, or --precision fp32")
+        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision)
     if backend in ("auto", "onnxruntime"):
-        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=Path("engines"), log=log).path)
+        from .cache import cache_root
+
+        root = cache_root()
+        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=root / "variants", cache_dir=root / "calibration",
+                                              log=log).path)
     raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime or tensorrt")

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cache import cache_root
 from .checkpoint import LoadedModel, weights_hash
 from .errors import LungrtError
 from .export import export_onnx
@@ -35,16 +36,30 @@ def variant_file(folder: Path, loaded: LoadedModel, precision: str, calib: Calib
     return folder / f"{stem}.{precision}.onnx"
 
 
+def reusable(path: Path, loaded: LoadedModel) -> bool:
+    """A cached variant is used only when it parses and was made from these very weights; a file
+    cut short (crash, full disk) or another model saved under the name is made again."""
+    if not path.exists():
+        return False
+    try:
+        ok = onnx_metadata(path).get("lungrt.weights_hash") == weights_hash(loaded.model)
+    except Exception:
+        ok = False
+    if not ok:
+        path.unlink(missing_ok=True)
+    return ok
+
+
 def fp32_variant(loaded: LoadedModel, folder: Path) -> Path:
     path = variant_file(folder, loaded, "fp32")
-    if not path.exists():
+    if not reusable(path, loaded):
         export_onnx(loaded, path)
     return path
 
 
-def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engines", calib_dir: str | Path | None = None,
+def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
                  method: str = "entropy", val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path = "calibration", log=print, target: str = "cpu") -> Variant:
+                 cache_dir: str | Path | None = None, log=print, target: str = "cpu") -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
     INT8, calibration set and method) are unchanged.
 
@@ -52,18 +67,19 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engi
     everything that is not INT8 (`make_int8_fp16`), gated again on `val_pairs` when given."""
     if precision not in PRECISIONS:
         raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else cache_root() / "variants"
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
     fp32 = fp32_variant(loaded, folder)
     if precision == "fp32":
         return Variant("fp32", fp32)
     if precision == "fp16":
         path = variant_file(folder, loaded, "fp16")
-        if not path.exists():
+        if not reusable(path, loaded):
             make_fp16(fp32, path)
         return Variant("fp16", path)
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
     path = variant_file(folder, loaded, "int8", calib, method)
-    if not path.exists():
+    if not reusable(path, loaded):
         make_int8(fp32, path, calib, method, cache_dir=cache_dir)
         if val_pairs:
             try:
@@ -74,7 +90,7 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path = "engi
     if target != "tensorrt":
         return Variant("int8", path, int8_notes(path))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
-    if not half.exists():
+    if not reusable(half, loaded):
         make_int8_fp16(path, half)
         if val_pairs:
             summary = _gate_summary(loaded, half, val_pairs[:SENSITIVITY_IMAGES])

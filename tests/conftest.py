@@ -13,6 +13,21 @@ needs_real_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Derived files (ONNX variants, calibration) of the whole run go to a temp cache, not ~/.cache."""
+    import os
+
+    path = tmp_path_factory.mktemp("lungrt-cache")
+    old = os.environ.get("LUNGRT_CACHE")
+    os.environ["LUNGRT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LUNGRT_CACHE", None)
+    else:
+        os.environ["LUNGRT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     from lungrt.phantoms import write_phantom_dataset

@@ -91,7 +91,8 @@ def test_outputs_stay_inside_for_odd_names(tmp_path, tiny_checkpoint):
     assert written and all(out in p.parents for p in written)
     # folder listing and globs skip dotfiles; named explicitly, they are processed, safely renamed
     assert len(_rows(out)) == 6
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".lungrt-records" and ".lungrt-records" not in p.parts]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in (".lungrt-records", ".lungrt-lock")
+                and ".lungrt-records" not in p.parts]
 
 
 def test_missing_input_is_one_line_error(tmp_path, tiny_checkpoint):
@@ -137,7 +138,7 @@ def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_chec
 
 def _snapshot(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".lungrt-records" not in p.parts}
+            if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"}
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint):
@@ -167,7 +168,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint)
         if k != "results.csv":
             assert full[k] == resumed[k], k
     assert (tmp_path / "full" / "results.csv").read_text() == (killed / "results.csv").read_text()
-    assert not [p for p in killed.rglob("*.tmp")]  # no half-written files left behind
+    assert not [p for p in killed.rglob("*lungrt-tmp")]  # no half-written files left behind
 
 
 def test_journal_keeps_whole_lines_latest_run_wins(tmp_path):
