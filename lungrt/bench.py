@@ -9,6 +9,7 @@ device is done).
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from .checkpoint import LoadedModel
 from .errors import BackendUnavailable, LungrtError
 from .models import gflops_per_image
 from .export import reference_inputs
-from .runners import OnnxRuntimeRunner, Runner, TorchRunner
+from .backends import TORCH_FAST_PATHS, open_config_runner
+from .runners import Runner
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor datasheets), for "% of peak".
 GPU_PEAK_TFLOPS = {
@@ -29,12 +31,6 @@ GPU_PEAK_TFLOPS = {
     "A100": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0, "int8": 624.0},
     "RTX 3090": {"fp32": 35.6, "fp16": 71.0, "bf16": 71.0, "int8": 284.0},
     "L4": {"fp32": 30.3, "fp16": 121.0, "bf16": 121.0, "int8": 242.0},
-}
-TORCH_FAST_PATHS = {  # bench backend name -> TorchRunner options
-    "torch": {},
-    "torch-cl": {"channels_last": True},
-    "torch-compile": {"channels_last": True, "compile": True},
-    "torch-cudagraph": {"channels_last": True, "cuda_graph": True},
 }
 
 
@@ -95,34 +91,8 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
-    import torch
-
-    if backend in TORCH_FAST_PATHS:
-        from .train import bf16_autocast_supported
-
-        if variant == "int8":
-            raise BackendUnavailable("no int8 for PyTorch eager")
-        if variant == "bf16" and not device.startswith("cuda") and not bf16_autocast_supported():
-            raise BackendUnavailable("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("no CUDA device here")
-        return TorchRunner(loaded, device=device, precision=variant, **TORCH_FAST_PATHS[backend])
-    if backend == "onnxruntime":
-        return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
-    if backend == "tensorrt":
-        from .engine import gpu_environment
-
-        if gpu_environment() is None:
-            raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
-        from .tensorrt_runner import TensorRTRunner
-
-        return TensorRTRunner(variant_path(variant, engine=True))
-    raise LungrtError(f"unknown backend {backend!r}")
-
-
 def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int], size: int | None = None,
-              warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu", variant_path=None, log=print) -> dict:
+              warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu", variant_path=None, log=logging.getLogger(__name__).info) -> dict:
     import torch
 
     spec = loaded.spec

@@ -27,6 +27,7 @@ from .parity import GATES, apply_gate, compare, throughput
 from .phantoms import write_phantom_dataset
 from .precision import PRECISIONS
 from .runners import OnnxRuntimeRunner, Runner, TorchRunner
+from .backends import open_artifact
 from .variants import make_variant
 
 log_ = logging.getLogger(__name__)
@@ -73,11 +74,7 @@ def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, 
 
 
 def open_built(b: Built) -> Runner:
-    if b.backend in FLAVOURS:
-        from .tensorrt_runner import TensorRTRunner
-
-        return TensorRTRunner(b.path)
-    return OnnxRuntimeRunner(b.path)
+    return open_artifact(b.path)
 
 
 def open_for_verification(b: Built, log=log_.info) -> tuple[Runner, str]:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 from .io import temp_path_for
 from .models import REGISTRY, build_model

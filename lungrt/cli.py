@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
 from .errors import LungrtError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -171,7 +171,7 @@ def evaluate_cmd(
     from .data import select_split
     from .evaluate import evaluate, write_per_image_csv
     from .plots import prediction_grid
-    from .runners import open_runner
+    from .backends import open_runner
 
     def body():
         pairs = select_split(data, split, seed)
@@ -254,7 +254,8 @@ def parity(
     from .checkpoint import resolve_model
     from .data import select_split
     from .parity import GATES, apply_gate, compare
-    from .runners import OnnxRuntimeRunner, TorchRunner, open_runner
+    from .backends import open_runner
+    from .runners import OnnxRuntimeRunner, TorchRunner
     from .variants import make_variant
 
     def body():
@@ -323,7 +324,7 @@ def infer(
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
     from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
-    from .runners import select_runner
+    from .backends import select_runner
 
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
     if not out_dir.strip():
@@ -382,7 +383,7 @@ def demo(
 def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -> None:
     from .data import select_split
     from .robustness import run_robustness, severity_summary, worst_cases_png
-    from .runners import open_runner
+    from .backends import open_runner
 
     def body():
         pairs = select_split(data, split, seed)

@@ -8,6 +8,7 @@ Dice against the phantom masks), times both, and draws an overview PNG.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from .infer import InferOptions, collect_inputs, run_infer
 from .parity import GATES, apply_gate, compare, throughput
 from .phantoms import make_phantom, write_phantom_dataset
 from .plots import overlay
-from .runners import TorchRunner, select_runner
+from .backends import select_runner
+from .runners import TorchRunner
 
 
 def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 4) -> None:
@@ -40,7 +42,7 @@ def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 
     fig.savefig(path, dpi=90)
 
 
-def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=print) -> dict:
+def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=logging.getLogger(__name__).info) -> dict:
     out_dir = Path(out_dir)
     data = write_phantom_dataset(out_dir / "data", count, size=size, seed=2024, sources=("DEMO",))
     pairs = discover_pairs(data).pairs

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__
+from ._version import __version__
 from .errors import LungrtError
 from .export import file_hash
 from .io import temp_path_for

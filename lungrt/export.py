@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import LoadedModel, weights_hash
 from .errors import LungrtError
 from .io import temp_path_for

@@ -291,26 +291,50 @@ def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray,
         return _write_record(out_dir, item, _error_row(item, f"could not write its outputs ({e.strerror})", runner))
 
 
+@dataclass
+class Measured:
+    """One image's segmentation at its original size, and what is measured on it."""
+
+    probability: np.ndarray  # float32 (H, W)
+    mask: np.ndarray  # uint8 0/255 (H, W), after the clean-up when asked
+    right_px: int
+    left_px: int
+    lung_fraction: float
+    right_mm2: float | None
+    left_mm2: float | None
+    mean_confidence: float
+
+
+def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True) -> Measured:
+    """Network-size probabilities of one X-ray -> its mask and lung areas at the original size:
+    the one function infer, the Python API and Ray all use."""
+    prob = spec.invert(prob_small, xray.shape)
+    lungs = lung_fields(cv2.compare(prob, 0.5, cv2.CMP_GT), clean=postprocess)
+    h, w = xray.shape
+    px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
+    return Measured(prob, lungs.mask, lungs.right_px, lungs.left_px, round(lungs.area_px / (h * w), 6),
+                    round(lungs.right_px * px_mm2, 2) if px_mm2 else None, round(lungs.left_px * px_mm2, 2) if px_mm2 else None,
+                    _mean_confidence(prob_small, lungs.mask))
+
+
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
-    prob = runner.spec.invert(prob_small, xray.shape)
-    lungs = lung_fields(cv2.compare(prob, 0.5, cv2.CMP_GT), clean=opts.postprocess)
-    files = {"mask": _png(lungs.mask, _PNG_FAST)}
+    m = measure(xray, prob_small, runner.spec, opts.postprocess)
+    prob = m.probability
+    files = {"mask": _png(m.mask, _PNG_FAST)}
     if opts.overlay:
-        files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, lungs.mask > 0), cv2.COLOR_RGB2BGR))
+        files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR))
     if opts.probabilities:
         files["probability"] = _png(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
     paths = outputs_for(out_dir, item, opts)
     for kind, data in files.items():
         atomic_write_bytes(paths[kind], data, durable=False)
-    right, left = lungs.right_px, lungs.left_px
     h, w = xray.shape
-    px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
     row = {
         "path": display_path(item.source), "width": w, "height": h, "status": "ok", "error": "",
-        "lung_fraction": round(lungs.area_px / (h * w), 6), "right_lung_px": right, "left_lung_px": left,
-        "right_lung_mm2": round(right * px_mm2, 2) if px_mm2 else "", "left_lung_mm2": round(left * px_mm2, 2) if px_mm2 else "",
-        "mean_confidence": _mean_confidence(prob_small, lungs.mask),
+        "lung_fraction": m.lung_fraction, "right_lung_px": m.right_px, "left_lung_px": m.left_px,
+        "right_lung_mm2": "" if m.right_mm2 is None else m.right_mm2, "left_lung_mm2": "" if m.left_mm2 is None else m.left_mm2,
+        "mean_confidence": m.mean_confidence,
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
         "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.source),
     }

@@ -69,7 +69,7 @@ class InferActor:
     """Opens the runner once per actor; pads partial batches like the single-machine path."""
 
     def __init__(self, runner_args: dict, batch_size: int):
-        from .runners import select_runner
+        from .backends import select_runner
 
         self.runner = select_runner(**runner_args, log=lambda *a: None)
         self.batch_size = batch_size

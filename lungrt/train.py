@@ -4,6 +4,7 @@ best checkpoint by validation Dice, resumable, seeded."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -180,7 +181,8 @@ def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, 
     return np.concatenate(out)
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, log=print) -> dict:
+def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+          log=logging.getLogger(__name__).info) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)

@@ -5,6 +5,7 @@ sensitivity and left unquantized until it passes."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def fp32_variant(loaded: LoadedModel, folder: Path) -> Path:
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
                  method: str = "entropy", val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path | None = None, log=print, target: str = "cpu") -> Variant:
+                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "cpu") -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
     INT8, calibration set and method) are unchanged.
 
@@ -118,7 +119,7 @@ def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_n
     return _gate_summary(loaded, path, pairs)
 
 
-def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir, log=print) -> list[str]:
+def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir, log=logging.getLogger(__name__).info) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`.
 
     Sensitivity of a block = the agreement lost when only that block is quantized. Blocks are

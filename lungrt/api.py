@@ -1,0 +1,211 @@
+"""The Python API: one object for every kind of model file, as in Ultralytics' `YOLO(...)`.
+
+    import lungrt
+    seg = lungrt.LungSegmenter.load("msag-unet")           # shipped name, checkpoint, run folder,
+    r = seg.predict("chest.png")                           # ONNX variant or TensorRT engine
+    r.mask.shape, r.right_lung_px, r.left_lung_mm2
+    r.save("out/")                                         # chest.mask.png (+ overlay)
+    seg.predict(np_array), seg.predict(["a.png", "b.dcm"]), seg.predict("folder/")
+    seg.export("onnx", precision="int8", calib="data/")    # -> Path
+    seg.export("engine", precision="fp16")                 # TensorRT(-RTX) engine -> Path
+
+The CLI is a thin layer over the same library functions. Nothing here writes into the current
+folder: derived files go to the cache (`LUNGRT_CACHE`, default ~/.cache/lungrt) unless told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .backends import open_artifact, select_runner
+from .errors import LungrtError
+from .infer import collect_inputs, measure
+from .io import XRay, _to_unit, read_xray
+from .runners import Runner
+
+PathLike = str | Path
+
+
+@dataclass
+class LungResult:
+    """One X-ray's segmentation, at the X-ray's original size."""
+
+    mask: np.ndarray  # bool (H, W)
+    probability: np.ndarray  # float32 (H, W), network probability resized to the original
+    right_lung_px: int  # the patient's right lung (the image's left side in a PA view)
+    left_lung_px: int
+    lung_fraction: float
+    mean_confidence: float
+    right_lung_mm2: float | None = None  # when the file gives the pixel spacing (DICOM)
+    left_lung_mm2: float | None = None
+    path: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray, for overlays
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape  # type: ignore[return-value]
+
+    def overlay(self) -> np.ndarray:
+        """RGB uint8: the X-ray with the lung field tinted and outlined."""
+        from .plots import overlay
+
+        if self.image is None:
+            raise LungrtError("this result keeps no image to draw on")
+        return overlay(self.image, self.mask)
+
+    def save(self, folder: PathLike, name: str | None = None, overlay: bool = True) -> dict[str, Path]:
+        """NAME.mask.png (0/255) and NAME.overlay.png in `folder`; returns the paths."""
+        from .io import write_png
+
+        folder = Path(folder)
+        stem = name or (Path(self.path).stem if self.path else "image")
+        paths = {"mask": folder / f"{stem}.mask.png"}
+        write_png(paths["mask"], self.mask.astype(np.uint8) * 255)
+        if overlay and self.image is not None:
+            paths["overlay"] = folder / f"{stem}.overlay.png"
+            write_png(paths["overlay"], self.overlay())
+        return paths
+
+
+class LungSegmenter:
+    """A lung-field segmenter on one backend. Create it with `LungSegmenter.load(...)`."""
+
+    def __init__(self, runner: Runner, source: str):
+        self.runner = runner
+        self.source = source
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, source: PathLike = "msag-unet", backend: str = "auto", precision: str = "fp32",
+             device: str = "auto") -> "LungSegmenter":
+        """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
+        folder, an ONNX variant (ONNX Runtime) or a TensorRT engine (.plan/.engine).
+        `backend`: auto | torch | onnxruntime for checkpoints (auto: CUDA PyTorch on a GPU, else
+        ONNX Runtime). `precision`: fp32 | fp16 | int8 (checkpoints; files carry their own)."""
+        text = str(source)
+        if text.endswith((".onnx", ".plan", ".engine")):
+            return cls(open_artifact(text, device="cpu" if device == "auto" else device), text)
+        return cls(select_runner(text, backend=backend, precision=precision, device=device), text)
+
+    @property
+    def spec(self):
+        return self.runner.spec
+
+    @property
+    def model_name(self) -> str:
+        return self.runner.info.name
+
+    def __repr__(self) -> str:
+        return f"LungSegmenter({self.model_name} on {self.runner.describe()}, from {self.source!r})"
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- prediction ---------------------------------------------------------------------------
+    def predict(self, x, batch_size: int = 8, postprocess: bool = True):
+        """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one
+        `LungResult`; a folder, a glob or a list of paths/arrays -> a list of them (input order)."""
+        single = isinstance(x, np.ndarray) or (isinstance(x, (str, Path)) and Path(x).is_file())
+        xrays = list(self._xrays(x))
+        results = []
+        for i in range(0, len(xrays), batch_size):
+            chunk = xrays[i : i + batch_size]
+            probs = self.runner.run(np.stack([self.spec.apply(xr.gray8) for xr in chunk]))
+            for xr, p in zip(chunk, probs):
+                m = measure(xr, p[0], self.spec, postprocess)
+                results.append(LungResult(m.mask > 0, m.probability, m.right_px, m.left_px, m.lung_fraction,
+                                          m.mean_confidence, m.right_mm2, m.left_mm2, xr.path or None, xr.gray8))
+        return results[0] if single else results
+
+    def _xrays(self, x) -> Iterable[XRay]:
+        if isinstance(x, np.ndarray):
+            yield array_xray(x)
+        elif isinstance(x, (str, Path)):
+            if Path(x).is_file():
+                yield read_xray(x)
+            else:
+                for item in collect_inputs([str(x)]):
+                    yield read_xray(item.source)
+        elif isinstance(x, Sequence):
+            for one in x:
+                yield array_xray(one) if isinstance(one, np.ndarray) else read_xray(one)
+        else:
+            raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or a list of them")
+
+    # -- the rest of the pipeline -------------------------------------------------------------
+    def export(self, format: str = "onnx", precision: str = "fp32", out: PathLike | None = None,
+               calib: PathLike | None = None, backend: str = "auto", targets: str | None = None,
+               data: PathLike | None = None) -> Path:
+        """`format="onnx"`: the precision variant (FP32/FP16/INT8 Q/DQ) as ONNX. `format="engine"`:
+        a verified TensorRT engine (`backend` auto | tensorrt | tensorrt-rtx; `targets` e.g.
+        "sm86" for TensorRT-RTX). INT8 is calibrated on `calib` (a dataset: its train split).
+        Files go to `out` (a folder), else the cache. Returns the path written."""
+        from .build import build_and_verify, choose_backend
+        from .cache import cache_root
+        from .checkpoint import resolve_model
+        from .engine import BatchProfile, parse_targets
+        from .variants import make_variant
+
+        loaded = resolve_model(self.source)
+        folder = Path(out) if out is not None else cache_root() / ("engines" if format == "engine" else "variants")
+        if format == "onnx":
+            return make_variant(loaded, precision, folder=folder, calib_dir=calib).path
+        if format != "engine":
+            raise LungrtError(f"export format must be onnx or engine, got {format!r}")
+        be = choose_backend(backend)
+        if be == "onnxruntime":
+            raise LungrtError("no TensorRT flavour can build here; install lungrt[rtx] (RTX GPUs) or lungrt[trt]")
+        b = build_and_verify(loaded, precision, be, folder, Path(calib) if calib else None, "entropy",
+                             Path(data) if data else None, BatchProfile(), 4.0, False, parse_targets(targets))
+        return b.path
+
+    def evaluate(self, data: PathLike, split: str = "test", postprocess: bool = False) -> dict:
+        """Mean Accuracy, IoU, mIoU, Dice, F1, Precision, Recall, HD95 on a labelled dataset split."""
+        from .data import select_split
+        from .evaluate import evaluate
+
+        res = evaluate(self.runner, select_split(data, split), postprocess=postprocess)
+        return res["mean"]
+
+    def benchmark(self, batch_size: int = 8, seconds: float = 3.0) -> dict:
+        """Images per second of this segmenter's model call, and of PyTorch eager FP32 on the same
+        inputs when the weights are at hand (ratio measured in one run)."""
+        from .checkpoint import resolve_model
+        from .export import reference_inputs
+        from .parity import throughput
+        from .runners import TorchRunner
+
+        x = reference_inputs(self.spec, batch_size)
+        out = {"backend": self.runner.describe(), "batch": batch_size, "img_per_s": throughput(self.runner, x, seconds)}
+        try:
+            reference = TorchRunner(resolve_model(self.source))
+        except LungrtError:
+            return out
+        out["torch_fp32_img_per_s"] = throughput(reference, x, seconds)
+        out["vs_torch_eager_fp32"] = out["img_per_s"] / out["torch_fp32_img_per_s"]
+        return out
+
+
+def array_xray(a: np.ndarray) -> XRay:
+    """A 2-D array as an X-ray: uint8 kept as is, deeper or float values stretched like 16-bit files."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise LungrtError(f"predict: an array must be 2-D (H, W), got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return XRay("", a)
+    if a.dtype == bool:
+        return XRay("", a.astype(np.uint8) * 255)
+    try:
+        return XRay("", _to_unit(a, 16), None, 16)
+    except ValueError as e:
+        raise LungrtError(f"predict: {e}") from None

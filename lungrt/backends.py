@@ -1,0 +1,112 @@
+"""The one place that turns names into runners: a shipped name, checkpoint, ONNX file or engine,
+plus a backend and precision, become a `Runner`. The runner contract (runners.py) knows no
+backend by name; commands, the Python API, bench, build and Ray all choose here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import LoadedModel
+from .errors import BackendUnavailable, LungrtError
+from .runners import OnnxRuntimeRunner, Runner, TorchRunner
+
+log_ = logging.getLogger(__name__)
+ENGINE_SUFFIXES = (".plan", ".engine")
+# bench's PyTorch configurations: name -> TorchRunner options
+TORCH_FAST_PATHS = {
+    "torch": {},
+    "torch-cl": {"channels_last": True},
+    "torch-compile": {"channels_last": True, "compile": True},
+    "torch-cudagraph": {"channels_last": True, "cuda_graph": True},
+}
+
+
+def open_engine(plan: str | Path) -> Runner:
+    from .tensorrt_runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour
+
+    return TensorRTRunner(plan)
+
+
+def open_artifact(path: str | Path, device: str = "cpu") -> Runner:
+    """An ONNX variant (ONNX Runtime) or a TensorRT engine, by its suffix."""
+    path = Path(path)
+    if path.suffix in ENGINE_SUFFIXES:
+        return open_engine(path)
+    if path.suffix == ".onnx":
+        return OnnxRuntimeRunner(path, device=device)
+    raise LungrtError(f"{path}: not an ONNX file or TensorRT engine (.onnx, .plan, .engine)")
+
+
+def open_runner(model: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
+                backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+                arch: str | None = None, width: int = 16) -> Runner:
+    """The runner a command asked for: a checkpoint/name on torch, an ONNX file on ONNX Runtime,
+    or a TensorRT plan."""
+    if engine is not None:
+        return open_engine(engine)
+    if onnx is not None:
+        if backend not in ("auto", "onnxruntime"):
+            raise LungrtError(f"--onnx runs on onnxruntime, not {backend!r}")
+        return OnnxRuntimeRunner(onnx, device=device)
+    from .checkpoint import resolve_model
+
+    loaded = resolve_model(model or "unet", arch=arch, width=width)
+    if backend in ("auto", "torch"):
+        return TorchRunner(loaded, device=device, precision=precision)
+    raise LungrtError(f"backend {backend!r} needs an exported model: pass --onnx FILE (see `lungrt export`)")
+
+
+def select_runner(model: str, arch: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
+                  backend: str = "auto", precision: str = "fp32", device: str = "auto", log=log_.info) -> Runner:
+    """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
+    backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
+    from .checkpoint import resolve_model
+    from .variants import make_variant
+
+    if engine is not None or onnx is not None:
+        return open_runner(onnx=onnx, engine=engine, backend=backend)
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
+                          "then pass --engine PLAN")
+    loaded = resolve_model(model, arch=arch)
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if backend == "torch" or (backend == "auto" and cuda):
+        if precision == "int8" or (precision == "fp16" and not cuda):
+            raise LungrtError(f"backend torch runs {precision} only {'on ONNX Runtime or TensorRT' if precision == 'int8' else 'on a CUDA GPU'}; "
+                              f"use --backend onnxruntime --precision {precision}, or --precision fp32")
+        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision)
+    if backend in ("auto", "onnxruntime"):
+        from .cache import cache_root
+
+        root = cache_root()
+        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=root / "variants", cache_dir=root / "calibration",
+                                              log=log).path)
+    raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime or tensorrt")
+
+
+def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
+    """bench's configurations: a backend name x precision. `variant_path(v)` gives the ONNX variant,
+    `variant_path(v, engine=True)` the engine. Missing software or hardware: BackendUnavailable."""
+    if backend in TORCH_FAST_PATHS:
+        from .train import bf16_autocast_supported
+
+        if variant == "int8":
+            raise BackendUnavailable("no int8 for PyTorch eager")
+        if variant == "bf16" and not device.startswith("cuda") and not bf16_autocast_supported():
+            raise BackendUnavailable("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("no CUDA device here")
+        return TorchRunner(loaded, device=device, precision=variant, **TORCH_FAST_PATHS[backend])
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        from .engine import gpu_environment
+
+        if gpu_environment() is None:
+            raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
+        return open_engine(variant_path(variant, engine=True))
+    raise LungrtError(f"unknown backend {backend!r}")

@@ -1,0 +1,92 @@
+"""The Python API: one LungSegmenter for checkpoints, ONNX files and engines; writes nothing into
+the current folder; the README's example runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lungrt
+from lungrt.errors import LungrtError
+from lungrt.io import write_png
+from lungrt.phantoms import make_phantom
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture()
+def empty_cwd(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def _image(path: Path, seed: int, h: int, w: int | None = None) -> Path:
+    write_png(path, (make_phantom(seed, h, w).image * 255).astype(np.uint8))
+    return path
+
+
+def test_predict_path_array_list_and_folder(tmp_path, empty_cwd, tiny_checkpoint):
+    seg = lungrt.LungSegmenter.load(tiny_checkpoint, backend="onnxruntime")
+    one = seg.predict(_image(tmp_path / "a.png", 1, 90, 70))
+    assert isinstance(one, lungrt.LungResult)
+    assert one.mask.shape == (90, 70) and one.mask.dtype == bool and one.probability.shape == (90, 70)
+    assert one.right_lung_px + one.left_lung_px == one.mask.sum() > 0
+    arr = (make_phantom(2, 80).image * 4095).astype(np.uint16)
+    assert seg.predict(arr).mask.shape == (80, 80)
+    many = seg.predict([tmp_path / "a.png", arr, make_phantom(3, 64).image.astype(np.float32)])
+    assert [r.mask.shape for r in many] == [(90, 70), (80, 80), (64, 64)]
+    _image(tmp_path / "dir" / "b.png", 4, 50)
+    folder = seg.predict(tmp_path / "dir")
+    assert len(folder) == 1 and folder[0].path.endswith("b.png")
+    assert not list(empty_cwd.iterdir())  # nothing written into the current folder
+
+
+def test_same_masks_from_checkpoint_and_its_onnx(tmp_path, empty_cwd, tiny_checkpoint):
+    img = _image(tmp_path / "a.png", 5, 96)
+    torch_seg = lungrt.LungSegmenter.load(tiny_checkpoint, backend="torch")
+    onnx_path = torch_seg.export("onnx", precision="fp32", out=tmp_path / "variants")
+    assert onnx_path.parent == tmp_path / "variants" and onnx_path.suffix == ".onnx"
+    ort_seg = lungrt.LungSegmenter.load(onnx_path)
+    assert "onnxruntime" in repr(ort_seg)
+    a, b = torch_seg.predict(img), ort_seg.predict(img)
+    assert (a.mask != b.mask).mean() < 1e-3
+    paths = a.save(tmp_path / "saved")
+    assert paths["mask"].is_file() and paths["overlay"].is_file()
+    assert not list(empty_cwd.iterdir())
+
+
+def test_engine_export_and_load(tmp_path, empty_cwd, tiny_checkpoint):
+    seg = lungrt.LungSegmenter.load(tiny_checkpoint)
+    plan = seg.export("engine", precision="fp16", backend="tensorrt-rtx", out=tmp_path / "eng")
+    assert plan.suffix == ".plan" and plan.stat().st_size > 0
+    from lungrt.engine import gpu_environment
+
+    if gpu_environment() is None:
+        with pytest.raises(LungrtError, match="needs an NVIDIA GPU"):
+            lungrt.LungSegmenter.load(plan)
+    else:
+        assert lungrt.LungSegmenter.load(plan).predict(_image(tmp_path / "a.png", 1, 64)).mask.shape == (64, 64)
+    assert not list(empty_cwd.iterdir())
+
+
+def test_bad_inputs_are_clear_errors(tiny_checkpoint):
+    seg = lungrt.LungSegmenter.load(tiny_checkpoint, backend="torch")
+    with pytest.raises(LungrtError, match="2-D"):
+        seg.predict(np.zeros((3, 40, 40)))
+    with pytest.raises(LungrtError, match="cannot read"):
+        seg.predict(42)
+
+
+def test_readme_python_example_runs(tmp_path, empty_cwd):
+    text = README.read_text()
+    section = text[text.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["result"].mask.shape == (512, 512)
+    assert not list(empty_cwd.iterdir())
