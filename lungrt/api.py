@@ -44,6 +44,8 @@ class LungResult:
     left_lung_mm2: float | None = None
     path: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray, for overlays
+    qc: str = "ok"  # "ok", or ";"-separated reasons to look at this mask (see lungrt.qc)
+    qc_features: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,6 +98,12 @@ class LungSegmenter:
         return self.runner.spec
 
     @property
+    def qc(self):
+        from .qc import QCThresholds
+
+        return QCThresholds.from_dict(self.runner.info.qc)
+
+    @property
     def model_name(self) -> str:
         return self.runner.info.name
 
@@ -122,9 +130,10 @@ class LungSegmenter:
             chunk = xrays[i : i + batch_size]
             probs = self.runner.run(np.stack([self.spec.apply(xr.gray8) for xr in chunk]))
             for xr, p in zip(chunk, probs):
-                m = measure(xr, p[0], self.spec, postprocess)
+                m = measure(xr, p[0], self.spec, postprocess, self.qc)
                 results.append(LungResult(m.mask > 0, m.probability, m.right_px, m.left_px, m.lung_fraction,
-                                          m.mean_confidence, m.right_mm2, m.left_mm2, xr.path or None, xr.gray8))
+                                          m.mean_confidence, m.right_mm2, m.left_mm2, xr.path or None, xr.gray8,
+                                          m.qc, m.qc_features))
         return results[0] if single else results
 
     def _xrays(self, x) -> Iterable[XRay]:

@@ -39,6 +39,7 @@ class ModelInfo:
     data_fingerprint: str | None = None
     metrics: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    qc: dict = field(default_factory=dict)  # fitted QC thresholds (qc.QCThresholds.to_dict), if any
     lungrt_version: str = __version__
     source: str = ""  # where it was loaded from (not saved)
 
@@ -50,6 +51,7 @@ class ModelInfo:
             "data_fingerprint": self.data_fingerprint,
             "metrics": self.metrics,
             "training": self.training,
+            "qc": self.qc,
             "lungrt_version": self.lungrt_version,
         }
 
@@ -62,6 +64,7 @@ class ModelInfo:
             data_fingerprint=d.get("data_fingerprint"),
             metrics=d.get("metrics", {}),
             training=d.get("training", {}),
+            qc=d.get("qc") or {},
             lungrt_version=d.get("lungrt_version", "?"),
             source=source,
         )

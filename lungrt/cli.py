@@ -344,7 +344,7 @@ def infer(
                 return run_infer(runner, items, out_dir, opts)
             args, spec, identity = runner_args_for(runner, model, arch), runner.spec, run_identity(runner, opts)
         return run_infer_ray(args, spec, items, out_dir, opts, address=ray, actors=actors, gpus_per_actor=gpus_per_actor,
-                             identity=identity)
+                             identity=identity, qc=runner.info.qc)
 
     summary = run_guarded(body)
     out.print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped_done']} already done; "

@@ -31,14 +31,17 @@ from .io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
 from .journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity
 from .plots import overlay
 from .postprocess import lung_fields
+from .qc import FEATURES as QC_FEATURES
+from .qc import QCThresholds, features as qc_features, verdict as qc_verdict
 from .progress import progress_bar
 from .runners import Runner
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 # a full, over-quota, read-only or failing disk stops the run (every later write would fail too)
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
-CSV_FIELDS = ["path", "width", "height", "status", "error", "lung_fraction", "right_lung_px", "left_lung_px",
-              "right_lung_mm2", "left_lung_mm2", "mean_confidence", "backend", "model", "mask"]
+CSV_FIELDS = ["path", "width", "height", "status", "error", "qc", "lung_fraction", "right_lung_px", "left_lung_px",
+              "right_lung_mm2", "left_lung_mm2", "mean_confidence", *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
+              "backend", "model", "mask"]
 
 
 @dataclass(frozen=True)
@@ -303,23 +306,28 @@ class Measured:
     right_mm2: float | None
     left_mm2: float | None
     mean_confidence: float
+    qc: str  # "ok" or ";"-separated reasons
+    qc_features: dict
 
 
-def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True) -> Measured:
-    """Network-size probabilities of one X-ray -> its mask and lung areas at the original size:
+def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None) -> Measured:
+    """Network-size probabilities of one X-ray -> its mask, lung areas and QC at the original size:
     the one function infer, the Python API and Ray all use."""
+    qc = qc or QCThresholds.from_dict(None)
+    feats = qc_features(prob_small)
     prob = spec.invert(prob_small, xray.shape)
     lungs = lung_fields(cv2.compare(prob, 0.5, cv2.CMP_GT), clean=postprocess)
     h, w = xray.shape
     px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
     return Measured(prob, lungs.mask, lungs.right_px, lungs.left_px, round(lungs.area_px / (h * w), 6),
                     round(lungs.right_px * px_mm2, 2) if px_mm2 else None, round(lungs.left_px * px_mm2, 2) if px_mm2 else None,
-                    _mean_confidence(prob_small, lungs.mask))
+                    _mean_confidence(prob_small, lungs.mask), qc_verdict(feats, qc),
+                    {k: round(v, 5) for k, v in feats.items()})
 
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
-    m = measure(xray, prob_small, runner.spec, opts.postprocess)
+    m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc))
     prob = m.probability
     files = {"mask": _png(m.mask, _PNG_FAST)}
     if opts.overlay:
@@ -334,7 +342,8 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         "path": display_path(item.source), "width": w, "height": h, "status": "ok", "error": "",
         "lung_fraction": m.lung_fraction, "right_lung_px": m.right_px, "left_lung_px": m.left_px,
         "right_lung_mm2": "" if m.right_mm2 is None else m.right_mm2, "left_lung_mm2": "" if m.left_mm2 is None else m.left_mm2,
-        "mean_confidence": m.mean_confidence,
+        "mean_confidence": m.mean_confidence, "qc": m.qc,
+        **{f"qc_{k}": v for k, v in m.qc_features.items() if k != "lung_fraction"},
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
         "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.source),
     }

@@ -90,19 +90,19 @@ class InferActor:
 class _RunnerView:
     """What `finish_one` needs of a runner, rebuilt in a writer task."""
 
-    def __init__(self, spec: PreprocessSpec, described: str, model: str):
+    def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None):
         from .checkpoint import ModelInfo
 
-        self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec)
+        self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec, qc=qc or {})
 
     def describe(self) -> str:
         return self._described
 
 
-def _write(row: dict, out_dir: str, spec_json: str, opts: dict) -> dict:
+def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}") -> dict:
     item = Item(Path(row["source"]), Path(row["rel"]))
     spec = PreprocessSpec.from_json(spec_json)
-    view = _RunnerView(spec, str(row["runner"]), str(row["model"]))
+    view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json))
     if row["error"]:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
     else:
@@ -124,7 +124,8 @@ def runner_args_for(runner, model: str, arch: str | None) -> dict:
 
 
 def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], out_dir: str | Path, opts: InferOptions,
-                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0, identity: dict | None = None) -> dict:
+                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0, identity: dict | None = None,
+                  qc: dict | None = None) -> dict:
     ray = require_ray()
     from ray.data import ActorPoolStrategy
 
@@ -133,10 +134,11 @@ def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], ou
     out_dir = prepare_out_dir(Path(out_dir)).resolve()
     with lock_out_dir(out_dir):
         return _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors,
-                           gpus_per_actor, identity)
+                           gpus_per_actor, identity, qc)
 
 
-def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor, identity):
+def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor,
+                identity, qc):
     remove_partial_writes(out_dir)
     todo = todo_items(out_dir, items, opts, identity)
     opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
@@ -152,7 +154,8 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
         ds = ds.map_batches(InferActor, fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
                             batch_size=opts.batch_size, compute=ActorPoolStrategy(size=actors),
                             num_gpus=gpus_per_actor or None, batch_format="numpy")
-        ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d})
+        ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d,
+                                          "qc_json": json.dumps(qc or {})})
         with progress_bar() as bar:
             task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
             for row in ds.iter_rows():

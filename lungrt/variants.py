@@ -38,12 +38,15 @@ def variant_file(folder: Path, loaded: LoadedModel, precision: str, calib: Calib
 
 
 def reusable(path: Path, loaded: LoadedModel) -> bool:
-    """A cached variant is used only when it parses and was made from these very weights; a file
-    cut short (crash, full disk) or another model saved under the name is made again."""
+    """A cached variant is used only when it parses and was made from these very weights and model
+    metadata (spec, QC thresholds); a file cut short (crash, full disk) or another model saved under
+    the name is made again."""
     if not path.exists():
         return False
     try:
-        ok = onnx_metadata(path).get("lungrt.weights_hash") == weights_hash(loaded.model)
+        meta = onnx_metadata(path)
+        ok = (meta.get("lungrt.weights_hash") == weights_hash(loaded.model)
+              and json.loads(meta.get("lungrt.model", "{}")) == json.loads(json.dumps(loaded.info.to_dict())))
     except Exception:
         ok = False
     if not ok:

@@ -1,4 +1,5 @@
-"""Copy trained checkpoints into the package as FP16 safetensors, with their test-split metrics.
+"""Copy trained checkpoints into the package as FP16 safetensors, with their test-split metrics
+and their QC thresholds (fitted on the training split, checked on validation: lungrt.qc).
 
     .venv/bin/python scripts/ship_weights.py runs/unet runs/gsconv-unet runs/msag-unet --data ../shared/data/cxr-mc-sz
 
@@ -16,6 +17,7 @@ import torch
 from lungrt.checkpoint import load_checkpoint, save_checkpoint
 from lungrt.data import select_split
 from lungrt.evaluate import evaluate
+from lungrt.qc import fit_for_model
 from lungrt.runners import TorchRunner
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "lungrt" / "weights"
@@ -34,10 +36,13 @@ def main() -> None:
         shipped = load_checkpoint(dest)
         with TorchRunner(shipped) as r:
             mean = evaluate(r, test)["mean"]
+            thresholds = fit_for_model(r, select_split(args.data, "train"), select_split(args.data, "val"))
         shipped.info.metrics = {**loaded.info.metrics, "test_split_native": mean, "test_images": len(test)}
+        shipped.info.qc = thresholds.to_dict()
         save_checkpoint(dest, shipped.model, shipped.info, dtype=torch.float16)
         print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, IoU {mean['iou']:.4f}, "
-              f"accuracy {mean['accuracy']:.4f}")
+              f"accuracy {mean['accuracy']:.4f}; QC flags {thresholds.false_alarm_val:.1%} of validation images "
+              f"(margin {thresholds.margin})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""Quality control of every mask: a few numbers per image, and the short reasons to distrust it.
+
+Features are measured on the network's own probability map (the same grid for every backend and
+every image size): lung fraction, right/left balance, fragments, uncertain boundary, mask at the
+image border, and where the lung field sits and how far it extends. Thresholds are fitted on the
+model's own predictions for the training split and checked on the validation split, so that about
+5% of normal validation X-rays are flagged (`fit_thresholds`); they travel with the model in its
+checkpoint, ONNX and engine metadata (`ModelInfo.qc`), so every backend flags the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# feature -> (reason when below the low bound, reason when above the high bound); None: not checked
+FEATURES: dict[str, tuple[str | None, str | None]] = {
+    "lung_fraction": ("small_lungs", "large_lungs"),
+    "lr_balance": ("unbalanced", None),
+    "components": (None, "fragmented"),
+    "uncertain_fraction": (None, "uncertain"),
+    "confidence": ("low_confidence", None),
+    "border_fraction": (None, "at_border"),
+    "centroid_x": ("off_centre", "off_centre"),
+    "centroid_y": ("off_centre", "off_centre"),
+    "extent_x": ("odd_shape", "odd_shape"),
+    "extent_y": ("odd_shape", "odd_shape"),
+    "taper": ("upside_down", None),  # lungs are wider at the base than at the apex
+}
+MIN_COMPONENT = 0.002  # of the image: smaller specks are not counted as fragments
+
+# Used only by models that carry no fitted thresholds (say so in the report): wide, generic bounds.
+GENERIC = {"lung_fraction": [0.05, 0.6], "lr_balance": [0.2, None], "components": [None, 4.0],
+           "uncertain_fraction": [None, 0.5], "border_fraction": [None, 0.1]}
+
+
+@dataclass
+class QCThresholds:
+    bounds: dict[str, list[float | None]]
+    fitted_on: str = "generic defaults (not fitted to this model)"
+    false_alarm_val: float | None = None  # share of validation images flagged at fit time
+    margin: float | None = None  # how far past the training extremes the bounds lie (see _bounds_at)
+
+    def to_dict(self) -> dict:
+        return {"bounds": self.bounds, "fitted_on": self.fitted_on, "false_alarm_val": self.false_alarm_val,
+                "margin": self.margin}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "QCThresholds":
+        if not d or "bounds" not in d:
+            return cls(dict(GENERIC))
+        return cls({k: list(v) for k, v in d["bounds"].items()}, d.get("fitted_on", "?"), d.get("false_alarm_val"),
+                   d.get("margin"))
+
+
+def features(prob_small: np.ndarray) -> dict[str, float]:
+    """QC numbers of one network-resolution probability map (S, S)."""
+    p = np.asarray(prob_small, np.float32).reshape(prob_small.shape[-2:])
+    h, w = p.shape
+    m = (p > 0.5).astype(np.uint8)
+    area = int(m.sum())
+    if area == 0:
+        return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
+                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "extent_x": 0.0, "extent_y": 0.0,
+                "taper": 0.0}
+    n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
+    sizes = stats[1:, cv2.CC_STAT_AREA]
+    big = np.argsort(-sizes)[:2]
+    two = sizes[big]
+    balance = float(two.min() / two.max()) if len(two) == 2 else 0.0
+    uncertain = float(np.count_nonzero((p > 0.1) & (p < 0.9))) / area
+    frame = m.copy()
+    frame[2:-2, 2:-2] = 0
+    ys, xs = np.nonzero(m)
+    top, bottom = np.percentile(ys, 2), np.percentile(ys, 98)
+    rows_w = m.sum(axis=1)
+    upper = rows_w[int(top + 0.2 * (bottom - top))]
+    lower = rows_w[int(top + 0.8 * (bottom - top))]
+    return {
+        "lung_fraction": area / (h * w),
+        "lr_balance": balance,
+        "components": float(np.count_nonzero(sizes >= MIN_COMPONENT * h * w)),
+        "uncertain_fraction": uncertain,
+        "confidence": float(p[m > 0].mean()),
+        "border_fraction": float(frame.sum()) / area,
+        "centroid_x": float(xs.mean()) / w,
+        "centroid_y": float(ys.mean()) / h,
+        "extent_x": float(np.percentile(xs, 99) - np.percentile(xs, 1)) / w,
+        "extent_y": float(np.percentile(ys, 99) - np.percentile(ys, 1)) / h,
+        "taper": float(lower) / max(float(upper), 1.0),
+    }
+
+
+def flags(feats: dict[str, float], thresholds: QCThresholds) -> list[str]:
+    """Short reasons, in a fixed order, each once."""
+    out: list[str] = []
+    for name, (lo, hi) in thresholds.bounds.items():
+        v = feats.get(name)
+        if v is None or name not in FEATURES:
+            continue
+        low_reason, high_reason = FEATURES[name]
+        reason = low_reason if lo is not None and v < lo else high_reason if hi is not None and v > hi else None
+        if reason and reason not in out:
+            out.append(reason)
+    return out
+
+
+def verdict(feats: dict[str, float], thresholds: QCThresholds) -> str:
+    return ";".join(flags(feats, thresholds)) or "ok"
+
+
+def _bounds_at(train: list[dict], margin: float, q: float = 0.005) -> dict[str, list[float | None]]:
+    """Per-feature bounds: the training predictions' q and 1-q quantiles, widened by `margin` times
+    their 5-95% spread (282 training images cannot pin the extremes down on their own)."""
+    bounds = {}
+    for name, (low_reason, high_reason) in FEATURES.items():
+        values = np.array([f[name] for f in train], np.float64)
+        spread = float(np.quantile(values, 0.95) - np.quantile(values, 0.05))
+        lo = float(np.quantile(values, q)) - margin * spread if low_reason else None
+        hi = float(np.quantile(values, 1 - q)) + margin * spread if high_reason else None
+        if name == "components" and hi is not None:
+            hi = max(hi, 2.0)  # two lungs are never a fragment
+        bounds[name] = [lo, hi]
+    return bounds
+
+
+def flagged_share(feats: list[dict], thresholds: QCThresholds) -> float:
+    return float(np.mean([bool(flags(f, thresholds)) for f in feats])) if feats else 0.0
+
+
+MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, description: str = "") -> QCThresholds:
+    """The tightest bounds (fitted on `train`) that flag at most `target` of `val`: as sensitive as
+    the false-alarm budget allows, measured on images the bounds were not fitted on."""
+    for margin in MARGINS:
+        cand = QCThresholds(_bounds_at(train, margin), description, None, margin)
+        cand.false_alarm_val = flagged_share(val, cand)
+        if cand.false_alarm_val <= target:
+            return cand
+    return cand
+
+
+def collect_features(runner, pairs, batch_size: int = 8) -> list[dict[str, float]]:
+    """QC features of a runner's predictions on labelled pairs (their images only)."""
+    from .evaluate import batched, load_samples
+
+    out = []
+    for batch in batched(load_samples(pairs, runner.spec), batch_size):
+        probs = runner.run(np.stack([s.tensor for s in batch]))
+        out += [features(p[0]) for p in probs]
+    return out
+
+
+def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05) -> QCThresholds:
+    """Thresholds for this model: fitted on its training-split predictions, checked on validation."""
+    train = collect_features(runner, train_pairs)
+    val = collect_features(runner, val_pairs)
+    return fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val)} "
+                                              f"validation images; target false-alarm rate {target:.0%}")
