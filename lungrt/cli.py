@@ -317,6 +317,7 @@ def infer(
     resume: bool = typer.Option(False, "--resume", help="Skip inputs whose outputs are complete."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable input."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
+    report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (QC-flagged images first)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."),
     actors: int = typer.Option(1, min=1, help="--ray: inference actors (one runner each)."),
     gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--ray: GPUs reserved per actor."),
@@ -347,11 +348,24 @@ def infer(
                              identity=identity, qc=runner.info.qc)
 
     summary = run_guarded(body)
-    out.print(f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped_done']} already done; "
+    qc = f" ({summary['qc_flagged']} flagged by QC)" if summary.get("qc_flagged") else ""
+    out.print(f"{summary['ok']} ok{qc}, {summary['failed']} failed, {summary['skipped_done']} already done; "
               f"{summary['images_per_second']:.1f} img/s on {summary['backend']} ({summary['model']}); "
               f"results: {summary['results_csv']}", highlight=False)
     write_json(json_path, summary)
+    if report:
+        from .report import write_report
+
+        out.print(f"report: {run_guarded(lambda: write_report(Path(out_dir)))}", highlight=False)
     raise typer.Exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
+
+
+@app.command("report")
+def report_cmd(out_dir: Path = typer.Argument(..., help="The --out folder of a finished `lungrt infer` run.")):
+    """Write OUT/report.html: summary, distributions, QC-flagged images first, a sortable table."""
+    from .report import write_report
+
+    out.print(f"wrote {run_guarded(lambda: write_report(out_dir))}", highlight=False)
 
 
 @app.command()

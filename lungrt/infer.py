@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import ImageReadError, LungrtError
 from .io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
-from .journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity
+from .journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
 from .plots import overlay
 from .postprocess import lung_fields
 from .qc import FEATURES as QC_FEATURES
@@ -450,7 +450,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     todo = todo_items(out_dir, items, opts, run_identity(runner, opts))
     skipped = len(items) - len(todo)
     batch_size = effective_batch(opts, items, runner)
-    ok = failed = 0
+    ok = failed = flagged = 0
     stopped = False
     window = max(batch_size * 3, opts.workers * 2)
     fatal: list[OSError] = []
@@ -472,7 +472,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
                     return
 
         def settle(future: Future) -> None:
-            nonlocal ok, failed
+            nonlocal ok, failed, flagged
             try:
                 row = future.result()
             except OSError as e:  # disk full / read-only: keep what is done, stop cleanly
@@ -480,6 +480,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
                 return
             ok += row["status"] == "ok"
             failed += row["status"] != "ok"
+            flagged += row["status"] == "ok" and row.get("qc", "ok") != "ok"
             bar.advance(task)
 
         def flush(batch):
@@ -522,6 +523,10 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
         raise _stopped_by_disk(out_dir, items, fatal[0], ok)
     csv_path = write_results_csv(out_dir, items)
     elapsed = time.perf_counter() - t0
-    return {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed, "stopped_early": stopped,
-            "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
-            "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name}
+    summary = {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed,
+               "qc_flagged": flagged,
+               "stopped_early": stopped, "seconds": elapsed,
+               "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
+               "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name}
+    write_summary(out_dir, summary)
+    return summary

@@ -68,6 +68,13 @@ def write_identity(out_dir: str | Path, identity: dict) -> None:
     (folder / IDENTITY).write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
+def write_summary(out_dir: str | Path, summary: dict) -> None:
+    """The last run's counts and speed, for `lungrt report`."""
+    folder = records_folder(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
 def check_identity(out_dir: str | Path, identity: dict) -> None:
     """`--resume` continues only a run of the same model, weights and mask-changing options."""
     path = records_folder(out_dir) / IDENTITY

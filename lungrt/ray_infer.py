@@ -20,7 +20,7 @@ import numpy as np
 from .errors import LungrtError
 from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, prepare_out_dir,
                     remove_partial_writes, todo_items, write_results_csv)
-from .journal import lock_out_dir
+from .journal import lock_out_dir, write_summary
 from .io import XRay
 from .preprocess import PreprocessSpec
 from .progress import progress_bar
@@ -164,7 +164,9 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
                 bar.advance(task)
     elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
-    return {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
+    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
             "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
             "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": runner_args.get("model") or "",
             "runner_args": json.dumps(runner_args, default=str)}
+    write_summary(out_dir, summary)
+    return summary
