@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import shutil
 import signal
 import subprocess
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungrt.io import write_png
-from lungrt.phantoms import make_phantom
+from lungrt.data.io import write_png
+from lungrt.data.phantoms import make_phantom
 
 
 def lungrt(*args: str, **kw) -> subprocess.CompletedProcess:

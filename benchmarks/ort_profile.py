@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lungrt.checkpoint import resolve_model
-from lungrt.export import reference_inputs
-from lungrt.variants import make_variant
+from lungrt.models.checkpoint import resolve_model
+from lungrt.export.onnx import reference_inputs
+from lungrt.export.variants import make_variant
 
 
 def profile(path: Path, x: np.ndarray, runs: int) -> tuple[dict, float]:

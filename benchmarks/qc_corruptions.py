@@ -18,13 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungrt.abnormalities import paint_benchmark
-from lungrt.backends import select_runner
-from lungrt.data import select_split
-from lungrt.infer import measure
-from lungrt.io import XRay, read_mask, read_xray
-from lungrt.metrics import segmentation_metrics
-from lungrt.qc import QCThresholds
+from lungrt.data.abnormalities import paint_benchmark
+from lungrt.backends.select import select_runner
+from lungrt.data.datasets import select_split
+from lungrt.inference.infer import measure
+from lungrt.data.io import XRay, read_mask, read_xray
+from lungrt.evaluation.metrics import segmentation_metrics
+from lungrt.inference.qc import QCThresholds
 
 RESULTS = Path(__file__).parent / "results"
 

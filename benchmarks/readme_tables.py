@@ -1,6 +1,7 @@
 """Regenerates the README's measured tables, each measured in one run on this machine.
 
     .venv/bin/python benchmarks/readme_tables.py accuracy --data ../shared/data/cxr-mc-sz
+    .venv/bin/python benchmarks/readme_tables.py robustness --data ../shared/data/cxr-mc-sz
     .venv/bin/python benchmarks/readme_tables.py parity   --data ../shared/data/cxr-mc-sz
     .venv/bin/python benchmarks/readme_tables.py bench    --data ../shared/data/cxr-mc-sz
     .venv/bin/python benchmarks/readme_tables.py infer    --data ../shared/data/cxr-mc-sz
@@ -19,15 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lungrt.bench import hardware, run_bench
-from lungrt.checkpoint import resolve_model
-from lungrt.data import discover_pairs, select_split
-from lungrt.evaluate import evaluate
-from lungrt.infer import InferOptions, collect_inputs, run_infer
-from lungrt.io import read_xray
-from lungrt.parity import GATES, apply_gate, compare, throughput
-from lungrt.runners import OnnxRuntimeRunner, TorchRunner
-from lungrt.variants import make_variant
+from lungrt.benchmark.bench import hardware, run_bench
+from lungrt.models.checkpoint import resolve_model
+from lungrt.data.datasets import discover_pairs, select_split
+from lungrt.evaluation.evaluate import evaluate
+from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
+from lungrt.data.io import read_xray
+from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
+from lungrt.export.variants import make_variant
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
 BACKENDS = ("onnxruntime", "torch")
@@ -49,18 +51,59 @@ def accuracy(data: Path) -> None:
     for name in MODELS:
         loaded = resolve_model(name)
         with TorchRunner(loaded) as r:
-            raw = evaluate(r, pairs)["mean"]
+            raw = evaluate(r, pairs)
         with TorchRunner(loaded) as r:
-            post = evaluate(r, pairs, postprocess=True)["mean"]
-        rows[name] = {"raw": raw, "postprocessed": post, "training": loaded.info.training, "width": loaded.info.width}
+            post = evaluate(r, pairs, postprocess=True)
+        by_source = {}
+        for src in sorted({p.source for p in pairs}):
+            sel = [x for x in post["per_image"] if x["name"].startswith(src)]
+            by_source[src] = {"images": len(sel), "dice": float(np.mean([x["dice"] for x in sel])),
+                              "hd95": float(np.nanmean([x["hd95"] for x in sel]))}
+        rows[name] = {"raw": raw["mean"], "postprocessed": post["mean"], "by_source_postprocessed": by_source,
+                      "training": loaded.info.training, "width": loaded.info.width}
     save("accuracy", rows)
     print(f"Test split: {len(pairs)} images, per-image mean at native 512x512; PyTorch FP32 on the CPU.\n")
-    print("| model | Accuracy | IoU | mIoU | Dice | F1 | Precision | Recall | HD95 (px) | Dice after clean-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | Accuracy | IoU | mIoU | Dice | F1 | Precision | Recall | HD95 (px) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         m = r["raw"]
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("accuracy", "iou", "miou", "dice", "f1", "precision", "recall"))
-              + f" | {m['hd95']:.2f} | {r['postprocessed']['dice']:.4f} |")
+              + f" | {m['hd95']:.2f} |")
+    print("\nWith infer's clean-up (the default), per source:\n")
+    print("| model | Dice | HD95 (px) | Montgomery Dice | Montgomery HD95 | Shenzhen Dice | Shenzhen HD95 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        m, src = r["postprocessed"], r["by_source_postprocessed"]
+        mc, sz = src.get("MCUCXR", {}), src.get("CHNCXR", {})
+        print(f"| {name} | {m['dice']:.4f} | {m['hd95']:.2f} | {mc.get('dice', float('nan')):.4f} | "
+              f"{mc.get('hd95', float('nan')):.2f} | {sz.get('dice', float('nan')):.4f} | {sz.get('hd95', float('nan')):.2f} |")
+
+
+def robustness(data: Path) -> None:
+    """Synthetic abnormalities inside the gold lung field (benchmark family, not the training one)."""
+    from lungrt.evaluation.robustness import run_robustness, severity_summary, worst_cases_png
+
+    pairs = select_split(data, "test")
+    out = {}
+    for name in MODELS:
+        loaded = resolve_model(name)
+        with OnnxRuntimeRunner(make_variant(loaded, "fp32").path) as r:
+            res = run_robustness(r, pairs)
+        worst_cases_png(res, RESULTS / f"robustness_worst_{name}.png")  # real X-rays: git-ignored, look only
+        res.pop("worst")
+        out[name] = res
+    save("robustness", out)
+    print(f"Test split ({len(pairs)} images), each with every abnormality painted inside its gold lung field; "
+          "Dice against the unchanged gold mask, drop against the same image without it.\n")
+    print("| model | kind | mild drop | moderate drop | severe drop | severe: share losing > 0.05 |")
+    print("|---|---|---|---|---|---|")
+    for name, res in out.items():
+        for kind in ("consolidation", "haze", "effusion"):
+            by = {r["severity"]: r for r in res["rows"] if r["kind"] == kind}
+            print(f"| {name} | {kind} | {by['mild']['dice_drop']:+.4f} | {by['moderate']['dice_drop']:+.4f} | "
+                  f"{by['severe']['dice_drop']:+.4f} | {by['severe']['share_losing_over_0.05']:.1%} |")
+        summ = severity_summary(res["rows"])
+        print(f"| {name} | **all kinds** | {summ['mild']:+.4f} | {summ['moderate']:+.4f} | {summ['severe']:+.4f} | |")
 
 
 def parity(data: Path, models=MODELS) -> None:
@@ -166,7 +209,7 @@ def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("table", choices=["accuracy", "parity", "bench", "infer", "join", "all"])
+    ap.add_argument("table", choices=["accuracy", "robustness", "parity", "bench", "infer", "join", "all"])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cxr-mc-sz"))
     ap.add_argument("--models", default=",".join(MODELS), help="parity: comma list of shipped models")
     args = ap.parse_args()
@@ -174,7 +217,7 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no labelled X-rays found")
     if args.table == "parity":
         return parity(args.data, tuple(args.models.split(",")))
-    for table in (["accuracy", "parity", "bench", "infer", "join"] if args.table == "all" else [args.table]):
+    for table in (["accuracy", "robustness", "parity", "bench", "infer", "join"] if args.table == "all" else [args.table]):
         globals()[table](args.data)
 
 

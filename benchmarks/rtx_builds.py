@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from lungrt.build import build_and_verify, census_text
-from lungrt.checkpoint import resolve_model
-from lungrt.engine import BatchProfile, parse_targets
+from lungrt.models.checkpoint import resolve_model
+from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
 RESULTS = Path(__file__).parent / "results"

@@ -7,13 +7,13 @@
 Importing lungrt is cheap and changes no global state; the API loads its pieces on first use.
 """
 
-from ._version import __version__
+from lungrt._version import __version__
 __all__ = ["LungSegmenter", "LungResult", "__version__"]
 
 
 def __getattr__(name: str):
     if name in ("LungSegmenter", "LungResult"):
-        from . import api
+        from lungrt import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'lungrt' has no attribute {name!r}")

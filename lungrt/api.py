@@ -21,11 +21,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .backends import open_artifact, select_runner
-from .errors import LungrtError
-from .infer import collect_inputs, measure
-from .io import XRay, _to_unit, read_xray
-from .runners import Runner
+from lungrt.backends.select import open_artifact, select_runner
+from lungrt.core.errors import LungrtError
+from lungrt.inference.infer import collect_inputs, measure
+from lungrt.data.io import XRay, _to_unit, read_xray
+from lungrt.backends.base import Runner
 
 PathLike = str | Path
 
@@ -44,7 +44,7 @@ class LungResult:
     left_lung_mm2: float | None = None
     path: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray, for overlays
-    qc: str = "ok"  # "ok", or ";"-separated reasons to look at this mask (see lungrt.qc)
+    qc: str = "ok"  # "ok", or ";"-separated reasons to look at this mask (see lungrt.inference.qc)
     qc_features: dict = field(default_factory=dict)
 
     @property
@@ -53,7 +53,7 @@ class LungResult:
 
     def overlay(self) -> np.ndarray:
         """RGB uint8: the X-ray with the lung field tinted and outlined."""
-        from .plots import overlay
+        from lungrt.core.plots import overlay
 
         if self.image is None:
             raise LungrtError("this result keeps no image to draw on")
@@ -61,7 +61,7 @@ class LungResult:
 
     def save(self, folder: PathLike, name: str | None = None, overlay: bool = True) -> dict[str, Path]:
         """NAME.mask.png (0/255) and NAME.overlay.png in `folder`; returns the paths."""
-        from .io import write_png
+        from lungrt.data.io import write_png
 
         folder = Path(folder)
         stem = name or (Path(self.path).stem if self.path else "image")
@@ -99,7 +99,7 @@ class LungSegmenter:
 
     @property
     def qc(self):
-        from .qc import QCThresholds
+        from lungrt.inference.qc import QCThresholds
 
         return QCThresholds.from_dict(self.runner.info.qc)
 
@@ -159,11 +159,11 @@ class LungSegmenter:
         a verified TensorRT engine (`backend` auto | tensorrt | tensorrt-rtx; `targets` e.g.
         "sm86" for TensorRT-RTX). INT8 is calibrated on `calib` (a dataset: its train split).
         Files go to `out` (a folder), else the cache. Returns the path written."""
-        from .build import build_and_verify, choose_backend
-        from .cache import cache_root
-        from .checkpoint import resolve_model
-        from .engine import BatchProfile, parse_targets
-        from .variants import make_variant
+        from lungrt.build import build_and_verify, choose_backend
+        from lungrt.core.cache import cache_root
+        from lungrt.models.checkpoint import resolve_model
+        from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
+        from lungrt.export.variants import make_variant
 
         loaded = resolve_model(self.source)
         folder = Path(out) if out is not None else cache_root() / ("engines" if format == "engine" else "variants")
@@ -180,8 +180,8 @@ class LungSegmenter:
 
     def evaluate(self, data: PathLike, split: str = "test", postprocess: bool = False) -> dict:
         """Mean Accuracy, IoU, mIoU, Dice, F1, Precision, Recall, HD95 on a labelled dataset split."""
-        from .data import select_split
-        from .evaluate import evaluate
+        from lungrt.data.datasets import select_split
+        from lungrt.evaluation.evaluate import evaluate
 
         res = evaluate(self.runner, select_split(data, split), postprocess=postprocess)
         return res["mean"]
@@ -189,10 +189,10 @@ class LungSegmenter:
     def benchmark(self, batch_size: int = 8, seconds: float = 3.0) -> dict:
         """Images per second of this segmenter's model call, and of PyTorch eager FP32 on the same
         inputs when the weights are at hand (ratio measured in one run)."""
-        from .checkpoint import resolve_model
-        from .export import reference_inputs
-        from .parity import throughput
-        from .runners import TorchRunner
+        from lungrt.models.checkpoint import resolve_model
+        from lungrt.export.onnx import reference_inputs
+        from lungrt.evaluation.parity import throughput
+        from lungrt.backends.pytorch import TorchRunner
 
         x = reference_inputs(self.spec, batch_size)
         out = {"backend": self.runner.describe(), "batch": batch_size, "img_per_s": throughput(self.runner, x, seconds)}

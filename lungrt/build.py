@@ -18,17 +18,19 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import LoadedModel
-from .data import discover_pairs, select_split
-from .engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
-from .errors import LungrtError
-from .export import reference_inputs
-from .parity import GATES, apply_gate, compare, throughput
-from .phantoms import write_phantom_dataset
-from .precision import PRECISIONS
-from .runners import OnnxRuntimeRunner, Runner, TorchRunner
-from .backends import open_artifact
-from .variants import make_variant
+from lungrt.models.checkpoint import LoadedModel
+from lungrt.data.datasets import discover_pairs, select_split
+from lungrt.backends.tensorrt.engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
+from lungrt.core.errors import LungrtError
+from lungrt.export.onnx import reference_inputs
+from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
+from lungrt.data.phantoms import write_phantom_dataset
+from lungrt.export.precision import PRECISIONS
+from lungrt.backends.base import Runner
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
+from lungrt.backends.select import open_artifact
+from lungrt.export.variants import make_variant
 
 log_ = logging.getLogger(__name__)
 AUTO_VAL_IMAGES = 48

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._version import __version__
-from .errors import LungrtError
+from lungrt._version import __version__
+from lungrt.core.errors import LungrtError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lung-segmentation U-Nets for chest X-rays: train, export, verify, deploy fast.")
@@ -58,7 +58,7 @@ def main(version: bool = typer.Option(False, "--version", help="Print the versio
 @app.command()
 def doctor():
     """Versions, GPUs and which backends are usable here (and why not)."""
-    from .doctor import collect
+    from lungrt.doctor import collect
 
     report = collect()
     table = Table(title=f"lungrt {__version__} doctor")
@@ -79,7 +79,7 @@ def data_check(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON."),
 ):
     """Pairs found, unmatched and unreadable files, mask statistics and the 4:3:3 split."""
-    from .data import check_dataset
+    from lungrt.data.datasets import check_dataset
 
     report = run_guarded(lambda: check_dataset(folder, seed))
     out.print(f"[bold]{folder}[/]: {report['pairs']} pairs, {report['readable_pairs']} readable, "
@@ -107,7 +107,7 @@ def data_check(
 def models(size: int = typer.Option(256, help="Input size for the GFLOPs count."),
            width: int = typer.Option(16, help="Base width.")):
     """Each registered model's parameter count and GFLOPs per image."""
-    from .models import REGISTRY, build_model, count_parameters, gflops_per_image
+    from lungrt.models import REGISTRY, build_model, count_parameters, gflops_per_image
 
     table = Table(title=f"models at {size}x{size}, width {width}")
     for col in ("model", "parameters", "GFLOPs / image"):
@@ -137,8 +137,8 @@ def train(
     init: str = typer.Option("", help="Fine-tune from this checkpoint or shipped model name (same model and width)."),
 ):
     """Train a model on image/mask pairs (4:3:3 split, best checkpoint by validation Dice)."""
-    from .train import TrainConfig
-    from .train import train as run_training
+    from lungrt.training.train import TrainConfig
+    from lungrt.training.train import train as run_training
 
     cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
                       batch_size=batch_size, seed=seed, limit=limit, device=device, recipe=recipe,
@@ -168,10 +168,10 @@ def evaluate_cmd(
     """All metrics per image at native resolution; a Table-1-style comparison for several models."""
     if robustness:
         return _robustness_cmd(model, onnx, arch, data, split, seed, out_dir, json_path)
-    from .data import select_split
-    from .evaluate import evaluate, write_per_image_csv
-    from .plots import prediction_grid
-    from .backends import open_runner
+    from lungrt.data.datasets import select_split
+    from lungrt.evaluation.evaluate import evaluate, write_per_image_csv
+    from lungrt.core.plots import prediction_grid
+    from lungrt.backends.select import open_runner
 
     def body():
         pairs = select_split(data, split, seed)
@@ -218,9 +218,9 @@ def export(
     optionally as the FP16 or INT8 (explicit Q/DQ) variant."""
     import shutil
 
-    from .checkpoint import resolve_model
-    from .data import select_split
-    from .variants import make_variant
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.data.datasets import select_split
+    from lungrt.export.variants import make_variant
 
     def body():
         loaded = resolve_model(model, arch=arch)
@@ -251,12 +251,13 @@ def parity(
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Compare a precision variant with the PyTorch FP32 reference; exit 1 when its gate fails."""
-    from .checkpoint import resolve_model
-    from .data import select_split
-    from .parity import GATES, apply_gate, compare
-    from .backends import open_runner
-    from .runners import OnnxRuntimeRunner, TorchRunner
-    from .variants import make_variant
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.data.datasets import select_split
+    from lungrt.evaluation.parity import GATES, apply_gate, compare
+    from lungrt.backends.select import open_runner
+    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+    from lungrt.backends.pytorch import TorchRunner
+    from lungrt.export.variants import make_variant
 
     def body():
         loaded = resolve_model(model, arch=arch)
@@ -324,8 +325,8 @@ def infer(
 ):
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
-    from .infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
-    from .backends import select_runner
+    from lungrt.inference.infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
+    from lungrt.backends.select import select_runner
 
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
     if not out_dir.strip():
@@ -337,7 +338,7 @@ def infer(
         if not items:
             fail("no supported images found in the inputs")
         if ray is not None:
-            from .ray_infer import require_ray, run_infer_ray, runner_args_for
+            from lungrt.inference.ray import require_ray, run_infer_ray, runner_args_for
 
             require_ray()  # fail before any model work when the extra is missing
         with select_runner(model, arch, onnx, engine, backend, precision, log=out.print) as runner:
@@ -354,7 +355,7 @@ def infer(
               f"results: {summary['results_csv']}", highlight=False)
     write_json(json_path, summary)
     if report:
-        from .report import write_report
+        from lungrt.inference.report import write_report
 
         out.print(f"report: {run_guarded(lambda: write_report(Path(out_dir)))}", highlight=False)
     raise typer.Exit(EXIT_SOME_FAILED if summary["failed"] else EXIT_OK)
@@ -363,7 +364,7 @@ def infer(
 @app.command("report")
 def report_cmd(out_dir: Path = typer.Argument(..., help="The --out folder of a finished `lungrt infer` run.")):
     """Write OUT/report.html: summary, distributions, QC-flagged images first, a sortable table."""
-    from .report import write_report
+    from lungrt.inference.report import write_report
 
     out.print(f"wrote {run_guarded(lambda: write_report(out_dir))}", highlight=False)
 
@@ -376,7 +377,7 @@ def demo(
 ):
     """The main job on embedded data: synthetic X-rays -> best backend here -> infer with overlays,
     parity against PyTorch, and a short benchmark. No data or network needed."""
-    from .demo import run_demo
+    from lungrt.demo import run_demo
 
     r = run_guarded(lambda: run_demo(out_dir, model, count, log=out.print))
     p, b, i = r["parity"], r["benchmark"], r["infer"]
@@ -395,9 +396,9 @@ def demo(
 
 
 def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -> None:
-    from .data import select_split
-    from .robustness import run_robustness, severity_summary, worst_cases_png
-    from .backends import open_runner
+    from lungrt.data.datasets import select_split
+    from lungrt.evaluation.robustness import run_robustness, severity_summary, worst_cases_png
+    from lungrt.backends.select import open_runner
 
     def body():
         pairs = select_split(data, split, seed)
@@ -452,9 +453,9 @@ def bench(
     to PyTorch eager FP32 measured in the same run."""
     import torch
 
-    from .bench import plot_bench, run_bench
-    from .checkpoint import resolve_model
-    from .variants import make_variant
+    from lungrt.benchmark.bench import plot_bench, run_bench
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.export.variants import make_variant
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
@@ -527,9 +528,9 @@ def build(
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
     `--precision auto` keeps the fastest variant that passes parity."""
-    from .build import build_and_verify, build_auto, census_text, choose_backend
-    from .checkpoint import resolve_model
-    from .engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
+    from lungrt.build import build_and_verify, build_auto, census_text, choose_backend
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
 
     def body():
         be = choose_backend(backend, log=out.print)
@@ -567,7 +568,7 @@ def package(
     name: Optional[str] = typer.Option(None, help="Model name in the repository."),
 ):
     """Export a plan as a Triton model (config.pbtxt + 1/model.plan)."""
-    from .engine import export_triton
+    from lungrt.backends.tensorrt.engine import export_triton
 
     model_dir = run_guarded(lambda: export_triton(engine, triton, name))
     out.print(f"wrote {model_dir / 'config.pbtxt'} and {model_dir / '1' / 'model.plan'}", highlight=False)

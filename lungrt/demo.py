@@ -13,19 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import resolve_model
-from .data import discover_pairs
-from .infer import InferOptions, collect_inputs, run_infer
-from .parity import GATES, apply_gate, compare, throughput
-from .phantoms import make_phantom, write_phantom_dataset
-from .plots import overlay
-from .backends import select_runner
-from .runners import TorchRunner
+from lungrt.models.checkpoint import resolve_model
+from lungrt.data.datasets import discover_pairs
+from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
+from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
+from lungrt.data.phantoms import make_phantom, write_phantom_dataset
+from lungrt.core.plots import overlay
+from lungrt.backends.select import select_runner
+from lungrt.backends.pytorch import TorchRunner
 
 
 def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 4) -> None:
-    from .io import read_mask, read_xray
-    from .plots import figure
+    from lungrt.data.io import read_mask, read_xray
+    from lungrt.core.plots import figure
 
     n = min(len(pairs), 8)
     rows = (n + cols - 1) // cols

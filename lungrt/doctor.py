@@ -15,7 +15,7 @@ def _version(module: str) -> str:
 
 def tensorrt_status(flavour: str = "tensorrt") -> tuple[bool, str]:
     """(can build here, reason) for a TensorRT flavour: `tensorrt` or `tensorrt-rtx`."""
-    from .engine import flavour_status
+    from lungrt.backends.tensorrt.engine import flavour_status
 
     return flavour_status(flavour)
 

@@ -1,5 +1,5 @@
 """Copy trained checkpoints into the package as FP16 safetensors, with their test-split metrics
-and their QC thresholds (fitted on the training split, checked on validation: lungrt.qc).
+and their QC thresholds (fitted on the training split, checked on validation: lungrt.inference.qc).
 
     .venv/bin/python scripts/ship_weights.py runs/unet runs/gsconv-unet runs/msag-unet --data ../shared/data/cxr-mc-sz
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from lungrt.checkpoint import load_checkpoint, save_checkpoint
-from lungrt.data import select_split
-from lungrt.evaluate import evaluate
-from lungrt.qc import fit_for_model
-from lungrt.runners import TorchRunner
+from lungrt.models.checkpoint import load_checkpoint, save_checkpoint
+from lungrt.data.datasets import select_split
+from lungrt.evaluation.evaluate import evaluate
+from lungrt.inference.qc import fit_for_model
+from lungrt.backends.pytorch import TorchRunner
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "lungrt" / "weights"
 

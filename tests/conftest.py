@@ -30,7 +30,7 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    from lungrt.phantoms import write_phantom_dataset
+    from lungrt.data.phantoms import write_phantom_dataset
 
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), count=24, size=128, seed=1)
 
@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory, phantom_dir) -> Path:
     """A width-4 U-Net trained for a few epochs on phantoms: decisive enough for parity tests."""
     import torch
 
-    from lungrt.train import TrainConfig, train
+    from lungrt.training.train import TrainConfig, train
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("tiny_run")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import lungrt
-from lungrt.errors import LungrtError
-from lungrt.io import write_png
-from lungrt.phantoms import make_phantom
+from lungrt.core.errors import LungrtError
+from lungrt.data.io import write_png
+from lungrt.data.phantoms import make_phantom
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -64,7 +64,7 @@ def test_engine_export_and_load(tmp_path, empty_cwd, tiny_checkpoint):
     seg = lungrt.LungSegmenter.load(tiny_checkpoint)
     plan = seg.export("engine", precision="fp16", backend="tensorrt-rtx", out=tmp_path / "eng")
     assert plan.suffix == ".plan" and plan.stat().st_size > 0
-    from lungrt.engine import gpu_environment
+    from lungrt.backends.tensorrt.engine import gpu_environment
 
     if gpu_environment() is None:
         with pytest.raises(LungrtError, match="needs an NVIDIA GPU"):

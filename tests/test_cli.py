@@ -81,12 +81,12 @@ def test_eval_on_known_case_scores_perfectly(tmp_path, phantom_dir):
     eval path (preprocess, invert to native size, metrics) on a known answer."""
     import numpy as np
 
-    from lungrt.checkpoint import ModelInfo
-    from lungrt.data import discover_pairs
-    from lungrt.evaluate import evaluate
-    from lungrt.io import read_mask
-    from lungrt.preprocess import PreprocessSpec
-    from lungrt.runners import Runner
+    from lungrt.models.checkpoint import ModelInfo
+    from lungrt.data.datasets import discover_pairs
+    from lungrt.evaluation.evaluate import evaluate
+    from lungrt.data.io import read_mask
+    from lungrt.core.spec import PreprocessSpec
+    from lungrt.backends.base import Runner
 
     pairs = discover_pairs(phantom_dir).pairs[:4]
     spec = PreprocessSpec(size=128)  # phantoms are 128 px: the inverse resize is the identity
@@ -123,9 +123,9 @@ def test_data_check_on_the_real_xrays(tmp_path):
 
 
 def test_export_command_writes_checked_onnx(tmp_path, tiny_checkpoint):
-    from lungrt.runners import onnx_metadata
+    from lungrt.backends.base import onnx_metadata
 
     res = runner.invoke(app, ["export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "fp16"])
     assert res.exit_code == 0, res.output
     meta = onnx_metadata(tmp_path / "m.onnx")
-    assert meta["lungrt.precision"] == "fp16" and json.loads(meta["lungrt.model"])["name"] == "unet"
+    assert meta["lungrt.export.precision"] == "fp16" and json.loads(meta["lungrt.model"])["name"] == "unet"

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungrt.data import check_dataset, discover_pairs, split_pairs, Pair
-from lungrt.errors import DatasetError
-from lungrt.io import write_png
+from lungrt.data.datasets import check_dataset, discover_pairs, split_pairs, Pair
+from lungrt.core.errors import DatasetError
+from lungrt.data.io import write_png
 
 
 def test_discovers_images_and_masks_folders(phantom_dir):

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lungrt.checkpoint import load_checkpoint
+from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
-from lungrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path
-from lungrt.errors import LungrtError
-from lungrt.variants import make_variant
+from lungrt.backends.tensorrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path
+from lungrt.core.errors import LungrtError
+from lungrt.export.variants import make_variant
 
 TRT_OK, TRT_WHY = tensorrt_status("tensorrt")
 

@@ -9,12 +9,14 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from lungrt.checkpoint import load_checkpoint
+from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
-from lungrt.export import export_onnx, reference_inputs
-from lungrt.precision import FP16_KEEP_FP32_OPS, load_calibration_set, make_fp16, make_int8
-from lungrt.runners import OnnxRuntimeRunner, TorchRunner, onnx_metadata
-from lungrt.variants import make_variant
+from lungrt.export.onnx import export_onnx, reference_inputs
+from lungrt.export.precision import FP16_KEEP_FP32_OPS, load_calibration_set, make_fp16, make_int8
+from lungrt.backends.base import onnx_metadata
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
+from lungrt.export.variants import make_variant
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,9 @@ def variants(tmp_path_factory, tiny_checkpoint):
 
 @pytest.mark.parametrize("name", ["unet", "gsconv-unet", "msag-unet"])
 def test_export_round_trip_equals_torch_at_other_batch(tmp_path, name):
-    from lungrt.checkpoint import LoadedModel, ModelInfo
+    from lungrt.models.checkpoint import LoadedModel, ModelInfo
     from lungrt.models import build_model
-    from lungrt.preprocess import PreprocessSpec
+    from lungrt.core.spec import PreprocessSpec
 
     loaded = LoadedModel(build_model(name, 4).eval(), ModelInfo(name, 4, PreprocessSpec(size=64)))
     path = export_onnx(loaded, tmp_path / "m.onnx")  # raises if ORT and torch differ
@@ -54,9 +56,9 @@ def test_metadata_survives(variants):
 
 
 def test_fp16_graph_has_fp32_io_and_keeps_sensitive_ops_fp32(tmp_path):
-    from lungrt.checkpoint import LoadedModel, ModelInfo
+    from lungrt.models.checkpoint import LoadedModel, ModelInfo
     from lungrt.models import build_model
-    from lungrt.preprocess import PreprocessSpec
+    from lungrt.core.spec import PreprocessSpec
 
     loaded = LoadedModel(build_model("msag-unet", 4).eval(), ModelInfo("msag-unet", 4, PreprocessSpec(size=64)))
     fp16 = make_fp16(export_onnx(loaded, tmp_path / "a.onnx"), tmp_path / "a16.onnx")
@@ -139,8 +141,9 @@ def test_parity_passes_for_good_variants_and_fails_for_a_broken_one(tmp_path, ti
 def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
     """With a gate that full INT8 cannot meet, the search must exclude blocks (worst first) until
     the variant passes, and record them in the ONNX metadata."""
-    from lungrt import parity, variants as variants_mod
-    from lungrt.data import discover_pairs
+    from lungrt.evaluation import parity
+    from lungrt.export import variants as variants_mod
+    from lungrt.data.datasets import discover_pairs
 
     monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))
     loaded = load_checkpoint(tiny_checkpoint)
@@ -152,16 +155,16 @@ def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_c
     meta = json.loads(onnx_metadata(v.path)["lungrt.calibration"])
     assert meta["excluded_nodes"] and all(any(f"/{b}/" in n for b in excluded) for n in meta["excluded_nodes"])
     with OnnxRuntimeRunner(v.path) as cand:
-        from lungrt.parity import apply_gate, compare
+        from lungrt.evaluation.parity import apply_gate, compare
 
         assert apply_gate(compare(TorchRunner(loaded), cand, pairs)["summary"], parity.GATES["int8"])["passed"]
 
 
 def test_fp16_of_gsconv_loads_in_onnxruntime(tmp_path):
     """Attention gates' Resize and the ASPP pooling stay FP32 behind casts; the graph must stay valid."""
-    from lungrt.checkpoint import LoadedModel, ModelInfo
+    from lungrt.models.checkpoint import LoadedModel, ModelInfo
     from lungrt.models import build_model
-    from lungrt.preprocess import PreprocessSpec
+    from lungrt.core.spec import PreprocessSpec
 
     loaded = LoadedModel(build_model("gsconv-unet", 4).eval(), ModelInfo("gsconv-unet", 4, PreprocessSpec(size=64)))
     fp16 = make_fp16(export_onnx(loaded, tmp_path / "g.onnx"), tmp_path / "g16.onnx")

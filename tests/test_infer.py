@@ -16,9 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lungrt.cli import app
-from lungrt.io import write_png
-from lungrt.journal import read_records
-from lungrt.phantoms import make_phantom
+from lungrt.data.io import write_png
+from lungrt.inference.journal import read_records
+from lungrt.data.phantoms import make_phantom
 
 from .test_io import make_dicom
 
@@ -118,9 +118,9 @@ def test_resume_redoes_an_output_cut_short(tmp_path, tiny_checkpoint):
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 @pytest.mark.parametrize("sleeps", [True, False])
 def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_checkpoint, monkeypatch, sleeps):
-    import lungrt.infer as infer
-    from lungrt.checkpoint import resolve_model
-    from lungrt.runners import TorchRunner
+    import lungrt.inference.infer as infer
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.backends.pytorch import TorchRunner
 
     d = tmp_path / "in"
     for i in range(2):
@@ -172,7 +172,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint)
 
 
 def test_journal_keeps_whole_lines_latest_run_wins(tmp_path):
-    from lungrt.journal import journal_for, start_fresh
+    from lungrt.inference.journal import journal_for, start_fresh
 
     out = tmp_path / "out"
     journal_for(out).append({"rel": "a", "status": "error"})

@@ -16,9 +16,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lungrt.cli import app
-from lungrt.infer import collect_inputs
-from lungrt.io import read_xray, write_png
-from lungrt.phantoms import make_phantom
+from lungrt.inference.infer import collect_inputs
+from lungrt.data.io import read_xray, write_png
+from lungrt.data.phantoms import make_phantom
 
 from .test_io import make_dicom
 
@@ -138,7 +138,7 @@ def test_resume_with_other_model_or_options_is_refused(half_done, tiny_checkpoin
     res = _infer([folder], out, tiny_checkpoint, "--resume", "--no-postprocess")
     assert res.exit_code == 2 and "postprocess" in _one_line(res.output)
     other = tmp_path / "other.safetensors"
-    from lungrt.checkpoint import load_checkpoint, save_checkpoint
+    from lungrt.models.checkpoint import load_checkpoint, save_checkpoint
 
     loaded = load_checkpoint(tiny_checkpoint)
     with __import__("torch").no_grad():
@@ -177,7 +177,7 @@ def test_nan_pixels_in_a_float_tiff_are_ignored_in_the_window(tmp_path):
 
 def test_all_nan_image_is_an_error_row(tmp_path):
     Image.fromarray(np.full((64, 64), np.nan, np.float32), mode="F").save(tmp_path / "n.tif")
-    from lungrt.errors import ImageReadError
+    from lungrt.core.errors import ImageReadError
 
     with pytest.raises(ImageReadError, match="no finite pixel"):
         read_xray(tmp_path / "n.tif")
@@ -185,7 +185,7 @@ def test_all_nan_image_is_an_error_row(tmp_path):
 
 # 7 ------------------------------------------------------------------------------------------------
 def test_batch_size_is_clamped_to_the_number_of_inputs(tmp_path, tiny_checkpoint, monkeypatch):
-    from lungrt.runners import TorchRunner
+    from lungrt.backends.pytorch import TorchRunner
 
     seen = []
     real = TorchRunner.run
@@ -214,7 +214,7 @@ def test_derived_onnx_goes_to_the_cache_and_is_verified(tmp_path, tiny_checkpoin
 
 # 9 ------------------------------------------------------------------------------------------------
 def test_disk_full_is_one_line_and_keeps_what_is_done(tmp_path, tiny_checkpoint, monkeypatch):
-    import lungrt.infer as infer_mod
+    import lungrt.inference.infer as infer_mod
 
     folder = tmp_path / "in"
     for i in range(6):
@@ -366,8 +366,8 @@ def test_fp16_on_cpu_torch_is_refused(tmp_path, tiny_checkpoint):
 def test_non_finite_weights_are_refused(tmp_path, tiny_checkpoint):
     import torch
 
-    from lungrt.checkpoint import load_checkpoint, save_checkpoint
-    from lungrt.errors import CheckpointError
+    from lungrt.models.checkpoint import load_checkpoint, save_checkpoint
+    from lungrt.core.errors import CheckpointError
 
     loaded = load_checkpoint(tiny_checkpoint)
     with torch.no_grad():
@@ -379,7 +379,7 @@ def test_non_finite_weights_are_refused(tmp_path, tiny_checkpoint):
 
 
 def test_truncated_dicom_says_so(tmp_path):
-    from lungrt.errors import ImageReadError
+    from lungrt.core.errors import ImageReadError
 
     make_dicom(tmp_path / "s.dcm", (make_phantom(1, 64).image * 4095).astype(np.uint16))
     data = (tmp_path / "s.dcm").read_bytes()

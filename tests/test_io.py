@@ -12,8 +12,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid
 
-from lungrt.errors import ImageReadError
-from lungrt.io import read_mask, read_xray, write_png
+from lungrt.core.errors import ImageReadError
+from lungrt.data.io import read_mask, read_xray, write_png
 
 
 def _png_header_only(path, width, height):
@@ -68,7 +68,7 @@ def test_8bit_png_keeps_scale(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_kept_8bit_pixels_preprocess_exactly_like_float(tmp_path, dtype):
-    from lungrt.preprocess import PreprocessSpec
+    from lungrt.core.spec import PreprocessSpec
 
     rng = np.random.default_rng(0)
     raw = rng.integers(0, np.iinfo(dtype).max, (70, 90), dtype=dtype)

@@ -74,7 +74,7 @@ def test_cycle_check_finds_a_cycle():
 
 
 def test_runner_contract_knows_no_backend_by_name():
-    assert not import_graph()["lungrt.runners"] & {"lungrt.tensorrt_runner", "lungrt.variants", "lungrt.backends"}
+    assert not import_graph()["lungrt.backends.base"] & {"lungrt.backends.tensorrt.runner", "lungrt.export.variants", "lungrt.backends.select"}
 
 
 def test_importing_every_module_changes_no_global_state():
@@ -85,7 +85,7 @@ before = (matplotlib.get_backend() if 'matplotlib.pyplot' in sys.modules else No
           signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
 import lungrt
 for m in pkgutil.walk_packages(lungrt.__path__, 'lungrt.'):
-    if m.name not in ('lungrt.ray_infer',):
+    if m.name not in ('lungrt.inference.ray',):
         importlib.import_module(m.name)
 after = (matplotlib.get_backend() if 'matplotlib.pyplot' in sys.modules else None, torch.get_num_threads(),
          signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))

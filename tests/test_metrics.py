@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lungrt.metrics import hd95, mean_metrics, segmentation_metrics
+from lungrt.evaluation.metrics import hd95, mean_metrics, segmentation_metrics
 
 
 def test_hand_computed_case():

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from lungrt.checkpoint import ModelInfo, load_bare_weights, load_checkpoint, read_info, resolve_model, save_checkpoint
-from lungrt.errors import CheckpointError
+from lungrt.models.checkpoint import ModelInfo, load_bare_weights, load_checkpoint, read_info, resolve_model, save_checkpoint
+from lungrt.core.errors import CheckpointError
 from lungrt.models import REGISTRY, build_model, count_parameters, gflops_per_image
-from lungrt.preprocess import PreprocessSpec
-from lungrt.train import augment_batch, dice_bce_loss
+from lungrt.core.spec import PreprocessSpec
+from lungrt.training.train import augment_batch, dice_bce_loss
 
 WIDTH = 4  # tiny models keep these tests fast
 
@@ -30,7 +30,7 @@ def test_parameters_and_flops_are_counted(name):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_a_few_training_steps_lower_the_loss(name, phantom_dir):
-    from lungrt.data import discover_pairs, load_arrays
+    from lungrt.data.datasets import discover_pairs, load_arrays
 
     torch.manual_seed(0)
     spec = PreprocessSpec(size=64)

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungrt.postprocess import lung_fields
+from lungrt.inference.postprocess import lung_fields
 
 
 def _two_lungs():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lungrt.preprocess import PreprocessSpec
+from lungrt.core.spec import PreprocessSpec
 
 
 def test_spec_round_trips_through_json():

@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lungrt.cli import app
-from lungrt.io import write_png
-from lungrt.journal import read_records
-from lungrt.phantoms import make_phantom
+from lungrt.data.io import write_png
+from lungrt.inference.journal import read_records
+from lungrt.data.phantoms import make_phantom
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lungrt[ray]'")
 runner = CliRunner()

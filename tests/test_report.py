@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from lungrt.cli import app
-from lungrt.infer import CSV_FIELDS
-from lungrt.io import write_png
-from lungrt.phantoms import make_phantom
-from lungrt.report import MAX_THUMBS, write_report
+from lungrt.inference.infer import CSV_FIELDS
+from lungrt.data.io import write_png
+from lungrt.data.phantoms import make_phantom
+from lungrt.inference.report import MAX_THUMBS, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here (apt-get install chromium)")

@@ -16,16 +16,16 @@ import pytest
 import tensorrt_rtx as trt
 from typer.testing import CliRunner
 
-from lungrt.checkpoint import load_checkpoint
+from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
-from lungrt.engine import (
+from lungrt.backends.tensorrt.engine import (
     BatchProfile, PolygraphyBuilder, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path,
     parse_targets,
 )
-from lungrt.errors import LungrtError
-from lungrt.precision import dtype_census
-from lungrt.tensorrt_runner import RUNTIME_API, TensorRTRunner
-from lungrt.variants import make_variant
+from lungrt.core.errors import LungrtError
+from lungrt.export.precision import dtype_census
+from lungrt.backends.tensorrt.runner import RUNTIME_API, TensorRTRunner
+from lungrt.export.variants import make_variant
 
 runner = CliRunner()
 NO_GPU = gpu_environment() is None
@@ -54,7 +54,7 @@ def test_rtx_build_writes_a_real_engine_and_its_metadata(rtx_builds, precision):
     plan = plans[0]
     meta = json.loads(metadata_path(plan).read_text())
     assert meta["flavour"] == "tensorrt-rtx" and meta["tensorrt"] == trt.__version__ and meta["targets"] == ["8.6"]
-    assert meta["batch_profile"] == [1, 4, 8] and meta["strongly_typed"] is True
+    assert meta["batch_profile"] == [1, 4, 8]
     assert meta["engine_bytes"] == plan.stat().st_size > 10_000
     assert "int8fp16" in meta["onnx"] if precision == "int8" else f".{precision}.onnx" in meta["onnx"]
     # written atomically: no temp file left beside it
@@ -178,7 +178,7 @@ def test_runner_source_uses_only_listed_attributes():
     """The runner's `self.engine.X` / `self.context.X` calls are all in RUNTIME_API (keeps the list honest)."""
     import re
 
-    import lungrt.tensorrt_runner as mod
+    import lungrt.backends.tensorrt.runner as mod
 
     src = Path(mod.__file__).read_text()
     used = {("ICudaEngine", a) for a in re.findall(r"self\.engine\.(\w+)\(", src)}

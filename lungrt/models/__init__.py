@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gsconv import GSConvUNet
-from .msag import MSAGUNet
-from .unet import UNet
+from lungrt.models.gsconv import GSConvUNet
+from lungrt.models.msag import MSAGUNet
+from lungrt.models.unet import UNet
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "unet": UNet,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import ConvBNReLU, UNetSkeleton, widths
+from lungrt.models.blocks import ConvBNReLU, UNetSkeleton, widths
 
 
 class GatedSpatialConv(nn.Module):

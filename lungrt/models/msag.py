@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .blocks import UNetSkeleton, widths
+from lungrt.models.blocks import UNetSkeleton, widths
 
 
 class SpatialReductionAttention(nn.Module):

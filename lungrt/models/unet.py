@@ -1,6 +1,6 @@
 """The baseline U-Net: 4 down / 4 up, double 3x3 conv + BN + ReLU, skip concatenation."""
 
-from .blocks import UNetSkeleton
+from lungrt.models.blocks import UNetSkeleton
 
 
 class UNet(UNetSkeleton):

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import LoadedModel
-from .errors import BackendUnavailable, LungrtError
-from .runners import OnnxRuntimeRunner, Runner, TorchRunner
+from lungrt.models.checkpoint import LoadedModel
+from lungrt.core.errors import BackendUnavailable, LungrtError
+from lungrt.backends.base import Runner
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
 
 log_ = logging.getLogger(__name__)
 ENGINE_SUFFIXES = (".plan", ".engine")
@@ -26,7 +28,7 @@ TORCH_FAST_PATHS = {
 
 
 def open_engine(plan: str | Path) -> Runner:
-    from .tensorrt_runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour
+    from lungrt.backends.tensorrt.runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour
 
     return TensorRTRunner(plan)
 
@@ -52,7 +54,7 @@ def open_runner(model: str | None = None, onnx: str | Path | None = None, engine
         if backend not in ("auto", "onnxruntime"):
             raise LungrtError(f"--onnx runs on onnxruntime, not {backend!r}")
         return OnnxRuntimeRunner(onnx, device=device)
-    from .checkpoint import resolve_model
+    from lungrt.models.checkpoint import resolve_model
 
     loaded = resolve_model(model or "unet", arch=arch, width=width)
     if backend in ("auto", "torch"):
@@ -64,8 +66,8 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
                   backend: str = "auto", precision: str = "fp32", device: str = "auto", log=log_.info) -> Runner:
     """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
     backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
-    from .checkpoint import resolve_model
-    from .variants import make_variant
+    from lungrt.models.checkpoint import resolve_model
+    from lungrt.export.variants import make_variant
 
     if engine is not None or onnx is not None:
         return open_runner(onnx=onnx, engine=engine, backend=backend)
@@ -80,7 +82,7 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
                               f"use --backend onnxruntime --precision {precision}, or --precision fp32")
         return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision)
     if backend in ("auto", "onnxruntime"):
-        from .cache import cache_root
+        from lungrt.core.cache import cache_root
 
         root = cache_root()
         return OnnxRuntimeRunner(make_variant(loaded, precision, folder=root / "variants", cache_dir=root / "calibration",
@@ -92,7 +94,7 @@ def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: 
     """bench's configurations: a backend name x precision. `variant_path(v)` gives the ONNX variant,
     `variant_path(v, engine=True)` the engine. Missing software or hardware: BackendUnavailable."""
     if backend in TORCH_FAST_PATHS:
-        from .train import bf16_autocast_supported
+        from lungrt.training.train import bf16_autocast_supported
 
         if variant == "int8":
             raise BackendUnavailable("no int8 for PyTorch eager")
@@ -104,7 +106,7 @@ def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: 
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
     if backend in ("tensorrt", "tensorrt-rtx"):
-        from .engine import gpu_environment
+        from lungrt.backends.tensorrt.engine import gpu_environment
 
         if gpu_environment() is None:
             raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")

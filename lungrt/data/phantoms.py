@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import write_png
+from lungrt.data.io import write_png
 
 
 @dataclass

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LungrtError
-from .infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, prepare_out_dir,
+from lungrt.core.errors import LungrtError
+from lungrt.inference.infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, prepare_out_dir,
                     remove_partial_writes, todo_items, write_results_csv)
-from .journal import lock_out_dir, write_summary
-from .io import XRay
-from .preprocess import PreprocessSpec
-from .progress import progress_bar
+from lungrt.inference.journal import lock_out_dir, write_summary
+from lungrt.data.io import XRay
+from lungrt.core.spec import PreprocessSpec
+from lungrt.core.progress import progress_bar
 
 
 def require_ray():
@@ -69,7 +69,7 @@ class InferActor:
     """Opens the runner once per actor; pads partial batches like the single-machine path."""
 
     def __init__(self, runner_args: dict, batch_size: int):
-        from .backends import select_runner
+        from lungrt.backends.select import select_runner
 
         self.runner = select_runner(**runner_args, log=lambda *a: None)
         self.batch_size = batch_size
@@ -91,7 +91,7 @@ class _RunnerView:
     """What `finish_one` needs of a runner, rebuilt in a writer task."""
 
     def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None):
-        from .checkpoint import ModelInfo
+        from lungrt.models.checkpoint import ModelInfo
 
         self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec, qc=qc or {})
 

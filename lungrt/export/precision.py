@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import LungrtError
-from .export import set_metadata
-from .io import temp_path_for
-from .runners import onnx_metadata
+from lungrt.core.errors import LungrtError
+from lungrt.export.onnx import set_metadata
+from lungrt.data.io import temp_path_for
+from lungrt.backends.base import onnx_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
@@ -53,7 +53,7 @@ def make_fp16(fp32_path: str | Path, out_path: str | Path) -> Path:
     # (seen on the attention gates' Resize); drop them and let shape inference recompute.
     del fp16.graph.value_info[:]
     fp16 = onnx.shape_inference.infer_shapes(fp16)
-    set_metadata(fp16, {"lungrt.precision": "fp16", "lungrt.fp16_kept_fp32_ops": ",".join(FP16_KEEP_FP32_OPS)})
+    set_metadata(fp16, {"lungrt.export.precision": "fp16", "lungrt.fp16_kept_fp32_ops": ",".join(FP16_KEEP_FP32_OPS)})
     onnx.checker.check_model(fp16)
     _save(fp16, out_path)
     return Path(out_path)
@@ -71,7 +71,7 @@ def make_int8_fp16(int8_path: str | Path, out_path: str | Path) -> Path:
 
     model = onnx.load(str(int8_path))
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("lungrt.precision") != "int8":
+    if meta.get("lungrt.export.precision") != "int8":
         raise LungrtError(f"{int8_path}: not an INT8 variant")
     if max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 19:
         model = version_converter.convert_version(model, 19)
@@ -165,7 +165,7 @@ class CalibrationSet:
 def calibration_files(folder: str | Path, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> list[Path]:
     """A fixed-size subset of the training split when the folder is a labelled dataset (never
     val or test), else of all readable-looking images under it; chosen by name hash."""
-    from .data import discover_pairs, split_pairs, _files, _unit_hash
+    from lungrt.data.datasets import discover_pairs, split_pairs, _files, _unit_hash
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -182,8 +182,8 @@ def calibration_files(folder: str | Path, count: int = DEFAULT_CALIBRATION_IMAGE
 
 
 def load_calibration_set(spec, folder: str | Path | None, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> CalibrationSet:
-    from .io import read_xray
-    from .phantoms import make_phantom
+    from lungrt.data.io import read_xray
+    from lungrt.data.phantoms import make_phantom
 
     h = hashlib.sha256(spec.to_json().encode())
     if folder is None:  # no data at hand (demo, tests): synthetic phantoms, said so in the report
@@ -228,7 +228,7 @@ def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet
     if method not in CALIBRATION_METHODS:
         raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if cache_dir is None:
-        from .cache import cache_root
+        from lungrt.core.cache import cache_root
 
         cache_dir = cache_root() / "calibration"
     meta = onnx_metadata(fp32_path)
@@ -251,7 +251,7 @@ def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet
         )
         q = onnx.load(str(tmp_out))
     set_metadata(q, {
-        "lungrt.precision": "int8",
+        "lungrt.export.precision": "int8",
         "lungrt.calibration": json.dumps({"method": method, "set": calib.description, "digest": calib.digest,
                                           "excluded_nodes": list(exclude or [])}),
     })

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ._version import __version__
-from .errors import LungrtError
-from .export import file_hash
-from .io import temp_path_for
-from .runners import INPUT_NAME, OUTPUT_NAME, onnx_metadata
+from lungrt._version import __version__
+from lungrt.core.errors import LungrtError
+from lungrt.export.onnx import file_hash
+from lungrt.data.io import temp_path_for
+from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, onnx_metadata
 
 log_ = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
                  workspace_gib: float = 4.0, builder: EngineBuilder | None = None, rebuild: bool = False,
                  log=log_.info) -> dict:
     """Build (or reuse) the plan for one precision-variant ONNX file; returns its metadata."""
-    from .precision import dtype_census
+    from lungrt.export.precision import dtype_census
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
@@ -246,7 +246,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         meta_onnx = onnx_metadata(onnx_path)
     except Exception as e:
         raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
-    if "lungrt.preprocess" not in meta_onnx:
+    if "lungrt.core.spec" not in meta_onnx:
         raise LungrtError(f"{onnx_path}: ONNX file has no lungrt metadata (make it with `lungrt export`)")
     plan = plan_path(onnx_path, out_dir, env)
     wanted = {"onnx_hash": file_hash(onnx_path), "batch_profile": [batch.min, batch.opt, batch.max], **env}
@@ -255,7 +255,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         if not stale_reasons(existing, wanted):
             log(f"{plan} is up to date; nothing to build")
             return existing
-    size = json.loads(meta_onnx["lungrt.preprocess"])["size"]
+    size = json.loads(meta_onnx["lungrt.core.spec"])["size"]
     shapes = {k: (n, 1, size, size) for k, n in (("min", batch.min), ("opt", batch.opt), ("max", batch.max))}
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -272,7 +272,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         **wanted,
         "model": json.loads(meta_onnx["lungrt.model"]),
         "weights_hash": meta_onnx.get("lungrt.weights_hash"),
-        "precision": meta_onnx.get("lungrt.precision", "fp32"),
+        "precision": meta_onnx.get("lungrt.export.precision", "fp32"),
         "int8_float": meta_onnx.get("lungrt.int8_float"),
         "onnx": str(onnx_path),
         "plan": plan.name,

@@ -19,11 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from ._version import __version__
-from .errors import CheckpointError
-from .io import temp_path_for
-from .models import REGISTRY, build_model
-from .preprocess import PreprocessSpec
+from lungrt._version import __version__
+from lungrt.core.errors import CheckpointError
+from lungrt.data.io import temp_path_for
+from lungrt.models import REGISTRY, build_model
+from lungrt.core.spec import PreprocessSpec
 
 META_KEY = "lungrt"
 MAX_WIDTH = 256

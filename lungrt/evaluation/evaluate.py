@@ -14,11 +14,11 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import Pair
-from .io import XRay, read_mask, read_xray
-from .metrics import METRIC_NAMES, mean_metrics, segmentation_metrics
-from .progress import progress_bar
-from .runners import Runner
+from lungrt.data.datasets import Pair
+from lungrt.data.io import XRay, read_mask, read_xray
+from lungrt.evaluation.metrics import METRIC_NAMES, mean_metrics, segmentation_metrics
+from lungrt.core.progress import progress_bar
+from lungrt.backends.base import Runner
 
 
 @dataclass
@@ -60,7 +60,7 @@ def predict_native(runner: Runner, samples: list[Sample]) -> list[np.ndarray]:
 def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0, postprocess: bool = False) -> dict:
     """Per-image metrics and their means; `keep` first samples are returned for figures.
     `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
-    from .postprocess import lung_fields
+    from lungrt.inference.postprocess import lung_fields
 
     rows, kept = [], []
     with progress_bar() as bar:

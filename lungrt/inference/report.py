@@ -19,9 +19,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import LungrtError
-from .journal import records_folder
-from .plots import figure
+from lungrt.core.errors import LungrtError
+from lungrt.inference.journal import records_folder
+from lungrt.core.plots import figure
 
 MAX_THUMBS = 240
 THUMB_PX = 180
@@ -79,7 +79,7 @@ def _distributions(rows: list[dict]) -> str:
 
 def _thumbnail(out_dir: Path, row: dict) -> str | None:
     """A small overlay (red outline of the mask on the X-ray) as a base64 JPEG."""
-    from .io import read_xray
+    from lungrt.data.io import read_xray
 
     try:
         gray = read_xray(row["path"]).gray8
@@ -139,7 +139,7 @@ def write_report(out_dir: str | Path) -> Path:
         columns=json.dumps(TABLE_COLUMNS), data=json.dumps(table).replace("</", "<\\/"),
     )
     path = out_dir / "report.html"
-    from .io import atomic_write_bytes
+    from lungrt.data.io import atomic_write_bytes
 
     atomic_write_bytes(path, page.encode(), durable=False)
     return path

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageReadError
-from .preprocess import to_gray8
+from lungrt.core.errors import ImageReadError
+from lungrt.core.spec import to_gray8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .abnormalities import KINDS, SEVERITIES, paint_benchmark
-from .data import Pair
-from .io import read_mask, read_xray
-from .metrics import segmentation_metrics
-from .progress import progress_bar
-from .runners import Runner
+from lungrt.data.abnormalities import KINDS, SEVERITIES, paint_benchmark
+from lungrt.data.datasets import Pair
+from lungrt.data.io import read_mask, read_xray
+from lungrt.evaluation.metrics import segmentation_metrics
+from lungrt.core.progress import progress_bar
+from lungrt.backends.base import Runner
 
 BENCH_SEED = 20261123  # the training augmentation draws from per-batch generator seeds, never this stream
 
@@ -90,7 +90,7 @@ def worst_cases_png(result: dict, path: str | Path) -> Path:
     predicted mask outline (red)."""
     import cv2
 
-    from .plots import figure
+    from lungrt.core.plots import figure
 
     worst = result["worst"]
     cols = 4

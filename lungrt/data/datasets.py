@@ -16,9 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import DatasetError, ImageReadError
-from .io import is_supported, read_mask, read_xray
-from .preprocess import PreprocessSpec
+from lungrt.core.errors import DatasetError, ImageReadError
+from lungrt.data.io import is_supported, read_mask, read_xray
+from lungrt.core.spec import PreprocessSpec
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (4, 3, 3)  # the papers' 4:3:3

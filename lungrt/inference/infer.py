@@ -26,15 +26,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import ImageReadError, LungrtError
-from .io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
-from .journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
-from .plots import overlay
-from .postprocess import lung_fields
-from .qc import FEATURES as QC_FEATURES
-from .qc import QCThresholds, features as qc_features, verdict as qc_verdict
-from .progress import progress_bar
-from .runners import Runner
+from lungrt.core.errors import ImageReadError, LungrtError
+from lungrt.data.io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
+from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
+from lungrt.core.plots import overlay
+from lungrt.inference.postprocess import lung_fields
+from lungrt.inference.qc import FEATURES as QC_FEATURES
+from lungrt.inference.qc import QCThresholds, features as qc_features, verdict as qc_verdict
+from lungrt.core.progress import progress_bar
+from lungrt.backends.base import Runner
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 # a full, over-quota, read-only or failing disk stops the run (every later write would fail too)

@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import torch
 
-from ._version import __version__
-from .checkpoint import LoadedModel, weights_hash
-from .errors import LungrtError
-from .io import temp_path_for
-from .runners import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
+from lungrt._version import __version__
+from lungrt.models.checkpoint import LoadedModel, weights_hash
+from lungrt.core.errors import LungrtError
+from lungrt.data.io import temp_path_for
+from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # max |probability difference| accepted between ONNX Runtime and PyTorch
@@ -43,7 +43,7 @@ def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
 
 def reference_inputs(spec, batch: int = 2, seed: int = 0) -> np.ndarray:
     """Phantom X-rays through the spec: realistic value ranges for equality checks."""
-    from .phantoms import make_phantom
+    from lungrt.data.phantoms import make_phantom
 
     return np.stack([spec.apply(make_phantom(seed + i, spec.size).image) for i in range(batch)])
 
@@ -66,8 +66,8 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) 
         graph = simplify(onnx.load(str(raw)))
     set_metadata(graph, {
         "lungrt.model": json.dumps(loaded.info.to_dict(), sort_keys=True),
-        "lungrt.preprocess": spec.to_json(),
-        "lungrt.precision": "fp32",
+        "lungrt.core.spec": spec.to_json(),
+        "lungrt.export.precision": "fp32",
         "lungrt.weights_hash": weights_hash(loaded.model),
         "lungrt.version": __version__,
     })
@@ -96,7 +96,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 def compare_with_torch(loaded: LoadedModel, onnx_path: str | Path, batch: int = 3) -> float:
     """Max |probability difference| between ONNX Runtime and PyTorch on phantom inputs, at a batch
     size other than the export example's (proves the dynamic batch axis too)."""
-    from .runners import OnnxRuntimeRunner, TorchRunner
+    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+    from lungrt.backends.pytorch import TorchRunner
 
     x = reference_inputs(loaded.spec, batch, seed=7)
     ref = TorchRunner(loaded).run(x)

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .abnormalities import paint_training
-from .checkpoint import ModelInfo, resolve_model, save_checkpoint
-from .data import fingerprint, load_arrays, select_split
-from .metrics import dice_batch
-from .models import build_model
-from .preprocess import PreprocessSpec, to_gray8
-from .progress import progress_bar
+from lungrt.data.abnormalities import paint_training
+from lungrt.models.checkpoint import ModelInfo, resolve_model, save_checkpoint
+from lungrt.data.datasets import fingerprint, load_arrays, select_split
+from lungrt.evaluation.metrics import dice_batch
+from lungrt.models import build_model
+from lungrt.core.spec import PreprocessSpec, to_gray8
+from lungrt.core.progress import progress_bar
 
 
 @dataclass
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, history: list[dict], best: float) -> None:
-    from .plots import plot_loss_curves
+    from lungrt.core.plots import plot_loss_curves
 
     (out / "metrics.json").write_text(json.dumps({"config": asdict(cfg), "best_val_dice": best, "history": history}, indent=2))
     plot_loss_curves(history, out / "loss_curves.png", title=f"{cfg.model} (width {cfg.width}, {cfg.size}px)")

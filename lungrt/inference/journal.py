@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import LungrtError
+from lungrt.core.errors import LungrtError
 
 RECORDS = ".lungrt-records"
 

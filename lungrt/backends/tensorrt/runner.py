@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import ModelInfo
-from .engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, metadata_path, _read_metadata
-from .errors import LungrtError
-from .runners import INPUT_NAME, OUTPUT_NAME, Runner
+from lungrt.models.checkpoint import ModelInfo
+from lungrt.backends.tensorrt.engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, metadata_path, _read_metadata
+from lungrt.core.errors import LungrtError
+from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, Runner
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None)
     (gold outline in green when given)."""
     import cv2
 
-    from .preprocess import to_gray8
+    from lungrt.core.spec import to_gray8
 
     gray = image if image.dtype == np.uint8 else to_gray8(image)
     rgb = np.stack([gray] * 3, -1).astype(np.float32)

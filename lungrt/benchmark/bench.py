@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import LoadedModel
-from .errors import BackendUnavailable, LungrtError
-from .models import gflops_per_image
-from .export import reference_inputs
-from .backends import TORCH_FAST_PATHS, open_config_runner
-from .runners import Runner
+from lungrt.models.checkpoint import LoadedModel
+from lungrt.core.errors import BackendUnavailable, LungrtError
+from lungrt.models import gflops_per_image
+from lungrt.export.onnx import reference_inputs
+from lungrt.backends.select import TORCH_FAST_PATHS, open_config_runner
+from lungrt.backends.base import Runner
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor datasheets), for "% of peak".
 GPU_PEAK_TFLOPS = {
@@ -183,7 +183,7 @@ def _pct_of_peak(gpu: str | None, variant: str, gflops_s: float) -> float | None
 
 
 def plot_bench(result: dict, path: str | Path) -> None:
-    from .plots import figure
+    from lungrt.core.plots import figure
 
     rows = [r for r in result["rows"] if "img_per_s" in r]
     batches = sorted({r["batch"] for r in rows})

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Pair
-from .evaluate import batched, load_samples
-from .metrics import hd95, segmentation_metrics
-from .progress import progress_bar
-from .runners import Runner
+from lungrt.data.datasets import Pair
+from lungrt.evaluation.evaluate import batched, load_samples
+from lungrt.evaluation.metrics import hd95, segmentation_metrics
+from lungrt.core.progress import progress_bar
+from lungrt.backends.base import Runner
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import cache_root
-from .checkpoint import LoadedModel, weights_hash
-from .errors import LungrtError
-from .export import export_onnx
-from .parity import GATES, apply_gate, compare
-from .precision import (
+from lungrt.core.cache import cache_root
+from lungrt.models.checkpoint import LoadedModel, weights_hash
+from lungrt.core.errors import LungrtError
+from lungrt.export.onnx import export_onnx
+from lungrt.evaluation.parity import GATES, apply_gate, compare
+from lungrt.export.precision import (
     DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
     make_int8_fp16, node_block, quantizable_nodes,
 )
-from .runners import OnnxRuntimeRunner, TorchRunner, onnx_metadata
+from lungrt.backends.base import onnx_metadata
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
 
 SENSITIVITY_IMAGES = 32  # validation images used by the INT8 exclusion search
 

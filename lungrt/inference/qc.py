@@ -146,7 +146,7 @@ def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, des
 
 def collect_features(runner, pairs, batch_size: int = 8) -> list[dict[str, float]]:
     """QC features of a runner's predictions on labelled pairs (their images only)."""
-    from .evaluate import batched, load_samples
+    from lungrt.evaluation.evaluate import batched, load_samples
 
     out = []
     for batch in batched(load_samples(pairs, runner.spec), batch_size):
