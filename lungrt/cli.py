@@ -238,8 +238,8 @@ def export(
 def parity(
     model: str = typer.Option("unet", help="Reference: checkpoint, run folder or shipped name (PyTorch FP32)."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
-    variant: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
-    backend: str = typer.Option("onnxruntime", help="Candidate backend: onnxruntime | torch | tensorrt"),
+    variant: str = typer.Option("fp32", help="fp32 | fp16 | int8 | bf16 (openvino, torch)"),
+    backend: str = typer.Option("onnxruntime", help="Candidate backend: onnxruntime | openvino | torch | tensorrt"),
     onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file (default: make the variant in engines/)."),
     engine: Optional[Path] = typer.Option(None, help="Candidate TensorRT plan."),
     data: Path = typer.Option(..., help="Dataset folder (labelled: task Dice is gated too)."),
@@ -254,7 +254,7 @@ def parity(
     from lungrt.models.checkpoint import resolve_model
     from lungrt.data.datasets import select_split
     from lungrt.evaluation.parity import GATES, apply_gate, compare
-    from lungrt.backends.select import open_runner
+    from lungrt.backends.select import open_openvino, open_runner
     from lungrt.backends.onnxruntime import OnnxRuntimeRunner
     from lungrt.backends.pytorch import TorchRunner
     from lungrt.export.variants import make_variant
@@ -268,11 +268,14 @@ def parity(
             cand = open_runner(onnx=onnx, engine=engine)
         elif backend == "torch":
             cand = TorchRunner(loaded, precision=variant if variant != "int8" else "fp32")
-        elif backend == "onnxruntime":
+        elif backend in ("onnxruntime", "openvino"):
+            if variant == "bf16" and backend != "openvino":
+                fail("variant bf16 runs on --backend openvino (or torch)")
             val = select_split(data, "val") if variant == "int8" else None
-            v = make_variant(loaded, variant, calib_dir=calib or data, method=method, val_pairs=val, log=out.print)
+            v = make_variant(loaded, "fp32" if variant == "bf16" else variant, calib_dir=calib or data, method=method,
+                             val_pairs=val, log=out.print)
             notes = v.notes
-            cand = OnnxRuntimeRunner(v.path)
+            cand = OnnxRuntimeRunner(v.path) if backend == "onnxruntime" else open_openvino(v.path, variant)
         else:
             fail(f"backend {backend!r}: pass --engine PLAN for TensorRT (see `lungrt build`)")
         with cand:
@@ -308,8 +311,8 @@ def infer(
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file on ONNX Runtime."),
     engine: Optional[Path] = typer.Option(None, help="Run this TensorRT plan."),
-    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | tensorrt"),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (variant made for onnxruntime)"),
+    backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt"),
+    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (variants) | bf16 (openvino)"),
     batch_size: int = typer.Option(8, min=1, max=4096, help="Images per model call (clamped to the number of inputs and the engine's profile)."),
     workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
@@ -428,6 +431,10 @@ def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -
     write_json(json_path, {"data": str(data), "split": split, "results": dict(results)})
 
 
+SHORT_BACKEND = {"onnxruntime": "ort", "openvino": "ov", "tensorrt": "trt", "tensorrt-rtx": "trt-rtx",
+                 "torch-compile": "torch-comp", "torch-cudagraph": "torch-graph"}
+
+
 def _csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -484,22 +491,25 @@ def bench(
 
     result = run_guarded(body)
     hw = result["hardware"]
-    table = Table(title=f"{result['model']} @ {result['input_size']}px on {hw['gpu'] or hw['cpu']} "
-                        f"({hw['cpu_count']} cores, {hw['torch_cpu_capability']}); {rounds} rounds x {iters} iters")
-    for col in ("backend", "variant", "batch", "img/s", "min-max", "p50 ms", "p90 ms", "p99 ms", "peak MB", "GFLOP/s", "vs eager fp32"):
-        table.add_column(col, justify="left" if col in ("backend", "variant") else "right")
+    table = Table(title=f"{result['model']} @ {result['input_size']}px, {rounds} rounds x {iters} calls\n"
+                        f"{hw['gpu'] or hw['cpu']} ({hw['cpu_count']} cores; {' '.join(hw.get('cpu_flags') or [hw['torch_cpu_capability']])})")
+    # fits an 80-column terminal: short names, the columns people compare; the JSON keeps everything
+    for col in ("backend", "prec", "batch", "img/s", "min-max", "p50 ms", "p99 ms", "x eager"):
+        table.add_column(col, justify="left" if col in ("backend", "prec") else "right", no_wrap=True)
+    notes = []
     for r in result["rows"]:
+        name = SHORT_BACKEND.get(r["backend"], r["backend"])
         if "skipped" in r or "error" in r:
-            why = f"skipped: {escape(r['skipped'][:50])}" if "skipped" in r else f"[red]ERROR[/]: {escape(r['error'][:60])}"
-            table.add_row(r["backend"], r["variant"], str(r["batch"]), "-", "", "", "", "", "", "", why)
+            why = "skipped" if "skipped" in r else "[red]ERROR[/]"
+            notes.append(f"{name} {r['variant']} b{r['batch']}: {why}: {escape(r.get('skipped') or r.get('error'))}")
+            table.add_row(name, r["variant"], str(r["batch"]), "-", why, "", "", "")
             continue
-        mem = r["peak_cuda_mb"] or r["peak_rss_mb"]
-        table.add_row(r["backend"], r["variant"], str(r["batch"]), f"{r['img_per_s']:.1f}",
-                      f"{r['img_per_s_min']:.1f}-{r['img_per_s_max']:.1f}", f"{r['latency_ms_p50']:.1f}",
-                      f"{r['latency_ms_p90']:.1f}", f"{r['latency_ms_p99']:.1f}", f"{mem:.0f}" if mem else "-",
-                      f"{r['achieved_gflops_per_s']:.0f}" + (f" ({r['pct_of_peak']:.1f}%)" if r.get("pct_of_peak") else ""),
-                      f"{r['vs_torch_eager_fp32']:.2f}x" if r["vs_torch_eager_fp32"] else "-")
+        table.add_row(name, r["variant"], str(r["batch"]), f"{r['img_per_s']:.1f}",
+                      f"{r['img_per_s_min']:.0f}-{r['img_per_s_max']:.0f}", f"{r['latency_ms_p50']:.0f}",
+                      f"{r['latency_ms_p99']:.0f}", f"{r['vs_torch_eager_fp32']:.2f}x" if r["vs_torch_eager_fp32"] else "-")
     out.print(table)
+    for note in dict.fromkeys(notes):
+        out.print(note, highlight=False)
     write_json(json_path, result)
     if plot:
         plot_bench(result, plot)

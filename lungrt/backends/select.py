@@ -51,8 +51,10 @@ def open_runner(model: str | None = None, onnx: str | Path | None = None, engine
     if engine is not None:
         return open_engine(engine)
     if onnx is not None:
+        if backend == "openvino":
+            return open_openvino(onnx, precision)
         if backend not in ("auto", "onnxruntime"):
-            raise LungrtError(f"--onnx runs on onnxruntime, not {backend!r}")
+            raise LungrtError(f"--onnx runs on onnxruntime or openvino, not {backend!r}")
         return OnnxRuntimeRunner(onnx, device=device)
     from lungrt.models.checkpoint import resolve_model
 
@@ -70,7 +72,7 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
     from lungrt.export.variants import make_variant
 
     if engine is not None or onnx is not None:
-        return open_runner(onnx=onnx, engine=engine, backend=backend)
+        return open_runner(onnx=onnx, engine=engine, backend=backend, precision=precision)
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
                           "then pass --engine PLAN")
@@ -81,13 +83,22 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
             raise LungrtError(f"backend torch runs {precision} only {'on ONNX Runtime or TensorRT' if precision == 'int8' else 'on a CUDA GPU'}; "
                               f"use --backend onnxruntime --precision {precision}, or --precision fp32")
         return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision)
-    if backend in ("auto", "onnxruntime"):
+    if backend in ("auto", "onnxruntime", "openvino"):
         from lungrt.core.cache import cache_root
 
         root = cache_root()
-        return OnnxRuntimeRunner(make_variant(loaded, precision, folder=root / "variants", cache_dir=root / "calibration",
-                                              log=log).path)
-    raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime or tensorrt")
+        graph = "fp32" if precision == "bf16" else precision  # OpenVINO's bf16 runs the FP32 graph
+        if precision == "bf16" and backend != "openvino":
+            raise LungrtError("precision bf16 is OpenVINO's (or PyTorch's on a GPU); use --backend openvino")
+        path = make_variant(loaded, graph, folder=root / "variants", cache_dir=root / "calibration", log=log).path
+        return open_openvino(path, precision) if backend == "openvino" else OnnxRuntimeRunner(path)
+    raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime, openvino or tensorrt")
+
+
+def open_openvino(onnx: str | Path, precision: str = "fp32") -> Runner:
+    from lungrt.backends.openvino import OpenVinoRunner  # imported lazily: an optional extra
+
+    return OpenVinoRunner(onnx, precision="bf16" if precision == "bf16" else "fp32")
 
 
 def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
@@ -104,7 +115,11 @@ def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: 
             raise BackendUnavailable("no CUDA device here")
         return TorchRunner(loaded, device=device, precision=variant, **TORCH_FAST_PATHS[backend])
     if backend == "onnxruntime":
+        if variant == "bf16":
+            raise BackendUnavailable("no bf16 variant for ONNX Runtime (OpenVINO runs bf16)")
         return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
+    if backend == "openvino":
+        return open_openvino(variant_path("fp32" if variant == "bf16" else variant), variant)
     if backend in ("tensorrt", "tensorrt-rtx"):
         from lungrt.backends.tensorrt.engine import gpu_environment
 

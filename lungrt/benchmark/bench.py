@@ -61,13 +61,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide CPU speed (from /proc/cpuinfo, as lscpu shows them)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SPEED_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def hardware() -> dict:
     import os
 
     import torch
 
     hw = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-          "torch_threads": torch.get_num_threads(), "gpu": None}
+          "cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(), "gpu": None}
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return hw

@@ -29,6 +29,7 @@ class Gate:
 GATES = {
     "fp32": Gate(0.9999, None),
     "fp16": Gate(0.998, 0.001),
+    "bf16": Gate(0.998, 0.001),  # OpenVINO's / PyTorch's bf16 mode: as strict as FP16
     "int8": Gate(0.99, 0.005),
 }
 

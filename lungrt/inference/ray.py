@@ -115,8 +115,9 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
 def runner_args_for(runner, model: str, arch: str | None) -> dict:
     """How an actor re-opens, on any node, the runner the driver resolved (artefacts by absolute
     path: they must be on storage every node sees)."""
-    if runner.backend == "onnxruntime":
-        return {"model": model, "onnx": str(Path(runner.path).resolve())}
+    if runner.backend in ("onnxruntime", "openvino"):
+        return {"model": model, "onnx": str(Path(runner.path).resolve()), "backend": runner.backend,
+                "precision": runner.precision}
     if runner.backend in ("tensorrt", "tensorrt-rtx"):
         return {"model": model, "engine": str(Path(runner.path).resolve())}
     ref = str(Path(model).resolve()) if Path(model).exists() else model

@@ -1,0 +1,76 @@
+"""OpenVINO runner: lungrt's ONNX variants on Intel/AMD CPUs, the engine a CPU deployment picks.
+
+FP32 runs with `INFERENCE_PRECISION_HINT=f32` (OpenVINO's CPU plugin would otherwise pick bf16 on
+CPUs that have it, silently). BF16 is a precision of its own (`precision="bf16"`, CPUs with native
+bf16 only) and is parity-gated like any variant. Threads sleep between calls (no busy-waiting), so
+infer's decode/write helpers can run at idle priority beside it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lungrt.backends.base import Runner, info_from_metadata, onnx_metadata
+from lungrt.core.errors import BackendUnavailable, LungrtError
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def openvino_core():
+    try:
+        import openvino as ov
+    except ImportError:
+        raise BackendUnavailable("openvino is not installed; pip install 'lungrt[openvino]'") from None
+    return ov, ov.Core()
+
+
+def native_bf16() -> bool:
+    try:
+        _, core = openvino_core()
+        return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:
+        return False
+
+
+class OpenVinoRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, onnx_path: str | Path, precision: str = "fp32", threads: int | None = None):
+        ov, core = openvino_core()
+        onnx_path = Path(onnx_path)
+        if not onnx_path.exists():
+            raise LungrtError(f"{onnx_path}: ONNX file does not exist")
+        if precision not in PRECISION_HINTS:
+            raise LungrtError(f"openvino: precision {precision!r} not supported ({', '.join(PRECISION_HINTS)})")
+        if precision == "bf16" and not native_bf16():
+            raise BackendUnavailable("openvino bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+        try:
+            meta = onnx_metadata(onnx_path)
+        except Exception as e:
+            raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
+        self.info = info_from_metadata(meta, str(onnx_path))
+        self.spec, self.path, self.device = self.info.spec, onnx_path, "cpu"
+        self.weights_id = meta.get("lungrt.weights_hash")
+        variant = meta.get("lungrt.precision", "fp32")
+        # the graph's own precision (fp16/int8 variants) or, for the FP32 graph, OpenVINO's bf16 mode
+        self.precision = precision if variant == "fp32" else variant
+        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
+        try:
+            self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+        except Exception as e:
+            raise LungrtError(f"{onnx_path}: OpenVINO cannot compile it ({str(e).splitlines()[0][:200]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.sleeps_when_idle = True
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        out = self.request.infer({0: x})
+        return np.asarray(out[self.compiled.output(0)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
