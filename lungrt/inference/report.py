@@ -155,6 +155,7 @@ body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
 .card {{ margin: 0; width: 190px; border: 3px solid #ccc; padding: 3px; font-size: 12px; }}
 .card.flagged {{ border-color: #e74c3c; }} .card.failed {{ border-color: #555; background: #eee; }}
 .card img {{ width: 180px; }} .noimg {{ width: 180px; height: 60px; color: #888; }}
+.card figcaption {{ overflow-wrap: anywhere; }}
 table {{ border-collapse: collapse; font-size: 12px; margin-top: .5em; }}
 th, td {{ border: 1px solid #ccc; padding: 2px 6px; }} th {{ cursor: pointer; background: #f4f4f4; }}
 tr.flag td {{ background: #fdecea; }} tr.fail td {{ background: #eee; }}
