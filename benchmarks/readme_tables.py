@@ -28,6 +28,7 @@ from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
 from lungrt.data.io import read_xray
 from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.openvino import OpenVinoRunner, native_bf16
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.export.variants import make_variant
 
@@ -45,14 +46,19 @@ def first_batch(loaded, paths, n: int = 8) -> np.ndarray:
     return np.stack([loaded.spec.apply(read_xray(p).gray8) for p in paths[:n]])
 
 
+def fp32_runner(name: str) -> OnnxRuntimeRunner:
+    """ONNX Runtime FP32 of a shipped model: the same masks as PyTorch FP32 (parity agreement
+    1.00000), several times faster, for the accuracy-only tables."""
+    return OnnxRuntimeRunner(make_variant(resolve_model(name), "fp32").path)
+
+
 def accuracy(data: Path) -> None:
     pairs = select_split(data, "test")
     rows = {}
     for name in MODELS:
         loaded = resolve_model(name)
-        with TorchRunner(loaded) as r:
+        with fp32_runner(name) as r:
             raw = evaluate(r, pairs)
-        with TorchRunner(loaded) as r:
             post = evaluate(r, pairs, postprocess=True)
         by_source = {}
         for src in sorted({p.source for p in pairs}):
@@ -62,7 +68,7 @@ def accuracy(data: Path) -> None:
         rows[name] = {"raw": raw["mean"], "postprocessed": post["mean"], "by_source_postprocessed": by_source,
                       "training": loaded.info.training, "width": loaded.info.width}
     save("accuracy", rows)
-    print(f"Test split: {len(pairs)} images, per-image mean at native 512x512; PyTorch FP32 on the CPU.\n")
+    print(f"Test split: {len(pairs)} images, per-image mean at native 512x512; FP32 (ONNX Runtime, equal to PyTorch).\n")
     print("| model | Accuracy | IoU | mIoU | Dice | F1 | Precision | Recall | HD95 (px) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -86,8 +92,7 @@ def robustness(data: Path) -> None:
     pairs = select_split(data, "test")
     out = {}
     for name in MODELS:
-        loaded = resolve_model(name)
-        with OnnxRuntimeRunner(make_variant(loaded, "fp32").path) as r:
+        with fp32_runner(name) as r:
             res = run_robustness(r, pairs)
         worst_cases_png(res, RESULTS / f"robustness_worst_{name}.png")  # real X-rays: git-ignored, look only
         res.pop("worst")
@@ -119,8 +124,16 @@ def parity(data: Path, models=MODELS) -> None:
             with OnnxRuntimeRunner(v.path) as cand:
                 s = compare(reference, cand, test)["summary"]
             s.pop("worst")
-            rows.append({"model": name, "variant": precision, **s, "gate": apply_gate(s, GATES[precision]), "notes": v.notes})
+            rows.append({"model": name, "backend": "onnxruntime", "variant": precision, **s,
+                         "gate": apply_gate(s, GATES[precision]), "notes": v.notes})
             print(f"{name} {precision}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
+        if native_bf16():  # OpenVINO's bf16 mode on the FP32 graph, gated like FP16
+            with OpenVinoRunner(make_variant(loaded, "fp32").path, precision="bf16") as cand:
+                s = compare(reference, cand, test)["summary"]
+            s.pop("worst")
+            rows.append({"model": name, "backend": "openvino", "variant": "bf16", **s, "gate": apply_gate(s, GATES["bf16"]),
+                         "notes": {}})
+            print(f"{name} openvino bf16: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
     save(f"parity_{'_'.join(models)}" if models != MODELS else "parity", {"test_images": len(test), "rows": rows})
 
 
@@ -129,12 +142,13 @@ def join(data: Path) -> None:
     rows = [r for f in sorted(RESULTS.glob("parity*.json")) for r in json.loads(f.read_text())["rows"]]
     bench = json.loads((RESULTS / "bench_cpu.json").read_text())
     ips = {(m, r["backend"], r["variant"]): r for m, res in bench.items() for r in res["rows"] if r.get("batch") == 8 and "img_per_s" in r}
-    print("| model | variant | mask agreement (min) | Dice PyTorch | Dice variant | drop | gate | INT8 blocks kept float | img/s b8 | vs eager FP32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | backend | variant | mask agreement (min) | Dice PyTorch | Dice variant | drop | gate | INT8 blocks kept float | img/s b8 | vs eager FP32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = ips.get((r["model"], "onnxruntime", r["variant"]))
+        backend = r.get("backend", "onnxruntime")
+        b = ips.get((r["model"], backend, r["variant"]))
         kept = ", ".join(r["notes"].get("excluded_blocks") or []) if r["variant"] == "int8" else ""
-        print(f"| {r['model']} | {r['variant']} | {r['mask_agreement']:.5f} ({r['min_mask_agreement']:.4f}) | "
+        print(f"| {r['model']} | {backend} | {r['variant']} | {r['mask_agreement']:.5f} ({r['min_mask_agreement']:.4f}) | "
               f"{r['dice_reference']:.4f} | {r['dice_candidate']:.4f} | {r['dice_drop']:+.5f} | "
               f"{'pass' if r['gate']['passed'] else 'FAIL'} | {kept or ('none' if r['variant'] == 'int8' else '')} | "
               + (f"{b['img_per_s']:.1f} | {b['vs_torch_eager_fp32']:.2f}x |" if b else "- | - |"))
@@ -144,12 +158,12 @@ def bench(data: Path) -> None:
     out = {}
     for name in MODELS:
         loaded = resolve_model(name)
-        res = run_bench(loaded, ["torch", "onnxruntime"], ["fp32", "fp16", "int8"], [1, 8], iters=3, rounds=3,
+        res = run_bench(loaded, ["torch", "onnxruntime", "openvino"], ["fp32", "bf16", "int8"], [8], iters=3, rounds=3,
                         variant_path=lambda v, engine=False, loaded=loaded: make_variant(loaded, v, calib_dir=data).path)
         out[name] = res
     save("bench_cpu", out)
     hw = next(iter(out.values()))["hardware"]
-    print(f"CPU: {hw['cpu']}, {hw['cpu_count']} cores, torch capability {hw['torch_cpu_capability']}; "
+    print(f"CPU: {hw['cpu']}, {hw['cpu_count']} cores, flags {' '.join(hw['cpu_flags'])}; "
           "3 interleaved rounds x 3 timed calls per row.\n")
     print("| model | backend | variant | batch | img/s (min-max) | p50 ms | p99 ms | vs eager FP32 |")
     print("|---|---|---|---|---|---|---|---|")
