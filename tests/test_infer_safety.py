@@ -386,3 +386,31 @@ def test_truncated_dicom_says_so(tmp_path):
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
     with pytest.raises(ImageReadError, match="cut short|truncated"):
         read_xray(tmp_path / "cut.dcm")
+
+
+def test_package_with_bad_metadata_is_one_line(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine")
+    (tmp_path / "m.plan.json").write_text("{not json")
+    res = runner.invoke(app, ["package", "--engine", str(plan), "--triton", str(tmp_path / "repo")])
+    assert res.exit_code == 2 and "m.plan" in res.output and "Traceback" not in res.output
+    (tmp_path / "m.plan.json").write_text(json.dumps({"model": {"name": "unet"}, "flavour": "tensorrt"}))
+    res = runner.invoke(app, ["package", "--engine", str(plan), "--triton", str(tmp_path / "repo")])
+    assert res.exit_code == 2 and "lacks" in res.output
+
+
+def test_unreadable_folder_errors_become_rows(tmp_path, monkeypatch):
+    """Where permissions cannot make a folder unreadable (root), the walk's error report is simulated."""
+    import lungrt.inference.infer as infer_mod
+
+    _png(tmp_path / "in" / "ok.png")
+    real_walk = os.walk
+
+    def walk_with_error(top, **kw):
+        kw["onerror"](PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "in" / "locked")))
+        yield from real_walk(top, **kw)
+
+    monkeypatch.setattr(infer_mod.os, "walk", walk_with_error)
+    items = collect_inputs([str(tmp_path / "in")])
+    errs = [i for i in items if i.error]
+    assert len(items) == 2 and errs and "unreadable folder" in errs[0].error and errs[0].source.name == "locked"
