@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lungrt.backends.select import open_artifact, select_runner
+from lungrt.backends.select import open_artifact, open_openvino, select_runner
 from lungrt.core.errors import LungrtError
 from lungrt.inference.infer import collect_inputs, measure
 from lungrt.data.io import XRay, _to_unit, read_xray
@@ -86,9 +86,11 @@ class LungSegmenter:
              device: str = "auto") -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
         folder, an ONNX variant (ONNX Runtime) or a TensorRT engine (.plan/.engine).
-        `backend`: auto | torch | onnxruntime for checkpoints (auto: CUDA PyTorch on a GPU, else
-        ONNX Runtime). `precision`: fp32 | fp16 | int8 (checkpoints; files carry their own)."""
+        `backend`: auto | torch | onnxruntime | openvino (auto: CUDA PyTorch on a GPU, else ONNX
+        Runtime). `precision`: fp32 | fp16 | int8 (checkpoints; files carry their own) | bf16 (openvino)."""
         text = str(source)
+        if text.endswith(".onnx") and backend == "openvino":
+            return cls(open_openvino(text, precision), text)
         if text.endswith((".onnx", ".plan", ".engine")):
             return cls(open_artifact(text, device="cpu" if device == "auto" else device), text)
         return cls(select_runner(text, backend=backend, precision=precision, device=device), text)
