@@ -32,35 +32,39 @@ class Variant:
     notes: dict = field(default_factory=dict)
 
 
-def variant_file(folder: Path, loaded: LoadedModel, precision: str, calib: CalibrationSet | None = None, method: str = "") -> Path:
-    stem = f"{loaded.info.name}-{weights_hash(loaded.model)}"
-    if precision == "int8":
-        return folder / f"{stem}.int8-{method}-{calib.digest}.onnx"
-    return folder / f"{stem}.{precision}.onnx"
+@dataclass(frozen=True)
+class _Made:
+    """What a cached variant must have been made from: hashed once per `make_variant` call (hashing
+    the weights is the costly part, and every variant file is checked against it)."""
 
+    stem: str  # <model>-<weights hash>
+    weights: str
+    info: dict
 
-def reusable(path: Path, loaded: LoadedModel) -> bool:
-    """A cached variant is used only when it parses and was made from these very weights and model
-    metadata (spec, QC thresholds); a file cut short (crash, full disk) or another model saved under
-    the name is made again."""
-    if not path.exists():
-        return False
-    try:
-        meta = onnx_metadata(path)
-        ok = (meta.get("lungrt.weights_hash") == weights_hash(loaded.model)
-              and json.loads(meta.get("lungrt.model", "{}")) == json.loads(json.dumps(loaded.info.to_dict())))
-    except Exception:
-        ok = False
-    if not ok:
-        path.unlink(missing_ok=True)
-    return ok
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> "_Made":
+        h = weights_hash(loaded.model)
+        return cls(f"{loaded.info.name}-{h}", h, json.loads(json.dumps(loaded.info.to_dict())))
 
+    def file(self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "") -> Path:
+        if precision == "int8":
+            return folder / f"{self.stem}.int8-{method}-{calib.digest}.onnx"
+        return folder / f"{self.stem}.{precision}.onnx"
 
-def fp32_variant(loaded: LoadedModel, folder: Path) -> Path:
-    path = variant_file(folder, loaded, "fp32")
-    if not reusable(path, loaded):
-        export_onnx(loaded, path)
-    return path
+    def reusable(self, path: Path) -> bool:
+        """A cached variant is used only when it parses and was made from these very weights and
+        model metadata (spec, QC thresholds); a file cut short (crash, full disk) or another model
+        saved under the name is made again."""
+        if not path.exists():
+            return False
+        try:
+            meta = onnx_metadata(path)
+            ok = meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
+        except Exception:
+            ok = False
+        if not ok:
+            path.unlink(missing_ok=True)
+        return ok
 
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
@@ -75,17 +79,20 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
         raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     folder = Path(folder) if folder is not None else cache_root() / "variants"
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
-    fp32 = fp32_variant(loaded, folder)
+    made = _Made.of(loaded)
+    fp32 = made.file(folder, "fp32")
+    if not made.reusable(fp32):
+        export_onnx(loaded, fp32)
     if precision == "fp32":
         return Variant("fp32", fp32)
     if precision == "fp16":
-        path = variant_file(folder, loaded, "fp16")
-        if not reusable(path, loaded):
+        path = made.file(folder, "fp16")
+        if not made.reusable(path):
             make_fp16(fp32, path)
         return Variant("fp16", path)
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
-    path = variant_file(folder, loaded, "int8", calib, method)
-    if not reusable(path, loaded):
+    path = made.file(folder, "int8", calib, method)
+    if not made.reusable(path):
         make_int8(fp32, path, calib, method, cache_dir=cache_dir)
         if val_pairs:
             try:
@@ -96,7 +103,7 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     if target != "tensorrt":
         return Variant("int8", path, int8_notes(path))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
-    if not reusable(half, loaded):
+    if not made.reusable(half):
         make_int8_fp16(path, half)
         if val_pairs:
             summary = _gate_summary(loaded, half, val_pairs[:SENSITIVITY_IMAGES])

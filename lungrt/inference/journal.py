@@ -90,9 +90,7 @@ def check_identity(out_dir: str | Path, identity: dict) -> None:
         raise LungrtError(f"{path}: unreadable run identity; start afresh without --resume") from None
     diffs = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(identity) if earlier.get(k) != identity.get(k)]
     if diffs:
-        what = "; ".join(d if not d.startswith("weights") else "weights " + f"{earlier.get('weights')} -> {identity.get('weights')}"
-                         for d in diffs)
-        raise LungrtError(f"{out_dir}: --resume would mix two runs ({what}); resume with the earlier model and "
+        raise LungrtError(f"{out_dir}: --resume would mix two runs ({'; '.join(diffs)}); resume with the earlier model and "
                           "options, or start afresh without --resume, or use another --out")
 
 

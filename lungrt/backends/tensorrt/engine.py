@@ -28,7 +28,7 @@ from typing import Protocol
 from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import file_hash
-from lungrt.data.io import temp_path_for
+from lungrt.data.io import atomic_write_bytes
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, onnx_metadata
 
 log_ = logging.getLogger(__name__)
@@ -286,18 +286,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         "build_seconds": round(time.time() - t0, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_atomic(plan, data)
-    _write_atomic(metadata_path(plan), json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(plan, data)
+    atomic_write_bytes(metadata_path(plan), json.dumps(meta, indent=2).encode())
     where = f"for {target_tag(env['targets'])}" if env.get("targets") else f"on {env.get('gpu')}"
     log(f"built {plan} ({env['flavour']} {env['tensorrt']}, {meta['precision']}, batch {batch.min}-{batch.max}, {where}) "
         f"in {meta['build_seconds']} s, {len(data) / 2**20:.1f} MiB")
     return meta
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = temp_path_for(path)
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _read_metadata(plan: Path) -> dict:
