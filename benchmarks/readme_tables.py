@@ -31,6 +31,7 @@ from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.openvino import OpenVinoRunner, native_bf16
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.export.variants import make_variant
+from lungrt.build import validation_pairs
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
 BACKENDS = ("onnxruntime", "torch")
@@ -159,7 +160,8 @@ def bench(data: Path) -> None:
     for name in MODELS:
         loaded = resolve_model(name)
         res = run_bench(loaded, ["torch", "onnxruntime", "openvino"], ["fp32", "bf16", "int8"], [8], iters=3, rounds=3,
-                        variant_path=lambda v, engine=False, loaded=loaded: make_variant(loaded, v, calib_dir=data).path)
+                        variant_path=lambda v, backend, loaded=loaded: make_variant(
+                            loaded, v, calib_dir=data, target=backend, val_pairs=validation_pairs(data) if v == "int8" else None).path)
         out[name] = res
     save("bench_cpu", out)
     hw = next(iter(out.values()))["hardware"]

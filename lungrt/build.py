@@ -1,8 +1,9 @@
 """`lungrt build`: the deployable artefact for a model, verified.
 
 Backends: `tensorrt` (standard TensorRT, built on its GPU), `tensorrt-rtx` (TensorRT for RTX GPUs,
-built ahead of time without one, default target SM86 = RTX 3090), `onnxruntime` (the variant file
-itself), `auto` (a TensorRT flavour that can build here, else ONNX Runtime).
+built ahead of time without one, default target SM86 = RTX 3090), `onnxruntime` and `openvino`
+(the variant file made for that engine), `auto` (a TensorRT flavour that can build here, else ONNX
+Runtime), `cpu` (with `--precision auto`: every CPU engine x precision, see `build_cpu_auto`).
 
 Every build is checked: the compiled engine against PyTorch where it can run (a GPU is present);
 where it cannot, the exact ONNX graph it compiled runs on ONNX Runtime instead, and the report says
@@ -29,12 +30,17 @@ from lungrt.export.precision import PRECISIONS
 from lungrt.backends.base import Runner
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.backends.select import open_artifact
+from lungrt.backends.select import open_artifact, open_openvino, record_cpu_choice
+from lungrt.core.errors import BackendUnavailable
 from lungrt.export.variants import make_variant
 
 log_ = logging.getLogger(__name__)
 AUTO_VAL_IMAGES = 48
-BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "openvino", "cpu")
+# `build --backend cpu --precision auto`: engine x precision; FP16 is left out (no FP16 compute on
+# these CPUs: ONNX Runtime and OpenVINO upcast it), bf16 is OpenVINO's mode on the FP32 graph.
+CPU_CANDIDATES = (("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"),
+                  ("openvino", "int8"))
 
 
 @dataclass
@@ -50,7 +56,7 @@ class Built:
 def choose_backend(backend: str, log=log_.info) -> str:
     if backend not in BACKENDS:
         raise LungrtError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "openvino", "cpu"):
         return backend
     try:
         return choose_flavour(backend).name
@@ -66,7 +72,7 @@ def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, 
               cache_dir: Path | None = None) -> Built:
     on_trt = backend in FLAVOURS
     variant = make_variant(loaded, precision, folder=out_dir, calib_dir=calib, method=method, val_pairs=val_pairs,
-                           log=log, target="tensorrt" if on_trt else "cpu",
+                           log=log, target="tensorrt" if on_trt else backend,
                            **({"cache_dir": cache_dir} if cache_dir else {}))
     if not on_trt:
         return Built(backend, precision, variant.path, variant.notes, variant.path)
@@ -76,7 +82,7 @@ def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, 
 
 
 def open_built(b: Built) -> Runner:
-    return open_artifact(b.path)
+    return open_openvino(b.path, b.precision) if b.backend == "openvino" else open_artifact(b.path)
 
 
 def open_for_verification(b: Built, log=log_.info) -> tuple[Runner, str]:
@@ -182,6 +188,53 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
     return report
 
 
+def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, method: str, data: Path | None,
+                   batch: BatchProfile, log=log_.info) -> dict:
+    """`lungrt build --backend cpu --precision auto`: every CPU engine x precision here, each gated
+    against PyTorch FP32 and timed at the profile's batch; the fastest that passes is recorded for
+    these weights on this CPU (infer, demo and the API use it from then on)."""
+    x = reference_inputs(loaded.spec, batch.opt)
+    candidates = []
+    with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
+        val, where = gating_pairs(data, loaded.spec.size, Path(tmp))
+        for backend, precision in CPU_CANDIDATES:
+            row = {"backend": backend, "precision": precision}
+            try:
+                variant = make_variant(loaded, "fp32" if precision == "bf16" else precision, folder=out_dir, calib_dir=calib,
+                                       method=method, val_pairs=val if precision == "int8" else None, log=log, target=backend)
+                runner = open_openvino(variant.path, precision) if backend == "openvino" else OnnxRuntimeRunner(variant.path)
+            except BackendUnavailable as e:
+                log(f"candidate {backend} {precision}: skipped ({e})")
+                candidates.append({**row, "skipped": str(e)})
+                continue
+            except LungrtError as e:  # e.g. INT8 that no exclusion set gets through its gate
+                log(f"candidate {backend} {precision}: FAILS ({e})")
+                candidates.append({**row, "failed": str(e)})
+                continue
+            with runner:
+                summary = compare(TorchRunner(loaded), runner, val)["summary"]
+                gate = apply_gate(summary, GATES[precision])
+                speed = throughput(runner, x, seconds=3.0)
+            summary.pop("worst", None)
+            candidates.append({**row, "path": str(variant.path), "gate": gate, "parity": summary, "checked": "as deployed",
+                               "img_per_s": speed, "notes": variant.notes})
+            log(f"candidate {backend} {precision}: agreement {summary['mask_agreement']:.5f}, "
+                f"{'passes' if gate['passed'] else 'FAILS'} its gate, {speed:.1f} img/s at batch {batch.opt}")
+    passing = [c for c in candidates if c.get("gate", {}).get("passed")]
+    if not passing:
+        raise LungrtError("no CPU configuration passed its parity gate; see the log above")
+    choice = max(passing, key=lambda c: c["img_per_s"])
+    report = {"model": loaded.info.name, "backend": "cpu", "batch_for_timing": batch.opt, "validation_images": len(val),
+              "validation": where, "candidates": candidates, "choice": f"{choice['backend']} {choice['precision']}",
+              "rule": "fastest passing, timed here", "path": choice["path"]}
+    stem = out_dir / f"{loaded.info.name}-auto-cpu"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    stem.with_suffix(".md").write_text(auto_report_markdown(report))
+    report["report"] = str(stem.with_suffix(".md"))
+    report["record"] = str(record_cpu_choice(loaded, {k: choice[k] for k in ("backend", "precision", "path", "img_per_s")}))
+    return report
+
+
 def census_text(census: dict | None) -> str:
     if not census:
         return ""
@@ -196,10 +249,14 @@ def auto_report_markdown(r: dict) -> str:
              "| candidate | checked | mask agreement | task Dice drop | gate | img/s | compute dtypes |",
              "|---|---|---|---|---|---|---|"]
     for c in r["candidates"]:
+        name = f"{c['backend']} {c['precision']}" if "backend" in c else c["precision"]
+        if "parity" not in c:
+            lines.append(f"| {name} | {'skipped' if 'skipped' in c else 'FAILED'}: {c.get('skipped') or c.get('failed')} | | | | | |")
+            continue
         drop = c["parity"].get("dice_drop")
         speed = "n/a" if c["img_per_s"] is None else f"{c['img_per_s']:.1f}"
         census = census_text(c["notes"].get("engine", {}).get("dtype_census"))
-        lines.append(f"| {c['precision']} | {c['checked']} | {c['parity']['mask_agreement']:.5f} | "
+        lines.append(f"| {name} | {c['checked']} | {c['parity']['mask_agreement']:.5f} | "
                      f"{'' if drop is None else f'{drop:+.5f}'} | {'pass' if c['gate']['passed'] else 'FAIL'} | {speed} | {census} |")
     lines += ["", f"Chosen: **{r['choice']}** ({r['rule']}; `{r['path']}`)", ""]
     return "\n".join(lines)

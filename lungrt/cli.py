@@ -273,7 +273,7 @@ def parity(
                 fail("variant bf16 runs on --backend openvino (or torch)")
             val = select_split(data, "val") if variant == "int8" else None
             v = make_variant(loaded, "fp32" if variant == "bf16" else variant, calib_dir=calib or data, method=method,
-                             val_pairs=val, log=out.print)
+                             val_pairs=val, log=out.print, target=backend)
             notes = v.notes
             cand = OnnxRuntimeRunner(v.path) if backend == "onnxruntime" else open_openvino(v.path, variant)
         else:
@@ -443,7 +443,7 @@ def _csv_list(value: str) -> list[str]:
 def bench(
     model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
-    backends: str = typer.Option("torch,onnxruntime", help="Comma list: torch, torch-cl, torch-compile, torch-cudagraph, onnxruntime, tensorrt"),
+    backends: str = typer.Option("torch,onnxruntime", help="Comma list: torch, torch-cl, torch-compile, torch-cudagraph, onnxruntime, openvino, tensorrt"),
     variants: str = typer.Option("fp32,fp16,int8", help="Comma list of precisions (torch fp16 runs as bf16 autocast on CPU)."),
     batch_sizes: str = typer.Option("1,8", help="Comma list of batch sizes."),
     size: Optional[int] = typer.Option(None, help="Input size (must match the model's spec)."),
@@ -451,7 +451,8 @@ def bench(
     warmup: int = typer.Option(2, min=0),
     iters: int = typer.Option(5, min=1, help="Timed calls per configuration per round."),
     rounds: int = typer.Option(3, min=1, help="Interleaved rounds over all configurations."),
-    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (default: synthetic phantoms)."),
+    calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder; a labelled dataset also gates INT8 on its "
+                                                    "validation split (default: synthetic phantoms, INT8 not gated)."),
     engine: List[Path] = typer.Option([], help="TensorRT plan(s) to add as tensorrt rows (repeatable)."),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
@@ -461,6 +462,8 @@ def bench(
     import torch
 
     from lungrt.benchmark.bench import plot_bench, run_bench
+    from lungrt.build import validation_pairs
+    from lungrt.data.datasets import discover_pairs
     from lungrt.models.checkpoint import resolve_model
     from lungrt.export.variants import make_variant
 
@@ -478,16 +481,21 @@ def bench(
 
         plans = {json.loads(Path(str(p) + ".json").read_text())["precision"]: p for p in engine if Path(str(p) + ".json").exists()}
 
-        def variant_path(v, engine=False):
-            if engine:
+        gate_on = validation_pairs(calib) if calib is not None and discover_pairs(calib).pairs else None
+
+        def variant_path(v, backend):
+            if backend in ("tensorrt", "tensorrt-rtx"):
                 if v not in plans:
                     raise LungrtError(f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN")
                 return plans[v]
-            return make_variant(loaded, v, calib_dir=calib, log=out.print).path
+            return make_variant(loaded, v, calib_dir=calib, log=out.print, target=backend,
+                                val_pairs=gate_on if v == "int8" else None).path
 
         names = _csv_list(backends) + (["tensorrt"] if engine and "tensorrt" not in backends else [])
-        return run_bench(loaded, names, _csv_list(variants), sizes,
-                         size, warmup, iters, rounds, dev, variant_path, log=out.print)
+        result = run_bench(loaded, names, _csv_list(variants), sizes,
+                           size, warmup, iters, rounds, dev, variant_path, log=out.print)
+        result["int8_gated"] = gate_on is not None
+        return result
 
     result = run_guarded(body)
     hw = result["hardware"]
@@ -508,6 +516,9 @@ def bench(
                       f"{r['img_per_s_min']:.0f}-{r['img_per_s_max']:.0f}", f"{r['latency_ms_p50']:.0f}",
                       f"{r['latency_ms_p99']:.0f}", f"{r['vs_torch_eager_fp32']:.2f}x" if r["vs_torch_eager_fp32"] else "-")
     out.print(table)
+    if any(r["variant"] == "int8" and "img_per_s" in r for r in result["rows"]):
+        notes.append("int8: each backend's own recipe, " + ("gated on the validation split of --calib" if result.get("int8_gated")
+                                                            else "calibrated on phantoms and NOT gated (pass --calib DATASET)"))
     for note in dict.fromkeys(notes):
         out.print(note, highlight=False)
     write_json(json_path, result)
@@ -525,7 +536,8 @@ def build(
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     onnx: Optional[Path] = typer.Option(None, help="Build from this precision-variant ONNX file instead."),
     precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | auto"),
-    backend: str = typer.Option("auto", help="auto | tensorrt | tensorrt-rtx | onnxruntime"),
+    backend: str = typer.Option("auto", help="auto | tensorrt | tensorrt-rtx | onnxruntime | openvino | cpu (with --precision auto: "
+                                             "the fastest CPU engine x precision that passes, used by infer/demo from then on)"),
     target: Optional[str] = typer.Option(None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
     method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
@@ -538,7 +550,7 @@ def build(
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
     `--precision auto` keeps the fastest variant that passes parity."""
-    from lungrt.build import build_and_verify, build_auto, census_text, choose_backend
+    from lungrt.build import build_and_verify, build_auto, build_cpu_auto, census_text, choose_backend
     from lungrt.models.checkpoint import resolve_model
     from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
 
@@ -546,14 +558,18 @@ def build(
         be = choose_backend(backend, log=out.print)
         profile = BatchProfile.parse(batch)
         targets = parse_targets(target)
+        if be == "cpu" and precision != "auto":
+            fail("--backend cpu compares the CPU engines: use it with --precision auto (or pick --backend onnxruntime|openvino)")
         if onnx is not None:
-            if be == "onnxruntime":
-                fail("--onnx is already an ONNX Runtime artefact; --onnx with build needs a TensorRT backend")
+            if be in ("onnxruntime", "openvino", "cpu"):
+                fail("--onnx is already an ONNX Runtime / OpenVINO artefact; --onnx with build needs a TensorRT backend")
             meta = build_engine(onnx, out_dir, profile, workspace, builder=PolygraphyBuilder(be, targets),
                                 rebuild=rebuild_stale, log=out.print)
             return {"backend": be, "precision": meta["precision"], "path": str(out_dir / meta["plan"]),
                     "census": meta["dtype_census"]}
         loaded = resolve_model(model, arch=arch)
+        if precision == "auto" and be == "cpu":
+            return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=out.print)
         if precision == "auto":
             return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild_stale, targets,
                               log=out.print)
@@ -565,6 +581,8 @@ def build(
     result = run_guarded(body)
     if "choice" in result:
         out.print(Path(result["report"]).read_text(), highlight=False, markup=False)
+        if result.get("record"):
+            out.print(f"recorded for infer/demo on this CPU: {result['record']}", highlight=False)
     else:
         if result.get("census"):
             out.print(f"compute dtypes of the compiled graph: {census_text(result['census'])}", highlight=False)

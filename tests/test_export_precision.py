@@ -171,3 +171,22 @@ def test_fp16_of_gsconv_loads_in_onnxruntime(tmp_path):
     x = reference_inputs(loaded.spec, 2)
     with OnnxRuntimeRunner(fp16) as r:
         assert np.abs(r.run(x) - TorchRunner(loaded).run(x)).max() < 5e-3
+
+
+def test_gated_convs_export_as_separate_convs_without_split(tmp_path):
+    """GSConv's fused feature+gate conv is split into two convs in the graph: a channel Split of a
+    conv output crosses the CPU plugins' 16-channel blocks (OpenVINO ran it with reference kernels,
+    half of gsconv-unet's time). Same arithmetic per channel, so outputs must not move."""
+    from lungrt.models.checkpoint import LoadedModel, ModelInfo
+    from lungrt.models import build_model
+    from lungrt.core.spec import PreprocessSpec
+
+    loaded = LoadedModel(build_model("gsconv-unet", 4).eval(), ModelInfo("gsconv-unet", 4, PreprocessSpec(size=64)))
+    path = export_onnx(loaded, tmp_path / "g.onnx")
+    g = onnx.load(str(path)).graph
+    producers = {o: n.op_type for n in g.node for o in n.output}
+    assert not [n for n in g.node if n.op_type == "Split" and producers.get(n.input[0]) == "Conv"]
+    assert len([n for n in g.node if n.name.endswith("__part1")]) == 18  # 9 gated double convs x 2
+    x = reference_inputs(loaded.spec, 3)
+    with OnnxRuntimeRunner(path) as r:
+        assert np.abs(r.run(x) - TorchRunner(loaded).run(x)).max() < 1e-5

@@ -54,7 +54,7 @@ class OpenVinoRunner(Runner):
         self.info = info_from_metadata(meta, str(onnx_path))
         self.spec, self.path, self.device = self.info.spec, onnx_path, "cpu"
         self.weights_id = meta.get("lungrt.weights_hash")
-        variant = meta.get("lungrt.precision", "fp32")
+        variant = meta.get("lungrt.export.precision", "fp32")
         # the graph's own precision (fp16/int8 variants) or, for the FP32 graph, OpenVINO's bf16 mode
         self.precision = precision if variant == "fp32" else variant
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",

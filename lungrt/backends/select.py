@@ -5,6 +5,7 @@ backend by name; commands, the Python API, bench, build and Ray all choose here.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
                           "then pass --engine PLAN")
     loaded = resolve_model(model, arch=arch)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if backend == "auto" and not cuda and precision == "fp32":
+        chosen = open_recorded_cpu_choice(loaded, log)
+        if chosen is not None:
+            return chosen
     if backend == "torch" or (backend == "auto" and cuda):
         if precision == "int8" or (precision == "fp16" and not cuda):
             raise LungrtError(f"backend torch runs {precision} only {'on ONNX Runtime or TensorRT' if precision == 'int8' else 'on a CUDA GPU'}; "
@@ -90,9 +95,58 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
         graph = "fp32" if precision == "bf16" else precision  # OpenVINO's bf16 runs the FP32 graph
         if precision == "bf16" and backend != "openvino":
             raise LungrtError("precision bf16 is OpenVINO's (or PyTorch's on a GPU); use --backend openvino")
-        path = make_variant(loaded, graph, folder=root / "variants", cache_dir=root / "calibration", log=log).path
+        path = make_variant(loaded, graph, folder=root / "variants", cache_dir=root / "calibration", log=log,
+                            target="openvino" if backend == "openvino" else "onnxruntime").path
         return open_openvino(path, precision) if backend == "openvino" else OnnxRuntimeRunner(path)
     raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime, openvino or tensorrt")
+
+
+def cpu_choice_file(loaded: LoadedModel) -> Path:
+    from lungrt.core.cache import cache_root
+    from lungrt.models.checkpoint import weights_hash
+
+    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights_hash(loaded.model)}.json"
+
+
+def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
+    """Remember `lungrt build --backend cpu --precision auto`'s choice (backend, precision, the
+    gated variant file) for these weights on this CPU; infer/demo/the API pick it up."""
+    from lungrt.core.hardware import cpu_identity
+    from lungrt.data.io import atomic_write_bytes
+
+    path = cpu_choice_file(loaded)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({**choice, "hardware": cpu_identity()}, indent=2).encode())
+    return path
+
+
+def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | None:
+    """The runner of the recorded CPU choice, if one was made for these weights on this very CPU
+    (model, speed flags, cores) and its variant file still holds these weights; else None."""
+    from lungrt.core.hardware import cpu_identity
+
+    path = cpu_choice_file(loaded)
+    try:
+        choice = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if choice.get("hardware") != cpu_identity():
+        log(f"ignoring {path.name}: chosen on another CPU; rerun `lungrt build --backend cpu --precision auto`")
+        return None
+    try:
+        runner = (open_openvino(choice["path"], choice["precision"]) if choice["backend"] == "openvino"
+                  else OnnxRuntimeRunner(choice["path"]))
+    except (LungrtError, KeyError) as e:
+        log(f"ignoring {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return None
+    from lungrt.models.checkpoint import weights_hash
+
+    if runner.weights_id != weights_hash(loaded.model):
+        runner.close()
+        log(f"ignoring {path.name}: its variant file holds other weights")
+        return None
+    log(f"CPU configuration chosen by `lungrt build --backend cpu --precision auto`: {choice['backend']} {choice['precision']}")
+    return runner
 
 
 def open_openvino(onnx: str | Path, precision: str = "fp32") -> Runner:
@@ -102,8 +156,9 @@ def open_openvino(onnx: str | Path, precision: str = "fp32") -> Runner:
 
 
 def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
-    """bench's configurations: a backend name x precision. `variant_path(v)` gives the ONNX variant,
-    `variant_path(v, engine=True)` the engine. Missing software or hardware: BackendUnavailable."""
+    """bench's configurations: a backend name x precision. `variant_path(v, backend)` gives the file
+    that backend runs: the ONNX variant made for it, or the engine. Missing software or hardware:
+    BackendUnavailable."""
     if backend in TORCH_FAST_PATHS:
         from lungrt.training.train import bf16_autocast_supported
 
@@ -117,13 +172,13 @@ def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: 
     if backend == "onnxruntime":
         if variant == "bf16":
             raise BackendUnavailable("no bf16 variant for ONNX Runtime (OpenVINO runs bf16)")
-        return OnnxRuntimeRunner(variant_path(variant), device=device if device.startswith("cuda") else "cpu")
+        return OnnxRuntimeRunner(variant_path(variant, backend), device=device if device.startswith("cuda") else "cpu")
     if backend == "openvino":
-        return open_openvino(variant_path("fp32" if variant == "bf16" else variant), variant)
+        return open_openvino(variant_path("fp32" if variant == "bf16" else variant, backend), variant)
     if backend in ("tensorrt", "tensorrt-rtx"):
         from lungrt.backends.tensorrt.engine import gpu_environment
 
         if gpu_environment() is None:
             raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
-        return open_engine(variant_path(variant, engine=True))
+        return open_engine(variant_path(variant, backend))
     raise LungrtError(f"unknown backend {backend!r}")

@@ -10,7 +10,6 @@ device is done).
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.core.errors import BackendUnavailable, LungrtError
+from lungrt.core.hardware import cpu_flags, cpu_name
 from lungrt.models import gflops_per_image
 from lungrt.export.onnx import reference_inputs
 from lungrt.backends.select import TORCH_FAST_PATHS, open_config_runner
@@ -49,31 +49,6 @@ class Config:
     @property
     def label(self) -> str:
         return f"{self.backend}/{self.variant}/b{self.batch}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def cpu_flags() -> list[str]:
-    """The instruction-set flags that decide CPU speed (from /proc/cpuinfo, as lscpu shows them)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in SPEED_FLAGS if f in have]
-    except OSError:
-        pass
-    return []
 
 
 def hardware() -> dict:

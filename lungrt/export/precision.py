@@ -4,9 +4,14 @@
 - fp16: weights and compute in FP16 (onnxconverter-common's float16 converter), graph inputs and
   outputs kept FP32, numerically sensitive ops (softmax, normalisation, reductions, exp/pow) kept
   FP32 behind Cast nodes.
-- int8: explicit Q/DQ (ONNX Runtime's quantize_static in QDQ format), symmetric INT8 activations
-  and symmetric per-channel INT8 weights: the form TensorRT's explicit quantization compiles.
-  Calibrated on a calibration set; the ranges are cached under calibration/ keyed by model hash,
+- int8, one recipe per engine, all from the same calibration set and gated the same way:
+  - portable (`make_int8`): explicit Q/DQ, symmetric INT8 activations and per-channel weights, the
+    form TensorRT's explicit quantization compiles (the TensorRT variant adds FP16, below);
+  - onnxruntime (`make_int8_ort_cpu`): what ONNX Runtime's CPU kernels want: its pre-processing,
+    asymmetric UINT8 activations (ReLUs fold into the quantizer), per-channel symmetric weights;
+  - openvino (`make_int8_nncf`): NNCF post-training quantization, OpenVINO's own tool, whose Q/DQ
+    OpenVINO executes as the INT8 kernels it was placed for.
+  ONNX Runtime's calibration ranges are cached under calibration/ keyed by model hash,
   calibration-set hash and method.
 
 ONNX Runtime runs every variant on the CPU, so each one is checked here before any engine exists.
@@ -38,6 +43,9 @@ FP16_KEEP_FP32_OPS = [
 ]
 # Ops whose inputs get Q/DQ: the GEMM-like layers that INT8 speeds up, on TensorRT and ORT CPU alike.
 INT8_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
+# ONNX Runtime CPU: no quantized ConvTranspose kernel; the data-movement ops between quantized
+# convs are quantized too so QLinear ops chain without going back to float.
+ORT_CPU_INT8_OP_TYPES = ["Conv", "MatMul", "Gemm", "Relu", "MaxPool", "Concat", "Add", "Mul", "Resize"]
 DEFAULT_CALIBRATION_IMAGES = 64
 
 
@@ -197,6 +205,14 @@ def load_calibration_set(spec, folder: str | Path | None, count: int = DEFAULT_C
     return CalibrationSet(inputs, h.hexdigest()[:16], f"{len(files)} images from {folder}", [str(f) for f in files])
 
 
+def _calibrator(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    if method not in CALIBRATION_METHODS:
+        raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    return {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over an array. One image per call: the histogram
     collectors (entropy, percentile) stack outputs and fail on a short last batch."""
@@ -223,14 +239,10 @@ def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet
               exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
     """Quantize with explicit symmetric Q/DQ. Returns what was done, including whether the
     calibration cache was hit."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    if method not in CALIBRATION_METHODS:
-        raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    if cache_dir is None:
-        from lungrt.core.cache import cache_root
-
-        cache_dir = cache_root() / "calibration"
+    calibrator = _calibrator(method)
+    cache_dir = cache_dir or _default_cache_dir()
     meta = onnx_metadata(fp32_path)
     cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, method)
     hit = cache.is_file()
@@ -243,20 +255,80 @@ def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet
             quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=list(exclude or []),
-            calibrate_method={"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-                              "percentile": CalibrationMethod.Percentile}[method],
+            calibrate_method=calibrator,
             # TensorRT takes biases in float (no int32 DQ); symmetric zero-point-0 INT8 everywhere
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             calibration_cache_path=str(cache),
         )
         q = onnx.load(str(tmp_out))
+    _finish_int8(q, meta, out_path, calib, method, exclude, "portable")
+    return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
+
+
+def make_int8_ort_cpu(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "minmax",
+                      exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
+    """INT8 for ONNX Runtime's CPU kernels (its documented recommendation for CPUs): the graph
+    through `quant_pre_process`, asymmetric UINT8 activations and symmetric per-channel INT8 weights,
+    so a ReLU folds into its QuantizeLinear and QLinearConvs chain in NHWC. ConvTranspose has no
+    quantized CPU kernel and stays in float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    calibrator = _calibrator(method)
+    cache_dir = cache_dir or _default_cache_dir()
+    meta = onnx_metadata(fp32_path)
+    cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, f"ortcpu-{method}")
+    hit = cache.is_file()
+    with tempfile.TemporaryDirectory() as tmp:
+        pre, tmp_out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        quantize_static(
+            str(pre), str(tmp_out), _Reader(onnx.load(str(pre)).graph.input[0].name, calib.inputs),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=ORT_CPU_INT8_OP_TYPES, nodes_to_exclude=list(exclude or []),
+            calibrate_method=calibrator, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            calibration_cache_path=str(cache),
+        )
+        q = onnx.load(str(tmp_out))
+    _finish_int8(q, meta, out_path, calib, method, exclude, "onnxruntime")
+    return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
+
+
+def make_int8_nncf(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "nncf",
+                   exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
+    """INT8 for OpenVINO by NNCF post-training quantization (preset PERFORMANCE: symmetric, the
+    form OpenVINO's CPU INT8 kernels run; the asymmetric MIXED preset measured 2x slower there).
+    `method` is NNCF's own (min-max with its statistics and fast bias correction)."""
+    import nncf
+
+    model = onnx.load(str(fp32_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    name = model.graph.input[0].name
+    data = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))], lambda x: {name: x})
+    q = nncf.quantize(model, data, preset=nncf.QuantizationPreset.PERFORMANCE, target_device=nncf.TargetDevice.CPU,
+                      subset_size=len(calib.inputs),
+                      ignored_scope=nncf.IgnoredScope(names=list(exclude or []), validate=False))
+    _finish_int8(q, meta, out_path, calib, "nncf", exclude, "openvino")
+    return {"path": str(out_path), "excluded": list(exclude or [])}
+
+
+def _finish_int8(q: onnx.ModelProto, meta: dict, out_path, calib: CalibrationSet, method: str, exclude, recipe: str) -> None:
+    del q.metadata_props[:]
     set_metadata(q, {
+        **meta,
         "lungrt.export.precision": "int8",
-        "lungrt.calibration": json.dumps({"method": method, "set": calib.description, "digest": calib.digest,
-                                          "excluded_nodes": list(exclude or [])}),
+        "lungrt.int8_recipe": recipe,
+        "lungrt.calibration": json.dumps({"method": method, "recipe": recipe, "set": calib.description,
+                                          "digest": calib.digest, "excluded_nodes": list(exclude or [])}),
     })
     _save(q, out_path)
-    return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
+
+
+def _default_cache_dir() -> Path:
+    from lungrt.core.cache import cache_root
+
+    return cache_root() / "calibration"
 
 
 def quantizable_nodes(fp32_path: str | Path) -> list[str]:

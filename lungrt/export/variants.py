@@ -8,21 +8,49 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from lungrt.core.cache import cache_root
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
-from lungrt.export.onnx import export_onnx
+from lungrt.export.onnx import EXPORT_REVISION, export_onnx
 from lungrt.evaluation.parity import GATES, apply_gate, compare
 from lungrt.export.precision import (
     DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
-    make_int8_fp16, node_block, quantizable_nodes,
+    make_int8_fp16, make_int8_nncf, make_int8_ort_cpu, node_block, quantizable_nodes,
 )
-from lungrt.backends.base import onnx_metadata
+from lungrt.backends.base import Runner, onnx_metadata
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 
 SENSITIVITY_IMAGES = 32  # validation images used by the INT8 exclusion search
+
+
+def _open_openvino(path: Path) -> Runner:
+    from lungrt.backends.openvino import OpenVinoRunner  # an optional extra
+
+    return OpenVinoRunner(path)
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How the INT8 graph for one engine is made, and the runner that executes it as deployed:
+    the gate (and the exclusion search) measures exactly what will run."""
+
+    tag: str  # in the file name, before the calibration method
+    quantize: Callable  # (fp32, out, calib, method, exclude=..., cache_dir=...) -> dict
+    open: Callable[[Path], Runner]
+    method: str | None = None  # a recipe with its own calibration (NNCF) ignores --method
+
+
+INT8_RECIPES = {
+    "portable": Int8Recipe("", make_int8, OnnxRuntimeRunner),  # TensorRT's form, checked on ONNX Runtime
+    "onnxruntime": Int8Recipe("ortcpu-", make_int8_ort_cpu, OnnxRuntimeRunner),
+    "openvino": Int8Recipe("", make_int8_nncf, _open_openvino, method="nncf"),
+}
+# make_variant's `target` (an engine, or a backend name) -> the INT8 recipe it gets
+TARGET_RECIPES = {"portable": "portable", "cpu": "portable", "tensorrt": "portable", "tensorrt-rtx": "portable",
+                  "onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 @dataclass
@@ -48,7 +76,7 @@ class _Made:
 
     def file(self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "") -> Path:
         if precision == "int8":
-            return folder / f"{self.stem}.int8-{method}-{calib.digest}.onnx"
+            return folder / f"{self.stem}.int8-{method}-{calib.digest}.onnx"  # method: recipe tag + method
         return folder / f"{self.stem}.{precision}.onnx"
 
     def reusable(self, path: Path) -> bool:
@@ -59,7 +87,8 @@ class _Made:
             return False
         try:
             meta = onnx_metadata(path)
-            ok = meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
+            ok = (meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
+                  and meta.get("lungrt.export.revision") == EXPORT_REVISION)  # made by an older exporter: remake
         except Exception:
             ok = False
         if not ok:
@@ -69,14 +98,18 @@ class _Made:
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
                  method: str = "entropy", val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "cpu") -> Variant:
+                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "portable") -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
-    INT8, calibration set and method) are unchanged.
+    INT8, calibration set, method and recipe) are unchanged.
 
-    target="tensorrt" gives the INT8 variant TensorRT should compile: the same Q/DQ with FP16 for
-    everything that is not INT8 (`make_int8_fp16`), gated again on `val_pairs` when given."""
+    `target` picks the INT8 recipe (TARGET_RECIPES): the portable Q/DQ graph; "onnxruntime" and
+    "openvino" their CPU forms; "tensorrt" the portable graph with FP16 for everything that is not
+    INT8 (`make_int8_fp16`). With `val_pairs`, INT8 is gated on them by the runner that will
+    execute it, leaving the most sensitive blocks in float until it passes."""
     if precision not in PRECISIONS:
         raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if target not in TARGET_RECIPES:
+        raise LungrtError(f"unknown variant target {target!r}; use {', '.join(TARGET_RECIPES)}")
     folder = Path(folder) if folder is not None else cache_root() / "variants"
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "calibration"
     made = _Made.of(loaded)
@@ -90,17 +123,19 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
         if not made.reusable(path):
             make_fp16(fp32, path)
         return Variant("fp16", path)
+    recipe = INT8_RECIPES[TARGET_RECIPES[target]]
+    method = recipe.method or method
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
-    path = made.file(folder, "int8", calib, method)
+    path = made.file(folder, "int8", calib, recipe.tag + method)
     if not made.reusable(path):
-        make_int8(fp32, path, calib, method, cache_dir=cache_dir)
+        recipe.quantize(fp32, path, calib, method, cache_dir=cache_dir)
         if val_pairs:
             try:
-                search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log)
+                search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log, recipe)
             except LungrtError:
                 path.unlink(missing_ok=True)  # never leave a variant that failed its gate for reuse
                 raise
-    if target != "tensorrt":
+    if not target.startswith("tensorrt"):
         return Variant("int8", path, int8_notes(path))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
     if not made.reusable(half):
@@ -114,30 +149,31 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     return Variant("int8", half, {**int8_notes(half), "float": "fp16"})
 
 
-def _gate_summary(loaded, path: Path, pairs) -> dict:
-    with OnnxRuntimeRunner(path) as cand:
+def _gate_summary(loaded, path: Path, pairs, open_runner: Callable[[Path], Runner] = OnnxRuntimeRunner) -> dict:
+    with open_runner(path) as cand:
         return compare(TorchRunner(loaded), cand, pairs)["summary"]
 
 
 def int8_notes(path: Path) -> dict:
     """What an INT8 variant was calibrated on and which blocks stay in floating point."""
     cal = json.loads(onnx_metadata(path).get("lungrt.calibration", "{}"))
-    return {"calibration": cal.get("set"), "method": cal.get("method"),
+    return {"calibration": cal.get("set"), "method": cal.get("method"), "recipe": cal.get("recipe", "portable"),
             "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
 
 
-def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes) -> dict:
-    make_int8(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
-    return _gate_summary(loaded, path, pairs)
+def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes, recipe: Int8Recipe) -> dict:
+    recipe.quantize(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
+    return _gate_summary(loaded, path, pairs, recipe.open)
 
 
-def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir, log=logging.getLogger(__name__).info) -> list[str]:
+def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
+                           log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"]) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`.
 
     Sensitivity of a block = the agreement lost when only that block is quantized. Blocks are
     excluded worst first; the search stops at the first exclusion set that passes."""
     gate = GATES["int8"]
-    summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, [])
+    summary = _gate_summary(loaded, path, pairs, recipe.open)
     if apply_gate(summary, gate)["passed"]:
         return []
     nodes = quantizable_nodes(fp32)
@@ -148,13 +184,13 @@ def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs,
     loss = {}
     for b, members in blocks.items():
         others = [n for n in nodes if n not in members]
-        s = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, others)
+        s = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, others, recipe)
         loss[b] = 1.0 - s["mask_agreement"] + max(s.get("dice_drop", 0.0), 0.0)
     excluded: list[str] = []
     for b in sorted(loss, key=loss.get, reverse=True):
         excluded.append(b)
         ex_nodes = [n for blk in excluded for n in blocks[blk]]
-        summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, ex_nodes)
+        summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, ex_nodes, recipe)
         log(f"  excluding {', '.join(excluded)}: agreement {summary['mask_agreement']:.4f}")
         if apply_gate(summary, gate)["passed"]:
             return excluded

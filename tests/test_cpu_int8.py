@@ -1,0 +1,129 @@
+"""CPU INT8 that each engine runs as intended (ONNX Runtime's asymmetric Q/DQ, NNCF for OpenVINO),
+gated by the runner that executes it, and `build --backend cpu --precision auto` choosing among
+the CPU engines and handing its choice to infer."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from lungrt.backends.base import onnx_metadata
+from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+from lungrt.backends.pytorch import TorchRunner
+from lungrt.cli import app
+from lungrt.data.datasets import discover_pairs
+from lungrt.evaluation import parity
+from lungrt.export import variants as variants_mod
+from lungrt.export.onnx import reference_inputs
+from lungrt.models.checkpoint import load_checkpoint
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+runner = CliRunner()
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
+
+
+def test_onnxruntime_int8_is_asymmetric_uint8_with_float_conv_transpose(tmp_path, tiny_checkpoint, phantom_dir):
+    loaded = load_checkpoint(tiny_checkpoint)
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, method="minmax",
+                                  cache_dir=tmp_path, target="onnxruntime", log=lambda *a: None)
+    assert ".int8-ortcpu-minmax-" in v.path.name and v.notes["recipe"] == "onnxruntime"
+    m = onnx.load(str(v.path))
+    quant = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+    zero_points = [_initializer(m, n.input[2]) for n in quant]
+    assert zero_points and all(z.dtype == np.uint8 for z in zero_points)
+    assert any(int(z) != 0 for z in zero_points), "asymmetric activations: some zero point is not 0"
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    convt = [n for n in m.graph.node if n.op_type == "ConvTranspose"]
+    assert convt and all(producers.get(n.input[1]) != "DequantizeLinear" for n in convt)  # float weights
+    x = reference_inputs(loaded.spec, 4)
+    with OnnxRuntimeRunner(v.path) as r:
+        assert r.precision == "int8"
+        agree = ((r.run(x) > 0.5) == (TorchRunner(loaded).run(x) > 0.5)).mean()
+    assert agree > 0.98
+
+
+def test_openvino_int8_is_nncf_quantized_and_runs_on_openvino(tmp_path, tiny_checkpoint, phantom_dir):
+    from lungrt.backends.openvino import OpenVinoRunner
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    pairs = discover_pairs(phantom_dir).pairs[:6]
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
+                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
+    assert ".int8-nncf-" in v.path.name and v.notes["recipe"] == "openvino" and v.notes["method"] == "nncf"
+    meta = onnx_metadata(v.path)
+    assert meta["lungrt.int8_recipe"] == "openvino" and json.loads(meta["lungrt.model"])["name"] == "unet"
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(v.path)).graph.node)
+    with OpenVinoRunner(v.path) as r:
+        assert r.describe() == "openvino/cpu/int8"
+        summary = parity.compare(TorchRunner(loaded), r, pairs)["summary"]
+    assert parity.apply_gate(summary, parity.GATES["int8"])["passed"]
+
+
+def test_exclusion_search_gates_on_the_runner_that_will_execute_the_variant(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+    """A gate full INT8 misses: the OpenVINO variant's search must judge with OpenVINO, not ONNX Runtime."""
+    used = []
+    real = variants_mod._gate_summary
+
+    def spy(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
+        used.append(open_runner)
+        return real(loaded, path, pairs, open_runner)
+
+    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
+    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))
+    loaded = load_checkpoint(tiny_checkpoint)
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir,
+                                  val_pairs=discover_pairs(phantom_dir).pairs[:4], cache_dir=tmp_path,
+                                  target="openvino", log=lambda *a: None)
+    assert v.notes["excluded_blocks"]
+    assert used and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)
+
+
+def test_variants_from_an_older_exporter_are_made_again(tmp_path, tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint)
+    path = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path
+    m = onnx.load(str(path))
+    for p in m.metadata_props:
+        if p.key == "lungrt.export.revision":
+            p.value = "1"
+    onnx.save(m, str(path))
+    again = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path
+    assert onnx_metadata(again)["lungrt.export.revision"] == variants_mod.EXPORT_REVISION
+
+
+def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+    from lungrt.backends import select
+
+    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
+                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "b" / "unet-auto-cpu.json").read_text())
+    timed = [c for c in report["candidates"] if "img_per_s" in c]
+    assert {(c["backend"], c["precision"]) for c in timed} >= {("onnxruntime", "fp32"), ("openvino", "fp32"),
+                                                                 ("onnxruntime", "int8"), ("openvino", "int8")}
+    best = max((c for c in timed if c["gate"]["passed"]), key=lambda c: c["img_per_s"])
+    assert report["choice"] == f"{best['backend']} {best['precision']}"
+    record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
+    assert json.loads(record.read_text())["path"] == best["path"]
+
+    out = tmp_path / "masks"
+    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(out), "--model", str(tiny_checkpoint)])
+    assert res.exit_code == 0, res.output
+    with open(out / "results.csv") as f:
+        backends = {r["backend"] for r in csv.DictReader(f)}
+    assert backends == {f"{best['backend']}/cpu/{best['precision']}"}
+
+    # a choice made on another CPU is not used here
+    data = json.loads(record.read_text())
+    data["hardware"]["cpu"] = "some other CPU"
+    record.write_text(json.dumps(data))
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert select.open_recorded_cpu_choice(loaded, log=lambda *a: None) is None
