@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +21,9 @@ from lungrt.benchmark.bench import hardware, run_bench
 from lungrt.models.checkpoint import resolve_model
 from lungrt.data.datasets import discover_pairs, select_split
 from lungrt.evaluation.evaluate import evaluate
-from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
+from lungrt.inference.infer import collect_inputs
 from lungrt.data.io import read_xray
-from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
+from lungrt.evaluation.parity import GATES, apply_gate, compare
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.openvino import OpenVinoRunner, native_bf16
 from lungrt.backends.pytorch import TorchRunner
@@ -34,7 +31,6 @@ from lungrt.export.variants import make_variant
 from lungrt.build import validation_pairs
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
-BACKENDS = ("onnxruntime", "torch")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -120,21 +116,23 @@ def parity(data: Path, models=MODELS) -> None:
     for name in models:
         loaded = resolve_model(name)
         reference = TorchRunner(loaded)
-        for precision in ("fp32", "fp16", "int8"):
-            v = make_variant(loaded, precision, calib_dir=data, val_pairs=val if precision == "int8" else None)
-            with OnnxRuntimeRunner(v.path) as cand:
+        # (backend, variant): ONNX Runtime runs the graphs TensorRT compiles plus its own CPU INT8;
+        # OpenVINO its bf16 mode on the FP32 graph and its NNCF INT8
+        configs = [("onnxruntime", "fp32", "portable"), ("onnxruntime", "fp16", "portable"), ("onnxruntime", "int8", "portable"),
+                   ("onnxruntime", "int8", "onnxruntime"), ("openvino", "int8", "openvino")]
+        if native_bf16():
+            configs.insert(3, ("openvino", "bf16", "portable"))
+        for backend, precision, target in configs:
+            v = make_variant(loaded, "fp32" if precision == "bf16" else precision, calib_dir=data, target=target,
+                             val_pairs=val if precision == "int8" else None)
+            cand = OnnxRuntimeRunner(v.path) if backend == "onnxruntime" else OpenVinoRunner(v.path, precision="bf16" if precision == "bf16" else "fp32")
+            with cand:
                 s = compare(reference, cand, test)["summary"]
             s.pop("worst")
-            rows.append({"model": name, "backend": "onnxruntime", "variant": precision, **s,
+            recipe = {"portable": "TensorRT Q/DQ", "onnxruntime": "ORT CPU Q/DQ", "openvino": "NNCF"}[target] if precision == "int8" else ""
+            rows.append({"model": name, "backend": backend, "variant": precision, "recipe": recipe, **s,
                          "gate": apply_gate(s, GATES[precision]), "notes": v.notes})
-            print(f"{name} {precision}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
-        if native_bf16():  # OpenVINO's bf16 mode on the FP32 graph, gated like FP16
-            with OpenVinoRunner(make_variant(loaded, "fp32").path, precision="bf16") as cand:
-                s = compare(reference, cand, test)["summary"]
-            s.pop("worst")
-            rows.append({"model": name, "backend": "openvino", "variant": "bf16", **s, "gate": apply_gate(s, GATES["bf16"]),
-                         "notes": {}})
-            print(f"{name} openvino bf16: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
+            print(f"{name} {backend} {precision} {recipe}: agreement {s['mask_agreement']:.5f} drop {s['dice_drop']:+.5f}", flush=True)
     save(f"parity_{'_'.join(models)}" if models != MODELS else "parity", {"test_images": len(test), "rows": rows})
 
 
@@ -147,9 +145,11 @@ def join(data: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         backend = r.get("backend", "onnxruntime")
-        b = ips.get((r["model"], backend, r["variant"]))
+        portable_int8 = r["variant"] == "int8" and r.get("recipe") == "TensorRT Q/DQ"
+        b = None if portable_int8 or r["variant"] == "fp16" else ips.get((r["model"], backend, r["variant"]))
         kept = ", ".join(r["notes"].get("excluded_blocks") or []) if r["variant"] == "int8" else ""
-        print(f"| {r['model']} | {backend} | {r['variant']} | {r['mask_agreement']:.5f} ({r['min_mask_agreement']:.4f}) | "
+        variant = f"{r['variant']} ({r['recipe']})" if r.get("recipe") else r["variant"]
+        print(f"| {r['model']} | {backend} | {variant} | {r['mask_agreement']:.5f} ({r['min_mask_agreement']:.4f}) | "
               f"{r['dice_reference']:.4f} | {r['dice_candidate']:.4f} | {r['dice_drop']:+.5f} | "
               f"{'pass' if r['gate']['passed'] else 'FAIL'} | {kept or ('none' if r['variant'] == 'int8' else '')} | "
               + (f"{b['img_per_s']:.1f} | {b['vs_torch_eager_fp32']:.2f}x |" if b else "- | - |"))
@@ -177,45 +177,34 @@ def bench(data: Path) -> None:
                       f"{r['latency_ms_p99']:.0f} | {r['vs_torch_eager_fp32']:.2f}x |")
 
 
+def infer_runners(loaded):
+    """The configurations infer is measured with: ONNX Runtime FP32, PyTorch eager FP32, and the
+    CPU configuration `lungrt build --backend cpu --precision auto` recorded here, if any."""
+    from lungrt.backends.select import open_recorded_cpu_choice
+
+    yield OnnxRuntimeRunner(make_variant(loaded, "fp32").path)
+    yield TorchRunner(loaded)
+    chosen = open_recorded_cpu_choice(loaded)
+    if chosen is not None:
+        yield chosen
+
+
 def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2, chunks: int = 4) -> None:
-    """End-to-end `run_infer` vs the bare model, interleaved: this VM's speed drifts by up to 40%
-    within seconds (a neighbour's load), so the images go in chunks, each paired with a bare-model
-    slice of the same image count, in ABBA order, and both sides are summed over the same stretch."""
+    """End-to-end `run_infer` vs the bare model on the same runner, interleaved (see
+    lungrt/benchmark/endtoend.py)."""
+    from lungrt.benchmark.endtoend import interleaved_ratio
+
     items = collect_inputs([str(data / "images")])
-    parts = [items[i::chunks] for i in range(chunks)] * passes
     loaded = resolve_model(model)
+    x = first_batch(loaded, [it.source for it in items], batch_size)
     rows = []
-    for backend in BACKENDS:
-        runner = (OnnxRuntimeRunner(make_variant(loaded, "fp32").path) if backend == "onnxruntime" else TorchRunner(loaded))
-        x = first_batch(loaded, [it.source for it in items], batch_size)
-        throughput(runner, x, seconds=2)  # warm-up
-        t_e2e = t_bare = 0.0
-        per_round = []
-        for i, part in enumerate(parts):
-            timings = {}
-            for side in (("e2e", "bare") if i % 2 == 0 else ("bare", "e2e")):
-                t0 = time.perf_counter()
-                if side == "bare":
-                    for _ in range(-(-len(part) // batch_size)):
-                        runner.run(x)
-                else:
-                    tmp = Path(tempfile.mkdtemp())
-                    summary = run_infer(runner, part, tmp, InferOptions(batch_size=batch_size, workers=2))
-                    assert summary["ok"] == len(part), summary
-                timings[side] = time.perf_counter() - t0
-                if side == "e2e":
-                    shutil.rmtree(tmp)
-            t_e2e, t_bare = t_e2e + timings["e2e"], t_bare + timings["bare"]
-            per_round.append(timings["bare"] / timings["e2e"])
-        n = sum(len(p) for p in parts)
-        bare_n = sum(-(-len(p) // batch_size) * batch_size for p in parts)
-        rows.append({"backend": runner.describe(), "images": n, "end_to_end_img_per_s": n / t_e2e,
-                     "bare_model_img_per_s": bare_n / t_bare, "ratio": (n / t_e2e) / (bare_n / t_bare),
-                     "ratio_per_round": per_round})
-        print(f"{backend}: {rows[-1]}", flush=True)
+    for runner in infer_runners(loaded):
+        with runner:
+            rows.append(interleaved_ratio(runner, items, x, batch_size, passes, chunks))
+        print(f"{rows[-1]['backend']}: {rows[-1]}", flush=True)
     save("infer_throughput", {"hardware": hardware(), "model": model, "batch_size": batch_size, "rows": rows})
     print(f"\n`lungrt infer` on the {len(items)} shared X-rays x {passes} passes ({model}, batch {batch_size}, 2 worker "
-          f"threads) vs the bare model on the same backend and batch size, {len(parts)} interleaved rounds:\n")
+          f"threads) vs the bare model on the same backend and batch size, {chunks * passes} interleaved rounds:\n")
     print("| backend | end-to-end img/s | bare model img/s | ratio | ratio per round (min-max) |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -443,8 +443,8 @@ def _csv_list(value: str) -> list[str]:
 def bench(
     model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
-    backends: str = typer.Option("torch,onnxruntime", help="Comma list: torch, torch-cl, torch-compile, torch-cudagraph, onnxruntime, openvino, tensorrt"),
-    variants: str = typer.Option("fp32,fp16,int8", help="Comma list of precisions (torch fp16 runs as bf16 autocast on CPU)."),
+    backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma list: torch, torch-cl, torch-compile, torch-cudagraph, onnxruntime, openvino, tensorrt"),
+    variants: str = typer.Option("fp32,bf16,int8", help="Comma list of precisions: fp32, fp16, bf16 (OpenVINO's mode; torch autocast), int8 (each backend's own recipe)."),
     batch_sizes: str = typer.Option("1,8", help="Comma list of batch sizes."),
     size: Optional[int] = typer.Option(None, help="Input size (must match the model's spec)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

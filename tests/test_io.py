@@ -181,3 +181,28 @@ def test_masks_binarise_pictures_and_label_maps(tmp_path):
     labels[5:10, 5:10], labels[12:15, 12:15] = 1, 2
     write_png(tmp_path / "labels.png", labels)
     assert read_mask(tmp_path / "labels.png").sum() == 25 + 9
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom", "dicom-mono1"])
+def test_16_bit_images_decode_to_the_same_gray8_without_full_size_float_work(tmp_path, kind):
+    """Deep integer images keep their raw uint16 pixels plus the window; gray8 comes from a
+    65536-entry table, bit-identical to windowing in float and rounding."""
+    import cv2
+
+    from lungrt.data.io import to_gray8
+
+    rng = np.random.default_rng(3)
+    raw = np.clip(rng.normal(1800, 500, (300, 260)), 37, 4000).astype(np.uint16)
+    if kind == "png":
+        path = tmp_path / "x.png"
+        cv2.imwrite(str(path), raw)
+    else:
+        path = make_dicom(tmp_path / "x.dcm", raw, photometric="MONOCHROME1" if kind == "dicom-mono1" else "MONOCHROME2")
+    xr = read_xray(path)
+    assert xr.image.dtype == np.uint16 and xr.shape == raw.shape
+    unit = (raw.astype(np.float64) - raw.min()) / (raw.max() - raw.min())
+    unit = unit.astype(np.float32)
+    if kind == "dicom-mono1":
+        unit = 1.0 - unit
+    assert np.array_equal(xr.gray8, to_gray8(unit))
+    assert np.allclose(xr.pixels, unit, atol=1e-6) and xr.pixels.dtype == np.float32

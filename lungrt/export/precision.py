@@ -237,32 +237,14 @@ def calibration_cache_path(cache_dir: str | Path, weights_hash: str, calib_diges
 
 def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "entropy",
               exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
-    """Quantize with explicit symmetric Q/DQ. Returns what was done, including whether the
-    calibration cache was hit."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    """Quantize with explicit symmetric Q/DQ (TensorRT's form). Returns what was done, including
+    whether the calibration cache was hit."""
+    from onnxruntime.quantization import QuantType
 
-    calibrator = _calibrator(method)
-    cache_dir = cache_dir or _default_cache_dir()
-    meta = onnx_metadata(fp32_path)
-    cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, method)
-    hit = cache.is_file()
-    model = onnx.load(str(fp32_path))
-    input_name = model.graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_out = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(fp32_path), str(tmp_out), _Reader(input_name, calib.inputs),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=INT8_OP_TYPES, nodes_to_exclude=list(exclude or []),
-            calibrate_method=calibrator,
-            # TensorRT takes biases in float (no int32 DQ); symmetric zero-point-0 INT8 everywhere
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-            calibration_cache_path=str(cache),
-        )
-        q = onnx.load(str(tmp_out))
-    _finish_int8(q, meta, out_path, calib, method, exclude, "portable")
-    return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
+    # TensorRT takes biases in float (no int32 DQ); symmetric zero-point-0 INT8 everywhere
+    return _ort_qdq(fp32_path, out_path, calib, method, exclude, cache_dir, recipe="portable", cache_tag=method,
+                    activations=QuantType.QInt8, op_types=INT8_OP_TYPES, pre_process=False,
+                    extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
 def make_int8_ort_cpu(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "minmax",
@@ -271,27 +253,39 @@ def make_int8_ort_cpu(fp32_path: str | Path, out_path: str | Path, calib: Calibr
     through `quant_pre_process`, asymmetric UINT8 activations and symmetric per-channel INT8 weights,
     so a ReLU folds into its QuantizeLinear and QLinearConvs chain in NHWC. ConvTranspose has no
     quantized CPU kernel and stays in float."""
+    from onnxruntime.quantization import QuantType
+
+    return _ort_qdq(fp32_path, out_path, calib, method, exclude, cache_dir, recipe="onnxruntime", cache_tag=f"ortcpu-{method}",
+                    activations=QuantType.QUInt8, op_types=ORT_CPU_INT8_OP_TYPES, pre_process=True,
+                    extra={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, cache_dir, *, recipe: str, cache_tag: str,
+             activations, op_types: list[str], pre_process: bool, extra: dict) -> dict:
+    """ONNX Runtime's quantize_static in QDQ format, per-channel INT8 weights, calibration ranges
+    cached per weights, calibration set and `cache_tag`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibrator = _calibrator(method)
-    cache_dir = cache_dir or _default_cache_dir()
     meta = onnx_metadata(fp32_path)
-    cache = calibration_cache_path(cache_dir, meta.get("lungrt.weights_hash", "unknown"), calib.digest, f"ortcpu-{method}")
+    cache = calibration_cache_path(cache_dir or _default_cache_dir(), meta.get("lungrt.weights_hash", "unknown"),
+                                   calib.digest, cache_tag)
     hit = cache.is_file()
     with tempfile.TemporaryDirectory() as tmp:
-        pre, tmp_out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        src, tmp_out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
+        if pre_process:
+            quant_pre_process(str(fp32_path), str(src), skip_symbolic_shape=True)
+        else:
+            src = Path(fp32_path)
         quantize_static(
-            str(pre), str(tmp_out), _Reader(onnx.load(str(pre)).graph.input[0].name, calib.inputs),
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=ORT_CPU_INT8_OP_TYPES, nodes_to_exclude=list(exclude or []),
-            calibrate_method=calibrator, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            calibration_cache_path=str(cache),
+            str(src), str(tmp_out), _Reader(onnx.load(str(src)).graph.input[0].name, calib.inputs),
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
+            op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []), calibrate_method=calibrator,
+            extra_options=extra, calibration_cache_path=str(cache),
         )
         q = onnx.load(str(tmp_out))
-    _finish_int8(q, meta, out_path, calib, method, exclude, "onnxruntime")
+    _finish_int8(q, meta, out_path, calib, method, exclude, recipe)
     return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
 
 
