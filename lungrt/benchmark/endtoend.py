@@ -41,7 +41,8 @@ def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_si
                 if summary["ok"] != len(part):
                     raise RuntimeError(f"infer failed on {len(part) - summary['ok']} of {len(part)} images")
         t_e2e, t_bare = t_e2e + timings["e2e"], t_bare + timings["bare"]
-        per_round.append(timings["bare"] / timings["e2e"])
+        padded = -(-len(part) // batch_size) * batch_size  # the bare side runs whole batches
+        per_round.append((len(part) / timings["e2e"]) / (padded / timings["bare"]))
     n = sum(len(p) for p in parts)
     bare_n = sum(-(-len(p) // batch_size) * batch_size for p in parts)
     return {"backend": runner.describe(), "images": n, "end_to_end_img_per_s": n / t_e2e,
