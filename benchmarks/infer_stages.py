@@ -81,7 +81,7 @@ def stage_times(files: list[Path], runner, batch: int, out_dir: Path) -> dict:
             t0 = time.perf_counter()
             xr = read_xray(f)
             t1 = time.perf_counter()
-            tensors.append(runner.spec.apply(xr.gray8))
+            tensors.append(runner.spec.apply_xray(xr))
             t["decode"] += t1 - t0
             t["preprocess"] += time.perf_counter() - t1
             xrays.append(xr)
@@ -127,7 +127,7 @@ def main() -> None:
         for name, files in (("512 PNG (shared)", sources), ("native 16-bit PNG", native["png16"]), ("native DICOM", native["dicom"])):
             results["rows"][name] = stage_times(files, runner, args.batch, tmp / "out")
             print(name, json.dumps({k: round(v, 1) for k, v in results["rows"][name].items()}), flush=True)
-        x = np.stack([runner.spec.apply(read_xray(f).gray8) for f in sources[: args.batch]])
+        x = np.stack([runner.spec.apply_xray(read_xray(f)) for f in sources[: args.batch]])
         for name, kind in (("native 16-bit PNG", "png16"), ("native DICOM", "dicom")):
             items = collect_inputs([str(tmp / kind)])
             chunks = max(1, len(items) // (2 * args.batch))  # whole batches per chunk: no padding in the bare side

@@ -40,7 +40,7 @@ def save(name: str, payload: dict) -> None:
 
 
 def first_batch(loaded, paths, n: int = 8) -> np.ndarray:
-    return np.stack([loaded.spec.apply(read_xray(p).gray8) for p in paths[:n]])
+    return np.stack([loaded.spec.apply_xray(read_xray(p)) for p in paths[:n]])
 
 
 def fp32_runner(name: str) -> OnnxRuntimeRunner:

@@ -130,7 +130,7 @@ class LungSegmenter:
         results = []
         for i in range(0, len(xrays), batch_size):
             chunk = xrays[i : i + batch_size]
-            probs = self.runner.run(np.stack([self.spec.apply(xr.gray8) for xr in chunk]))
+            probs = self.runner.run(np.stack([self.spec.apply_xray(xr) for xr in chunk]))
             for xr, p in zip(chunk, probs):
                 m = measure(xr, p[0], self.spec, postprocess, self.qc)
                 results.append(LungResult(m.mask > 0, m.probability, m.right_px, m.left_px, m.lung_fraction,

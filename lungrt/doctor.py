@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import platform
 
+from lungrt.core.hardware import cpu_flags
+
 
 def _version(module: str) -> str:
     try:
@@ -29,6 +31,17 @@ def onnxruntime_providers() -> list[str]:
         return []
 
 
+def openvino_status() -> tuple[bool, str]:
+    from lungrt.backends.openvino import native_bf16, openvino_core
+    from lungrt.core.errors import BackendUnavailable
+
+    try:
+        openvino_core()
+    except BackendUnavailable as e:
+        return False, str(e)
+    return True, "fp32, int8 (NNCF)" + (", bf16 (native on this CPU)" if native_bf16() else "; no native bf16 here")
+
+
 def gpus() -> list[str]:
     import torch
 
@@ -43,9 +56,10 @@ def collect() -> dict:
 
     providers = onnxruntime_providers()
     versions = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
-    for mod in ("lungrt", "torch", "onnx", "onnxruntime", "onnxslim", "tensorrt", "tensorrt_rtx", "polygraphy"):
+    for mod in ("lungrt", "torch", "onnx", "onnxruntime", "onnxslim", "openvino", "nncf", "tensorrt", "tensorrt_rtx", "polygraphy"):
         versions[mod] = _version(mod)
     versions["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
+    versions["cpu flags (lscpu)"] = " ".join(cpu_flags()) or "unknown"
     cuda_ok = torch.cuda.is_available()
     backends = {
         "torch-cpu": (True, f"torch {torch.__version__}"),
@@ -54,6 +68,7 @@ def collect() -> dict:
         "onnxruntime-cuda": ("CUDAExecutionProvider" in providers,
                              "CUDAExecutionProvider present" if "CUDAExecutionProvider" in providers
                              else "no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"),
+        "openvino-cpu": openvino_status(),
         "tensorrt (build + run)": tensorrt_status("tensorrt"),
         "tensorrt-rtx (build)": tensorrt_status("tensorrt-rtx"),
     }

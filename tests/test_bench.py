@@ -79,3 +79,29 @@ def test_channels_last_matches_eager(tiny_checkpoint):
     a = TorchRunner(loaded).run(x)
     b = TorchRunner(loaded, channels_last=True).run(x)
     assert np.abs(a - b).max() < 1e-5
+
+
+def test_end_to_end_ratio_counts_every_image_and_times_both_sides(tmp_path, tiny_checkpoint, phantom_dir):
+    """The interleaved infer benchmark: every image goes through `run_infer` once per pass, and a
+    model that takes 40 ms per batch makes the bare side at least that slow."""
+    import time
+
+    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+    from lungrt.benchmark.endtoend import interleaved_ratio
+    from lungrt.data.io import read_xray
+    from lungrt.export.variants import make_variant
+    from lungrt.inference.infer import collect_inputs
+    from lungrt.models.checkpoint import load_checkpoint
+
+    class SlowRunner(OnnxRuntimeRunner):  # a fake delay around the real runner
+        def run(self, batch):
+            time.sleep(0.04)
+            return super().run(batch)
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    items = collect_inputs([str(phantom_dir / "images")])[:8]
+    x = np.stack([loaded.spec.apply_xray(read_xray(it.source)) for it in items[:4]])
+    with SlowRunner(make_variant(loaded, "fp32", folder=tmp_path).path) as r:
+        res = interleaved_ratio(r, items, x, batch_size=4, passes=1, chunks=2)
+    assert res["images"] == 8 and len(res["ratio_per_round"]) == 2
+    assert res["bare_model_img_per_s"] < 4 / 0.04 and 0 < res["ratio"] <= 1.2

@@ -45,3 +45,24 @@ def test_apply_is_deterministic_and_batchable():
     b = spec.apply_batch(ims)
     assert b.shape == (3, 1, 32, 32)
     assert np.array_equal(b[1], spec.apply(ims[1]))
+
+
+def test_xrays_are_preprocessed_from_their_raw_pixels_the_same_way_everywhere(tmp_path):
+    """8-bit X-rays: apply_xray is exactly apply(gray8). 16-bit ones are resized on raw values and
+    windowed after: the same area average, rounded once (at most one grey level apart)."""
+    import cv2
+
+    from lungrt.core.spec import PreprocessSpec
+    from lungrt.data.io import read_xray
+
+    spec = PreprocessSpec(size=64)
+    rng = np.random.default_rng(5)
+    base = cv2.GaussianBlur(rng.normal(2000, 600, (700, 530)), (0, 0), 9)
+    raw16 = np.clip(base + rng.normal(0, 20, base.shape), 0, 4095).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), raw16)
+    cv2.imwrite(str(tmp_path / "flat.png"), (raw16 // 16).astype(np.uint8))
+    flat, deep = read_xray(tmp_path / "flat.png"), read_xray(tmp_path / "deep.png")
+    assert np.array_equal(spec.apply_xray(flat), spec.apply(flat.gray8))
+    assert deep.window is not None
+    diff = np.abs(spec.resize_xray8(deep).astype(int) - spec.resize8(deep.gray8).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.5

@@ -136,8 +136,8 @@ def fingerprint(pairs: list[Pair]) -> str:
 
 
 def _load_one(pair: Pair, spec: PreprocessSpec, equalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    gray8 = read_xray(pair.image).gray8
-    image = spec.prepare(gray8) if equalize else spec.resize8(gray8).astype(np.float32) / 255.0
+    small = spec.resize_xray8(read_xray(pair.image))
+    image = (spec.equalize8(small) if equalize else small).astype(np.float32) / 255.0
     mask = read_mask(pair.mask).astype(np.float32)
     mask = cv2.resize(mask, (spec.size, spec.size), interpolation=cv2.INTER_AREA) > 0.5
     return image, mask

@@ -64,9 +64,14 @@ class XRay:
         """uint8, exactly what `PreprocessSpec.prepare` makes of `pixels`."""
         if self.image.dtype == np.uint8:
             return self.image
-        if self.window is not None:  # the same arithmetic, once per possible value instead of per pixel
-            return to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), self.window))[self.image]
+        if self.window is not None:
+            return self.to_gray8(self.image)
         return to_gray8(self.image)
+
+    def to_gray8(self, values: np.ndarray) -> np.ndarray:
+        """Raw uint16 values of this image -> uint8 through its window: the same arithmetic as
+        windowing in float, done once per possible value instead of once per pixel."""
+        return to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), self.window))[values]
 
 
 def _window_unit(values: np.ndarray, window: tuple[int, int, bool]) -> np.ndarray:

@@ -34,7 +34,7 @@ def load_samples(pairs: list[Pair], spec, workers: int = 4) -> Iterator[Sample]:
 
     def load(p: Pair) -> Sample:
         xr = read_xray(p.image)
-        return Sample(p.name, xr, read_mask(p.mask), spec.apply(xr.gray8))
+        return Sample(p.name, xr, read_mask(p.mask), spec.apply_xray(xr))
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(load, pairs)

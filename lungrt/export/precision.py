@@ -199,7 +199,7 @@ def load_calibration_set(spec, folder: str | Path | None, count: int = DEFAULT_C
         h.update(f"phantoms:{count}".encode())
         return CalibrationSet(inputs, h.hexdigest()[:16], f"{count} synthetic phantoms")
     files = calibration_files(folder, count, seed)
-    inputs = np.stack([spec.apply(read_xray(f).gray8) for f in files])
+    inputs = np.stack([spec.apply_xray(read_xray(f)) for f in files])
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size};".encode())
     return CalibrationSet(inputs, h.hexdigest()[:16], f"{len(files)} images from {folder}", [str(f) for f in files])

@@ -363,7 +363,7 @@ def _load(item: Item, spec):
         return item, None, None, item.error
     try:
         xr = read_xray(item.source)
-        return item, xr, spec.apply(xr.gray8), None
+        return item, xr, spec.apply_xray(xr), None
     except ImageReadError as e:
         return item, None, None, e.reason
     except Exception as e:  # one bad file must never stop the run
