@@ -127,3 +127,11 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     record.write_text(json.dumps(data))
     loaded = load_checkpoint(tiny_checkpoint)
     assert select.open_recorded_cpu_choice(loaded, log=lambda *a: None) is None
+
+
+def test_infer_refuses_an_int8_it_would_have_to_make_ungated(tmp_path, tiny_checkpoint, phantom_dir):
+    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--model",
+                              str(tiny_checkpoint), "--backend", "openvino", "--precision", "int8"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "calibration set and a parity gate" in text and "Traceback" not in text
+    assert not (tmp_path / "o" / "results.csv").exists()

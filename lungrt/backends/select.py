@@ -91,6 +91,11 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
     if backend in ("auto", "onnxruntime", "openvino"):
         from lungrt.core.cache import cache_root
 
+        if precision == "int8":  # made here it would be calibrated on phantoms and never gated
+            raise LungrtError(f"INT8 needs a calibration set and a parity gate: `lungrt build --model {model} --backend cpu "
+                              "--precision auto --data DIR --calib DIR` (infer then uses what passed), or `lungrt build "
+                              "--backend onnxruntime|openvino --precision int8 --data DIR --calib DIR` and --onnx FILE")
+
         root = cache_root()
         graph = "fp32" if precision == "bf16" else precision  # OpenVINO's bf16 runs the FP32 graph
         if precision == "bf16" and backend != "openvino":
