@@ -177,19 +177,20 @@ def bench(data: Path) -> None:
                       f"{r['latency_ms_p99']:.0f} | {r['vs_torch_eager_fp32']:.2f}x |")
 
 
-def infer_runners(loaded):
+def infer_runners(loaded, only_chosen: bool = False):
     """The configurations infer is measured with: ONNX Runtime FP32, PyTorch eager FP32, and the
     CPU configuration `lungrt build --backend cpu --precision auto` recorded here, if any."""
     from lungrt.backends.select import open_recorded_cpu_choice
 
-    yield OnnxRuntimeRunner(make_variant(loaded, "fp32").path)
-    yield TorchRunner(loaded)
+    if not only_chosen:
+        yield OnnxRuntimeRunner(make_variant(loaded, "fp32").path)
+        yield TorchRunner(loaded)
     chosen = open_recorded_cpu_choice(loaded)
     if chosen is not None:
         yield chosen
 
 
-def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2, chunks: int = 4) -> None:
+def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2, chunks: int = 4, only_chosen: bool = False) -> None:
     """End-to-end `run_infer` vs the bare model on the same runner, interleaved (see
     lungrt/benchmark/endtoend.py)."""
     from lungrt.benchmark.endtoend import interleaved_ratio
@@ -198,11 +199,12 @@ def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2,
     loaded = resolve_model(model)
     x = first_batch(loaded, [it.source for it in items], batch_size)
     rows = []
-    for runner in infer_runners(loaded):
+    for runner in infer_runners(loaded, only_chosen):
         with runner:
             rows.append(interleaved_ratio(runner, items, x, batch_size, passes, chunks))
         print(f"{rows[-1]['backend']}: {rows[-1]}", flush=True)
-    save("infer_throughput", {"hardware": hardware(), "model": model, "batch_size": batch_size, "rows": rows})
+    save("infer_throughput" if model == "unet" else f"infer_throughput_{model}",
+         {"hardware": hardware(), "model": model, "batch_size": batch_size, "rows": rows})
     print(f"\n`lungrt infer` on the {len(items)} shared X-rays x {passes} passes ({model}, batch {batch_size}, 2 worker "
           f"threads) vs the bare model on the same backend and batch size, {chunks * passes} interleaved rounds:\n")
     print("| backend | end-to-end img/s | bare model img/s | ratio | ratio per round (min-max) |")
@@ -216,12 +218,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table", choices=["accuracy", "robustness", "parity", "bench", "infer", "join", "all"])
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cxr-mc-sz"))
-    ap.add_argument("--models", default=",".join(MODELS), help="parity: comma list of shipped models")
+    ap.add_argument("--models", default=",".join(MODELS), help="parity: comma list of shipped models; infer: the first")
+    ap.add_argument("--only-chosen", action="store_true", help="infer: only the recorded CPU choice")
     args = ap.parse_args()
     if not discover_pairs(args.data).pairs:
         raise SystemExit(f"{args.data}: no labelled X-rays found")
     if args.table == "parity":
         return parity(args.data, tuple(args.models.split(",")))
+    if args.table == "infer" and args.models != ",".join(MODELS):
+        return infer(args.data, args.models.split(",")[0], only_chosen=args.only_chosen)
     for table in (["accuracy", "robustness", "parity", "bench", "infer", "join"] if args.table == "all" else [args.table]):
         globals()[table](args.data)
 

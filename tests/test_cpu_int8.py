@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -102,8 +103,9 @@ def test_variants_from_an_older_exporter_are_made_again(tmp_path, tiny_checkpoin
 def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
     from lungrt.backends import select
 
+    monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
-                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", str(tmp_path / "b")])
+                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", "b"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "b" / "unet-auto-cpu.json").read_text())
     timed = [c for c in report["candidates"] if "img_per_s" in c]
@@ -112,9 +114,10 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     best = max((c for c in timed if c["gate"]["passed"]), key=lambda c: c["img_per_s"])
     assert report["choice"] == f"{best['backend']} {best['precision']}"
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
-    assert json.loads(record.read_text())["path"] == best["path"]
+    assert json.loads(record.read_text())["path"] == str(Path(best["path"]).resolve())
 
     out = tmp_path / "masks"
+    monkeypatch.chdir(tmp_path / "b")  # the record must work from any folder
     res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(out), "--model", str(tiny_checkpoint)])
     assert res.exit_code == 0, res.output
     with open(out / "results.csv") as f:

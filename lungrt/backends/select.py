@@ -121,7 +121,8 @@ def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
 
     path = cpu_choice_file(loaded)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps({**choice, "hardware": cpu_identity()}, indent=2).encode())
+    choice = {**choice, "path": str(Path(choice["path"]).resolve()), "hardware": cpu_identity()}  # usable from any folder
+    atomic_write_bytes(path, json.dumps(choice, indent=2).encode())
     return path
 
 
