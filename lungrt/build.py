@@ -244,19 +244,22 @@ def census_text(census: dict | None) -> str:
 
 
 def auto_report_markdown(r: dict) -> str:
+    engines = any(c.get("notes", {}).get("engine") for c in r["candidates"])  # TensorRT: show what it compiled
     lines = [f"### `--precision auto` for {r['model']} on {r['backend']}",
              f"Gated on {r['validation_images']} images ({r['validation']}); timed at batch {r['batch_for_timing']}.", "",
-             "| candidate | checked | mask agreement | task Dice drop | gate | img/s | compute dtypes |",
-             "|---|---|---|---|---|---|---|"]
+             "| candidate | checked | mask agreement | task Dice drop | gate | img/s |" + (" compute dtypes |" if engines else ""),
+             "|---|---|---|---|---|---|" + ("---|" if engines else "")]
     for c in r["candidates"]:
         name = f"{c['backend']} {c['precision']}" if "backend" in c else c["precision"]
         if "parity" not in c:
-            lines.append(f"| {name} | {'skipped' if 'skipped' in c else 'FAILED'}: {c.get('skipped') or c.get('failed')} | | | | | |")
+            lines.append(f"| {name} | {'skipped' if 'skipped' in c else 'FAILED'}: {c.get('skipped') or c.get('failed')} | | | | |"
+                         + (" |" if engines else ""))
             continue
         drop = c["parity"].get("dice_drop")
         speed = "n/a" if c["img_per_s"] is None else f"{c['img_per_s']:.1f}"
         census = census_text(c["notes"].get("engine", {}).get("dtype_census"))
         lines.append(f"| {name} | {c['checked']} | {c['parity']['mask_agreement']:.5f} | "
-                     f"{'' if drop is None else f'{drop:+.5f}'} | {'pass' if c['gate']['passed'] else 'FAIL'} | {speed} | {census} |")
+                     f"{'' if drop is None else f'{drop:+.5f}'} | {'pass' if c['gate']['passed'] else 'FAIL'} | {speed} |"
+                     + (f" {census} |" if engines else ""))
     lines += ["", f"Chosen: **{r['choice']}** ({r['rule']}; `{r['path']}`)", ""]
     return "\n".join(lines)
