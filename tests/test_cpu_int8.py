@@ -138,3 +138,15 @@ def test_infer_refuses_an_int8_it_would_have_to_make_ungated(tmp_path, tiny_chec
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "calibration set and a parity gate" in text and "Traceback" not in text
     assert not (tmp_path / "o" / "results.csv").exists()
+
+
+def test_cpu_int8_is_remade_and_regated_on_another_cpu(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+    """A cache shared by servers with other CPUs (or a capped instruction set) must not hand one
+    CPU's gated INT8 to another: OpenVINO's INT8 kernels differ by instruction set."""
+    loaded = load_checkpoint(tiny_checkpoint)
+    kw = dict(folder=tmp_path, calib_dir=phantom_dir, cache_dir=tmp_path, target="openvino", log=lambda *a: None)
+    here = variants_mod.make_variant(loaded, "int8", **kw).path
+    assert variants_mod.make_variant(loaded, "int8", **kw).path == here
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    other = variants_mod.make_variant(loaded, "int8", **kw).path
+    assert other != here and other.exists() and here.exists()
