@@ -28,6 +28,12 @@ def openvino_core():
 
 
 def native_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX-512 BF16 / AMX) and oneDNN is not capped below it."""
+    from lungrt.core.hardware import cpu_identity
+
+    cap = (cpu_identity().get("isa_cap") or "").upper()
+    if cap and not any(k in cap for k in ("BF16", "AMX", "AVX10")):
+        return False
     try:
         _, core = openvino_core()
         return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
