@@ -66,3 +66,10 @@ def test_bf16_is_refused_or_skipped_where_the_cpu_has_none(fp32_onnx):
 
         with pytest.raises(BackendUnavailable):
             OpenVinoRunner(fp32_onnx, precision="bf16")
+
+
+def test_bf16_is_not_native_under_a_onednn_cap_without_it(monkeypatch, fp32_onnx):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert not native_bf16()
+    with pytest.raises(Exception, match="no native bf16"):
+        OpenVinoRunner(fp32_onnx, precision="bf16")
