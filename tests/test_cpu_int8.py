@@ -124,7 +124,10 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
         backends = {r["backend"] for r in csv.DictReader(f)}
     assert backends == {f"{best['backend']}/cpu/{best['precision']}"}
 
-    # a choice made on another CPU is not used here
+    # a choice made on another CPU (here: a capped instruction set) lives beside it, and is not used here
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert select.cpu_choice_file(load_checkpoint(tiny_checkpoint)) != record
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     data = json.loads(record.read_text())
     data["hardware"]["cpu"] = "some other CPU"
     record.write_text(json.dumps(data))

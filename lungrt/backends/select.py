@@ -107,10 +107,12 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
 
 
 def cpu_choice_file(loaded: LoadedModel) -> Path:
+    """Per weights and per CPU: servers with other CPUs sharing one cache keep their own choices."""
     from lungrt.core.cache import cache_root
+    from lungrt.core.hardware import cpu_tag
     from lungrt.models.checkpoint import weights_hash
 
-    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights_hash(loaded.model)}.json"
+    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights_hash(loaded.model)}-cpu{cpu_tag()}.json"
 
 
 def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
