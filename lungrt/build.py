@@ -22,7 +22,7 @@ from pathlib import Path
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.data.datasets import discover_pairs, select_split
 from lungrt.backends.tensorrt.engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
-from lungrt.core.errors import LungrtError
+from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.export.onnx import reference_inputs
 from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
 from lungrt.data.phantoms import write_phantom_dataset
@@ -31,7 +31,6 @@ from lungrt.backends.base import Runner
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.backends.select import open_artifact, open_openvino, record_cpu_choice
-from lungrt.core.errors import BackendUnavailable
 from lungrt.export.variants import make_variant
 
 log_ = logging.getLogger(__name__)
@@ -161,16 +160,8 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
             log(f"candidate {precision}: building")
             b = build_one(loaded, precision, backend, out_dir, calib, method, val, batch, workspace, rebuild, targets, log)
             runner, what = open_for_verification(b, log)
-            with runner:
-                summary = compare(TorchRunner(loaded), runner, val)["summary"]
-                gate = apply_gate(summary, GATES[precision])
-                speed = throughput(runner, x, seconds=3.0) if what == "engine" else None
-            summary.pop("worst", None)
-            candidates.append({"precision": precision, "path": str(b.path), "gate": gate, "parity": summary,
-                               "checked": what, "img_per_s": speed, "notes": b.notes})
-            log(f"candidate {precision}: agreement {summary['mask_agreement']:.5f}, "
-                f"{'passes' if gate['passed'] else 'FAILS'} its gate, "
-                + (f"{speed:.1f} img/s at batch {batch.opt}" if speed is not None else "not timed (engine cannot run here)"))
+            row = {"precision": precision, "path": str(b.path), "checked": what, "notes": b.notes}
+            candidates.append(_gate_and_time(loaded, runner, val, row, x if what == "engine" else None, log))
     passing = [c for c in candidates if c["gate"]["passed"]]
     if not passing:
         raise LungrtError("no precision variant passed its parity gate; see the report")
@@ -181,7 +172,25 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
     report = {"model": loaded.info.name, "backend": backend, "batch_for_timing": batch.opt,
               "validation_images": len(val), "validation": where, "candidates": candidates,
               "choice": choice["precision"], "rule": rule, "path": choice["path"]}
-    stem = out_dir / f"{loaded.info.name}-auto-{backend}"
+    return _write_auto_report(report, out_dir / f"{loaded.info.name}-auto-{backend}")
+
+
+def _gate_and_time(loaded: LoadedModel, runner: Runner, val, row: dict, x=None, log=log_.info) -> dict:
+    """One `--precision auto` candidate: its parity against PyTorch FP32 on `val`, its gate, and
+    its speed on `x` (None: not timed). Closes the runner."""
+    precision = row["precision"]
+    with runner:
+        summary = compare(TorchRunner(loaded), runner, val)["summary"]
+        gate = apply_gate(summary, GATES[precision])
+        speed = throughput(runner, x, seconds=3.0) if x is not None else None
+    summary.pop("worst", None)
+    name = f"{row['backend']} {precision}" if "backend" in row else precision
+    log(f"candidate {name}: agreement {summary['mask_agreement']:.5f}, {'passes' if gate['passed'] else 'FAILS'} its gate, "
+        + (f"{speed:.1f} img/s at batch {len(x)}" if speed is not None else "not timed (engine cannot run here)"))
+    return {**row, "gate": gate, "parity": summary, "img_per_s": speed}
+
+
+def _write_auto_report(report: dict, stem: Path) -> dict:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     stem.with_suffix(".md").write_text(auto_report_markdown(report))
     report["report"] = str(stem.with_suffix(".md"))
@@ -211,15 +220,8 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
                 log(f"candidate {backend} {precision}: FAILS ({e})")
                 candidates.append({**row, "failed": str(e)})
                 continue
-            with runner:
-                summary = compare(TorchRunner(loaded), runner, val)["summary"]
-                gate = apply_gate(summary, GATES[precision])
-                speed = throughput(runner, x, seconds=3.0)
-            summary.pop("worst", None)
-            candidates.append({**row, "path": str(variant.path), "gate": gate, "parity": summary, "checked": "as deployed",
-                               "img_per_s": speed, "notes": variant.notes})
-            log(f"candidate {backend} {precision}: agreement {summary['mask_agreement']:.5f}, "
-                f"{'passes' if gate['passed'] else 'FAILS'} its gate, {speed:.1f} img/s at batch {batch.opt}")
+            candidates.append(_gate_and_time(loaded, runner, val, {**row, "path": str(variant.path), "checked": "as deployed",
+                                                                  "notes": variant.notes}, x, log))
     passing = [c for c in candidates if c.get("gate", {}).get("passed")]
     if not passing:
         raise LungrtError("no CPU configuration passed its parity gate; see the log above")
@@ -227,10 +229,7 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
     report = {"model": loaded.info.name, "backend": "cpu", "batch_for_timing": batch.opt, "validation_images": len(val),
               "validation": where, "candidates": candidates, "choice": f"{choice['backend']} {choice['precision']}",
               "rule": "fastest passing, timed here", "path": choice["path"]}
-    stem = out_dir / f"{loaded.info.name}-auto-cpu"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    stem.with_suffix(".md").write_text(auto_report_markdown(report))
-    report["report"] = str(stem.with_suffix(".md"))
+    _write_auto_report(report, out_dir / f"{loaded.info.name}-auto-cpu")
     report["record"] = str(record_cpu_choice(loaded, {k: choice[k] for k in ("backend", "precision", "path", "img_per_s")}))
     return report
 

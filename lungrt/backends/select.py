@@ -106,13 +106,14 @@ def select_runner(model: str, arch: str | None = None, onnx: str | Path | None =
     raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime, openvino or tensorrt")
 
 
-def cpu_choice_file(loaded: LoadedModel) -> Path:
-    """Per weights and per CPU: servers with other CPUs sharing one cache keep their own choices."""
+def cpu_choice_file(loaded: LoadedModel, weights: str | None = None) -> Path:
+    """Per weights (`weights`: their hash, if already known) and per CPU: servers with other CPUs
+    sharing one cache keep their own choices."""
     from lungrt.core.cache import cache_root
     from lungrt.core.hardware import cpu_tag
     from lungrt.models.checkpoint import weights_hash
 
-    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights_hash(loaded.model)}-cpu{cpu_tag()}.json"
+    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights or weights_hash(loaded.model)}-cpu{cpu_tag()}.json"
 
 
 def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
@@ -132,8 +133,10 @@ def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | Non
     """The runner of the recorded CPU choice, if one was made for these weights on this very CPU
     (model, speed flags, cores) and its variant file still holds these weights; else None."""
     from lungrt.core.hardware import cpu_identity
+    from lungrt.models.checkpoint import weights_hash
 
-    path = cpu_choice_file(loaded)
+    weights = weights_hash(loaded.model)
+    path = cpu_choice_file(loaded, weights)
     try:
         choice = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -147,9 +150,7 @@ def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | Non
     except (LungrtError, KeyError) as e:
         log(f"ignoring {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return None
-    from lungrt.models.checkpoint import weights_hash
-
-    if runner.weights_id != weights_hash(loaded.model):
+    if runner.weights_id != weights:
         runner.close()
         log(f"ignoring {path.name}: its variant file holds other weights")
         return None

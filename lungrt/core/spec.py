@@ -1,6 +1,7 @@
 """The one preprocessing spec that travels with a model.
 
-Training, every backend, parity and inference call `PreprocessSpec.apply`; predicted masks go back
+Training, every backend, parity and inference call `PreprocessSpec.apply_xray` on a decoded X-ray
+(`apply` on an image array); predicted masks go back
 to the original image size through `PreprocessSpec.invert`. The spec is stored in checkpoints and in
 ONNX / engine metadata as JSON, so no consumer re-implements it.
 """

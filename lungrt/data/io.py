@@ -71,7 +71,15 @@ class XRay:
     def to_gray8(self, values: np.ndarray) -> np.ndarray:
         """Raw uint16 values of this image -> uint8 through its window: the same arithmetic as
         windowing in float, done once per possible value instead of once per pixel."""
-        return to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), self.window))[values]
+        return _window_table(self.window)[values]
+
+
+@functools.lru_cache(maxsize=64)
+def _window_table(window: tuple[int, int, bool]) -> np.ndarray:
+    """uint8 for each of the 65536 raw values under `window` (X-rays of one detector share it)."""
+    table = to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), window))
+    table.flags.writeable = False
+    return table
 
 
 def _window_unit(values: np.ndarray, window: tuple[int, int, bool]) -> np.ndarray:
