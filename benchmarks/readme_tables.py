@@ -193,25 +193,33 @@ def infer_runners(loaded, only_chosen: bool = False):
 def infer(data: Path, model: str = "unet", batch_size: int = 8, passes: int = 2, chunks: int = 4, only_chosen: bool = False) -> None:
     """End-to-end `run_infer` vs the bare model on the same runner, interleaved (see
     lungrt/benchmark/endtoend.py)."""
-    from lungrt.benchmark.endtoend import interleaved_ratio
+    import os
+
+    from lungrt.benchmark.endtoend import interleaved_ratio, pipeline_core_ms
 
     items = collect_inputs([str(data / "images")])
     loaded = resolve_model(model)
     x = first_batch(loaded, [it.source for it in items], batch_size)
-    rows = []
+    rows, cores = [], os.cpu_count() or 1
     for runner in infer_runners(loaded, only_chosen):
         with runner:
-            rows.append(interleaved_ratio(runner, items, x, batch_size, passes, chunks))
+            row = interleaved_ratio(runner, items, x, batch_size, passes, chunks)
+            # the most end to end can keep when model and pipeline share the cores
+            row["pipeline_core_ms"] = pipeline_core_ms(runner, items, x, batch_size)
+            model_ms = 1000.0 * cores / row["bare_model_img_per_s"]
+            row["ceiling"] = model_ms / (model_ms + row["pipeline_core_ms"])
+            rows.append(row)
         print(f"{rows[-1]['backend']}: {rows[-1]}", flush=True)
     save("infer_throughput" if model == "unet" else f"infer_throughput_{model}",
          {"hardware": hardware(), "model": model, "batch_size": batch_size, "rows": rows})
     print(f"\n`lungrt infer` on the {len(items)} shared X-rays x {passes} passes ({model}, batch {batch_size}, 2 worker "
           f"threads) vs the bare model on the same backend and batch size, {chunks * passes} interleaved rounds:\n")
-    print("| backend | end-to-end img/s | bare model img/s | ratio | ratio per round (min-max) |")
-    print("|---|---|---|---|---|")
+    print("| backend | end-to-end img/s | bare model img/s | ratio | ratio per round (min-max) | model core-ms | rest core-ms | ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['end_to_end_img_per_s']:.1f} | {r['bare_model_img_per_s']:.1f} | {r['ratio']:.2f} | "
-              f"{min(r['ratio_per_round']):.2f}-{max(r['ratio_per_round']):.2f} |")
+              f"{min(r['ratio_per_round']):.2f}-{max(r['ratio_per_round']):.2f} | {1000 * cores / r['bare_model_img_per_s']:.1f} | "
+              f"{r['pipeline_core_ms']:.1f} | {r['ceiling']:.2f} |")
 
 
 def main() -> None:

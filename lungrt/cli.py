@@ -135,6 +135,7 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda (AMP on CUDA, bf16 autocast on CPUs with native bf16)."),
     recipe: str = typer.Option("basic", help="basic | robust (synthetic abnormalities, detector looks, wider geometry)."),
     init: str = typer.Option("", help="Fine-tune from this checkpoint or shipped model name (same model and width)."),
+    fit_on: str = typer.Option("train", help="train (keep the best epoch by validation Dice) | train+val (keep the last epoch; test stays unseen)."),
 ):
     """Train a model on image/mask pairs (4:3:3 split, best checkpoint by validation Dice)."""
     from lungrt.training.train import TrainConfig
@@ -142,9 +143,10 @@ def train(
 
     cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
                       batch_size=batch_size, seed=seed, limit=limit, device=device, recipe=recipe,
-                      init=init)
+                      init=init, fit_on=fit_on)
     result = run_guarded(lambda: run_training(cfg, data, out_dir, resume=resume, log=out.print))
-    out.print(f"best validation Dice {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
+    which = "last epoch's validation Dice (seen in training)" if fit_on == "train+val" else "best validation Dice"
+    out.print(f"{which} {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
 
 DEFAULT_MODEL = "msag-unet"  # the best shipped checkpoint by test Dice (README table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from typer.testing import CliRunner
@@ -105,3 +106,36 @@ def test_end_to_end_ratio_counts_every_image_and_times_both_sides(tmp_path, tiny
         res = interleaved_ratio(r, items, x, batch_size=4, passes=1, chunks=2)
     assert res["images"] == 8 and len(res["ratio_per_round"]) == 2
     assert res["bare_model_img_per_s"] < 4 / 0.04 and 0 < res["ratio"] <= 1.2
+
+
+def test_pipeline_cost_excludes_the_model(tmp_path, tiny_checkpoint, phantom_dir):
+    """What infer costs around the model: measured with a replay of one batch's probabilities, so a
+    model that burns 0.2 s of CPU per batch adds nothing to it."""
+    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+    from lungrt.benchmark.endtoend import ReplayRunner, pipeline_core_ms
+    from lungrt.data.io import read_xray
+    from lungrt.export.variants import make_variant
+    from lungrt.inference.infer import collect_inputs
+    from lungrt.models.checkpoint import load_checkpoint
+
+    class BusyRunner(OnnxRuntimeRunner):  # a fake CPU burn around the real runner
+        calls = 0
+
+        def run(self, batch):
+            BusyRunner.calls += 1
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.2:
+                pass
+            return super().run(batch)
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    items = collect_inputs([str(phantom_dir / "images")])[:8]
+    x = np.stack([loaded.spec.apply_xray(read_xray(it.source)) for it in items[:4]])
+    with BusyRunner(make_variant(loaded, "fp32", folder=tmp_path).path) as r:
+        replay = ReplayRunner(r, x)
+        assert np.array_equal(replay.run(x[:2]), r.run(x)[:2]) and "replay" in replay.describe()
+        BusyRunner.calls = 0
+        cost = pipeline_core_ms(r, items, x, batch_size=4)
+    assert BusyRunner.calls == 1  # only the replay's one batch
+    print("pipeline core-ms", cost)
+    assert 0 < cost < 50  # counting the model would add 2 batches x 0.2 s / 8 images = 50 ms per image

@@ -129,3 +129,19 @@ def test_export_command_writes_checked_onnx(tmp_path, tiny_checkpoint):
     assert res.exit_code == 0, res.output
     meta = onnx_metadata(tmp_path / "m.onnx")
     assert meta["lungrt.export.precision"] == "fp16" and json.loads(meta["lungrt.model"])["name"] == "unet"
+
+
+def test_fit_on_train_and_val_keeps_the_last_epoch_and_never_the_test_split(phantom_dir, tmp_path):
+    from lungrt.data.datasets import select_split
+    from lungrt.models.checkpoint import load_checkpoint
+    from lungrt.training.train import TrainConfig, train
+
+    cfg = TrainConfig(model="unet", width=4, size=64, epochs=3, lr=3e-3, batch_size=4, seed=0, augment=False,
+                      fit_on="train+val")
+    result = train(cfg, phantom_dir, tmp_path / "run", log=lambda *a: None)
+    n_train, n_val = (len(select_split(phantom_dir, s, 0)) for s in ("train", "val"))
+    assert result["fit_images"] == n_train + n_val < len(select_split(phantom_dir, "all", 0))
+    info = load_checkpoint(tmp_path / "run" / "model.safetensors").info
+    assert info.metrics["epoch"] == 3 and info.metrics["fit_on"] == "train+val"
+    with pytest.raises(ValueError, match="fit_on"):
+        train(TrainConfig(fit_on="everything"), phantom_dir, tmp_path / "bad", log=lambda *a: None)

@@ -88,6 +88,30 @@ def test_exclusion_search_gates_on_the_runner_that_will_execute_the_variant(tmp_
     assert used and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)
 
 
+def test_openvino_tries_nncf_mixed_before_leaving_blocks_in_float(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+    """Where the symmetric form fails the gate (OpenVINO's non-AMX kernels), the asymmetric MIXED
+    preset is tried whole before any block is left in float. The first gate verdict is faked
+    (this CPU's symmetric INT8 passes); the MIXED file and its gate are real."""
+    real, calls = variants_mod._gate_summary, []
+
+    def first_fails(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
+        calls.append(path)
+        summary = real(loaded, path, pairs, open_runner)
+        return {**summary, "mask_agreement": 0.5} if len(calls) == 1 else summary
+
+    monkeypatch.setattr(variants_mod, "_gate_summary", first_fails)
+    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.98, 0.01))  # 4 phantoms: the width-4 model's INT8 gives ~0.99
+    loaded = load_checkpoint(tiny_checkpoint)
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir,
+                                  val_pairs=discover_pairs(phantom_dir).pairs[:4], cache_dir=tmp_path,
+                                  target="openvino", log=lambda *a: None)
+    assert len(calls) == 2 and v.notes["excluded_blocks"] == [] and v.notes["method"] == "nncf-mixed"
+    model = onnx.load(str(v.path))
+    zero_points = [_initializer(model, n.input[2]) for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert any(np.any(z != 0) for z in zero_points)  # asymmetric activations: MIXED, not PERFORMANCE
+
+
 def test_variants_from_an_older_exporter_are_made_again(tmp_path, tiny_checkpoint):
     loaded = load_checkpoint(tiny_checkpoint)
     path = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path

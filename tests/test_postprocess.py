@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from lungrt.inference.postprocess import lung_fields
 
@@ -52,3 +53,31 @@ def test_empty_and_full_masks():
     assert (empty.right_px, empty.left_px) == (0, 0) and not empty.mask.any()
     full = lung_fields(np.ones((10, 12), bool))
     assert full.area_px == 120 and full.mask.all()
+
+
+def test_qc_features_equal_the_definitions_over_every_lung_pixel():
+    """QC summarises the mask by row/column counts for speed; the numbers must equal the plain
+    definitions (percentiles and means over np.nonzero's coordinates)."""
+    import cv2
+
+    from lungrt.inference.qc import features
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        p = cv2.GaussianBlur(rng.random((64, 80)).astype(np.float32), (0, 0), rng.uniform(0.5, 6))
+        p = ((p - p.min()) / (p.max() - p.min() + 1e-6)) ** rng.uniform(0.2, 8)
+        if i % 7 == 0:  # a single lung pixel
+            p = np.zeros_like(p)
+        p[rng.integers(0, 64), rng.integers(0, 80)] = 0.9
+        m = p > 0.5
+        ys, xs = np.nonzero(m)
+        f = features(p)
+        assert f["extent_x"] == pytest.approx((np.percentile(xs, 99) - np.percentile(xs, 1)) / 80, abs=1e-9)
+        assert f["extent_y"] == pytest.approx((np.percentile(ys, 99) - np.percentile(ys, 1)) / 64, abs=1e-9)
+        assert f["centroid_x"] == pytest.approx(xs.mean() / 80, abs=1e-9)
+        assert f["centroid_y"] == pytest.approx(ys.mean() / 64, abs=1e-9)
+        assert f["confidence"] == pytest.approx(p[m].mean(), abs=1e-6)
+        assert f["uncertain_fraction"] == pytest.approx(np.count_nonzero((p > 0.1) & (p < 0.9)) / m.sum())
+        inner = m.copy()
+        inner[[0, 1, -2, -1], :] = inner[:, [0, 1, -2, -1]] = False
+        assert f["border_fraction"] == pytest.approx((m.sum() - inner.sum()) / m.sum())

@@ -47,3 +47,35 @@ def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_si
     bare_n = sum(-(-len(p) // batch_size) * batch_size for p in parts)
     return {"backend": runner.describe(), "images": n, "end_to_end_img_per_s": n / t_e2e,
             "bare_model_img_per_s": bare_n / t_bare, "ratio": (n / t_e2e) / (bare_n / t_bare), "ratio_per_round": per_round}
+
+
+class ReplayRunner(Runner):
+    """Stand-in for a model that costs nothing: returns probabilities computed once by `runner`
+    for one batch. For measuring what `lungrt infer` costs around the model; never a backend."""
+
+    def __init__(self, runner: Runner, x: np.ndarray):
+        self.info, self.spec, self.weights_id = runner.info, runner.spec, runner.weights_id
+        self.sleeps_when_idle, self.precision = True, runner.precision
+        self.backend, self.device = f"replay-of-{runner.backend}", runner.device
+        self.probs = runner.run(x)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.probs[: len(batch)]
+
+
+def pipeline_core_ms(runner: Runner, items: list[Item], x: np.ndarray, batch_size: int = 8, workers: int = 2) -> float:
+    """CPU milliseconds per image that `lungrt infer` spends on everything but the model (decode,
+    preprocess, inverse resize, clean-up, QC, encode, journal), summed over all threads: with a
+    model costing m core-ms per image, end to end can reach at most m / (m + this) of the bare
+    model on a machine whose cores both share."""
+    replay = ReplayRunner(runner, x)
+    tmp = Path(tempfile.mkdtemp(prefix="lungrt-pipeline-"))
+    try:
+        c0 = time.process_time()
+        summary = run_infer(replay, items, tmp, InferOptions(batch_size=batch_size, workers=workers))
+        spent = time.process_time() - c0
+    finally:
+        shutil.rmtree(tmp)
+    if summary["ok"] != len(items):
+        raise RuntimeError(f"infer failed on {len(items) - summary['ok']} of {len(items)} images")
+    return 1000.0 * spent / len(items)

@@ -18,7 +18,7 @@ from lungrt.export.onnx import EXPORT_REVISION, export_onnx
 from lungrt.evaluation.parity import GATES, apply_gate, compare
 from lungrt.export.precision import (
     DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
-    make_int8_fp16, make_int8_nncf, make_int8_ort_cpu, node_block, quantizable_nodes,
+    make_int8_fp16, make_int8_nncf, make_int8_nncf_mixed, make_int8_ort_cpu, node_block, quantizable_nodes,
 )
 from lungrt.backends.base import Runner, onnx_metadata
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
@@ -46,12 +46,15 @@ class Int8Recipe:
     # mask agreement 0.998 and 0.75 on one gsconv-unet file), so their gate holds for the CPU it ran
     # on: the file is per CPU, and a cache shared by other CPUs makes and gates its own
     per_cpu: bool = False
+    # another whole-graph quantization tried before any block is left in float (same signature as
+    # `quantize`): keeping everything INT8 is faster than the float islands exclusions leave
+    fallback: Callable | None = None
 
 
 INT8_RECIPES = {
     "portable": Int8Recipe("", make_int8, OnnxRuntimeRunner),  # TensorRT's form, checked on ONNX Runtime
     "onnxruntime": Int8Recipe("ortcpu-", make_int8_ort_cpu, OnnxRuntimeRunner, per_cpu=True),
-    "openvino": Int8Recipe("", make_int8_nncf, _open_openvino, method="nncf", per_cpu=True),
+    "openvino": Int8Recipe("", make_int8_nncf, _open_openvino, method="nncf", per_cpu=True, fallback=make_int8_nncf_mixed),
 }
 # make_variant's `target` (an engine, or a backend name) -> the INT8 recipe it gets
 TARGET_RECIPES = {"portable": "portable", "cpu": "portable", "tensorrt": "portable", "tensorrt-rtx": "portable",
@@ -168,36 +171,47 @@ def int8_notes(path: Path) -> dict:
             "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
 
 
-def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes, recipe: Int8Recipe) -> dict:
-    recipe.quantize(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
-    return _gate_summary(loaded, path, pairs, recipe.open)
+def _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, exclude_nodes, quantize: Callable,
+                  open_runner: Callable[[Path], Runner]) -> dict:
+    quantize(fp32, path, calib, method, exclude=exclude_nodes, cache_dir=cache_dir)
+    return _gate_summary(loaded, path, pairs, open_runner)
 
 
 def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
                            log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"]) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`.
 
-    Sensitivity of a block = the agreement lost when only that block is quantized. Blocks are
-    excluded worst first; the search stops at the first exclusion set that passes."""
+    A recipe's fallback quantization is tried whole first; the search then starts from whichever
+    whole-graph form agreed better. Sensitivity of a block = the agreement lost when only that
+    block is quantized. Blocks are excluded worst first; the search stops at the first exclusion
+    set that passes."""
     gate = GATES["int8"]
-    summary = _gate_summary(loaded, path, pairs, recipe.open)
+    quantize, summary = recipe.quantize, _gate_summary(loaded, path, pairs, recipe.open)
     if apply_gate(summary, gate)["passed"]:
         return []
+    log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f})")
+    if recipe.fallback is not None:
+        second = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, [], recipe.fallback, recipe.open)
+        log(f"  {recipe.fallback.__name__}: agreement {second['mask_agreement']:.4f}")
+        if apply_gate(second, gate)["passed"]:
+            return []
+        if second["mask_agreement"] > summary["mask_agreement"]:
+            quantize, summary = recipe.fallback, second
     nodes = quantizable_nodes(fp32)
     blocks: dict[str, list[str]] = {}
     for n in nodes:
         blocks.setdefault(node_block(n), []).append(n)
-    log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f}); measuring sensitivity of {len(blocks)} blocks")
+    log(f"measuring the sensitivity of {len(blocks)} blocks ({quantize.__name__})")
     loss = {}
     for b, members in blocks.items():
         others = [n for n in nodes if n not in members]
-        s = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, others, recipe)
+        s = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, others, quantize, recipe.open)
         loss[b] = 1.0 - s["mask_agreement"] + max(s.get("dice_drop", 0.0), 0.0)
     excluded: list[str] = []
     for b in sorted(loss, key=loss.get, reverse=True):
         excluded.append(b)
         ex_nodes = [n for blk in excluded for n in blocks[blk]]
-        summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, ex_nodes, recipe)
+        summary = _int8_summary(loaded, fp32, path, calib, method, pairs, cache_dir, ex_nodes, quantize, recipe.open)
         log(f"  excluding {', '.join(excluded)}: agreement {summary['mask_agreement']:.4f}")
         if apply_gate(summary, gate)["passed"]:
             return excluded

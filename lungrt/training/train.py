@@ -25,6 +25,9 @@ from lungrt.core.spec import PreprocessSpec, to_gray8
 from lungrt.core.progress import progress_bar
 
 
+FIT_ON = ("train", "train+val")
+
+
 @dataclass
 class TrainConfig:
     model: str = "unet"
@@ -46,6 +49,10 @@ class TrainConfig:
     recipe: str = "basic"
     abnormality_p: float = 0.5  # robust recipe: share of training images with a painted abnormality
     init: str = ""  # fine-tune: start from these weights (shipped name, checkpoint or run folder)
+    # "train": fit on the train split, keep the epoch with the best validation Dice. "train+val": fit on
+    # both (75% more images for the shipped weights) and keep the last epoch, since validation is no
+    # longer held out; its Dice is still logged, as a fit curve. The test split is never used.
+    fit_on: str = "train"
 
 
 def bf16_autocast_supported() -> bool:
@@ -187,10 +194,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     spec = PreprocessSpec(size=cfg.size, equalization=cfg.equalization)
+    if cfg.fit_on not in FIT_ON:
+        raise ValueError(f"fit_on must be one of {FIT_ON}, got {cfg.fit_on!r}")
     train_pairs = select_split(data_dir, "train", cfg.seed)
     val_pairs = select_split(data_dir, "val", cfg.seed)
     if cfg.limit:
         train_pairs, val_pairs = train_pairs[: cfg.limit], val_pairs[: max(2, cfg.limit // 2)]
+    if cfg.fit_on == "train+val":
+        train_pairs = train_pairs + val_pairs
     with progress_bar() as bar:
         task = bar.add_task("loading X-rays", total=len(train_pairs) + len(val_pairs))
         tr_img, tr_mask = load_arrays(train_pairs, spec, lambda: bar.advance(task), equalize=cfg.recipe != "robust")
@@ -268,16 +279,17 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
             val_dice = float(dice_batch(val_logits[:, 0] > 0, va_mask).mean())
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                             "val_dice": val_dice, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
-            if val_dice > best:
+            if val_dice > best or cfg.fit_on == "train+val":  # train+val: validation is seen, keep the last
                 best = val_dice
-                info.metrics = {"val_dice_train_res": val_dice, "epoch": epoch + 1}
+                info.metrics = {"val_dice_train_res": val_dice, "epoch": epoch + 1, "fit_on": cfg.fit_on}
                 save_checkpoint(out / "model.safetensors", model, info)
             _write_run_files(out, cfg, history, best)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "rng": torch.get_rng_state(), "gen": gen.get_state(), "epoch": epoch + 1, "best": best}, state_path)
             log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}  "
                 f"val Dice {val_dice:.4f}  ({history[-1]['seconds']:.0f} s)")
-    return {"best_val_dice": best, "history": history, "checkpoint": str(out / "model.safetensors")}
+    return {"best_val_dice": best, "history": history, "checkpoint": str(out / "model.safetensors"),
+            "fit_images": len(train_pairs)}
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, history: list[dict], best: float) -> None:
