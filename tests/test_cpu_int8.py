@@ -59,7 +59,8 @@ def test_openvino_int8_is_nncf_quantized_and_runs_on_openvino(tmp_path, tiny_che
     pairs = discover_pairs(phantom_dir).pairs[:6]
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
                                   cache_dir=tmp_path, target="openvino", log=lambda *a: None)
-    assert ".int8-nncf-" in v.path.name and v.notes["recipe"] == "openvino" and v.notes["method"] == "nncf"
+    # the width-4 phantom model sits near the gate: either NNCF preset may be the one that passes
+    assert ".int8-nncf-" in v.path.name and v.notes["recipe"] == "openvino" and v.notes["method"] in ("nncf", "nncf-mixed")
     meta = onnx_metadata(v.path)
     assert meta["lungrt.int8_recipe"] == "openvino" and json.loads(meta["lungrt.model"])["name"] == "unet"
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(v.path)).graph.node)
