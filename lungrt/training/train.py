@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     info = ModelInfo(cfg.model, cfg.width, spec, fingerprint(train_pairs + val_pairs),
                      training={**asdict(cfg), "device": device, "autocast": str(amp_dtype) if use_amp else "off"})
 
+    shown = "val Dice (seen)" if cfg.fit_on == "train+val" else "best val Dice"
     with progress_bar() as bar:
         task = bar.add_task(f"training {cfg.model}", total=cfg.epochs * steps_per_epoch,
                             completed=start_epoch * steps_per_epoch)
@@ -273,7 +274,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
                 scaler.update()
                 sched.step()
                 losses.append(loss.item())
-                bar.update(task, advance=1, description=f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} best val Dice {max(best, 0):.4f}")
+                bar.update(task, advance=1, description=f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} {shown} {max(best, 0):.4f}")
             val_logits = predict_logits(model, va_x, device=device)
             val_loss = float(dice_bce_loss(torch.from_numpy(val_logits), torch.from_numpy(va_mask[:, None]).float()))
             val_dice = float(dice_batch(val_logits[:, 0] > 0, va_mask).mean())
