@@ -2,6 +2,10 @@
 and their QC thresholds (fitted on the training split, checked on validation: lungrt.inference.qc).
 
     .venv/bin/python scripts/ship_weights.py runs/unet runs/gsconv-unet runs/msag-unet --data ../shared/data/cxr-mc-sz
+    .venv/bin/python scripts/ship_weights.py unet gsconv-unet msag-unet --data ../shared/data/cxr-mc-sz --qc-only
+
+`--qc-only` re-fits the QC thresholds of weights already shipped (named by model) and leaves the
+weights and their metrics as they are.
 
 The weights are rounded to FP16 first and the metrics measured on the rounded weights, so the
 numbers in the metadata are the ones the shipped model gets.
@@ -25,9 +29,14 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "lungrt" / "weights"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", type=Path, help="training runs (or, with --qc-only, shipped model names)")
     ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--qc-only", action="store_true")
     args = ap.parse_args()
+    if args.qc_only:
+        for name in args.runs:
+            refit_qc(WEIGHTS / f"{name}.safetensors", args.data)
+        return
     test = select_split(args.data, "test")
     for run in args.runs:
         loaded = load_checkpoint(run / "model.safetensors")
@@ -43,6 +52,15 @@ def main() -> None:
         print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, IoU {mean['iou']:.4f}, "
               f"accuracy {mean['accuracy']:.4f}; QC flags {thresholds.false_alarm_val:.1%} of validation images "
               f"(margin {thresholds.margin})")
+
+
+def refit_qc(dest: Path, data: Path) -> None:
+    shipped = load_checkpoint(dest)
+    with TorchRunner(shipped) as r:
+        thresholds = fit_for_model(r, select_split(data, "train"), select_split(data, "val"))
+    shipped.info.qc = thresholds.to_dict()
+    save_checkpoint(dest, shipped.model, shipped.info, dtype=torch.float16)
+    print(f"{dest}: QC flags {thresholds.false_alarm_val:.1%} of validation images (margins {thresholds.margin})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ checkpoint, ONNX and engine metadata (`ModelInfo.qc`), so every backend flags th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import cv2
@@ -41,7 +42,7 @@ class QCThresholds:
     bounds: dict[str, list[float | None]]
     fitted_on: str = "generic defaults (not fitted to this model)"
     false_alarm_val: float | None = None  # share of validation images flagged at fit time
-    margin: float | None = None  # how far past the training extremes the bounds lie (see _bounds_at)
+    margin: dict[str, float] | float | None = None  # per feature: how far past the training extremes (see _bounds_at)
 
     def to_dict(self) -> dict:
         return {"bounds": self.bounds, "fitted_on": self.fitted_on, "false_alarm_val": self.false_alarm_val,
@@ -120,15 +121,15 @@ def verdict(feats: dict[str, float], thresholds: QCThresholds) -> str:
     return ";".join(flags(feats, thresholds)) or "ok"
 
 
-def _bounds_at(train: list[dict], margin: float, q: float = 0.005) -> dict[str, list[float | None]]:
-    """Per-feature bounds: the training predictions' q and 1-q quantiles, widened by `margin` times
-    their 5-95% spread (282 training images cannot pin the extremes down on their own)."""
+def _bounds_at(train: list[dict], margins: dict[str, float], q: float = 0.005) -> dict[str, list[float | None]]:
+    """Per-feature bounds: the training predictions' q and 1-q quantiles, widened by that feature's
+    margin times their 5-95% spread (282 training images cannot pin the extremes down on their own)."""
     bounds = {}
     for name, (low_reason, high_reason) in FEATURES.items():
         values = np.array([f[name] for f in train], np.float64)
         spread = float(np.quantile(values, 0.95) - np.quantile(values, 0.05))
-        lo = float(np.quantile(values, q)) - margin * spread if low_reason else None
-        hi = float(np.quantile(values, 1 - q)) + margin * spread if high_reason else None
+        lo = float(np.quantile(values, q)) - margins[name] * spread if low_reason else None
+        hi = float(np.quantile(values, 1 - q)) + margins[name] * spread if high_reason else None
         if name == "components" and hi is not None:
             hi = max(hi, 2.0)  # two lungs are never a fragment
         bounds[name] = [lo, hi]
@@ -143,14 +144,46 @@ MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, description: str = "") -> QCThresholds:
-    """The tightest bounds (fitted on `train`) that flag at most `target` of `val`: as sensitive as
-    the false-alarm budget allows, measured on images the bounds were not fitted on."""
-    for margin in MARGINS:
-        cand = QCThresholds(_bounds_at(train, margin), description, None, margin)
+    """Bounds fitted on `train`, each feature's margin widened only as far as `val` needs: from the
+    training extremes, the widening that clears the most validation false alarms per margin step is
+    taken (one feature, else two together: an image flagged twice) until at most `target` of `val`
+    is flagged, or no widening clears any.
+
+    One margin shared by every feature let the flags no margin can quieten (a lung touching the
+    image border has a spread of zero) use up the false-alarm budget and widen every other bound;
+    per feature, the bounds that flag few validation images (upside down, say) stay tight."""
+    def at(steps: dict[str, int]) -> QCThresholds:
+        margins = {name: MARGINS[i] for name, i in steps.items()}
+        cand = QCThresholds(_bounds_at(train, margins), description, None, margins)
         cand.false_alarm_val = flagged_share(val, cand)
-        if cand.false_alarm_val <= target:
-            return cand
-    return cand
+        return cand
+
+    steps = dict.fromkeys(FEATURES, 0)
+    best = at(steps)
+    while best.false_alarm_val > target:
+        for together in (1, 2):
+            gains = []
+            for wider in _widenings(steps, together):
+                cand = at({**steps, **wider})
+                cleared, cost = best.false_alarm_val - cand.false_alarm_val, sum(wider[n] - steps[n] for n in wider)
+                if cleared > 0:
+                    gains.append((cleared / cost, -cost, cand, wider))
+            if gains:
+                break
+        if not gains:
+            break
+        *_, best, wider = max(gains, key=lambda g: g[:2])
+        steps.update(wider)
+    return best
+
+
+def _widenings(steps: dict[str, int], together: int):
+    """Each way to widen `together` features' margins to one of MARGINS' steps."""
+    for names in itertools.combinations(steps, together):
+        for j in range(1, len(MARGINS)):
+            wider = {n: max(steps[n], j) for n in names}
+            if all(wider[n] > steps[n] for n in names):
+                yield wider
 
 
 def collect_features(runner, pairs, batch_size: int = 8) -> list[dict[str, float]]:

@@ -1,0 +1,68 @@
+"""QC thresholds: fitted per feature on training predictions, checked on validation."""
+
+import numpy as np
+
+from lungrt.inference.qc import FEATURES, MARGINS, QCThresholds, fit_thresholds, flagged_share, flags
+
+
+def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
+    """Feature rows like a model's predictions on normal X-rays (a lung never touches the border)."""
+    base = {"lung_fraction": 0.3, "lr_balance": 0.8, "components": 2.0, "uncertain_fraction": 0.1, "confidence": 0.97,
+            "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.45, "extent_x": 0.7, "extent_y": 0.6,
+            "taper": 1.3}
+    rows = []
+    for _ in range(n):
+        row = {k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()}
+        row["taper"] = 1.3 + rng.normal(0, 0.1)
+        rows.append(row)
+    return rows
+
+
+def test_a_flag_no_margin_can_quieten_does_not_widen_the_other_bounds():
+    """Four of 100 validation images touch the border (zero spread in training: no margin helps);
+    two have a somewhat wide lung field. The old single shared margin had to widen every bound
+    until the rest fit into the 1% left; per feature, only extent_x widens and taper stays at the
+    training extreme, so a field hardly wider at the base than at the apex (taper 0.95) is still flagged."""
+    rng = np.random.default_rng(0)
+    train, val = _normal(rng, 300), _normal(rng, 100)
+    for row in val[:4]:
+        row["border_fraction"] = 0.05
+    for row in val[4:6]:
+        row["extent_x"] = 0.78
+    fitted = fit_thresholds(train, val, target=0.05)
+
+    assert fitted.false_alarm_val <= 0.05
+    assert fitted.margin["taper"] == 0.0 and fitted.margin["border_fraction"] == 0.0
+    assert fitted.margin["extent_x"] > 0.0
+    upside_down = {**train[0], "taper": 0.95}
+    assert "upside_down" in flags(upside_down, fitted)
+
+
+def test_fit_stops_when_no_widening_clears_a_false_alarm():
+    rng = np.random.default_rng(1)
+    train, val = _normal(rng, 200), _normal(rng, 50)
+    for row in val[:5]:
+        row["border_fraction"] = 0.2  # 10% of validation, beyond any margin
+    fitted = fit_thresholds(train, val, target=0.05)
+    assert fitted.false_alarm_val == flagged_share(val, fitted) == 0.1
+    assert set(fitted.margin) == set(FEATURES) and set(fitted.margin.values()) <= set(MARGINS)
+
+
+def test_thresholds_round_trip_through_metadata():
+    rng = np.random.default_rng(2)
+    fitted = fit_thresholds(_normal(rng, 100), _normal(rng, 40), description="test fit")
+    again = QCThresholds.from_dict(fitted.to_dict())
+    assert again == fitted
+
+
+def test_images_flagged_by_two_features_widen_both():
+    """Validation images off-centre and unbalanced at once: widening either bound alone clears none,
+    so both widen together until they pass."""
+    rng = np.random.default_rng(3)
+    train, val = _normal(rng, 300), _normal(rng, 100)
+    for row in val[:8]:
+        row["centroid_x"], row["lr_balance"] = 0.58, 0.7
+    fitted = fit_thresholds(train, val, target=0.05)
+    assert fitted.false_alarm_val <= 0.05
+    assert fitted.margin["centroid_x"] > 0 and fitted.margin["lr_balance"] > 0
+    assert not {"unbalanced", "off_centre"} & {reason for row in val[:8] for reason in flags(row, fitted)}
