@@ -84,7 +84,7 @@ def accuracy(data: Path) -> None:
 
 def robustness(data: Path) -> None:
     """Synthetic abnormalities inside the gold lung field (benchmark family, not the training one)."""
-    from lungrt.evaluation.robustness import run_robustness, severity_summary, worst_cases_png
+    from lungrt.evaluation.robustness import run_robustness, worst_cases_png
 
     pairs = select_split(data, "test")
     out = {}
@@ -95,12 +95,19 @@ def robustness(data: Path) -> None:
         res.pop("worst")
         out[name] = res
     save("robustness", out)
-    print(f"Test split ({len(pairs)} images), each with every abnormality painted inside its gold lung field; "
-          "Dice against the unchanged gold mask, drop against the same image without it.\n")
+    print_robustness(out, len(pairs))
+
+
+def print_robustness(out: dict, images: int) -> None:
+    from lungrt.data.abnormalities import KINDS
+    from lungrt.evaluation.robustness import severity_summary
+
+    print(f"Test split ({images} images), each with every abnormality painted over its gold lung field (silhouette: "
+          "past its edge too); Dice against the unchanged gold mask, drop against the same image without it.\n")
     print("| model | kind | mild drop | moderate drop | severe drop | severe: share losing > 0.05 |")
     print("|---|---|---|---|---|---|")
     for name, res in out.items():
-        for kind in ("consolidation", "haze", "effusion"):
+        for kind in KINDS:
             by = {r["severity"]: r for r in res["rows"] if r["kind"] == kind}
             print(f"| {name} | {kind} | {by['mild']['dice_drop']:+.4f} | {by['moderate']['dice_drop']:+.4f} | "
                   f"{by['severe']['dice_drop']:+.4f} | {by['severe']['share_losing_over_0.05']:.1%} |")

@@ -164,7 +164,7 @@ def evaluate_cmd(
     batch_size: int = typer.Option(8),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for per-image CSVs and the prediction grid PNGs."),
     postprocess: bool = typer.Option(False, "--postprocess", help="Score after infer's clean-up (two largest components, holes filled)."),
-    robustness: bool = typer.Option(False, "--robustness", help="Instead: Dice with synthetic consolidation/haze/effusion painted inside the gold lung field, per severity."),
+    robustness: bool = typer.Option(False, "--robustness", help="Instead: Dice with synthetic consolidation/haze/effusion painted inside the gold lung field, and consolidation spilling past its edge, per severity."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write means (and per-image rows) as JSON."),
 ):
     """All metrics per image at native resolution; a Table-1-style comparison for several models."""

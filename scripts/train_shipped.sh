@@ -9,7 +9,10 @@
 #   4. the shipped weights: stage 2 fine-tuned on train+val at 256 px (`--fit-on train+val`, lr 2e-4,
 #      last epoch kept): 75% more images; the test split stays unseen. Ship with
 #      `scripts/ship_weights.py runs/unet-all runs/gsconv-unet-all runs/msag-unet-all --data DATA`.
-# Stages 1-3 train on the train split only and validation picks the checkpoint; stage 4 fits train+val.
+#   5. the shipped weights: stage 4 fine-tuned with the training paint that spills past the lung's edge
+#      (lungrt.data.abnormalities, "spill"), train+val, lr 1e-4, 10/12/8 epochs. Ship with
+#      `scripts/ship_weights.py runs/unet-sil runs/gsconv-unet-sil runs/msag-unet-sil --data DATA`.
+# Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-5 fit train+val.
 # Every run is resumable: rerun this script after an interruption and it continues where it stopped.
 # Usage: scripts/train_shipped.sh [DATA] [RUNS]
 set -euo pipefail
@@ -30,17 +33,22 @@ if [ "${STAGE2:-1}" = 1 ]; then  # the shipped 256 px robust models
     "$LUNGRT" train --model "$name" --width "$width" --out "$RUNS/$name" --init "${init:-$name}" --epochs "$epochs" "${common[@]}"
   done
 fi
-if [ "${STAGE3:-0}" = 1 ]; then  # name:width:epochs, from stage 2's run folders
-  common=(--data "$DATA" --size 320 --lr 2e-4 --batch-size 8 --seed 0 --recipe robust --resume)
-  for spec in msag-unet:16:14 unet:16:16 gsconv-unet:12:10; do
+# fine_tune FROM_SUFFIX TO_SUFFIX "name:width:epochs ..." TRAIN_ARGS...: runs/<name>FROM -> runs/<name>TO
+fine_tune() {
+  local from=$1 to=$2 specs=$3 name width epochs spec
+  shift 3
+  for spec in $specs; do
     IFS=: read -r name width epochs <<< "$spec"
-    "$LUNGRT" train --model "$name" --width "$width" --out "$RUNS/$name-320" --init "$RUNS/$name" --epochs "$epochs" "${common[@]}"
+    "$LUNGRT" train --model "$name" --width "$width" --out "$RUNS/$name$to" --init "$RUNS/$name$from" --epochs "$epochs" "$@"
   done
+}
+robust=(--data "$DATA" --batch-size 8 --seed 0 --recipe robust --resume)
+if [ "${STAGE3:-0}" = 1 ]; then  # 320 px, from stage 2's run folders (tried, not shipped)
+  fine_tune "" -320 "msag-unet:16:14 unet:16:16 gsconv-unet:12:10" "${robust[@]}" --size 320 --lr 2e-4
 fi
-if [ "${STAGE4:-1}" = 1 ]; then  # name:width:epochs, from stage 2's run folders
-  common=(--data "$DATA" --size 256 --lr 2e-4 --batch-size 8 --seed 0 --recipe robust --fit-on train+val --resume)
-  for spec in msag-unet:16:20 unet:16:24 gsconv-unet:12:14; do
-    IFS=: read -r name width epochs <<< "$spec"
-    "$LUNGRT" train --model "$name" --width "$width" --out "$RUNS/$name-all" --init "$RUNS/$name" --epochs "$epochs" "${common[@]}"
-  done
+if [ "${STAGE4:-1}" = 1 ]; then  # train+val, from stage 2's run folders
+  fine_tune "" -all "msag-unet:16:20 unet:16:24 gsconv-unet:12:14" "${robust[@]}" --size 256 --lr 2e-4 --fit-on train+val
+fi
+if [ "${STAGE5:-1}" = 1 ]; then  # the shipped weights: spill paint, train+val, from stage 4's run folders
+  fine_tune -all -sil "msag-unet:16:10 unet:16:12 gsconv-unet:12:8" "${robust[@]}" --size 256 --lr 1e-4 --fit-on train+val
 fi

@@ -198,7 +198,8 @@ def test_precision_auto_on_onnxruntime_picks_a_passing_variant(tmp_path, tiny_ch
     assert {c["precision"] for c in report["candidates"]} == {"fp32", "fp16", "int8"}
     chosen = next(c for c in report["candidates"] if c["precision"] == report["choice"])
     assert chosen["gate"]["passed"]
-    assert chosen["img_per_s"] == max(c["img_per_s"] for c in report["candidates"] if c["gate"]["passed"])
+    top = max(c["img_per_s"] for c in report["candidates"] if c["gate"]["passed"])
+    assert chosen["img_per_s"] >= 0.90 * top
     assert (tmp_path / "unet-auto-onnxruntime.md").read_text().count("|") > 10
 
 

@@ -8,9 +8,16 @@ Two families with different shape generators, so the robustness benchmark does n
 training augmentation on itself:
 
 - `paint_training`: consolidation from thresholded smoothed noise (random-field blobs), haze from a
-  smoothed noise field, effusion under a curved (quadratic) meniscus, occasional white-out of a lung.
+  smoothed noise field, effusion under a curved (quadratic) meniscus, occasional white-out of a lung,
+  and opacity that spills past the lung's edge (a meniscus or blob region grown by a random disc).
 - `paint_benchmark`: consolidation from unions of rotated ellipses, haze as a vertical ramp,
-  effusion under a tilted straight fluid line rising laterally; graded severities.
+  effusion under a tilted straight fluid line rising laterally, and silhouette (ellipses grown past
+  the lung's edge by a fixed distance, flat); graded severities.
+
+Opacity confined to the gold mask leaves the mask's outline visible as an edge, a cue real X-rays
+do not give: consolidation against the heart, diaphragm or chest wall makes that border vanish (the
+silhouette sign). Spill and silhouette paint over the border into the neighbouring soft tissue (never
+into the other lung), so the mask has to come from anatomy, not from where the paint stops.
 
 All work on float images in [0, 1] of any size (H, W) and a boolean lung mask of the same size.
 """
@@ -21,7 +28,7 @@ import cv2
 import numpy as np
 
 SEVERITIES = ("mild", "moderate", "severe")
-KINDS = ("consolidation", "haze", "effusion")
+KINDS = ("consolidation", "haze", "effusion", "silhouette")
 
 # Benchmark severity -> (share of one lung's area covered, opacity of the painted region)
 _BENCH_LEVELS = {"mild": (0.15, 0.45), "moderate": (0.35, 0.65), "severe": (0.7, 0.85)}
@@ -83,7 +90,7 @@ def paint_training(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     out = image.astype(np.float32, copy=True)
     lung_v, tissue_v = _lung_level(out, mask)
     for _ in range(1 + int(rng.random() < 0.3)):
-        kind = rng.choice(["blobs", "haze", "meniscus", "whiteout"], p=[0.45, 0.2, 0.25, 0.1])
+        kind = rng.choice(["blobs", "haze", "meniscus", "whiteout", "spill"], p=[0.3, 0.15, 0.2, 0.1, 0.25])
         lung = lungs[rng.integers(len(lungs))]
         opacity = rng.uniform(0.35, 1.0)
         level = lung_v + (tissue_v - lung_v) * rng.uniform(0.8, 1.25)
@@ -100,8 +107,15 @@ def paint_training(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
             opacity *= 0.6
         elif kind == "meniscus":
             weight = _meniscus_curve(lung, rng.uniform(0.1, 0.6), rng) * lung
-        else:  # whiteout
+        elif kind == "whiteout":
             weight = _soft(lung, scale * 0.01)
+        else:  # spill: the lower lung or a blob, grown past the lung's edge
+            if rng.random() < 0.6:
+                region = (_meniscus_curve(lung, rng.uniform(0.2, 0.9), rng) > 0.5) & lung
+            else:
+                region = (_smooth_noise(out.shape, scale * rng.uniform(0.08, 0.2), rng) > rng.uniform(-0.5, 0.8)) & lung
+            weight = _soft(_spill(region, mask & ~lung, scale * rng.uniform(0.03, 0.1)), scale * rng.uniform(0.008, 0.03))
+            opacity, texture = rng.uniform(0.7, 1.0), texture * 0.5
         out = _opacify(out, opacity * weight, level, texture)
     return np.clip(out, 0, 1)
 
@@ -117,6 +131,15 @@ def _meniscus_curve(lung: np.ndarray, height_share: float, rng: np.random.Genera
     span = max(1.0, right - left)
     curve = level - rng.uniform(0.0, 0.25) * (bottom - top) * ((xx - centre) / span) ** 2
     return _soft(yy > curve, max(h, w) * 0.01)
+
+
+def _spill(region: np.ndarray, other_lung: np.ndarray, reach: float) -> np.ndarray:
+    """`region` grown by a disc of radius `reach` pixels, kept clear of the other lung."""
+    k = 2 * max(1, int(reach)) + 1
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    grown = cv2.dilate(region.astype(np.uint8), disc) > 0
+    guard = cv2.dilate(other_lung.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    return grown & ~guard
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +168,10 @@ def paint_benchmark(image: np.ndarray, mask: np.ndarray, kind: str, severity: st
         ramp = np.clip(0.3 + yy * 1.2, 0, 1) * np.ones_like(out)
         weight = ramp * _soft(mask, scale * 0.006) * min(1.0, cover * 1.6)
         opacity *= 0.7
-    else:
+    elif kind == "effusion":
         weight = _fluid_line(lung, cover, rng) * lung
+    else:  # silhouette: consolidation whose edge against the neighbouring soft tissue vanishes
+        weight = _soft(_spill(_ellipses_covering(lung, cover, rng) & lung, mask & ~lung, scale * 0.05), scale * 0.015)
     return np.clip(_opacify(out, opacity * weight, level), 0, 1)
 
 

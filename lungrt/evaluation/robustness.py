@@ -1,8 +1,9 @@
 """Robustness benchmark: does the mask keep opacified lung inside it?
 
-Test images get a synthetic abnormality painted inside the gold lung field (consolidation, haze,
-effusion; mild / moderate / severe; `abnormalities.paint_benchmark`, a different shape family and
-seed stream from the training augmentation), and are scored against the unchanged gold masks.
+Test images get a synthetic abnormality painted over the gold lung field (consolidation, haze and
+effusion inside it; silhouette, consolidation that spills past the lung's edge and hides it; mild /
+moderate / severe; `abnormalities.paint_benchmark`, a different shape family and seed stream from
+the training augmentation), and are scored against the unchanged gold masks.
 The Dice drop is measured against the same images without the abnormality.
 """
 
