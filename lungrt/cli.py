@@ -421,7 +421,7 @@ def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -
 
     results = run_guarded(body)
     for label, res in results:
-        table = Table(title=f"{label}: synthetic abnormalities inside the gold lung field, {data} / {split}")
+        table = Table(title=f"{label}: synthetic abnormalities over the gold lung field, {data} / {split}")
         for col in ("kind", "severity", "Dice", "drop vs clean", "share losing > 0.05", "worst drop"):
             table.add_column(col, justify="left" if col in ("kind", "severity") else "right")
         for r in res["rows"]:
