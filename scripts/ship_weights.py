@@ -45,17 +45,15 @@ def main() -> None:
         shipped = load_checkpoint(dest)
         with TorchRunner(shipped) as r:
             mean = evaluate(r, test)["mean"]
-            thresholds = fit_for_model(r, select_split(args.data, "train"), select_split(args.data, "val"))
         shipped.info.metrics = {**loaded.info.metrics, "test_split_native": mean, "test_images": len(test)}
-        shipped.info.qc = thresholds.to_dict()
-        save_checkpoint(dest, shipped.model, shipped.info, dtype=torch.float16)
         print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, IoU {mean['iou']:.4f}, "
-              f"accuracy {mean['accuracy']:.4f}; QC flags {thresholds.false_alarm_val:.1%} of validation images "
-              f"(margin {thresholds.margin})")
+              f"accuracy {mean['accuracy']:.4f}")
+        refit_qc(dest, args.data, shipped)
 
 
-def refit_qc(dest: Path, data: Path) -> None:
-    shipped = load_checkpoint(dest)
+def refit_qc(dest: Path, data: Path, shipped=None) -> None:
+    """Fit the QC thresholds of `shipped` (default: the checkpoint at `dest`) and save it to `dest`."""
+    shipped = shipped or load_checkpoint(dest)
     with TorchRunner(shipped) as r:
         thresholds = fit_for_model(r, select_split(data, "train"), select_split(data, "val"))
     shipped.info.qc = thresholds.to_dict()

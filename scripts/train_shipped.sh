@@ -6,11 +6,11 @@
 #      field, detector looks, wider geometry), lr 3e-4 cosine to 0.01x, best epoch by validation Dice;
 #   3. (STAGE3=1, tried, not shipped) stage 2 fine-tuned again at 320 px, lr 2e-4: test Dice
 #      +0.0002..+0.0009, HD95 -0.08..-0.17 px (msag-unet, unet) for 1.56x the compute per image.
-#   4. the shipped weights: stage 2 fine-tuned on train+val at 256 px (`--fit-on train+val`, lr 2e-4,
-#      last epoch kept): 75% more images; the test split stays unseen. Ship with
+#   4. the previous release's weights: stage 2 fine-tuned on train+val at 256 px (`--fit-on train+val`, lr 2e-4,
+#      last epoch kept): 75% more images; the test split stays unseen. Shipped before with
 #      `scripts/ship_weights.py runs/unet-all runs/gsconv-unet-all runs/msag-unet-all --data DATA`.
 #   5. the shipped weights: stage 4 fine-tuned with the training paint that spills past the lung's edge
-#      (lungrt.data.abnormalities, "spill"), train+val, lr 1e-4, 10/12/8 epochs. Ship with
+#      (lungrt.data.abnormalities, "spill"), train+val, lr 1e-4, msag-unet 10, unet 12, gsconv-unet 8 epochs. Ship with
 #      `scripts/ship_weights.py runs/unet-sil runs/gsconv-unet-sil runs/msag-unet-sil --data DATA`.
 # Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-5 fit train+val.
 # Every run is resumable: rerun this script after an interruption and it continues where it stopped.
@@ -25,7 +25,7 @@ if [ "${STAGE1:-0}" = 1 ]; then  # the 192 px base models the fine-tuning starts
   "$LUNGRT" train --model msag-unet   --width 16 --out "$RUNS/base-msag-unet"   "${base[@]}" --epochs 30
   "$LUNGRT" train --model gsconv-unet --width 12 --out "$RUNS/base-gsconv-unet" "${base[@]}" --epochs 20
 fi
-if [ "${STAGE2:-1}" = 1 ]; then  # the shipped 256 px robust models
+if [ "${STAGE2:-1}" = 1 ]; then  # the 256 px robust models (train split)
   common=(--data "$DATA" --size 256 --lr 3e-4 --batch-size 8 --seed 0 --recipe robust --resume)
   for spec in msag-unet:16:40 unet:16:40 gsconv-unet:12:20; do
     IFS=: read -r name width epochs <<< "$spec"
