@@ -539,7 +539,7 @@ def build(
     onnx: Optional[Path] = typer.Option(None, help="Build from this precision-variant ONNX file instead."),
     precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | auto"),
     backend: str = typer.Option("auto", help="auto | tensorrt | tensorrt-rtx | onnxruntime | openvino | cpu (with --precision auto: "
-                                             "the fastest CPU engine x precision that passes, used by infer/demo from then on)"),
+                                             "the fastest CPU engine x precision that passes, or within 10% of it the most faithful, used by infer/demo from then on)"),
     target: Optional[str] = typer.Option(None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
     method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
@@ -551,7 +551,7 @@ def build(
 ):
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
-    `--precision auto` keeps the fastest variant that passes parity."""
+    `--precision auto` keeps the fastest variant that passes parity (within 10% of it, the most faithful)."""
     from lungrt.build import build_and_verify, build_auto, build_cpu_auto, census_text, choose_backend
     from lungrt.models.checkpoint import resolve_model
     from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
