@@ -22,13 +22,9 @@ import cv2
 import numpy as np
 
 from lungrt.api import LungSegmenter
+from lungrt.evaluation.metrics import dice_batch
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
 
 
 def overlay_sheet(files: list[Path], results: list, path: Path, cols: int = 8, tile: int = 200) -> None:
@@ -72,7 +68,7 @@ def main() -> None:
                           "reasons": dict(reasons) if fitted else {},
                           "mean_balance": float(np.mean(balance)), "lopsided_below_0.6": int(np.sum(np.array(balance) < 0.6))}
             overlay_sheet(files, results, RESULTS / f"other_hospital_{name}.png")
-        agree = {f"{a}|{b}": float(np.mean([dice(x, y) for x, y in zip(masks[a], masks[b])]))
+        agree = {f"{a}|{b}": float(np.mean([dice_batch(x[None], y[None])[0] for x, y in zip(masks[a], masks[b])]))
                  for a, b in itertools.combinations(masks, 2)}
         report["sets"][label] = {"models": rows, "pairwise_dice": agree}
         print(f"\n{label}: {len(files)} X-rays from {args.data}")
