@@ -113,6 +113,17 @@ def test_monochrome1_dicom_is_inverted_with_spacing(tmp_path, gradient):
     assert m2.pixels[0, 0] < m2.pixels[0, -1] and m1.pixels[0, 0] > m1.pixels[0, -1]
 
 
+def test_dicom_bits_above_bits_stored_are_ignored(tmp_path, gradient):
+    # 12 bits stored in 16: an old overlay plane in bit 15 of some pixels must not become image
+    clean = read_xray(make_dicom(tmp_path / "clean.dcm", gradient))
+    dirty = gradient.copy()
+    dirty[10:20, 5:30] |= 1 << 15
+    xr = read_xray(make_dicom(tmp_path / "dirty.dcm", dirty))
+    assert xr.window == clean.window == (0, 4095, False)
+    assert np.array_equal(xr.gray8, clean.gray8)
+    assert np.array_equal(xr.image, pydicom.dcmread(tmp_path / "dirty.dcm").pixel_array)  # pydicom's own correction
+
+
 def test_dicom_window_is_applied(tmp_path, gradient):
     # a window over the lower quarter saturates everything above it
     xr = read_xray(make_dicom(tmp_path / "w.dcm", gradient, window=(512, 1024)))

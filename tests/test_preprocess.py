@@ -39,6 +39,20 @@ def test_invert_maps_back_to_original_shape():
     assert back[:, :100].all() and not back[:, 120:].any()
 
 
+def test_mask_from_8bit_interpolation_matches_the_float_probabilities():
+    # infer, eval and parity threshold the probabilities interpolated in 8 bits: the verdict may
+    # differ from the float map only where that map is within 1/255 of 0.5
+    spec = PreprocessSpec(size=64)
+    prob = np.random.default_rng(0).uniform(0, 1, (64, 64)).astype(np.float32)
+    for shape in [(300, 220), (2900, 2100), (50, 40)]:
+        mask = spec.invert_mask(prob, shape)
+        full = spec.invert(prob, shape)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        differ = (mask > 0) != (full >= 0.5)
+        assert np.abs(full[differ] - 0.5).max(initial=0) <= 1 / 255
+        assert differ.mean() < 0.01
+
+
 def test_apply_is_deterministic_and_batchable():
     spec = PreprocessSpec(size=32)
     ims = [np.random.default_rng(i).uniform(0, 1, (50, 40)).astype(np.float32) for i in range(3)]

@@ -123,6 +123,8 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
+        if size and (path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path)):
+            return _read_dicom(path, max_pixels)  # pydicom reads the file itself, faster than from bytes
         data = path.read_bytes()  # one read: the format check and the decoder share it
     except FileNotFoundError:
         raise ImageReadError(path, "file does not exist") from None
@@ -132,8 +134,6 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         raise ImageReadError(path, f"cannot read ({e.strerror or e})") from None
     if not data:
         raise ImageReadError(path, "file is empty")
-    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_magic(data):
-        return _read_dicom(path, max_pixels)
     return _read_raster(path, data, max_pixels)
 
 
@@ -217,6 +217,8 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
 
     try:
         ds = pydicom.dcmread(path)
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # read_xray names these
     except InvalidDicomError as e:
         raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
     except Exception as e:  # pydicom raises many kinds on truncated headers
@@ -229,7 +231,15 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
     _check_dimensions(path, cols, rows, max_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(path, "multi-frame DICOM is not a single radiograph")
+    identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
+                and "ModalityLUTSequence" not in ds and "VOILUTSequence" not in ds and "WindowCenter" not in ds)
+    stored = int(ds.get("BitsStored", 16) or 16)
+    unsigned16 = int(ds.get("BitsAllocated", 0) or 0) == 16 and int(ds.get("PixelRepresentation", 0) or 0) == 0
     try:
+        if identity and unsigned16:
+            # pydicom clears the unused high bits with two full-size shifts (2 ms at 12 MP); they are
+            # almost always zero already, so they are checked below and cleared only when set
+            ds.pixel_array_options(correct_unused_bits=False)
         raw = ds.pixel_array
     except Exception as e:
         tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -242,16 +252,17 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
         raw = raw.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if raw.ndim != 2:
         raise ImageReadError(path, f"DICOM pixel data of shape {raw.shape} is not a 2-D radiograph")
-    identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
-                and "ModalityLUTSequence" not in ds and "VOILUTSequence" not in ds and "WindowCenter" not in ds)
     if identity and raw.dtype == np.uint16:  # the common detector file: no float work at full size
-        return _windowed(path, raw, _dicom_spacing(ds), int(ds.get("BitsStored", 16) or 16), photometric == "MONOCHROME1")
+        xray = _windowed(path, raw, _dicom_spacing(ds), stored, photometric == "MONOCHROME1")
+        if unsigned16 and xray.window[1] >> stored:  # set high bits (an old overlay plane): clear them as pydicom would
+            xray = _windowed(path, np.bitwise_and(raw, (1 << stored) - 1), xray.spacing_mm, stored, photometric == "MONOCHROME1")
+        return xray
     values = apply_modality_lut(raw, ds)  # Rescale Slope/Intercept
     values = apply_voi_lut(values, ds)  # VOI LUT sequence or Window Center/Width
     values = _to_unit(np.asarray(values, dtype=np.float64), 16)
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         values = 1.0 - values
-    return XRay(str(path), values, _dicom_spacing(ds), int(ds.get("BitsStored", 16) or 16))
+    return XRay(str(path), values, _dicom_spacing(ds), stored)
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian

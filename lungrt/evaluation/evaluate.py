@@ -52,9 +52,9 @@ def batched(items, n: int):
 
 
 def predict_native(runner: Runner, samples: list[Sample]) -> list[np.ndarray]:
-    """Probability maps at each sample's native size."""
+    """uint8 masks (255 = lung) at each sample's native size, as infer makes them."""
     probs = runner.run(np.stack([s.tensor for s in samples]))
-    return [runner.spec.invert(p[0], s.xray.shape) for p, s in zip(probs, samples)]
+    return [runner.spec.invert_mask(p[0], s.xray.shape) for p, s in zip(probs, samples)]
 
 
 def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0, postprocess: bool = False) -> dict:
@@ -66,8 +66,8 @@ def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int =
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {runner.info.name} ({runner.describe()})", total=len(pairs))
         for batch in batched(load_samples(pairs, runner.spec), batch_size):
-            for s, prob in zip(batch, predict_native(runner, batch)):
-                pred = lung_fields(prob > 0.5).mask > 0 if postprocess else prob > 0.5
+            for s, mask in zip(batch, predict_native(runner, batch)):
+                pred = (lung_fields(mask).mask if postprocess else mask) > 0
                 rows.append({"name": s.name, **segmentation_metrics(pred, s.gold, s.xray.spacing_mm)})
                 if len(kept) < keep:
                     kept.append((s.name, s.xray.pixels, s.gold, pred))

@@ -57,8 +57,8 @@ def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size:
             sum_abs += float(d.sum())
             n_px += d.size
             for s, pr, pc in zip(batch, p_ref, p_cand):
-                m_ref = spec.invert(pr[0], s.xray.shape) > 0.5
-                m_cand = spec.invert(pc[0], s.xray.shape) > 0.5
+                m_ref = spec.invert_mask(pr[0], s.xray.shape) > 0
+                m_cand = spec.invert_mask(pc[0], s.xray.shape) > 0
                 row = {"name": s.name, "agreement": _agreement(m_ref, m_cand),
                        "boundary_hd95_px": hd95(m_ref, m_cand), "max_abs_prob_diff": float(np.abs(pr - pc).max())}
                 if s.gold is not None:

@@ -57,7 +57,7 @@ def run_robustness(runner: Runner, pairs: list[Pair], kinds=KINDS, severities=SE
             probs = runner.run(np.stack([c[3] for c in cases]))
             clean = None
             for (kind, sev, img, _), p in zip(cases, probs):
-                pred = spec.invert(p[0], gold.shape) > 0.5
+                pred = spec.invert_mask(p[0], gold.shape) > 0
                 dice = segmentation_metrics(pred, gold)["dice"]
                 per.setdefault((kind, sev), []).append(dice)
                 if kind == "clean":

@@ -34,6 +34,7 @@ from lungrt.inference.postprocess import lung_fields
 from lungrt.inference.qc import FEATURES as QC_FEATURES
 from lungrt.inference.qc import QCThresholds, features as qc_features, verdict as qc_verdict
 from lungrt.core.progress import progress_bar
+from lungrt.core.spec import PreprocessSpec
 from lungrt.backends.base import Runner
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
@@ -298,7 +299,6 @@ def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray,
 class Measured:
     """One image's segmentation at its original size, and what is measured on it."""
 
-    probability: np.ndarray  # float32 (H, W)
     mask: np.ndarray  # uint8 0/255 (H, W), after the clean-up when asked
     right_px: int
     left_px: int
@@ -308,6 +308,13 @@ class Measured:
     mean_confidence: float
     qc: str  # "ok" or ";"-separated reasons
     qc_features: dict
+    prob_small: np.ndarray  # the network's own (size, size) probabilities
+    spec: PreprocessSpec
+
+    @property
+    def probability(self) -> np.ndarray:
+        """float32 probabilities at the original size, made when asked (most runs write masks only)."""
+        return self.spec.invert(self.prob_small, self.mask.shape)
 
 
 def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None) -> Measured:
@@ -315,25 +322,23 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
     the one function infer, the Python API and Ray all use."""
     qc = qc or QCThresholds.from_dict(None)
     feats = qc_features(prob_small)
-    prob = spec.invert(prob_small, xray.shape)
-    lungs = lung_fields(cv2.compare(prob, 0.5, cv2.CMP_GT), clean=postprocess)
+    lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
     h, w = xray.shape
     px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
-    return Measured(prob, lungs.mask, lungs.right_px, lungs.left_px, round(lungs.area_px / (h * w), 6),
+    return Measured(lungs.mask, lungs.right_px, lungs.left_px, round(lungs.area_px / (h * w), 6),
                     round(lungs.right_px * px_mm2, 2) if px_mm2 else None, round(lungs.left_px * px_mm2, 2) if px_mm2 else None,
                     _mean_confidence(prob_small, lungs.mask), qc_verdict(feats, qc),
-                    {k: round(v, 5) for k, v in feats.items()})
+                    {k: round(v, 5) for k, v in feats.items()}, prob_small, spec)
 
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc))
-    prob = m.probability
     files = {"mask": _png(m.mask, _PNG_FAST)}
     if opts.overlay:
         files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR))
     if opts.probabilities:
-        files["probability"] = _png(np.clip(np.rint(prob * 255), 0, 255).astype(np.uint8))
+        files["probability"] = _png(cv2.convertScaleAbs(m.probability, alpha=255.0))
     paths = outputs_for(out_dir, item, opts)
     for kind, data in files.items():
         atomic_write_bytes(paths[kind], data, durable=False)
