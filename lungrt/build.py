@@ -243,7 +243,9 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
               "validation": where, "candidates": candidates, "choice": f"{choice['backend']} {choice['precision']}",
               "rule": f"{FASTEST_RULE}, timed here", "path": choice["path"]}
     _write_auto_report(report, out_dir / f"{loaded.info.name}-auto-cpu")
-    report["record"] = str(record_cpu_choice(loaded, {k: choice[k] for k in ("backend", "precision", "path", "img_per_s")}))
+    report["record"] = str(record_cpu_choice(loaded, {**{k: choice[k] for k in ("backend", "precision", "path", "img_per_s")},
+                                                      "mask_agreement": choice["parity"]["mask_agreement"],
+                                                      "gate_images": len(val), "gate_data": where}))
     return report
 
 

@@ -390,6 +390,8 @@ def demo(
     out.print(f"  infer:     {i['ok']} X-rays segmented, {i['failed']} failed; masks + overlays in {out_dir / 'masks'}", highlight=False)
     out.print(f"  parity:    mask agreement with PyTorch {p['mask_agreement']:.5f}, max |dp| {p['max_abs_prob_diff']:.2e} "
               f"-> {'PASS' if p['gate']['passed'] else 'FAIL'}", highlight=False)
+    if p.get("note"):
+        out.print(f"             {p['note']}", highlight=False)
     if "dice_candidate" in p:
         out.print(f"  accuracy:  Dice vs the phantoms' true lung masks {p['dice_candidate']:.4f} "
                   "(the model was trained on real X-rays; phantoms are only X-ray-like)", highlight=False)

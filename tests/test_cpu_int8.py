@@ -154,7 +154,9 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     best = max((c for c in passing if c["img_per_s"] >= 0.90 * top), key=lambda c: c["parity"]["mask_agreement"])
     assert report["choice"] == f"{best['backend']} {best['precision']}"
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
-    assert json.loads(record.read_text())["path"] == str(Path(best["path"]).resolve())
+    recorded = json.loads(record.read_text())
+    assert recorded["path"] == str(Path(best["path"]).resolve())
+    assert recorded["mask_agreement"] == best["parity"]["mask_agreement"] and recorded["gate_images"] == report["validation_images"]
 
     out = tmp_path / "masks"
     monkeypatch.chdir(tmp_path / "b")  # the record must work from any folder
@@ -193,3 +195,24 @@ def test_cpu_int8_is_remade_and_regated_on_another_cpu(tmp_path, tiny_checkpoint
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     other = variants_mod.make_variant(loaded, "int8", **kw).path
     assert other != here and other.exists() and here.exists()
+
+
+def test_demo_explains_a_recorded_choice_that_misses_its_gate_on_phantoms(tiny_checkpoint):
+    from lungrt.backends import select
+    from lungrt.demo import recorded_choice_note
+
+    class FakeRunner:  # glue only: what the demo ran on
+        def __init__(self, described):
+            self.described = described
+
+        def describe(self):
+            return self.described
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    select.record_cpu_choice(loaded, {"backend": "openvino", "precision": "int8", "path": str(tiny_checkpoint),
+                                      "img_per_s": 300.0, "mask_agreement": 0.99855, "gate_images": 48, "gate_data": "DATA"})
+    failed, passed = {"passed": False}, {"passed": True}
+    note = recorded_choice_note(loaded, FakeRunner("openvino/cpu/int8"), failed)
+    assert "0.99855 on 48 images from DATA" in note and "--backend openvino --variant int8" in note
+    assert recorded_choice_note(loaded, FakeRunner("openvino/cpu/int8"), passed) is None
+    assert recorded_choice_note(loaded, FakeRunner("onnxruntime/cpu/fp32"), failed) is None  # not the recorded one

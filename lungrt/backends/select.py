@@ -129,13 +129,11 @@ def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
     return path
 
 
-def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | None:
-    """The runner of the recorded CPU choice, if one was made for these weights on this very CPU
-    (model, speed flags, cores) and its variant file still holds these weights; else None."""
+def recorded_cpu_choice(loaded: LoadedModel, weights: str | None = None, log=log_.info) -> dict | None:
+    """The recorded CPU choice for these weights, if it was made on this very CPU (model, speed
+    flags, cores): backend, precision, variant file, its speed and gate result when recorded."""
     from lungrt.core.hardware import cpu_identity
-    from lungrt.models.checkpoint import weights_hash
 
-    weights = weights_hash(loaded.model)
     path = cpu_choice_file(loaded, weights)
     try:
         choice = json.loads(path.read_text())
@@ -143,6 +141,19 @@ def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | Non
         return None
     if choice.get("hardware") != cpu_identity():
         log(f"ignoring {path.name}: chosen on another CPU; rerun `lungrt build --backend cpu --precision auto`")
+        return None
+    return choice
+
+
+def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | None:
+    """The runner of the recorded CPU choice (`recorded_cpu_choice`), if its variant file still
+    holds these weights; else None."""
+    from lungrt.models.checkpoint import weights_hash
+
+    weights = weights_hash(loaded.model)
+    path = cpu_choice_file(loaded, weights)
+    choice = recorded_cpu_choice(loaded, weights, log)
+    if choice is None:
         return None
     try:
         runner = (open_openvino(choice["path"], choice["precision"]) if choice["backend"] == "openvino"
