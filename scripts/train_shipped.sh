@@ -9,10 +9,12 @@
 #   4. the previous release's weights: stage 2 fine-tuned on train+val at 256 px (`--fit-on train+val`, lr 2e-4,
 #      last epoch kept): 75% more images; the test split stays unseen. Shipped before with
 #      `scripts/ship_weights.py runs/unet-all runs/gsconv-unet-all runs/msag-unet-all --data DATA`.
-#   5. the shipped weights: stage 4 fine-tuned with the training paint that spills past the lung's edge
-#      (lungrt.data.abnormalities, "spill"), train+val, lr 1e-4, msag-unet 10, unet 12, gsconv-unet 8 epochs. Ship with
-#      `scripts/ship_weights.py runs/unet-sil runs/gsconv-unet-sil runs/msag-unet-sil --data DATA`.
-# Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-5 fit train+val.
+#   5. the previous release's weights: stage 4 fine-tuned with the training paint that spills past the lung's edge
+#      (lungrt.data.abnormalities, "spill"), train+val, lr 1e-4, msag-unet 10, unet 12, gsconv-unet 8 epochs.
+#   6. the shipped weights: stage 5 fine-tuned on targets that keep each network pixel's covered share of the
+#      gold mask (stages 1-5 thresholded it at 0.5, which shrank every lung by half a pixel at 512 px), same
+#      settings. Ship with `scripts/ship_weights.py runs/unet-soft runs/gsconv-unet-soft runs/msag-unet-soft --data DATA`.
+# Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-6 fit train+val.
 # Every run is resumable: rerun this script after an interruption and it continues where it stopped.
 # Usage: scripts/train_shipped.sh [DATA] [RUNS]
 set -euo pipefail
@@ -49,6 +51,9 @@ fi
 if [ "${STAGE4:-1}" = 1 ]; then  # train+val, from stage 2's run folders
   fine_tune "" -all "msag-unet:16:20 unet:16:24 gsconv-unet:12:14" "${robust[@]}" --size 256 --lr 2e-4 --fit-on train+val
 fi
-if [ "${STAGE5:-1}" = 1 ]; then  # the shipped weights: spill paint, train+val, from stage 4's run folders
+if [ "${STAGE5:-1}" = 1 ]; then  # spill paint, train+val, from stage 4's run folders
   fine_tune -all -sil "msag-unet:16:10 unet:16:12 gsconv-unet:12:8" "${robust[@]}" --size 256 --lr 1e-4 --fit-on train+val
+fi
+if [ "${STAGE6:-1}" = 1 ]; then  # the shipped weights: covered-share targets, from stage 5's run folders
+  fine_tune -sil -soft "msag-unet:16:10 unet:16:12 gsconv-unet:12:8" "${robust[@]}" --size 256 --lr 1e-4 --fit-on train+val
 fi

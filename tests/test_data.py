@@ -70,3 +70,24 @@ def test_check_dataset_reports_unreadable_pairs(phantom_dir, tmp_path):
     assert report["unreadable"][0]["file"].endswith("PHA_0000.png")
     assert report["mask_values"] == {"binary 0/255": 23}
     assert sum(s["total"] for s in report["splits"].values()) == 23
+
+
+def test_training_targets_are_covered_shares_so_the_boundary_does_not_shrink(phantom_dir):
+    # A perfect model of the targets, mapped back to native size as infer does, must reproduce the
+    # gold mask; thresholding the shares at 0.5 (the old targets) moved every boundary inward
+    from lungrt.core.spec import PreprocessSpec
+    from lungrt.data.datasets import load_arrays
+    from lungrt.data.io import read_mask
+    from lungrt.evaluation.metrics import segmentation_metrics
+
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    spec = PreprocessSpec(size=64)
+    _, targets = load_arrays(pairs, spec)
+    assert targets.dtype == np.float32 and ((targets > 0) & (targets < 1)).any()
+    for pair, target in zip(pairs, targets):
+        gold = read_mask(pair.mask) > 0
+        assert gold.shape[0] >= 2 * spec.size  # a real downscale
+        shares = segmentation_metrics(spec.invert_mask(target, gold.shape) > 0, gold)
+        halves = segmentation_metrics(spec.invert_mask((target > 0.5).astype(np.float32), gold.shape) > 0, gold)
+        assert abs(shares["precision"] - shares["recall"]) < 0.01
+        assert halves["recall"] < shares["recall"] - 0.005

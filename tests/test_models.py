@@ -55,7 +55,7 @@ def test_augmentation_moves_image_and_mask_together():
     img[:, :, 20:40, 20:40] = 1.0
     mask = (img > 0.5).float()
     a_img, a_mask = augment_batch(img.clone(), mask.clone(), gen)
-    assert set(a_mask.unique().tolist()) <= {0.0, 1.0}
+    assert a_mask.min() >= 0 and a_mask.max() <= 1  # covered shares, warped like the image
     for i in range(4):  # the bright square and its mask stay aligned after the warp
         inside = a_img[i][a_mask[i] > 0.5].mean()
         outside = a_img[i][a_mask[i] < 0.5].mean()

@@ -70,8 +70,9 @@ def mean_metrics(rows: list[dict]) -> dict:
 
 
 def dice_batch(pred: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """Per-image Dice for (N, H, W) boolean stacks (training-time validation)."""
+    """Per-image Dice for (N, H, W) boolean stacks (training-time validation); `gold` may also hold
+    each pixel's covered share (the expected Dice against the finer mask it was made from)."""
     p, g = pred.reshape(len(pred), -1), gold.reshape(len(gold), -1)
-    inter = (p & g).sum(1).astype(np.float64)
+    inter = (p * g).sum(1).astype(np.float64)
     den = p.sum(1) + g.sum(1)
-    return np.where(den == 0, 1.0, 2 * inter / np.maximum(den, 1))
+    return np.where(den == 0, 1.0, 2 * inter / np.where(den == 0, 1, den))

@@ -107,7 +107,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generato
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # shares stay shares
     gamma = torch.exp(u(-0.35, 0.35)).view(b, 1, 1, 1)
     contrast = u(0.8, 1.2).view(b, 1, 1, 1)
     bright = u(-0.08, 0.08).view(b, 1, 1, 1)
@@ -135,7 +135,7 @@ def augment_robust(raw: torch.Tensor, masks: torch.Tensor, spec: PreprocessSpec,
     # pad with each image's mean rather than black, then paint occasional collimation below
     shifted = raw - fill.view(b, 1, 1, 1)
     images = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill.view(b, 1, 1, 1)
-    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     seeds = torch.randint(0, 2**31 - 1, (b,), generator=gen).tolist()
     out = np.empty(tuple(images.shape), np.float32)
     for i in range(b):
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
             for i in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[i : i + cfg.batch_size])
                 x = torch.from_numpy(tr_img[idx])[:, None].to(device)
-                y = torch.from_numpy(tr_mask[idx])[:, None].float().to(device)
+                y = torch.from_numpy(tr_mask[idx])[:, None].to(device)
                 if cfg.augment and cfg.recipe == "robust":
                     x, y = augment_robust(x.cpu(), y.cpu(), spec, gen, cfg.abnormality_p)
                     x, y = x.to(device), y.to(device)
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
                 losses.append(loss.item())
                 bar.update(task, advance=1, description=f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} {shown} {max(best, 0):.4f}")
             val_logits = predict_logits(model, va_x, device=device)
-            val_loss = float(dice_bce_loss(torch.from_numpy(val_logits), torch.from_numpy(va_mask[:, None]).float()))
+            val_loss = float(dice_bce_loss(torch.from_numpy(val_logits), torch.from_numpy(va_mask[:, None])))
             val_dice = float(dice_batch(val_logits[:, 0] > 0, va_mask).mean())
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                             "val_dice": val_dice, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
