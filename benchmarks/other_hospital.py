@@ -53,6 +53,7 @@ def main() -> None:
         sets["compare"] = args.compare.split(",")
     report: dict = {"images": len(files), "sets": {}}
     RESULTS.mkdir(exist_ok=True)
+    shown: set[str] = set()
     for label, models in sets.items():
         masks = {}
         rows = {}
@@ -61,6 +62,8 @@ def main() -> None:
                 results = [seg.predict(str(f)) for f in files]
                 fitted = bool((seg.runner.info.qc or {}).get("bounds"))
             name = Path(model).stem if "/" in model else model
+            name = f"{name}-{label}" if name in shown else name  # compared weights named like the shipped ones
+            shown.add(name)
             masks[name] = [r.mask for r in results]
             balance = [min(r.right_lung_px, r.left_lung_px) / max(1, r.right_lung_px, r.left_lung_px) for r in results]
             reasons = Counter(x for r in results if r.qc != "ok" for x in r.qc.split(";"))
