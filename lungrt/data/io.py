@@ -123,7 +123,7 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
-        if size and (path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path)):
+        if size and path.suffix.lower() in DICOM_SUFFIXES:
             return _read_dicom(path, max_pixels)  # pydicom reads the file itself, faster than from bytes
         data = path.read_bytes()  # one read: the format check and the decoder share it
     except FileNotFoundError:
@@ -134,6 +134,8 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         raise ImageReadError(path, f"cannot read ({e.strerror or e})") from None
     if not data:
         raise ImageReadError(path, "file is empty")
+    if _has_dicom_magic(data):  # DICOM without its suffix (rare): pydicom reads it again
+        return _read_dicom(path, max_pixels)
     return _read_raster(path, data, max_pixels)
 
 
