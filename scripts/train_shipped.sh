@@ -14,6 +14,7 @@
 #   6. the shipped weights: stage 5 fine-tuned on targets that keep each network pixel's covered share of the
 #      gold mask (stages 1-5 thresholded it at 0.5, which shrank every lung by half a pixel at 512 px), same
 #      settings. Ship with `scripts/ship_weights.py runs/unet-soft runs/gsconv-unet-soft runs/msag-unet-soft --data DATA`.
+#   7. (STAGE7=1, tried on msag-unet, not shipped yet) stage 6 continued for 14 epochs, same settings.
 # Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-6 fit train+val.
 # Every run is resumable: rerun this script after an interruption and it continues where it stopped.
 # Usage: scripts/train_shipped.sh [DATA] [RUNS]
@@ -56,4 +57,7 @@ if [ "${STAGE5:-1}" = 1 ]; then  # spill paint, train+val, from stage 4's run fo
 fi
 if [ "${STAGE6:-1}" = 1 ]; then  # the shipped weights: covered-share targets, from stage 5's run folders
   fine_tune -sil -soft "msag-unet:16:10 unet:16:12 gsconv-unet:12:8" "${robust[@]}" --size 256 --lr 1e-4 --fit-on train+val
+fi
+if [ "${STAGE7:-0}" = 1 ]; then  # stage 6 continued (tried on msag-unet; the others' epochs scaled alike)
+  fine_tune -soft -soft2 "msag-unet:16:14 unet:16:16 gsconv-unet:12:10" "${robust[@]}" --size 256 --lr 1e-4 --fit-on train+val
 fi
