@@ -147,7 +147,7 @@ def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, des
     """Bounds fitted on `train`, each feature's margin widened only as far as `val` needs: from the
     training extremes, the widening that clears the most validation false alarms per margin step is
     taken (one feature, else two together: an image flagged twice) until at most `target` of `val`
-    is flagged, or no widening clears any.
+    is flagged, or no widening clears any; then every margin is narrowed back as far as the target allows.
 
     One margin shared by every feature let the flags no margin can quieten (a lung touching the
     image border has a spread of zero) use up the false-alarm budget and widen every other bound;
@@ -174,7 +174,25 @@ def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, des
             break
         *_, best, wider = max(gains, key=lambda g: g[:2])
         steps.update(wider)
-    return best
+    return _narrow_back(steps, at, target) if best.false_alarm_val <= target else best
+
+
+def _narrow_back(steps: dict[str, int], at, target: float) -> QCThresholds:
+    """The greedy widening overshoots (a step, or a pair widened together, can clear more than the
+    target asked for): narrow each margin back a step at a time while `val` stays within `target`,
+    the narrowing that adds the fewest validation flags first, the widest margin first among equals."""
+    best = at(steps)
+    while True:
+        options = []
+        for name in steps:
+            if steps[name]:
+                narrower = {**steps, name: steps[name] - 1}
+                cand = at(narrower)
+                if cand.false_alarm_val <= target:
+                    options.append((cand.false_alarm_val, -steps[name], name, cand, narrower))
+        if not options:
+            return best
+        *_, best, steps = min(options, key=lambda o: o[:3])
 
 
 def _widenings(steps: dict[str, int], together: int):
