@@ -20,7 +20,7 @@ import numpy as np
 from lungrt.benchmark.bench import hardware, run_bench
 from lungrt.models.checkpoint import resolve_model
 from lungrt.data.datasets import discover_pairs, select_split
-from lungrt.evaluation.evaluate import evaluate
+from lungrt.evaluation.evaluate import by_behind_heart, evaluate
 from lungrt.inference.infer import collect_inputs
 from lungrt.data.io import read_xray
 from lungrt.evaluation.parity import GATES, apply_gate, compare
@@ -61,8 +61,9 @@ def accuracy(data: Path) -> None:
         for src in sorted({p.source for p in pairs}):
             sel = [x for x in post["per_image"] if x["name"].startswith(src)]
             by_source[src] = {"images": len(sel), "dice": float(np.mean([x["dice"] for x in sel])),
-                              "hd95": float(np.nanmean([x["hd95"] for x in sel]))}
+                              "hd95": float(np.nanmean([x["hd95"] for x in sel])), "behind_heart": by_behind_heart(sel)}
         rows[name] = {"raw": raw["mean"], "postprocessed": post["mean"], "by_source_postprocessed": by_source,
+                      "behind_heart": by_behind_heart(post["per_image"]),
                       "training": loaded.info.training, "width": loaded.info.width}
     save("accuracy", rows)
     print(f"Test split: {len(pairs)} images, per-image mean at native 512x512; FP32 (ONNX Runtime, equal to PyTorch).\n")
@@ -80,6 +81,21 @@ def accuracy(data: Path) -> None:
         mc, sz = src.get("MCUCXR", {}), src.get("CHNCXR", {})
         print(f"| {name} | {m['dice']:.4f} | {m['hd95']:.2f} | {mc.get('dice', float('nan')):.4f} | "
               f"{mc.get('hd95', float('nan')):.2f} | {sz.get('dice', float('nan')):.4f} | {sz.get('hd95', float('nan')):.2f} |")
+    print_behind_heart(rows)
+
+
+def print_behind_heart(rows: dict) -> None:
+    """How much of the error sits where gold and prediction differ about the lung behind the heart."""
+    share = next(iter(rows.values()))["behind_heart"]["share"]
+    print(f"\nImages where gold and prediction differ behind the heart by > {share:.0%} of the lung area "
+          "(lungrt.evaluation.metrics.behind_heart; clean-up on), and the rest:\n")
+    print("| model | source | differ: images | differ: Dice / HD95 | rest: images | rest: Dice / HD95 |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        for src, b in [*((s, v["behind_heart"]) for s, v in r["by_source_postprocessed"].items()), ("all", r["behind_heart"])]:
+            d, o = b["differ"], b["rest"]
+            print(f"| {name} | {src} | {d['images']} | " + (f"{d['dice']:.4f} / {d['hd95']:.2f}" if d["images"] else "-")
+                  + f" | {o['images']} | {o['dice']:.4f} / {o['hd95']:.2f} |")
 
 
 def robustness(data: Path) -> None:

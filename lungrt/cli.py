@@ -171,7 +171,7 @@ def evaluate_cmd(
     if robustness:
         return _robustness_cmd(model, onnx, arch, data, split, seed, out_dir, json_path)
     from lungrt.data.datasets import select_split
-    from lungrt.evaluation.evaluate import evaluate, write_per_image_csv
+    from lungrt.evaluation.evaluate import behind_heart_line, evaluate, write_per_image_csv
     from lungrt.core.plots import prediction_grid
     from lungrt.backends.select import open_runner
 
@@ -202,6 +202,8 @@ def evaluate_cmd(
         table.add_row(label, *[f"{m[k]:.4f}" for k in ("accuracy", "iou", "miou", "dice", "f1", "precision", "recall")], f"{m['hd95']:.2f}")
     out.print(table)
     out.print(f"[dim]{PAPERS_NOTE}; {results[0][1]['mean']['images']} images[/]")
+    for label, res in results:
+        out.print(f"[dim]{label}: {behind_heart_line(res['per_image'])}[/]")
     write_json(json_path, {"data": str(data), "split": split, "seed": seed,
                            "results": {label: res for label, res in results}})
 

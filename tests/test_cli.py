@@ -74,6 +74,9 @@ def test_train_then_eval_writes_run_files(phantom_dir, tmp_path):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert len(ev["results"]) == 2
     assert (tmp_path / "ev" / "run_per_image.csv").exists() and (tmp_path / "ev" / "model_examples.png").exists()
+    header = (tmp_path / "ev" / "run_per_image.csv").read_text().splitlines()[0].split(",")
+    assert header[-2:] == ["behind_heart_missed", "behind_heart_added"]
+    assert "behind the heart" in res.output
 
 
 def test_eval_on_known_case_scores_perfectly(tmp_path, phantom_dir):
@@ -103,6 +106,7 @@ def test_eval_on_known_case_scores_perfectly(tmp_path, phantom_dir):
 
     res = evaluate(GoldRunner(), pairs, batch_size=2)
     assert res["mean"]["dice"] == 1.0 and res["mean"]["hd95"] == 0.0 and res["mean"]["images"] == 4
+    assert all(r["behind_heart_missed"] == r["behind_heart_added"] == 0.0 for r in res["per_image"])
 
 
 def test_bad_checkpoint_is_one_line_error(tmp_path, phantom_dir):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lungrt.evaluation.metrics import hd95, mean_metrics, segmentation_metrics
+from lungrt.evaluation.metrics import behind_heart, hd95, mean_metrics, segmentation_metrics
 
 
 def test_hand_computed_case():
@@ -49,3 +49,42 @@ def test_means_skip_undefined_hd95():
     rows = [segmentation_metrics(gold, gold), segmentation_metrics(np.zeros_like(gold), gold)]
     m = mean_metrics(rows)
     assert m["dice"] == pytest.approx(0.5) and m["hd95"] == 0.0 and m["hd95_undefined"] == 1
+
+
+def _two_lungs() -> np.ndarray:
+    """Two rectangular 'lungs' on a 100 x 100 PA image: the patient's left lung is the image's right."""
+    gold = np.zeros((100, 100), bool)
+    gold[10:90, 10:40] = True
+    gold[10:90, 60:90] = True
+    return gold
+
+
+def test_behind_heart_counts_only_the_lower_medial_quarter_of_the_left_lung():
+    gold = _two_lungs()
+    pred = gold.copy()
+    pred[60:90, 60:70] = False  # the lung behind the heart left out: lower medial part of the left lung
+    b = behind_heart(pred, gold)
+    assert b["behind_heart_missed"] == pytest.approx(300 / gold.sum())
+    assert b["behind_heart_added"] == 0.0
+    lateral = gold.copy()
+    lateral[60:90, 80:90] = False  # the same amount missed laterally, or in the other lung, is not counted
+    lateral[60:90, 10:20] = False
+    assert behind_heart(lateral, gold) == {"behind_heart_missed": 0.0, "behind_heart_added": 0.0}
+    wider = gold.copy()
+    wider[55:90, 50:60] = True  # the heart's shadow taken into the mask
+    assert behind_heart(wider, gold)["behind_heart_added"] == pytest.approx(350 / gold.sum())
+
+
+def test_evaluation_splits_its_means_by_the_behind_heart_disagreement():
+    from lungrt.evaluation.evaluate import behind_heart_line, by_behind_heart
+
+    gold = _two_lungs()
+    pred = gold.copy()
+    pred[50:90, 60:75] = False
+    rows = [{"name": "a", **segmentation_metrics(gold, gold), **behind_heart(gold, gold)},
+            {"name": "b", **segmentation_metrics(pred, gold), **behind_heart(pred, gold)}]
+    split = by_behind_heart(rows)
+    assert split["differ"]["images"] == 1 and split["rest"]["images"] == 1
+    assert split["rest"]["dice"] == 1.0 and split["differ"]["dice"] < 0.95
+    assert "1 images where gold and prediction differ" in behind_heart_line(rows)
+    assert "agree" in behind_heart_line(rows[:1])

@@ -9,11 +9,11 @@ def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
     """Feature rows like a model's predictions on normal X-rays (a lung never touches the border)."""
     base = {"lung_fraction": 0.3, "lr_balance": 0.8, "components": 2.0, "uncertain_fraction": 0.1, "confidence": 0.97,
             "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.45, "extent_x": 0.7, "extent_y": 0.6,
-            "taper": 1.3}
+            "base_width": 0.47}
     rows = []
     for _ in range(n):
         row = {k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()}
-        row["taper"] = 1.3 + rng.normal(0, 0.1)
+        row["base_width"] = 0.47 - rng.normal(0, 0.04)
         rows.append(row)
     return rows
 
@@ -21,8 +21,8 @@ def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
 def test_a_flag_no_margin_can_quieten_does_not_widen_the_other_bounds():
     """Four of 100 validation images touch the border (zero spread in training: no margin helps);
     two have a somewhat wide lung field. The old single shared margin had to widen every bound
-    until the rest fit into the 1% left; per feature, only extent_x widens and taper stays at the
-    training extreme, so a field hardly wider at the base than at the apex (taper 0.95) is still flagged."""
+    until the rest fit into the 1% left; per feature, only extent_x widens and base_width stays at the
+    training extreme, so a lung field as wide at its base as anywhere (upside down: 0.85) is still flagged."""
     rng = np.random.default_rng(0)
     train, val = _normal(rng, 300), _normal(rng, 100)
     for row in val[:4]:
@@ -32,10 +32,10 @@ def test_a_flag_no_margin_can_quieten_does_not_widen_the_other_bounds():
     fitted = fit_thresholds(train, val, target=0.05)
 
     assert fitted.false_alarm_val <= 0.05
-    assert fitted.margin["taper"] == 0.0 and fitted.margin["border_fraction"] == 0.0
+    assert fitted.margin["base_width"] == 0.0 and fitted.margin["border_fraction"] == 0.0
     assert fitted.margin["extent_x"] > 0.0
-    upside_down = {**train[0], "taper": 0.95}
-    assert "upside_down" in flags(upside_down, fitted)
+    upside_down = {**train[0], "base_width": 0.85}
+    assert "wide_base" in flags(upside_down, fitted)
 
 
 def test_fit_stops_when_no_widening_clears_a_false_alarm():
@@ -79,7 +79,7 @@ def test_no_margin_is_wider_than_validation_needs():
             name = rng.choice(["centroid_x", "centroid_y", "lr_balance", "extent_x", "confidence", "extent_y"])
             row[name] += -rng.uniform(0.02, 0.1) if name == "confidence" else rng.choice([-1, 1]) * rng.uniform(0.03, 0.12)
             if rng.random() < 0.5:
-                other = rng.choice(["centroid_y", "taper", "lung_fraction"])
+                other = rng.choice(["centroid_y", "base_width", "lung_fraction"])
                 row[other] += rng.choice([-1, 1]) * rng.uniform(0.03, 0.1)
         fitted = fit_thresholds(train, val, target=0.05)
         assert fitted.false_alarm_val <= 0.05
@@ -87,3 +87,27 @@ def test_no_margin_is_wider_than_validation_needs():
             if margin:
                 narrower = {**fitted.margin, name: MARGINS[MARGINS.index(margin) - 1]}
                 assert flagged_share(val, QCThresholds(_bounds_at(train, narrower), "", None, narrower)) > 0.05, (seed, name)
+
+
+def test_base_width_measures_how_wide_the_lowest_tenth_of_the_lung_field_is():
+    """Real lung fields end below in narrow costophrenic tips, the base rising medially over the
+    diaphragm dome (the lowest tenth is about half as wide as the widest row); on an upside-down
+    X-ray the networks draw a box reaching the full width of the upper chest at the bottom (what
+    benchmarks/qc_corruptions.py shows for the ones no other feature flags)."""
+    import cv2
+
+    from lungrt.inference.qc import features
+
+    upright = np.zeros((200, 200), np.float32)
+    boxy = np.zeros_like(upright)
+    for side in (-1, 1):
+        x0 = 100 + side * 15
+        outline = [(x0, 40), (x0 + side * 8, 24), (x0 + side * 30, 18), (x0 + side * 52, 32), (x0 + side * 70, 150),
+                   (x0 + side * 72, 180), (x0 + side * 45, 140), (x0, 130)]
+        cv2.fillPoly(upright, [np.array(outline, np.int32)], 1.0)
+        cv2.rectangle(boxy, (x0, 30), (x0 + side * 65, 175), 1.0, -1)
+    assert features(upright)["base_width"] < 0.3
+    assert features(boxy)["base_width"] == 1.0
+    rng = np.random.default_rng(4)
+    fitted = fit_thresholds(_normal(rng, 300), _normal(rng, 100))
+    assert flags({**_normal(rng, 1)[0], "base_width": features(boxy)["base_width"]}, fitted) == ["wide_base"]

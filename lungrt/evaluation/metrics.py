@@ -59,6 +59,23 @@ def segmentation_metrics(pred: np.ndarray, gold: np.ndarray, spacing: tuple[floa
     }
 
 
+def behind_heart(pred: np.ndarray, gold: np.ndarray) -> dict:
+    """Where annotators differ, not a score: the shares of the gold lung area that `pred` leaves out
+    and adds in the lower medial quarter of the patient's left lung (the image's right half in a PA
+    view; the quarter is taken from the gold lung's extent): the lung behind the heart and below the
+    diaphragm dome, which some annotators include and most Montgomery/Shenzhen masks leave out."""
+    pred, gold = np.asarray(pred, bool), np.asarray(gold, bool)
+    half = gold.shape[1] // 2
+    ys, xs = np.nonzero(gold[:, half:])
+    if len(ys) == 0:
+        return {"behind_heart_missed": 0.0, "behind_heart_added": 0.0}
+    quarter = np.zeros(gold.shape, bool)
+    quarter[(ys.min() + ys.max()) // 2:, half:half + (xs.min() + xs.max()) // 2] = True
+    area = float(np.count_nonzero(gold))
+    return {"behind_heart_missed": np.count_nonzero(quarter & gold & ~pred) / area,
+            "behind_heart_added": np.count_nonzero(quarter & pred & ~gold) / area}
+
+
 def mean_metrics(rows: list[dict]) -> dict:
     """Dataset means over per-image rows (NaN HD95 left out and counted)."""
     out: dict = {"images": len(rows)}

@@ -28,7 +28,9 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "centroid_y": ("off_centre", "off_centre"),
     "extent_x": ("odd_shape", "odd_shape"),
     "extent_y": ("odd_shape", "odd_shape"),
-    "taper": ("upside_down", None),  # lungs are wider at the base than at the apex
+    # lungs end below in the narrow costophrenic tips and the heart's notch; a lung field as wide at
+    # its lowest tenth as at its widest row is upside down, or its bases are cut off by the film's edge
+    "base_width": (None, "wide_base"),
 }
 MIN_COMPONENT = 0.002  # of the image: smaller specks are not counted as fragments
 
@@ -65,7 +67,7 @@ def features(prob_small: np.ndarray) -> dict[str, float]:
     if area == 0:
         return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
                 "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "extent_x": 0.0, "extent_y": 0.0,
-                "taper": 0.0}
+                "base_width": 0.0}
     n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
     sizes = stats[1:, cv2.CC_STAT_AREA]
     big = np.argsort(-sizes)[:2]
@@ -76,9 +78,8 @@ def features(prob_small: np.ndarray) -> dict[str, float]:
     # the mask's pixel coordinates summarised by their row and column counts: the same percentiles
     # and means as over np.nonzero's coordinates, without sorting every lung pixel
     rows_w, cols_h = m.sum(axis=1), m.sum(axis=0)
-    top, bottom = percentile_of_counts(rows_w, 2), percentile_of_counts(rows_w, 98)
-    upper = rows_w[int(top + 0.2 * (bottom - top))]
-    lower = rows_w[int(top + 0.8 * (bottom - top))]
+    top, bottom = int(percentile_of_counts(rows_w, 2)), int(percentile_of_counts(rows_w, 98))
+    tenth = max(int(round(0.1 * (bottom - top))), 1)
     return {
         "lung_fraction": area / (h * w),
         "lr_balance": balance,
@@ -90,7 +91,7 @@ def features(prob_small: np.ndarray) -> dict[str, float]:
         "centroid_y": float(np.dot(rows_w, np.arange(h)) / area) / h,
         "extent_x": float(percentile_of_counts(cols_h, 99) - percentile_of_counts(cols_h, 1)) / w,
         "extent_y": float(percentile_of_counts(rows_w, 99) - percentile_of_counts(rows_w, 1)) / h,
-        "taper": float(lower) / max(float(upper), 1.0),
+        "base_width": float(rows_w[bottom - tenth + 1:bottom + 1].mean()) / max(float(rows_w[top:bottom + 1].max()), 1.0),
     }
 
 
