@@ -111,3 +111,17 @@ def test_base_width_measures_how_wide_the_lowest_tenth_of_the_lung_field_is():
     rng = np.random.default_rng(4)
     fitted = fit_thresholds(_normal(rng, 300), _normal(rng, 100))
     assert flags({**_normal(rng, 1)[0], "base_width": features(boxy)["base_width"]}, fitted) == ["wide_base"]
+
+
+def test_thresholds_from_an_older_lungrt_say_which_bounds_are_not_checked(caplog, monkeypatch):
+    """An engine or ONNX file exported before taper was replaced still carries a taper bound: it is
+    not checked, and the log says so instead of silently dropping the upside-down check."""
+    import lungrt.inference.qc as qc
+
+    monkeypatch.setattr(qc, "_WARNED", set())  # what earlier tests in this process warned about
+    old = {"bounds": {"lung_fraction": [0.1, 0.4], "taper": [0.51, None]}, "fitted_on": "an older release"}
+    with caplog.at_level("WARNING", logger="lungrt.inference.qc"):
+        thresholds = QCThresholds.from_dict(old)
+        QCThresholds.from_dict(old)  # infer reads the thresholds per image: one warning is enough
+    assert caplog.text.count("taper") == 1 and "re-fit" in caplog.text
+    assert flags({"lung_fraction": 0.3, "taper": 0.1}, thresholds) == []

@@ -11,6 +11,7 @@ checkpoint, ONNX and engine metadata (`ModelInfo.qc`), so every backend flags th
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import cv2
@@ -39,6 +40,9 @@ GENERIC = {"lung_fraction": [0.05, 0.6], "lr_balance": [0.2, None], "components"
            "uncertain_fraction": [None, 0.5], "border_fraction": [None, 0.1]}
 
 
+_WARNED: set[tuple[str, ...]] = set()
+
+
 @dataclass
 class QCThresholds:
     bounds: dict[str, list[float | None]]
@@ -54,6 +58,12 @@ class QCThresholds:
     def from_dict(cls, d: dict | None) -> "QCThresholds":
         if not d or "bounds" not in d:
             return cls(dict(GENERIC))
+        stale = tuple(sorted(set(d["bounds"]) - set(FEATURES)))
+        if stale and stale not in _WARNED:  # an artifact exported by an older lungrt (once: infer reads it per image)
+            _WARNED.add(stale)
+            logging.getLogger(__name__).warning(
+                "QC thresholds for features this lungrt no longer measures (%s) are not checked; "
+                "rebuild or re-export the model to re-fit them", ", ".join(stale))
         return cls({k: list(v) for k, v in d["bounds"].items()}, d.get("fitted_on", "?"), d.get("false_alarm_val"),
                    d.get("margin"))
 
