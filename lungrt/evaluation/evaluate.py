@@ -105,7 +105,7 @@ def write_per_image_csv(rows: list[dict], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = ["name", *METRIC_NAMES, "behind_heart_missed", "behind_heart_added"]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields if k in r})
