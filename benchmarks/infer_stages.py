@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungrt.backends.select import open_openvino
+from lungrt.backends.select import open_runner
 from lungrt.benchmark.endtoend import interleaved_ratio
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.datasets import discover_pairs
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     loaded = resolve_model(args.model)
-    runner = open_openvino(make_variant(loaded, "fp32").path, "fp32")
+    runner = open_runner(make_variant(loaded, "fp32").path, backend="openvino", precision="fp32")
     sources = [p.image for p in discover_pairs(args.data).pairs][:: max(1, 704 // args.images)][: args.images]
     results = {"hardware": cpu_identity(), "model": args.model, "backend": runner.describe(), "batch": args.batch, "rows": {}}
     with tempfile.TemporaryDirectory(prefix="lungrt-stages-") as tmp:

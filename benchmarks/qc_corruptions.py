@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from lungrt.data.abnormalities import paint_benchmark
-from lungrt.backends.select import select_runner
+from lungrt.backends.select import open_runner
 from lungrt.data.datasets import select_split
 from lungrt.inference.infer import measure
 from lungrt.data.io import XRay, read_mask, read_xray
@@ -65,7 +65,7 @@ def main() -> None:
     pairs = pairs[: args.limit] if args.limit else pairs
     report = {}
     for model in args.models.split(","):
-        with select_runner(model, backend="onnxruntime") as runner:
+        with open_runner(model, backend="onnxruntime", precision="fp32") as runner:
             thresholds = QCThresholds.from_dict(runner.info.qc)
             rows: dict[str, list[tuple[bool, float]]] = {}
             rng = np.random.default_rng(7)

@@ -24,8 +24,9 @@ from lungrt.evaluation.evaluate import by_behind_heart, evaluate
 from lungrt.inference.infer import collect_inputs
 from lungrt.data.io import read_xray
 from lungrt.evaluation.parity import GATES, apply_gate, compare
-from lungrt.backends.onnxruntime import OnnxRuntimeRunner
-from lungrt.backends.openvino import OpenVinoRunner, native_bf16
+from lungrt.backends.openvino import native_bf16
+from lungrt.backends.select import open_runner
+from lungrt.backends.base import Runner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.export.variants import make_variant
 from lungrt.build import validation_pairs
@@ -43,10 +44,10 @@ def first_batch(loaded, paths, n: int = 8) -> np.ndarray:
     return np.stack([loaded.spec.apply_xray(read_xray(p)) for p in paths[:n]])
 
 
-def fp32_runner(name: str) -> OnnxRuntimeRunner:
+def fp32_runner(name: str) -> Runner:
     """ONNX Runtime FP32 of a shipped model: the same masks as PyTorch FP32 (parity agreement
     1.00000), several times faster, for the accuracy-only tables."""
-    return OnnxRuntimeRunner(make_variant(resolve_model(name), "fp32").path)
+    return open_runner(make_variant(resolve_model(name), "fp32").path, backend="onnxruntime")
 
 
 def accuracy(data: Path) -> None:
@@ -148,7 +149,7 @@ def parity(data: Path, models=MODELS) -> None:
         for backend, precision, target in configs:
             v = make_variant(loaded, "fp32" if precision == "bf16" else precision, calib_dir=data, target=target,
                              val_pairs=val if precision == "int8" else None)
-            cand = OnnxRuntimeRunner(v.path) if backend == "onnxruntime" else OpenVinoRunner(v.path, precision="bf16" if precision == "bf16" else "fp32")
+            cand = open_runner(v.path, backend=backend, precision=precision)
             with cand:
                 s = compare(reference, cand, test)["summary"]
             s.pop("worst")
@@ -206,7 +207,7 @@ def infer_runners(loaded, only_chosen: bool = False):
     from lungrt.backends.select import open_recorded_cpu_choice
 
     if not only_chosen:
-        yield OnnxRuntimeRunner(make_variant(loaded, "fp32").path)
+        yield open_runner(make_variant(loaded, "fp32").path, backend="onnxruntime")
         yield TorchRunner(loaded)
     chosen = open_recorded_cpu_choice(loaded)
     if chosen is not None:

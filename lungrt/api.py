@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lungrt.backends.select import open_artifact, open_openvino, select_runner
+from lungrt.backends.select import open_runner
 from lungrt.core.errors import LungrtError
 from lungrt.inference.infer import collect_inputs, measure
 from lungrt.data.io import XRay, _to_unit, read_xray
@@ -82,18 +82,15 @@ class LungSegmenter:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: PathLike = "msag-unet", backend: str = "auto", precision: str = "fp32",
+    def load(cls, source: PathLike = "msag-unet", backend: str = "auto", precision: str | None = None,
              device: str = "auto") -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
-        folder, an ONNX variant (ONNX Runtime) or a TensorRT engine (.plan/.engine).
-        `backend`: auto | torch | onnxruntime | openvino (auto: CUDA PyTorch on a GPU, else ONNX
-        Runtime). `precision`: fp32 | fp16 | int8 (checkpoints; files carry their own) | bf16 (openvino)."""
-        text = str(source)
-        if text.endswith(".onnx") and backend == "openvino":
-            return cls(open_openvino(text, precision), text)
-        if text.endswith((".onnx", ".plan", ".engine")):
-            return cls(open_artifact(text, device="cpu" if device == "auto" else device), text)
-        return cls(select_runner(text, backend=backend, precision=precision, device=device), text)
+        folder, an ONNX variant or a TensorRT engine (.plan/.engine).
+        `backend`: auto | torch | onnxruntime | openvino | tensorrt | tensorrt-rtx (auto: a file's
+        own engine; for weights, CUDA PyTorch on a GPU, else the recorded CPU choice or ONNX Runtime).
+        `precision`: fp32 | fp16 | int8 | bf16 (openvino, torch); None: a file's own, else FP32.
+        A combination that cannot be honoured is refused (LungrtError), never replaced."""
+        return cls(open_runner(source, backend=backend, precision=precision, device=device), str(source))
 
     @property
     def spec(self):
@@ -176,7 +173,7 @@ class LungSegmenter:
         be = choose_backend(backend)
         if be == "onnxruntime":
             raise LungrtError("no TensorRT flavour can build here; install lungrt[rtx] (RTX GPUs) or lungrt[trt]")
-        b = build_and_verify(loaded, precision, be, folder, Path(calib) if calib else None, "entropy",
+        b = build_and_verify(loaded, precision, be, folder, Path(calib) if calib else None, None,
                              Path(data) if data else None, BatchProfile(), 4.0, False, parse_targets(targets))
         return b.path
 

@@ -29,9 +29,8 @@ from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
 from lungrt.data.phantoms import write_phantom_dataset
 from lungrt.export.precision import PRECISIONS
 from lungrt.backends.base import Runner
-from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.backends.select import open_artifact, open_openvino, record_cpu_choice
+from lungrt.backends.select import open_runner, record_cpu_choice
 from lungrt.export.variants import make_variant
 
 log_ = logging.getLogger(__name__)
@@ -82,32 +81,36 @@ def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, 
 
 
 def open_built(b: Built) -> Runner:
-    return open_openvino(b.path, b.precision) if b.backend == "openvino" else open_artifact(b.path)
+    return open_runner(b.path, backend=b.backend, precision=b.precision)
 
 
 def open_for_verification(b: Built, log=log_.info) -> tuple[Runner, str]:
-    """The compiled engine where it can run here; else the exact graph it compiled, on ONNX Runtime."""
+    """The compiled engine where it can run here; where its hardware is missing (a TensorRT plan
+    without a GPU), the exact ONNX graph it compiled, on ONNX Runtime, and the report says so."""
     try:
         return open_built(b), "engine"
-    except LungrtError as e:
+    except BackendUnavailable as e:
         if b.backend not in FLAVOURS:
             raise
         log(f"engine not run here ({str(e).split('(')[0].strip().rstrip(':')}); checking the ONNX graph it compiled "
             "on ONNX Runtime instead")
-        return OnnxRuntimeRunner(b.onnx), "compiled ONNX graph on onnxruntime"
+        return open_runner(b.onnx, backend="onnxruntime", precision=b.precision), "compiled ONNX graph on onnxruntime"
 
 
 def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info) -> dict:
     """Parity of what was built against PyTorch FP32, on `pairs` (labelled)."""
     runner, what = open_for_verification(b, log)
     with runner:
-        summary = compare(TorchRunner(loaded), runner, pairs)["summary"]
+        result = compare(TorchRunner(loaded), runner, pairs)
+    summary = result["summary"]
     summary.pop("worst", None)
     gate = apply_gate(summary, GATES[b.precision])
-    result = {"checked": what, "images": summary["images"], "parity": summary, "gate": gate}
-    log(f"verified {b.path.name} ({what}): mask agreement {summary['mask_agreement']:.5f} on {summary['images']} "
-        f"images, {'passes' if gate['passed'] else 'FAILS'} the {b.precision} gate")
-    return result
+    checked = result["candidate_identity"]
+    out = {"checked": what, "images": summary["images"], "parity": summary, "gate": gate, "runner": checked}
+    log(f"verified {b.path.name} ({what}, sha256 {checked['content_hash'][:16]}): mask agreement "
+        f"{summary['mask_agreement']:.5f} on {summary['images']} images, {'passes' if gate['passed'] else 'FAILS'} "
+        f"the {b.precision} gate")
+    return out
 
 
 def validation_pairs(data: Path | None, limit: int = AUTO_VAL_IMAGES):
@@ -137,11 +140,97 @@ def build_and_verify(loaded: LoadedModel, precision: str, backend: str, out_dir:
         b = build_one(loaded, precision, backend, out_dir, calib, method, pairs if precision == "int8" else None,
                       batch, workspace, rebuild, targets, log)
         b.verification = {**verify(b, loaded, pairs, log), "images_from": where}
+    return _passed_or_raise(b, loaded)
+
+
+def build_from_onnx(onnx: Path, backend: str, out_dir: Path, model: str | None, arch: str | None, data: Path | None,
+                    batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info) -> Built:
+    """`lungrt build --onnx F`: compile a variant lungrt wrote, then verify it like every build,
+    against the PyTorch weights it was exported from (`model`, else the shipped model it names)."""
+    from lungrt.backends.integrity import load_verified_onnx
+
+    if backend not in FLAVOURS:
+        raise LungrtError(f"{onnx}: already an ONNX Runtime / OpenVINO artefact; --onnx with build compiles it for "
+                          "a TensorRT backend (tensorrt, tensorrt-rtx)")
+    meta = load_verified_onnx(onnx).meta
+    loaded = reference_weights(meta, model, arch, onnx)
+    precision = meta.get("lungrt.export.precision", "fp32")
+    engine = build_engine(onnx, out_dir, batch, workspace, builder=PolygraphyBuilder(backend, targets), rebuild=rebuild, log=log)
+    b = Built(backend, precision, Path(out_dir) / engine["plan"], {"engine": engine}, Path(onnx))
+    with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
+        pairs, where = gating_pairs(data, loaded.spec.size, Path(tmp))
+        b.verification = {**verify(b, loaded, pairs, log), "images_from": where}
+    return _passed_or_raise(b, loaded)
+
+
+def reference_weights(meta: dict, model: str | None, arch: str | None, source: Path) -> LoadedModel:
+    """The PyTorch weights an ONNX variant was exported from: `model` if given, else the shipped
+    model of the name it records; refused when their hash is not the one it records."""
+    import json as _json
+
+    from lungrt.models.checkpoint import resolve_model, weights_hash
+
+    want = meta.get("lungrt.weights_hash")
+    name = model or _json.loads(meta.get("lungrt.model", "{}")).get("name")
+    try:
+        loaded = resolve_model(name, arch=arch) if name else None
+    except LungrtError:
+        loaded = None
+    if loaded is None or weights_hash(loaded.model) != want:
+        raise LungrtError(f"{source}: made from weights {want}; pass the checkpoint it was exported from with --model "
+                          "so the build can be verified against it")
+    return loaded
+
+
+def _passed_or_raise(b: Built, loaded: LoadedModel) -> Built:
     _write_build_report(b, loaded)
     if not b.verification["gate"]["passed"]:
         raise LungrtError(f"{b.path}: built, but fails its parity gate (agreement "
                           f"{b.verification['parity']['mask_agreement']:.5f}); see {b.path}.build.json")
     return b
+
+
+def parity_check(model: str | None, data: Path, backend: str = "auto", precision: str | None = None, onnx: Path | None = None,
+                 engine: Path | None = None, arch: str | None = None, split: str = "test", calib: Path | None = None,
+                 method: str | None = None, limit: int = 0, batch_size: int = 8, log=log_.info) -> dict:
+    """`lungrt parity`: the candidate as named (a file on the backend asked, or the variant made
+    for that backend) against PyTorch FP32, gated by the precision the candidate really runs."""
+    pairs = select_split(data, split)
+    pairs = pairs[:limit] if limit else pairs
+    notes: dict = {}
+    if onnx is not None or engine is not None:
+        cand = open_runner(onnx=onnx, engine=engine, backend=backend, precision=precision)
+        meta = {"lungrt.weights_hash": cand.weights_id, "lungrt.model": json.dumps({"name": cand.info.name})}
+        try:
+            loaded = reference_weights(meta, model, arch, Path(onnx or engine))
+        except LungrtError:
+            cand.close()
+            raise
+    else:
+        from lungrt.models.checkpoint import resolve_model
+
+        loaded = resolve_model(model or "msag-unet", arch=arch)
+        cand, notes = _variant_candidate(loaded, backend, precision or "fp32", data, calib, method, log)
+    with cand:
+        result = compare(TorchRunner(loaded), cand, pairs, batch_size=batch_size)
+    result["variant"], result["notes"] = cand.precision, notes
+    result["gate"] = apply_gate(result["summary"], GATES[cand.precision])
+    return result
+
+
+def _variant_candidate(loaded: LoadedModel, backend: str, precision: str, data: Path, calib: Path | None, method: str,
+                       log) -> tuple[Runner, dict]:
+    if backend == "torch":
+        return open_runner(loaded, backend="torch", precision=precision), {}
+    if backend in FLAVOURS:
+        raise LungrtError(f"backend {backend}: pass the plan to check (--engine PLAN; see `lungrt build`)")
+    backend = "onnxruntime" if backend == "auto" else backend
+    if precision == "bf16" and backend != "openvino":
+        raise LungrtError("precision bf16 runs on --backend openvino (or torch)")
+    val = select_split(data, "val") if precision == "int8" else None
+    v = make_variant(loaded, "fp32" if precision == "bf16" else precision, calib_dir=calib or data, method=method,
+                     val_pairs=val, log=log, target=backend)
+    return open_runner(v.path, backend=backend, precision=precision), v.notes
 
 
 def _write_build_report(b: Built, loaded: LoadedModel) -> None:
@@ -197,6 +286,7 @@ def _gate_and_time(loaded: LoadedModel, runner: Runner, val, row: dict, x=None, 
         gate = apply_gate(summary, GATES[precision])
         speed = throughput(runner, x, seconds=3.0) if x is not None else None
     summary.pop("worst", None)
+    row = {**row, "runner": runner.identity()}
     name = f"{row['backend']} {precision}" if "backend" in row else precision
     log(f"candidate {name}: agreement {summary['mask_agreement']:.5f}, {'passes' if gate['passed'] else 'FAILS'} its gate, "
         + (f"{speed:.1f} img/s at batch {len(x)}" if speed is not None else "not timed (engine cannot run here)"))
@@ -224,7 +314,7 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
             try:
                 variant = make_variant(loaded, "fp32" if precision == "bf16" else precision, folder=out_dir, calib_dir=calib,
                                        method=method, val_pairs=val if precision == "int8" else None, log=log, target=backend)
-                runner = open_openvino(variant.path, precision) if backend == "openvino" else OnnxRuntimeRunner(variant.path)
+                runner = open_runner(variant.path, backend=backend, precision=precision)
             except BackendUnavailable as e:
                 log(f"candidate {backend} {precision}: skipped ({e})")
                 candidates.append({**row, "skipped": str(e)})
@@ -244,6 +334,7 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
               "rule": f"{FASTEST_RULE}, timed here", "path": choice["path"]}
     _write_auto_report(report, out_dir / f"{loaded.info.name}-auto-cpu")
     report["record"] = str(record_cpu_choice(loaded, {**{k: choice[k] for k in ("backend", "precision", "path", "img_per_s")},
+                                                      "content_hash": choice["runner"]["content_hash"],
                                                       "mask_agreement": choice["parity"]["mask_agreement"],
                                                       "gate_images": len(val), "gate_data": where}))
     return report

@@ -49,16 +49,22 @@ def write_json(path: Optional[Path], payload: dict) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lungrt's debug log and the INFO lines of NNCF, Polygraphy and the other libraries.")):
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s [%(name)s] %(message)s", stream=sys.stderr)
+    logging.getLogger("lungrt").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     if version:
         out.print(f"lungrt {__version__}")
         raise typer.Exit(0)
 
 
 @app.command()
-def doctor():
+def doctor(engine: Optional[Path] = typer.Option(None, help="Also say whether this TensorRT plan can run here, and if not, why.")):
     """Versions, GPUs and which backends are usable here (and why not)."""
-    from lungrt.doctor import collect
+    from lungrt.doctor import collect, engine_checks
 
     report = collect()
     table = Table(title=f"lungrt {__version__} doctor")
@@ -70,6 +76,13 @@ def doctor():
     for name, (ok, why) in report["backends"].items():
         table.add_row(f"backend {name}", ("[green]usable[/] " if ok else "[yellow]unavailable[/] ") + escape(why))
     out.print(table)
+    if engine is not None:
+        checks = engine_checks(engine)
+        for name, ok, detail in checks:
+            out.print(f"{engine.name}: {name}: {'ok' if ok else 'NO'}: {detail}", highlight=False, soft_wrap=True)
+        runs = all(ok for _, ok, _ in checks)
+        out.print(f"{engine}: {'can run here' if runs else 'cannot run here'}", highlight=False, soft_wrap=True)
+        raise typer.Exit(0 if runs else 1)
 
 
 @data_app.command("check")
@@ -180,7 +193,7 @@ def evaluate_cmd(
         refs = [None] if onnx else model
         results = []
         for ref in refs:
-            with open_runner(model=ref, onnx=onnx, arch=arch) as runner:
+            with open_runner(ref, onnx=onnx, arch=arch, backend="auto" if onnx else "torch") as runner:
                 res = evaluate(runner, pairs, batch_size=batch_size, keep=4, postprocess=postprocess)
             label = Path(onnx).name if onnx else ref
             if out_dir:
@@ -215,7 +228,7 @@ def export(
     out_path: Path = typer.Option(..., "--out", help="Output .onnx file."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split; else all images). Default: synthetic phantoms."),
-    method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
+    method: Optional[str] = typer.Option(None, help="INT8 calibration: entropy | minmax | percentile (default: each engine's own: entropy for TensorRT, minmax for ONNX Runtime's CPU INT8; OpenVINO's is NNCF's)."),
     val_data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates INT8 (sensitive blocks are then left unquantized)."),
 ):
     """Export to ONNX (opset 17, dynamic batch, metadata, simplified, checked against PyTorch),
@@ -240,57 +253,30 @@ def export(
 
 @app.command()
 def parity(
-    model: str = typer.Option("unet", help="Reference: checkpoint, run folder or shipped name (PyTorch FP32)."),
+    model: Optional[str] = typer.Option(None, help="Reference: checkpoint, run folder or shipped name (PyTorch FP32). Default: the weights an --onnx/--engine file was made from, else msag-unet."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
-    variant: str = typer.Option("fp32", help="fp32 | fp16 | int8 | bf16 (openvino, torch)"),
-    backend: str = typer.Option("onnxruntime", help="Candidate backend: onnxruntime | openvino | torch | tensorrt"),
-    onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file (default: make the variant in engines/)."),
+    variant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | bf16 (openvino, torch). Default: fp32, or the --onnx/--engine file's own."),
+    backend: str = typer.Option("auto", help="Candidate backend: auto (onnxruntime; a plan's own flavour) | onnxruntime | openvino | torch | tensorrt | tensorrt-rtx"),
+    onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file (default: make the variant in $LUNGRT_CACHE)."),
     engine: Optional[Path] = typer.Option(None, help="Candidate TensorRT plan."),
     data: Path = typer.Option(..., help="Dataset folder (labelled: task Dice is gated too)."),
     split: str = typer.Option("test"),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (default: --data, its train split)."),
-    method: str = typer.Option("entropy"),
+    method: Optional[str] = typer.Option(None, help="INT8 calibration (default: the engine's own, as in build)."),
     limit: int = typer.Option(0, help="Use only the first N images of the split."),
     batch_size: int = typer.Option(8),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Compare a precision variant with the PyTorch FP32 reference; exit 1 when its gate fails."""
-    from lungrt.models.checkpoint import resolve_model
-    from lungrt.data.datasets import select_split
-    from lungrt.evaluation.parity import GATES, apply_gate, compare
-    from lungrt.backends.select import open_openvino, open_runner
-    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
-    from lungrt.backends.pytorch import TorchRunner
-    from lungrt.export.variants import make_variant
+    from lungrt.build import parity_check
 
     def body():
-        loaded = resolve_model(model, arch=arch)
-        pairs = select_split(data, split)
-        pairs = pairs[:limit] if limit else pairs
-        notes = {}
-        if engine is not None or onnx is not None:
-            cand = open_runner(onnx=onnx, engine=engine)
-        elif backend == "torch":
-            cand = TorchRunner(loaded, precision=variant if variant != "int8" else "fp32")
-        elif backend in ("onnxruntime", "openvino"):
-            if variant == "bf16" and backend != "openvino":
-                fail("variant bf16 runs on --backend openvino (or torch)")
-            val = select_split(data, "val") if variant == "int8" else None
-            v = make_variant(loaded, "fp32" if variant == "bf16" else variant, calib_dir=calib or data, method=method,
-                             val_pairs=val, log=out.print, target=backend)
-            notes = v.notes
-            cand = OnnxRuntimeRunner(v.path) if backend == "onnxruntime" else open_openvino(v.path, variant)
-        else:
-            fail(f"backend {backend!r}: pass --engine PLAN for TensorRT (see `lungrt build`)")
-        with cand:
-            result = compare(TorchRunner(loaded), cand, pairs, batch_size=batch_size)
-        result["variant"], result["notes"] = variant, notes
-        result["gate"] = apply_gate(result["summary"], GATES[variant])
-        return result
+        return parity_check(model, data, backend=backend, precision=variant, onnx=onnx, engine=engine, arch=arch,
+                            split=split, calib=calib, method=method, limit=limit, batch_size=batch_size, log=out.print)
 
     result = run_guarded(body)
     s, g = result["summary"], result["gate"]
-    table = Table(title=f"parity {result['candidate']} vs {result['reference']} on {s['images']} images ({variant} gate)")
+    table = Table(title=f"parity {result['candidate']} vs {result['reference']} on {s['images']} images ({result['variant']} gate)")
     for col in ("metric", "value", "gate"):
         table.add_column(col)
     for k in ("max_abs_prob_diff", "mean_abs_prob_diff", "mask_agreement", "min_mask_agreement", "boundary_hd95_px",
@@ -302,6 +288,9 @@ def parity(
     out.print("worst images: " + ", ".join(f"{r['name']} ({r['agreement']:.4f})" for r in s["worst"]), highlight=False)
     if result["notes"]:
         out.print(f"variant notes: {json.dumps(result['notes'])}", highlight=False)
+    ident = result["candidate_identity"]
+    out.print(f"verified {ident['file'] or 'in-memory weights'} (content sha256 {ident['content_hash'] or ident['weights_hash']})",
+              highlight=False, soft_wrap=True)
     write_json(json_path, result)
     out.print("[bold green]PASS[/]" if g["passed"] else "[bold red]FAIL[/]: gate not met")
     raise typer.Exit(0 if g["passed"] else 1)
@@ -316,7 +305,7 @@ def infer(
     onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file on ONNX Runtime."),
     engine: Optional[Path] = typer.Option(None, help="Run this TensorRT plan."),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt"),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8 (variants) | bf16 (openvino)"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 (variants) | bf16 (openvino). Default: the file's own; for a model, the recorded CPU choice, else fp32."),
     batch_size: int = typer.Option(8, min=1, max=4096, help="Images per model call (clamped to the number of inputs and the engine's profile)."),
     workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
@@ -333,7 +322,7 @@ def infer(
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
     from lungrt.inference.infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
-    from lungrt.backends.select import select_runner
+    from lungrt.backends.select import open_runner
 
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
     if not out_dir.strip():
@@ -348,7 +337,8 @@ def infer(
             from lungrt.inference.ray import require_ray, run_infer_ray, runner_args_for
 
             require_ray()  # fail before any model work when the extra is missing
-        with select_runner(model, arch, onnx, engine, backend, precision, log=out.print) as runner:
+        with open_runner(model, arch=arch, onnx=onnx, engine=engine, backend=backend, precision=precision,
+                         log=out.print) as runner:
             if ray is None:
                 return run_infer(runner, items, out_dir, opts)
             args, spec, identity = runner_args_for(runner, model, arch), runner.spec, run_identity(runner, opts)
@@ -413,7 +403,7 @@ def _robustness_cmd(models, onnx, arch, data, split, seed, out_dir, json_path) -
         pairs = select_split(data, split, seed)
         results = []
         for ref in ([None] if onnx else models):
-            with open_runner(model=ref, onnx=onnx, arch=arch) as runner:
+            with open_runner(ref, onnx=onnx, arch=arch, backend="auto" if onnx else "torch") as runner:
                 res = run_robustness(runner, pairs)
             label = Path(onnx).name if onnx else ref
             if out_dir:
@@ -538,7 +528,7 @@ def bench(
 
 @app.command()
 def build(
-    model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
+    model: Optional[str] = typer.Option(None, help=f"Checkpoint, run folder or shipped name (default {DEFAULT_MODEL}; with --onnx: the weights it was made from, to verify against)."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     onnx: Optional[Path] = typer.Option(None, help="Build from this precision-variant ONNX file instead."),
     precision: str = typer.Option("fp16", help="fp32 | fp16 | int8 | auto"),
@@ -546,7 +536,7 @@ def build(
                                              "the fastest CPU engine x precision that passes, or within 10% of it the most faithful, used by infer/demo from then on)"),
     target: Optional[str] = typer.Option(None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
-    method: str = typer.Option("entropy", help="INT8 calibration: entropy | minmax | percentile"),
+    method: Optional[str] = typer.Option(None, help="INT8 calibration: entropy | minmax | percentile (default: each engine's own: entropy for TensorRT, minmax for ONNX Runtime's CPU INT8; OpenVINO's is NNCF's)."),
     data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates and verifies the build (default: generated phantoms)."),
     batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
@@ -556,9 +546,11 @@ def build(
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
     `--precision auto` keeps the fastest variant that passes parity (within 10% of it, the most faithful)."""
-    from lungrt.build import build_and_verify, build_auto, build_cpu_auto, census_text, choose_backend
+    from lungrt.build import build_and_verify, build_auto, build_cpu_auto, build_from_onnx, census_text, choose_backend
     from lungrt.models.checkpoint import resolve_model
-    from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine, parse_targets
+    from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
+
+    model_given = model
 
     def body():
         be = choose_backend(backend, log=out.print)
@@ -567,13 +559,11 @@ def build(
         if be == "cpu" and precision != "auto":
             fail("--backend cpu compares the CPU engines: use it with --precision auto (or pick --backend onnxruntime|openvino)")
         if onnx is not None:
-            if be in ("onnxruntime", "openvino", "cpu"):
-                fail("--onnx is already an ONNX Runtime / OpenVINO artefact; --onnx with build needs a TensorRT backend")
-            meta = build_engine(onnx, out_dir, profile, workspace, builder=PolygraphyBuilder(be, targets),
-                                rebuild=rebuild_stale, log=out.print)
-            return {"backend": be, "precision": meta["precision"], "path": str(out_dir / meta["plan"]),
-                    "census": meta["dtype_census"]}
-        loaded = resolve_model(model, arch=arch)
+            b = build_from_onnx(onnx, be, out_dir, model_given, arch, data, profile, workspace, rebuild_stale, targets,
+                                log=out.print)
+            return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
+                    "census": b.notes["engine"]["dtype_census"]}
+        loaded = resolve_model(model or DEFAULT_MODEL, arch=arch)
         if precision == "auto" and be == "cpu":
             return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=out.print)
         if precision == "auto":

@@ -19,7 +19,7 @@ from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
 from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
 from lungrt.data.phantoms import make_phantom, write_phantom_dataset
 from lungrt.core.plots import overlay
-from lungrt.backends.select import recorded_cpu_choice, select_runner
+from lungrt.backends.select import open_runner, recorded_cpu_choice
 from lungrt.backends.pytorch import TorchRunner
 
 
@@ -62,7 +62,7 @@ def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, 
     pairs = discover_pairs(data).pairs
     loaded = resolve_model(model)
     report: dict = {"model": loaded.info.name, "images": len(pairs), "outputs": str(out_dir)}
-    with select_runner(model, log=log) as runner:
+    with open_runner(model, log=log) as runner:
         report["backend"] = runner.describe()
         log(f"[1/3] infer: {len(pairs)} phantom X-rays with {loaded.info.name} on {runner.describe()}")
         summary = run_infer(runner, collect_inputs([str(data / "images")]), out_dir / "masks",

@@ -73,3 +73,35 @@ def collect() -> dict:
         "tensorrt-rtx (build)": tensorrt_status("tensorrt-rtx"),
     }
     return {"versions": versions, "gpus": gpus(), "backends": backends}
+
+
+def engine_checks(plan) -> list[tuple[str, bool, str]]:
+    """Can this plan run here? (check, passed, detail) for its sidecar and content, its TensorRT
+    flavour and exact version, and the GPU (present, compute capability among its targets)."""
+    from pathlib import Path
+
+    from lungrt.backends.tensorrt.engine import FLAVOURS, gpu_environment, import_flavour, read_plan_metadata, runtime_reasons
+    from lungrt.core.errors import LungrtError
+
+    try:
+        meta = read_plan_metadata(Path(plan))
+    except LungrtError as e:
+        return [("plan and sidecar", False, str(e))]
+    flavour = FLAVOURS.get(meta.get("flavour", "tensorrt"))
+    built = f"{meta.get('flavour')} {meta.get('tensorrt')}, " + (f"targets {', '.join(meta['targets'])}" if meta.get("targets")
+                                                                   else f"GPU {meta.get('gpu')}")
+    checks = [("plan and sidecar", True, f"{meta['model']['name']} {meta['precision']}, plan sha256 {meta['plan_hash'][:16]} "
+                                         f"matches; built with {built}")]
+    try:
+        installed = import_flavour(flavour).__version__
+    except LungrtError as e:
+        return checks + [("TensorRT", False, str(e))]
+    same = installed == meta.get("tensorrt")
+    checks.append(("TensorRT", same, f"{flavour.module} {installed} installed" + ("" if same else
+                   f"; the plan needs exactly {meta.get('tensorrt')}: pip install '{flavour.module.replace('_', '-')}"
+                   f"{'-cu12' if flavour.aot else ''}=={meta.get('tensorrt')}'")))
+    gpu = gpu_environment()
+    if gpu is None:
+        return checks + [("GPU", False, "no NVIDIA GPU visible: the plan cannot run on this machine")]
+    reasons = [r for r in runtime_reasons(meta, installed, gpu) if not r.startswith("built with")]
+    return checks + [("GPU", not reasons, "; ".join(reasons) or f"{gpu['gpu']} (sm {gpu['compute_capability']})")]

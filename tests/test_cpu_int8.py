@@ -91,26 +91,94 @@ def test_exclusion_search_gates_on_the_runner_that_will_execute_the_variant(tmp_
 
 def test_openvino_tries_nncf_mixed_before_leaving_blocks_in_float(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
     """Where the symmetric form fails the gate (OpenVINO's non-AMX kernels), the asymmetric MIXED
-    preset is tried whole before any block is left in float. The first gate verdict is faked
-    (this CPU's symmetric INT8 passes); the MIXED file and its gate are real."""
+    preset is tried whole before any block is left in float. Both verdicts are faked (FAKE gate:
+    what the kernels compute differs by CPU); the files are real."""
     real, calls = variants_mod._gate_summary, []
 
-    def first_fails(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
-        calls.append(path)
+    def first_fails_then_passes(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
+        calls.append(onnx.load(str(path)))
         summary = real(loaded, path, pairs, open_runner)
-        return {**summary, "mask_agreement": 0.5} if len(calls) == 1 else summary
+        return {**summary, "mask_agreement": 0.5 if len(calls) == 1 else 1.0, "dice_drop": 0.0}
 
-    monkeypatch.setattr(variants_mod, "_gate_summary", first_fails)
-    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.98, 0.01))  # 4 phantoms: the width-4 model's INT8 gives ~0.99
+    monkeypatch.setattr(variants_mod, "_gate_summary", first_fails_then_passes)
     loaded = load_checkpoint(tiny_checkpoint)
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir,
                                   val_pairs=discover_pairs(phantom_dir).pairs[:4], cache_dir=tmp_path,
                                   target="openvino", log=lambda *a: None)
     assert len(calls) == 2 and v.notes["excluded_blocks"] == [] and v.notes["method"] == "nncf-mixed"
+
+    def zero_points(model):
+        return [_initializer(model, n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+    assert not any(np.any(z != 0) for z in zero_points(calls[0]))  # PERFORMANCE: symmetric
+    assert any(np.any(z != 0) for z in zero_points(onnx.load(str(v.path))))  # MIXED: asymmetric activations
+
+
+def test_exclusions_are_derived_from_one_quantization_and_the_reference_runs_once(tmp_path, tiny_checkpoint, phantom_dir,
+                                                                                  monkeypatch):
+    """The block search quantizes with NNCF once (per preset) and derives every exclusion set by
+    graph surgery; PyTorch FP32 runs once for all its gates."""
+    from lungrt.export import precision as precision_mod
+
+    quantized, torch_runs = [], []
+    real_nncf, real_run = precision_mod.make_int8_nncf, TorchRunner.run
+
+    def counting_nncf(*args, **kwargs):
+        quantized.append(kwargs.get("preset", "performance"))
+        return real_nncf(*args, **kwargs)
+
+    def counting_run(self, batch):
+        torch_runs.append(len(batch))
+        return real_run(self, batch)
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    fp32_path = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path  # its export check runs PyTorch too
+    monkeypatch.setitem(variants_mod.INT8_RECIPES, "openvino", variants_mod.Int8Recipe(
+        "", counting_nncf, variants_mod.INT8_RECIPES["openvino"].open, method="nncf", per_cpu=True,
+        fallback=lambda *a, **k: counting_nncf(*a, **k, preset="mixed"), derive=True))
+    monkeypatch.setattr(TorchRunner, "run", counting_run)
+    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))  # FAKE gate no INT8 meets whole
+    parity._REFERENCE_CACHE.clear()
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
+                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
+    assert quantized == ["performance", "mixed"]  # no NNCF run per block
+    assert sum(torch_runs) == len(pairs)  # one reference pass for every gate of the search
+    excluded = json.loads(onnx_metadata(v.path)["lungrt.calibration"])["excluded_nodes"]
+    assert v.notes["excluded_blocks"] and excluded
     model = onnx.load(str(v.path))
-    zero_points = [_initializer(model, n.input[2]) for n in model.graph.node
-                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-    assert any(np.any(z != 0) for z in zero_points)  # asymmetric activations: MIXED, not PERFORMANCE
+    producers = {o: n for n in model.graph.node for o in n.output}
+    fp32_model = onnx.load(str(fp32_path))
+    fp32 = {n.name: n for n in fp32_model.graph.node}
+    fp32_inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_model.graph.initializer}
+    for node in (n for n in model.graph.node if n.name in excluded):
+        for k, name in enumerate(node.input):
+            assert getattr(producers.get(name), "op_type", None) != "DequantizeLinear", node.name
+            src = fp32[node.name].input[k]
+            if src in fp32_inits:  # its own FP32 weights and bias, not bias-corrected or rounded ones
+                assert np.array_equal(_initializer(model, name), fp32_inits[src])
+    kept = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in excluded]
+    assert all(any(getattr(producers.get(i), "op_type", None) == "DequantizeLinear" for i in n.input) for n in kept)
+
+
+def test_a_truncated_calibration_cache_is_computed_again(tmp_path, tiny_checkpoint, phantom_dir, caplog):
+    loaded = load_checkpoint(tiny_checkpoint)
+    kw = dict(calib_dir=phantom_dir, method="minmax", cache_dir=tmp_path / "cal", target="onnxruntime", log=lambda *a: None)
+    first = variants_mod.make_variant(loaded, "int8", folder=tmp_path / "a", **kw)
+    (cache,) = (tmp_path / "cal").glob("*-ortcpu-minmax.json")
+    whole = cache.read_bytes()
+    cache.write_bytes(whole[: len(whole) // 2])  # cut short, as a crash or a full disk leaves it
+    with caplog.at_level("WARNING", logger="lungrt"):
+        again = variants_mod.make_variant(loaded, "int8", folder=tmp_path / "b", **kw)
+    assert [r for r in caplog.records if "do not parse" in r.getMessage()]
+    assert json.loads(cache.read_text()) == json.loads(whole)  # the ranges were computed again, the same
+    assert load_verified(first.path) == load_verified(again.path)
+
+
+def load_verified(path):
+    from lungrt.backends.integrity import load_verified_onnx
+
+    return load_verified_onnx(path).content_hash
 
 
 def test_variants_from_an_older_exporter_are_made_again(tmp_path, tiny_checkpoint):
@@ -138,13 +206,24 @@ def test_choice_among_equally_fast_candidates_is_the_most_faithful():
     assert fastest_faithful([fp32])["name"] == "fp32"
 
 
-def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
+THIRD_PARTY_CHATTER = ("INFO:nncf", "Statistics collection", "Fast Bias correction", "Collecting tensor data",
+                       "Finding optimal threshold", "[I] ")  # INFO: warnings may still be said
+
+
+def assert_quiet(*texts: str) -> None:
+    noise = [line for t in texts for line in t.splitlines() if any(c in line for c in THIRD_PARTY_CHATTER)]
+    assert not noise, noise[:5]
+
+
+def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp_path, tiny_checkpoint, phantom_dir,
+                                                                             monkeypatch, capfd):
     from lungrt.backends import select
 
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
-                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", "b"])
+                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--method", "entropy", "--out", "b"])
     assert res.exit_code == 0, res.output
+    assert_quiet(res.output, *capfd.readouterr())  # NNCF, ONNX Runtime's calibration: nothing on the terminal
     report = json.loads((tmp_path / "b" / "unet-auto-cpu.json").read_text())
     timed = [c for c in report["candidates"] if "img_per_s" in c]
     assert {(c["backend"], c["precision"]) for c in timed} >= {("onnxruntime", "fp32"), ("openvino", "fp32"),

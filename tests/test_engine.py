@@ -3,6 +3,7 @@ TensorRT coverage). Real TensorRT tests are marked `tensorrt` and skip where it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
 from lungrt.backends.tensorrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path
+from lungrt.backends.integrity import ContentMismatch
 from lungrt.core.errors import LungrtError
 from lungrt.export.variants import make_variant
 
@@ -59,7 +61,8 @@ def test_builder_is_asked_for_a_strongly_typed_profiled_build(tmp_path, fp16_onn
     assert saved["precision"] == "fp16" and saved["batch_profile"] == [2, 4, 8]
     assert (saved["flavour"], saved["tensorrt"], saved["gpu"], saved["compute_capability"]) == ("tensorrt", "10.99.0", "FAKE GPU", "9.0")
     assert saved["model"]["name"] == "unet" and saved["model"]["preprocess"]["size"] == 64
-    assert saved["onnx"] == str(fp16_onnx) and len(saved["onnx_hash"]) == 16
+    assert saved["onnx"] == str(fp16_onnx.resolve()) and len(saved["onnx_hash"]) == 64
+    assert saved["plan_hash"] == hashlib.sha256(plan.read_bytes()).hexdigest()
     assert saved["dtype_census"]["compute_nodes"].get("float16", 0) > 0
 
 
@@ -95,17 +98,41 @@ def test_stale_engines_are_refused_with_rebuild_advice(tmp_path, fp16_onnx, vers
     assert needle in str(e.value) and "lungrt build" in str(e.value) and "--rebuild-stale" in str(e.value)
 
 
-def test_changed_onnx_makes_engine_stale(tmp_path, fp16_onnx):
+def test_plans_travel_and_are_checked_by_content(tmp_path, fp16_onnx, monkeypatch):
+    """A plan and its sidecar copied to another machine run there: staleness goes by the ONNX hash
+    at build time, never by the build folder's paths. Its bytes are checked against the sidecar."""
     import shutil
 
-    onnx_copy = tmp_path / fp16_onnx.name
-    shutil.copyfile(fp16_onnx, onnx_copy)
-    fake = RecordingFakeBuilder()
-    build_engine(onnx_copy, tmp_path, builder=fake, log=lambda *a: None)
-    with open(onnx_copy, "ab") as f:
+    build_engine(fp16_onnx, tmp_path / "build", builder=RecordingFakeBuilder(), log=lambda *a: None)
+    built = next((tmp_path / "build").glob("*.plan"))
+    gpu_box = tmp_path / "gpu-box"
+    gpu_box.mkdir()
+    for f in (built, metadata_path(built)):
+        shutil.copyfile(f, gpu_box / f.name)
+    shutil.rmtree(tmp_path / "build")
+    monkeypatch.chdir(gpu_box)
+    plan = Path(built.name)  # relative to where it landed
+    assert check_plan_usable(plan, "10.99.0", GPU_90)["precision"] == "fp16"
+    with open(plan, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(LungrtError, match="ONNX file it was built from has changed"):
-        check_plan_usable(next(tmp_path.glob("*.plan")), "10.99.0", GPU_90)
+    with pytest.raises(ContentMismatch, match="plan hash"):
+        check_plan_usable(plan, "10.99.0", GPU_90)
+    metadata_path(plan).unlink()
+    with pytest.raises(LungrtError, match=f"copy that file from the build machine next to {plan.name}"):
+        check_plan_usable(plan, "10.99.0", GPU_90)
+
+
+def test_doctor_says_whether_a_plan_can_run_here(tmp_path, fp16_onnx):
+    build_engine(fp16_onnx, tmp_path, builder=RecordingFakeBuilder(), log=lambda *a: None)
+    plan = next(tmp_path.glob("*.plan"))
+    res = CliRunner().invoke(app, ["doctor", "--engine", str(plan)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "cannot run here" in text and "plan and sidecar: ok" in text
+    # the FAKE plan says TensorRT 10.99.0, which is not installed here (or not that version)
+    assert "TensorRT: NO" in text
+    metadata_path(plan).unlink()
+    res = CliRunner().invoke(app, ["doctor", "--engine", str(plan)])
+    assert res.exit_code == 1 and "copy that file" in " ".join(res.output.split())
 
 
 def parse_pbtxt(text: str) -> dict:

@@ -132,6 +132,12 @@ def test_parity_passes_for_good_variants_and_fails_for_a_broken_one(tmp_path, ti
     arr = onnx.numpy_helper.to_array(w).copy()
     arr *= -1.5
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    edited = _parity(*common, "--variant", "fp32", "--onnx", str(tmp_path / "edited.onnx"))
+    assert edited.exit_code == 2 and "content hash" in " ".join(edited.output.split())  # edited: never run
+    from lungrt.backends.integrity import seal
+
+    seal(m)  # as if lungrt itself had written wrong weights: it runs, and the gate catches it
     onnx.save(m, str(tmp_path / "broken.onnx"))
     bad = _parity(*common, "--variant", "fp32", "--onnx", str(tmp_path / "broken.onnx"))
     assert bad.exit_code == 1, bad.output

@@ -184,3 +184,15 @@ def test_runner_source_uses_only_listed_attributes():
     used = {("ICudaEngine", a) for a in re.findall(r"self\.engine\.(\w+)\(", src)}
     used |= {("IExecutionContext", a) for a in re.findall(r"self\.context\.(\w+)\(", src)}
     assert used and all(a in RUNTIME_API[c] for c, a in used), used
+
+
+def test_rtx_build_output_has_no_polygraphy_lines(tmp_path, tiny_checkpoint, capfd):
+    from tests.test_cpu_int8 import assert_quiet
+
+    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend", "tensorrt-rtx",
+                              "--batch", "1,2,4", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert_quiet(res.output, *capfd.readouterr())
+    res = runner.invoke(app, ["--verbose", "build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend",
+                              "tensorrt-rtx", "--batch", "1,2,4", "--out", str(tmp_path), "--rebuild-stale"])
+    assert res.exit_code == 0, res.output

@@ -33,6 +33,8 @@ class Runner(ABC):
     # take only the CPU time it leaves idle (see infer). Spinning runners would starve them.
     sleeps_when_idle: bool = False
     weights_id: str | None = None  # hash of the weights it runs: what `infer --resume` compares
+    path: Path | None = None  # the artifact it runs (ONNX file, plan); None for in-memory weights
+    content_hash: str | None = None  # SHA-256 of that artifact as checked on opening (integrity.py)
 
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -43,6 +45,12 @@ class Runner(ABC):
 
     def describe(self) -> str:
         return f"{self.backend}/{self.device}/{self.precision}"
+
+    def identity(self) -> dict:
+        """What this runner is, as parity, build, bench and infer record it."""
+        return {"backend": self.backend, "precision": self.precision, "device": self.device,
+                "file": str(self.path) if self.path else None, "content_hash": self.content_hash,
+                "weights_hash": self.weights_id}
 
     def __enter__(self):
         return self

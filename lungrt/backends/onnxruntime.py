@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.errors import LungrtError
-from lungrt.backends.base import Runner, info_from_metadata, onnx_metadata
+from lungrt.backends.base import Runner, info_from_metadata
+from lungrt.backends.integrity import load_verified_onnx
 
 
 class OnnxRuntimeRunner(Runner):
@@ -20,12 +21,8 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         onnx_path = Path(onnx_path)
-        if not onnx_path.exists():
-            raise LungrtError(f"{onnx_path}: ONNX file does not exist")
-        try:
-            meta = onnx_metadata(onnx_path)
-        except Exception as e:  # protobuf raises its own errors on garbage
-            raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
+        checked = load_verified_onnx(onnx_path)
+        meta, self.content_hash = checked.meta, checked.content_hash
         self.info = info_from_metadata(meta, str(onnx_path))
         self.weights_id = meta.get("lungrt.weights_hash")
         self.spec = self.info.spec
@@ -37,6 +34,7 @@ class OnnxRuntimeRunner(Runner):
             # (mask agreement 0.79 against 0.999 unoptimized), so it runs exactly as written
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.log_severity_level = 3  # errors only: its warnings (unused initializers...) are not the user's to act on
         # no busy-waiting between runs: infer's decode/write threads need those cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if device.startswith("cuda"):
@@ -49,7 +47,7 @@ class OnnxRuntimeRunner(Runner):
         self.device, self.path = device, onnx_path
         self.sleeps_when_idle = device == "cpu"
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(checked.data, sess_options=opts, providers=providers)
         except Exception as e:
             raise LungrtError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
         self.input_name = self.session.get_inputs()[0].name

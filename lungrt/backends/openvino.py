@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lungrt.backends.base import Runner, info_from_metadata, onnx_metadata
+from lungrt.backends.base import Runner, info_from_metadata
+from lungrt.backends.integrity import load_verified_onnx
 from lungrt.core.errors import BackendUnavailable, LungrtError
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -53,10 +54,8 @@ class OpenVinoRunner(Runner):
             raise LungrtError(f"openvino: precision {precision!r} not supported ({', '.join(PRECISION_HINTS)})")
         if precision == "bf16" and not native_bf16():
             raise BackendUnavailable("openvino bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX)")
-        try:
-            meta = onnx_metadata(onnx_path)
-        except Exception as e:
-            raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
+        checked = load_verified_onnx(onnx_path)
+        meta, self.content_hash = checked.meta, checked.content_hash
         self.info = info_from_metadata(meta, str(onnx_path))
         self.spec, self.path, self.device = self.info.spec, onnx_path, "cpu"
         self.weights_id = meta.get("lungrt.weights_hash")
@@ -66,7 +65,7 @@ class OpenVinoRunner(Runner):
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
         try:
-            self.compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(checked.data), "CPU", config)
         except Exception as e:
             raise LungrtError(f"{onnx_path}: OpenVINO cannot compile it ({str(e).splitlines()[0][:200]})") from None
         self.request = self.compiled.create_infer_request()

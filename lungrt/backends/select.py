@@ -1,6 +1,8 @@
-"""The one place that turns names into runners: a shipped name, checkpoint, ONNX file or engine,
-plus a backend and precision, become a `Runner`. The runner contract (runners.py) knows no
-backend by name; commands, the Python API, bench, build and Ray all choose here.
+"""The one place that turns what a user named into a runner: a shipped name, checkpoint, run
+folder, ONNX file or TensorRT plan, plus a backend, precision and device, become a `Runner`, or a
+one-line refusal when that combination cannot be honoured. Nothing is substituted silently: the
+opened runner's identity (backend, precision, device) is checked against what was asked.
+Commands, the Python API, parity, bench, build, demo and Ray all open runners here.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -19,91 +22,153 @@ from lungrt.backends.pytorch import TorchRunner
 
 log_ = logging.getLogger(__name__)
 ENGINE_SUFFIXES = (".plan", ".engine")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt", "tensorrt-rtx")
+RUNNER_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+TORCH_OPTIONS = ("channels_last", "compile", "cuda_graph")
 # bench's PyTorch configurations: name -> TorchRunner options
 TORCH_FAST_PATHS = {
-    "torch": {},
-    "torch-cl": {"channels_last": True},
-    "torch-compile": {"channels_last": True, "compile": True},
-    "torch-cudagraph": {"channels_last": True, "cuda_graph": True},
+    "torch": (),
+    "torch-cl": ("channels_last",),
+    "torch-compile": ("channels_last", "compile"),
+    "torch-cudagraph": ("channels_last", "cuda_graph"),
 }
 
 
-def open_engine(plan: str | Path) -> Runner:
+def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str = "auto", precision: str | None = None,
+                device: str = "auto", arch: str | None = None, onnx: str | Path | None = None,
+                engine: str | Path | None = None, options: Sequence[str] = (), log=log_.info) -> Runner:
+    """The runner for `source` (or `onnx` / `engine`, as the CLI names them) on `backend` in
+    `precision` (None: the file's own; for weights, the recorded CPU choice or FP32) on `device`.
+
+    A file runs as it is: an ONNX file on ONNX Runtime or OpenVINO (bf16: OpenVINO's mode on an
+    FP32 graph), a plan on its TensorRT flavour. Weights run on PyTorch, or on the ONNX variant
+    made for the backend asked. Whatever cannot be honoured is refused (LungrtError; missing
+    software or hardware: BackendUnavailable), never replaced by something else."""
+    if backend not in BACKENDS:
+        raise LungrtError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
+    if precision is not None and precision not in RUNNER_PRECISIONS:
+        raise LungrtError(f"unknown precision {precision!r}; use {', '.join(RUNNER_PRECISIONS)}")
+    if onnx is not None and engine is not None:
+        raise LungrtError("give an ONNX file or a TensorRT plan, not both")
+    unknown = [o for o in options if o not in TORCH_OPTIONS]
+    if unknown:
+        raise LungrtError(f"unknown runner option(s) {', '.join(unknown)}; use {', '.join(TORCH_OPTIONS)}")
+    artifact = engine if engine is not None else onnx
+    if artifact is None and isinstance(source, (str, Path)) and str(source).endswith((*ENGINE_SUFFIXES, ".onnx")):
+        artifact = source
+    if options and (artifact is not None or backend not in ("auto", "torch")):
+        raise LungrtError(f"runner options {', '.join(options)} are PyTorch's; they need weights on --backend torch")
+    if artifact is None:
+        runner = _open_weights(source, backend, precision, device, arch, tuple(options), log)
+    elif engine is not None or str(artifact).endswith(ENGINE_SUFFIXES):
+        runner = _open_engine(Path(artifact), backend, device)
+    else:
+        runner = _open_onnx(Path(artifact), backend, precision, device)
+    return _honoured(runner, backend, precision, device, str(artifact if artifact is not None else source))
+
+
+def _honoured(runner: Runner, backend: str, precision: str | None, device: str, named: str) -> Runner:
+    """`runner` if it is what was asked, else closed and refused in one line."""
+    wrong = []
+    if backend != "auto" and runner.backend != backend:
+        wrong.append(f"backend {runner.backend}, not {backend}")
+    if precision is not None and runner.precision != precision:
+        wrong.append(f"precision {runner.precision}, not {precision}")
+    if device != "auto" and runner.device.split(":")[0] != device.split(":")[0]:
+        wrong.append(f"device {runner.device}, not {device}")
+    if wrong:
+        runner.close()
+        raise LungrtError(f"{named}: would run as {runner.describe()} ({'; '.join(wrong)}); refusing rather than "
+                          "running something other than what was asked")
+    return runner
+
+
+def _open_engine(plan: Path, backend: str, device: str) -> Runner:
+    if backend not in ("auto", "tensorrt", "tensorrt-rtx"):
+        raise LungrtError(f"{plan}: a TensorRT plan runs on its TensorRT flavour, not {backend}; "
+                          "for the CPU engines pass the ONNX file it was built from")
+    if device not in ("auto",) and not device.startswith("cuda"):
+        raise LungrtError(f"{plan}: a TensorRT plan runs on an NVIDIA GPU, not on {device}")
+    from lungrt.backends.tensorrt.engine import gpu_environment, read_plan_metadata
+
+    read_plan_metadata(plan)  # missing, corrupted or sidecar-less plans say so first, GPU or not
+    if gpu_environment() is None:
+        raise BackendUnavailable(f"{plan}: running a TensorRT engine needs an NVIDIA GPU; none is visible "
+                                 "(building works without one, running does not)")
     from lungrt.backends.tensorrt.runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour
 
     return TensorRTRunner(plan)
 
 
-def open_artifact(path: str | Path, device: str = "cpu") -> Runner:
-    """An ONNX variant (ONNX Runtime) or a TensorRT engine, by its suffix."""
-    path = Path(path)
-    if path.suffix in ENGINE_SUFFIXES:
-        return open_engine(path)
-    if path.suffix == ".onnx":
-        return OnnxRuntimeRunner(path, device=device)
-    raise LungrtError(f"{path}: not an ONNX file or TensorRT engine (.onnx, .plan, .engine)")
+def _open_onnx(path: Path, backend: str, precision: str | None, device: str) -> Runner:
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        raise LungrtError(f"{path}: compile it first (`lungrt build --onnx {path} --backend {backend}`), then pass the plan")
+    if backend == "torch":
+        raise LungrtError(f"{path}: an ONNX file runs on onnxruntime or openvino; PyTorch runs the checkpoint (--model)")
+    if backend == "openvino":
+        if device not in ("auto", "cpu"):
+            raise LungrtError(f"{path}: lungrt runs OpenVINO on the CPU only, not on {device}")
+        return _openvino(path, precision or "fp32")
+    if precision == "bf16":
+        raise LungrtError(f"{path}: bf16 is OpenVINO's mode on an FP32 graph; use --backend openvino")
+    return OnnxRuntimeRunner(path, device="cpu" if device == "auto" else device)
 
 
-def open_runner(model: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
-                backend: str = "auto", device: str = "cpu", precision: str = "fp32",
-                arch: str | None = None, width: int = 16) -> Runner:
-    """The runner a command asked for: a checkpoint/name on torch, an ONNX file on ONNX Runtime,
-    or a TensorRT plan."""
-    if engine is not None:
-        return open_engine(engine)
-    if onnx is not None:
-        if backend == "openvino":
-            return open_openvino(onnx, precision)
-        if backend not in ("auto", "onnxruntime"):
-            raise LungrtError(f"--onnx runs on onnxruntime or openvino, not {backend!r}")
-        return OnnxRuntimeRunner(onnx, device=device)
+def _openvino(path: Path, precision: str) -> Runner:
+    from lungrt.backends.openvino import OpenVinoRunner  # imported lazily: an optional extra
+
+    return OpenVinoRunner(path, precision="bf16" if precision == "bf16" else "fp32")
+
+
+def _open_weights(source, backend: str, precision: str | None, device: str, arch: str | None, options: tuple,
+                  log) -> Runner:
     from lungrt.models.checkpoint import resolve_model
 
-    loaded = resolve_model(model or "unet", arch=arch, width=width)
-    if backend in ("auto", "torch"):
-        return TorchRunner(loaded, device=device, precision=precision)
-    raise LungrtError(f"backend {backend!r} needs an exported model: pass --onnx FILE (see `lungrt export`)")
-
-
-def select_runner(model: str, arch: str | None = None, onnx: str | Path | None = None, engine: str | Path | None = None,
-                  backend: str = "auto", precision: str = "fp32", device: str = "auto", log=log_.info) -> Runner:
-    """The runner for infer/demo: an explicit ONNX file or plan, else the model on the best
-    backend here (TensorRT when usable, CUDA PyTorch on a GPU, else ONNX Runtime on the CPU)."""
-    from lungrt.models.checkpoint import resolve_model
-    from lungrt.export.variants import make_variant
-
-    if engine is not None or onnx is not None:
-        return open_runner(onnx=onnx, engine=engine, backend=backend, precision=precision)
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
-                          "then pass --engine PLAN")
-    loaded = resolve_model(model, arch=arch)
+                          "then pass the plan (--engine PLAN)")
+    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or "msag-unet", arch=arch)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if backend == "auto" and not cuda and precision == "fp32":
+    if cuda and not torch.cuda.is_available():
+        raise BackendUnavailable(f"device {device}: no CUDA device here")
+    if backend == "auto" and not cuda and precision is None:
         chosen = open_recorded_cpu_choice(loaded, log)
         if chosen is not None:
             return chosen
+    precision = precision or "fp32"
     if backend == "torch" or (backend == "auto" and cuda):
-        if precision == "int8" or (precision == "fp16" and not cuda):
-            raise LungrtError(f"backend torch runs {precision} only {'on ONNX Runtime or TensorRT' if precision == 'int8' else 'on a CUDA GPU'}; "
-                              f"use --backend onnxruntime --precision {precision}, or --precision fp32")
-        return TorchRunner(loaded, device="cuda" if cuda else "cpu", precision=precision)
-    if backend in ("auto", "onnxruntime", "openvino"):
-        from lungrt.core.cache import cache_root
+        return _torch(loaded, "cuda" if cuda else "cpu", precision, options)
+    if precision == "int8":  # made here it would be calibrated on phantoms and never gated
+        raise LungrtError(f"INT8 needs a calibration set and a parity gate: `lungrt build --model {loaded.info.name} "
+                          "--backend cpu --precision auto --data DIR --calib DIR` (infer then uses what passed), or "
+                          "`lungrt build --backend onnxruntime|openvino --precision int8 --data DIR --calib DIR` and --onnx FILE")
+    if precision == "bf16" and backend != "openvino":
+        raise LungrtError("precision bf16 is OpenVINO's (or PyTorch's: --backend torch); use --backend openvino")
+    if cuda and backend == "openvino":
+        raise LungrtError("lungrt runs OpenVINO on the CPU only")
+    from lungrt.core.cache import cache_root
+    from lungrt.export.variants import make_variant
 
-        if precision == "int8":  # made here it would be calibrated on phantoms and never gated
-            raise LungrtError(f"INT8 needs a calibration set and a parity gate: `lungrt build --model {model} --backend cpu "
-                              "--precision auto --data DIR --calib DIR` (infer then uses what passed), or `lungrt build "
-                              "--backend onnxruntime|openvino --precision int8 --data DIR --calib DIR` and --onnx FILE")
+    root = cache_root()
+    target = "openvino" if backend == "openvino" else "onnxruntime"
+    path = make_variant(loaded, "fp32" if precision == "bf16" else precision, folder=root / "variants",
+                        cache_dir=root / "calibration", log=log, target=target).path
+    return _open_onnx(path, target, precision, "cuda" if cuda else "cpu")
 
-        root = cache_root()
-        graph = "fp32" if precision == "bf16" else precision  # OpenVINO's bf16 runs the FP32 graph
-        if precision == "bf16" and backend != "openvino":
-            raise LungrtError("precision bf16 is OpenVINO's (or PyTorch's on a GPU); use --backend openvino")
-        path = make_variant(loaded, graph, folder=root / "variants", cache_dir=root / "calibration", log=log,
-                            target="openvino" if backend == "openvino" else "onnxruntime").path
-        return open_openvino(path, precision) if backend == "openvino" else OnnxRuntimeRunner(path)
-    raise LungrtError(f"unknown backend {backend!r}; use auto, torch, onnxruntime, openvino or tensorrt")
+
+def _torch(loaded: LoadedModel, device: str, precision: str, options: tuple) -> Runner:
+    if precision == "int8":
+        raise LungrtError("PyTorch runs fp32, fp16 and bf16; INT8 runs on onnxruntime, openvino or TensorRT")
+    if precision == "fp16" and device == "cpu":
+        raise LungrtError("PyTorch fp16 needs a CUDA GPU; on the CPU use bf16 (--backend torch) or --backend openvino")
+    if precision == "bf16" and device == "cpu":
+        from lungrt.training.train import bf16_autocast_supported
+
+        if not bf16_autocast_supported():
+            raise BackendUnavailable("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
+    if "cuda_graph" in options and device == "cpu":
+        raise BackendUnavailable("CUDA graphs need a CUDA device")
+    return TorchRunner(loaded, device=device, precision=precision, **{o: True for o in options})
 
 
 def cpu_choice_file(loaded: LoadedModel, weights: str | None = None) -> Path:
@@ -156,49 +221,14 @@ def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | Non
     if choice is None:
         return None
     try:
-        runner = (open_openvino(choice["path"], choice["precision"]) if choice["backend"] == "openvino"
-                  else OnnxRuntimeRunner(choice["path"]))
+        runner = _open_onnx(Path(choice["path"]), choice["backend"], choice["precision"], "cpu")
     except (LungrtError, KeyError) as e:
         log(f"ignoring {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return None
-    if runner.weights_id != weights:
+    if runner.weights_id != weights or runner.content_hash != choice.get("content_hash"):
         runner.close()
-        log(f"ignoring {path.name}: its variant file holds other weights")
+        log(f"ignoring {path.name}: its variant file is not the one that was gated; rerun `lungrt build --backend cpu "
+            "--precision auto`")
         return None
     log(f"CPU configuration chosen by `lungrt build --backend cpu --precision auto`: {choice['backend']} {choice['precision']}")
     return runner
-
-
-def open_openvino(onnx: str | Path, precision: str = "fp32") -> Runner:
-    from lungrt.backends.openvino import OpenVinoRunner  # imported lazily: an optional extra
-
-    return OpenVinoRunner(onnx, precision="bf16" if precision == "bf16" else "fp32")
-
-
-def open_config_runner(loaded: LoadedModel, backend: str, variant: str, device: str, variant_path) -> Runner:
-    """bench's configurations: a backend name x precision. `variant_path(v, backend)` gives the file
-    that backend runs: the ONNX variant made for it, or the engine. Missing software or hardware:
-    BackendUnavailable."""
-    if backend in TORCH_FAST_PATHS:
-        from lungrt.training.train import bf16_autocast_supported
-
-        if variant == "int8":
-            raise BackendUnavailable("no int8 for PyTorch eager")
-        if variant == "bf16" and not device.startswith("cuda") and not bf16_autocast_supported():
-            raise BackendUnavailable("no native bf16 on this CPU (oneDNN would emulate it, far slower than fp32)")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("no CUDA device here")
-        return TorchRunner(loaded, device=device, precision=variant, **TORCH_FAST_PATHS[backend])
-    if backend == "onnxruntime":
-        if variant == "bf16":
-            raise BackendUnavailable("no bf16 variant for ONNX Runtime (OpenVINO runs bf16)")
-        return OnnxRuntimeRunner(variant_path(variant, backend), device=device if device.startswith("cuda") else "cpu")
-    if backend == "openvino":
-        return open_openvino(variant_path("fp32" if variant == "bf16" else variant, backend), variant)
-    if backend in ("tensorrt", "tensorrt-rtx"):
-        from lungrt.backends.tensorrt.engine import gpu_environment
-
-        if gpu_environment() is None:
-            raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
-        return open_engine(variant_path(variant, backend))
-    raise LungrtError(f"unknown backend {backend!r}")

@@ -21,7 +21,7 @@ from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.core.hardware import cpu_flags, cpu_name
 from lungrt.models import gflops_per_image
 from lungrt.export.onnx import reference_inputs
-from lungrt.backends.select import TORCH_FAST_PATHS, open_config_runner
+from lungrt.backends.select import TORCH_FAST_PATHS, open_runner
 from lungrt.backends.base import Runner
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor datasheets), for "% of peak".
@@ -81,6 +81,28 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
+def open_config(loaded, backend: str, variant: str, device: str, variant_path) -> Runner:
+    """One bench configuration (a backend name x precision), opened by the runner resolver.
+    `variant_path(v, backend)` gives the file that backend runs. Missing software or hardware:
+    BackendUnavailable (a skip that says why)."""
+    if backend in TORCH_FAST_PATHS:
+        if variant == "int8":
+            raise BackendUnavailable("no int8 for PyTorch eager")
+        return open_runner(loaded, backend="torch", precision=variant, device=device, options=TORCH_FAST_PATHS[backend])
+    if backend == "onnxruntime" and variant == "bf16":
+        raise BackendUnavailable("no bf16 variant for ONNX Runtime (OpenVINO runs bf16)")
+    if backend in ("tensorrt", "tensorrt-rtx"):
+        from lungrt.backends.tensorrt.engine import gpu_environment
+
+        if gpu_environment() is None:
+            raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")
+        return open_runner(engine=variant_path(variant, backend), precision=variant)
+    if backend == "openvino":
+        device = "cpu"  # lungrt's OpenVINO runs on the CPU, next to any GPU configuration
+    return open_runner(variant_path("fp32" if variant == "bf16" else variant, backend), backend=backend, precision=variant,
+                       device=device)
+
+
 def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int], size: int | None = None,
               warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu", variant_path=None, log=logging.getLogger(__name__).info) -> dict:
     import torch
@@ -105,7 +127,7 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
         configs = [Config("torch", "fp32", b) for b in batch_sizes] + configs  # the baseline always runs
     for c in configs:
         try:
-            c.runner = open_config_runner(loaded, c.backend, c.variant, device, variant_path)
+            c.runner = open_config(loaded, c.backend, c.variant, device, variant_path)
         except BackendUnavailable as e:  # not installed / no such hardware here: a skip that says why
             c.skipped = str(e).splitlines()[0][:160]
             log(f"skip {c.label}: {c.skipped}")
@@ -144,7 +166,7 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
         ips_rounds = c.batch * iters / per_round
         ips = float(c.batch * len(lat) / lat.sum())
         row |= {
-            "runner": c.runner.describe(),
+            "runner": c.runner.describe(), "identity": c.runner.identity(),
             "img_per_s": ips,
             "img_per_s_min": float(ips_rounds.min()), "img_per_s_max": float(ips_rounds.max()),
             "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),

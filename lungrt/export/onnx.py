@@ -19,11 +19,12 @@ from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
 from lungrt.data.io import temp_path_for
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
+from lungrt.backends.integrity import seal
 
 OPSET = 17
-# Bumped when the exported graph changes for the same weights (2: gated convs split), so that
+# Bumped when the exported graph changes for the same weights (2: gated convs split; 3: content hash), so that
 # variants cached by an older lungrt are made again rather than reused.
-EXPORT_REVISION = "2"
+EXPORT_REVISION = "3"
 FP32_TOLERANCE = 1e-4  # max |probability difference| accepted between ONNX Runtime and PyTorch
 
 
@@ -78,6 +79,7 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) 
     graph.producer_name, graph.producer_version = "lungrt", __version__
     onnx.checker.check_model(graph, full_check=True)
     tmp_out = temp_path_for(out_path)
+    seal(graph)
     try:
         onnx.save(graph, str(tmp_out))
         if verify:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import set_metadata
 from lungrt.data.io import temp_path_for
 from lungrt.backends.base import onnx_metadata
+from lungrt.backends.integrity import seal
 
+log_ = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 # Kept FP32 in the FP16 graph: accumulations whose range or precision FP16 cannot hold.
@@ -151,6 +154,7 @@ def _save(model: onnx.ModelProto, out_path: str | Path) -> None:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(out_path)
+    seal(model)
     try:
         onnx.save(model, str(tmp))
         tmp.replace(out_path)
@@ -235,6 +239,23 @@ def calibration_cache_path(cache_dir: str | Path, weights_hash: str, calib_diges
     return Path(cache_dir) / f"{weights_hash}-{calib_digest}-{method}.json"
 
 
+def usable_calibration_cache(cache: Path, calibrator) -> bool:
+    """True when `cache` holds ranges ONNX Runtime can use for this calibrator. A file cut short
+    (crash, full disk) or written for another method is removed, so the ranges are computed again."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    if not cache.is_file():
+        return False
+    try:
+        ok = load_tensors_data(cache).calibration_method == calibrator
+    except Exception:  # truncated JSON, or not ONNX Runtime's format at all
+        ok = False
+    if not ok:
+        log_.warning("calibration ranges %s do not parse (or are another method's); computing them again", cache)
+        cache.unlink(missing_ok=True)
+    return ok
+
+
 def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "entropy",
               exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
     """Quantize with explicit symmetric Q/DQ (TensorRT's form). Returns what was done, including
@@ -264,26 +285,30 @@ def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, c
              activations, op_types: list[str], pre_process: bool, extra: dict) -> dict:
     """ONNX Runtime's quantize_static in QDQ format, per-channel INT8 weights, calibration ranges
     cached per weights, calibration set and `cache_tag`."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as _quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from lungrt.core.logs import third_party_logs
 
     calibrator = _calibrator(method)
     meta = onnx_metadata(fp32_path)
     cache = calibration_cache_path(cache_dir or _default_cache_dir(), meta.get("lungrt.weights_hash", "unknown"),
                                    calib.digest, cache_tag)
-    hit = cache.is_file()
+    hit = usable_calibration_cache(cache, calibrator)
     with tempfile.TemporaryDirectory() as tmp:
         src, tmp_out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         if pre_process:
             quant_pre_process(str(fp32_path), str(src), skip_symbolic_shape=True)
         else:
             src = Path(fp32_path)
-        quantize_static(
-            str(src), str(tmp_out), _Reader(onnx.load(str(src)).graph.input[0].name, calib.inputs),
-            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
-            op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []), calibrate_method=calibrator,
-            extra_options=extra, calibration_cache_path=str(cache),
-        )
+        with third_party_logs(prints="onnxruntime.quantization"):
+            _quantize_static(
+                str(src), str(tmp_out), _Reader(onnx.load(str(src)).graph.input[0].name, calib.inputs),
+                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
+                op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []), calibrate_method=calibrator,
+                extra_options=extra, calibration_cache_path=str(cache),
+            )
         q = onnx.load(str(tmp_out))
     _finish_int8(q, meta, out_path, calib, method, exclude, recipe)
     return {"path": str(out_path), "cache": str(cache), "cache_hit": hit, "excluded": list(exclude or [])}
@@ -297,15 +322,18 @@ def make_int8_nncf(fp32_path: str | Path, out_path: str | Path, calib: Calibrati
     there); "mixed" is the fallback where the symmetric form fails the gate (OpenVINO's non-AMX
     kernels, emulated: msag-unet 0.985 -> 0.990, gsconv-unet 0.934 -> 0.860; the search keeps the better).
     `method` is NNCF's own (min-max with its statistics and fast bias correction)."""
-    import nncf
+    from lungrt.core.logs import third_party_logs
 
-    model = onnx.load(str(fp32_path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    name = model.graph.input[0].name
-    data = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))], lambda x: {name: x})
-    q = nncf.quantize(model, data, preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU,
-                      subset_size=len(calib.inputs),
-                      ignored_scope=nncf.IgnoredScope(names=list(exclude or []), validate=False))
+    with third_party_logs("nncf"):
+        import nncf
+
+        model = onnx.load(str(fp32_path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        name = model.graph.input[0].name
+        data = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))], lambda x: {name: x})
+        q = nncf.quantize(model, data, preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU,
+                          subset_size=len(calib.inputs),
+                          ignored_scope=nncf.IgnoredScope(names=list(exclude or []), validate=False))
     _finish_int8(q, meta, out_path, calib, "nncf" if preset == "performance" else f"nncf-{preset}", exclude, "openvino")
     return {"path": str(out_path), "excluded": list(exclude or [])}
 
@@ -348,3 +376,120 @@ def node_block(name: str) -> str:
 
 def variant_path(folder: str | Path, model_name: str, precision: str) -> Path:
     return Path(folder) / f"{model_name}.{precision}.onnx"
+
+
+# Ops that move or pick values without computing new ones: a quantizer NNCF places for a layer can
+# sit above them (before the MaxPool that feeds a Conv), so floating that layer's input walks up
+# through them.
+_TRANSPARENT = {"MaxPool", "Relu", "Reshape", "Transpose", "Resize", "Concat", "Flatten", "Squeeze", "Unsqueeze",
+                "Identity", "Slice", "Pad", "AveragePool"}
+
+
+def dequantize_nodes(quantized: onnx.ModelProto, fp32: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `quantized` in which the nodes `names` compute in float again, as NNCF's ignored
+    scope would leave them: each reads its activations from before the fake-quantize (Q/DQ) pairs
+    placed for it, walking up through data-movement ops (copied in float where they read a
+    quantizer), and its own FP32 weights and bias (which bias correction may have changed in the
+    quantized graph). Q/DQ nodes nothing reads any more are dropped; other readers of a shared
+    quantizer stay quantized.
+
+    Deriving an exclusion set this way costs graph surgery instead of a new calibration (NNCF
+    collects its statistics again on every call): the INT8 search measures each block on the one
+    whole-graph quantization."""
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    g = model.graph
+    originals = {n.name: n for n in fp32.graph.node}
+    fp32_inits = {i.name: i for i in fp32.graph.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    floated: dict[str, str] = {}
+    added: list = []
+
+    def float_of(tensor: str) -> str:
+        """A tensor carrying `tensor`'s value without the fake-quantizers above it (itself if none)."""
+        if tensor in floated:
+            return floated[tensor]
+        node, result = producers.get(tensor), tensor
+        if node is not None and node.op_type == "DequantizeLinear":
+            q = producers.get(node.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                result = float_of(q.input[0])
+        elif node is not None and node.op_type in _TRANSPARENT and len(node.output) == 1:
+            inputs = [float_of(i) if i else i for i in node.input]
+            if inputs != list(node.input):
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.name, result = f"{node.name}__float", f"{tensor}__float"
+                del copy.input[:]
+                copy.input.extend(inputs)
+                copy.output[0] = result
+                added.append(copy)
+        floated[tensor] = result
+        return result
+
+    wanted = set(names)
+    for node in list(g.node):
+        if node.name not in wanted or node.name not in originals:
+            continue
+        for k, src in enumerate(originals[node.name].input):
+            if k >= len(node.input) or not src:
+                continue
+            if src in fp32_inits:  # weights and bias: the FP32 values, under a name of their own
+                name = f"{src}__fp32"
+                if name not in floated.values():
+                    g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(fp32_inits[src]), name))
+                    floated[f"init:{src}"] = name
+                node.input[k] = name
+            else:
+                node.input[k] = float_of(node.input[k])
+    g.node.extend(added)
+    _topological_sort(g)
+    _drop_unread(g)
+    return model
+
+
+def _topological_sort(g) -> None:
+    """ONNX wants nodes in an order where every input is made before it is read."""
+    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending, ordered = list(g.node), []
+    while pending:
+        left = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                left.append(n)
+        if len(left) == len(pending):
+            raise LungrtError("dequantize_nodes: the graph has a cycle or a missing input")
+        pending = left
+    del g.node[:]
+    g.node.extend(ordered)
+
+
+def _drop_unread(g) -> None:
+    """Remove nodes none of whose outputs is read (repeatedly), then unread initializers."""
+    outputs = {o.name for o in g.output}
+    while True:
+        read = {i for n in g.node for i in n.input} | outputs
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    read = {i for n in g.node for i in n.input} | outputs
+    for init in [i for i in g.initializer if i.name not in read]:
+        g.initializer.remove(init)
+
+
+def save_derived_int8(whole: onnx.ModelProto, fp32: onnx.ModelProto, exclude: list[str], out_path: str | Path,
+                      floated: list[str] | None = None) -> None:
+    """`dequantize_nodes` of a whole-graph INT8 variant (the nodes `floated`, by default the
+    excluded ones), saved with its exclusions recorded."""
+    model = dequantize_nodes(whole, fp32, floated if floated is not None else exclude)
+    meta = {p.key: p.value for p in model.metadata_props}
+    cal = json.loads(meta.get("lungrt.calibration", "{}"))
+    set_metadata(model, {"lungrt.calibration": json.dumps({**cal, "excluded_nodes": list(exclude)})})
+    _save(model, out_path)

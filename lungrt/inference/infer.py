@@ -246,7 +246,8 @@ def source_stat(path: Path) -> list[int] | None:
 def run_identity(runner: Runner, opts: InferOptions) -> dict:
     """What makes two runs' masks comparable; `--resume` refuses to mix runs that differ in it."""
     return {"model": runner.info.name, "weights": runner.weights_id, "precision": runner.precision,
-            "postprocess": opts.postprocess, "preprocess": runner.spec.to_dict()}
+            "postprocess": opts.postprocess, "preprocess": runner.spec.to_dict(),
+            "runner": runner.describe(), "artifact": runner.content_hash or runner.weights_id}
 
 
 def todo_items(out_dir: Path, items: list[Item], opts: InferOptions, identity: dict | None = None) -> list[Item]:

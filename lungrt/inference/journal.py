@@ -29,6 +29,9 @@ RECORDS = ".lungrt-records"
 
 LOCK = ".lungrt-lock"
 IDENTITY = "run.json"
+# recorded in run.json (which runner and artifact made the masks) but no reason to refuse --resume:
+# another backend at the same precision and weights makes the same masks
+RECORDED_ONLY = ("runner", "artifact")
 
 
 def records_folder(out_dir: str | Path) -> Path:
@@ -88,7 +91,8 @@ def check_identity(out_dir: str | Path, identity: dict) -> None:
         return
     except (OSError, ValueError):
         raise LungrtError(f"{path}: unreadable run identity; start afresh without --resume") from None
-    diffs = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(identity) if earlier.get(k) != identity.get(k)]
+    diffs = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(identity)
+             if k not in RECORDED_ONLY and earlier.get(k) != identity.get(k)]
     if diffs:
         raise LungrtError(f"{out_dir}: --resume would mix two runs ({'; '.join(diffs)}); resume with the earlier model and "
                           "options, or start afresh without --resume, or use another --out")

@@ -69,9 +69,9 @@ class InferActor:
     """Opens the runner once per actor; pads partial batches like the single-machine path."""
 
     def __init__(self, runner_args: dict, batch_size: int):
-        from lungrt.backends.select import select_runner
+        from lungrt.backends.select import open_runner
 
-        self.runner = select_runner(**runner_args, log=lambda *a: None)
+        self.runner = open_runner(**runner_args, log=lambda *a: None)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -113,15 +113,13 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
 
 
 def runner_args_for(runner, model: str, arch: str | None) -> dict:
-    """How an actor re-opens, on any node, the runner the driver resolved (artefacts by absolute
-    path: they must be on storage every node sees)."""
-    if runner.backend in ("onnxruntime", "openvino"):
-        return {"model": model, "onnx": str(Path(runner.path).resolve()), "backend": runner.backend,
-                "precision": runner.precision}
-    if runner.backend in ("tensorrt", "tensorrt-rtx"):
-        return {"model": model, "engine": str(Path(runner.path).resolve())}
+    """How an actor re-opens, on any node, exactly the runner the driver resolved (artefacts by
+    absolute path: they must be on storage every node sees; the resolver checks their content)."""
+    asked = {"backend": runner.backend, "precision": runner.precision, "device": runner.device}
+    if runner.path is not None:
+        return {"source": str(Path(runner.path).resolve()), **asked}
     ref = str(Path(model).resolve()) if Path(model).exists() else model
-    return {"model": ref, "arch": arch, "backend": "torch", "precision": runner.precision}
+    return {"source": ref, "arch": arch, **asked}
 
 
 def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], out_dir: str | Path, opts: InferOptions,

@@ -15,6 +15,7 @@ FP16/INT8 builder flags and no calibrator here by design.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -27,9 +28,9 @@ from typing import Protocol
 
 from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
-from lungrt.export.onnx import file_hash
 from lungrt.data.io import atomic_write_bytes
-from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, onnx_metadata
+from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME
+from lungrt.backends.integrity import CONTENT_KEY, ContentMismatch, file_sha256, load_verified_onnx
 
 log_ = logging.getLogger(__name__)
 
@@ -191,7 +192,13 @@ class PolygraphyBuilder:
 
     def build(self, onnx_path: Path, *, strongly_typed: bool, input_name: str, shapes: dict, timing_cache: Path | None,
               workspace_bytes: int) -> bytes:
+        from lungrt.core.logs import third_party_logs
+
         _polygraphy_for(self.flavour)
+        with third_party_logs("polygraphy"):
+            return self._build(onnx_path, strongly_typed, input_name, shapes, timing_cache, workspace_bytes)
+
+    def _build(self, onnx_path, strongly_typed, input_name, shapes, timing_cache, workspace_bytes) -> bytes:
         from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
         trt = import_flavour(self.flavour)
@@ -242,17 +249,14 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         raise LungrtError(f"{onnx_path}: ONNX file does not exist")
     builder = builder or PolygraphyBuilder()
     env = builder.environment()
-    try:
-        meta_onnx = onnx_metadata(onnx_path)
-    except Exception as e:
-        raise LungrtError(f"{onnx_path}: not a readable ONNX file ({type(e).__name__})") from None
+    meta_onnx = load_verified_onnx(onnx_path).meta  # compile only what lungrt wrote and can vouch for
     if "lungrt.core.spec" not in meta_onnx:
         raise LungrtError(f"{onnx_path}: ONNX file has no lungrt metadata (make it with `lungrt export`)")
     plan = plan_path(onnx_path, out_dir, env)
-    wanted = {"onnx_hash": file_hash(onnx_path), "batch_profile": [batch.min, batch.opt, batch.max], **env}
+    wanted = {"onnx_hash": meta_onnx[CONTENT_KEY], "batch_profile": [batch.min, batch.opt, batch.max], **env}
     if plan.exists() and metadata_path(plan).exists() and not rebuild:
         existing = _read_metadata(plan)
-        if not stale_reasons(existing, wanted):
+        if not stale_reasons(existing, wanted) and existing.get("plan_hash") == file_sha256(plan):
             log(f"{plan} is up to date; nothing to build")
             return existing
     size = json.loads(meta_onnx["lungrt.core.spec"])["size"]
@@ -274,8 +278,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         "weights_hash": meta_onnx.get("lungrt.weights_hash"),
         "precision": meta_onnx.get("lungrt.export.precision", "fp32"),
         "int8_float": meta_onnx.get("lungrt.int8_float"),
-        "onnx": str(onnx_path),
+        "onnx": str(onnx_path.resolve()),  # for the rebuild hint only: staleness goes by onnx_hash
         "plan": plan.name,
+        "plan_hash": hashlib.sha256(data).hexdigest(),
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", 1, size, size]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 1, size, size]},
         "calibration": json.loads(meta_onnx.get("lungrt.calibration", "null")),
@@ -337,20 +342,33 @@ def rebuild_command(meta: dict) -> str:
     return f"`lungrt build --onnx {meta.get('onnx', 'MODEL.onnx')} --backend {flavour}{target} --rebuild-stale`"
 
 
-def check_plan_usable(plan: Path, installed_version: str, gpu: dict) -> dict:
-    """Metadata of a plan, or a LungrtError saying why it cannot run here and how to rebuild."""
+def read_plan_metadata(plan: Path) -> dict:
+    """The sidecar of a plan whose bytes are the ones it was built as (plan_hash), else a
+    LungrtError saying what to do. A plan carries no trace of the ONNX path it came from: it runs
+    wherever it is copied, with its sidecar beside it."""
     plan = Path(plan)
-    if not plan.exists():
+    if not plan.is_file():
         raise LungrtError(f"{plan}: engine file does not exist")
     if not metadata_path(plan).exists():
-        raise LungrtError(f"{plan}: no metadata file {metadata_path(plan).name}; rebuild it with `lungrt build`")
+        raise LungrtError(f"{plan}: its metadata {metadata_path(plan).name} is not beside it; copy that file from the "
+                          f"build machine next to {plan.name} (or rebuild with `lungrt build`)")
     meta = _read_metadata(plan)
+    if "plan_hash" not in meta:
+        raise LungrtError(f"{plan}: built by an older lungrt (no plan hash in {metadata_path(plan).name}); rebuild it "
+                          f"with {rebuild_command(meta)}")
+    if file_sha256(plan) != meta["plan_hash"]:
+        raise ContentMismatch(f"{plan}: its bytes do not match the plan hash in {metadata_path(plan).name} (corrupted, "
+                              f"or another build's file); rebuild it with {rebuild_command(meta)}")
+    return meta
+
+
+def check_plan_usable(plan: Path, installed_version: str, gpu: dict) -> dict:
+    """Metadata of a plan, or a LungrtError saying why it cannot run here and how to rebuild."""
+    meta = read_plan_metadata(plan)
     reasons = runtime_reasons(meta, installed_version, gpu)
-    onnx = Path(meta.get("onnx", ""))
-    if meta.get("onnx") and onnx.exists() and file_hash(onnx) != meta.get("onnx_hash"):
-        reasons.append("the ONNX file it was built from has changed")
     if reasons:
-        raise LungrtError(f"{plan}: stale engine ({'; '.join(reasons)}); rebuild with {rebuild_command(meta)}")
+        raise LungrtError(f"{plan}: cannot run here ({'; '.join(reasons)}); install {meta.get('flavour', 'tensorrt')} "
+                          f"{meta.get('tensorrt')} exactly, or rebuild with {rebuild_command(meta)}")
     return meta
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.models.checkpoint import ModelInfo
-from lungrt.backends.tensorrt.engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, metadata_path, _read_metadata
+from lungrt.backends.tensorrt.engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, read_plan_metadata
 from lungrt.core.errors import LungrtError
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, Runner
 
@@ -49,9 +49,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, plan: str | Path, cuda_graph: bool = False):
         plan = Path(plan)
-        if not metadata_path(plan).exists():
-            raise LungrtError(f"{plan}: no metadata file {metadata_path(plan).name}; rebuild it with `lungrt build`")
-        flavour = FLAVOURS.get(_read_metadata(plan).get("flavour", "tensorrt"))
+        flavour = FLAVOURS.get(read_plan_metadata(plan).get("flavour", "tensorrt"))
         if flavour is None:
             raise LungrtError(f"{plan}: unknown TensorRT flavour in its metadata")
         trt = import_flavour(flavour)
@@ -65,6 +63,7 @@ class TensorRTRunner(Runner):
         self.backend = flavour.name
         self.info = ModelInfo.from_dict(meta["model"], source=str(plan))
         self.spec, self.precision, self.device, self.path = self.info.spec, meta["precision"], "cuda:0", plan
+        self.content_hash, self.weights_id = meta["plan_hash"], meta.get("weights_hash")
         self._trt, self._torch = trt, torch
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
