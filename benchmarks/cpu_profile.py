@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=None, help="calibration dataset (its validation split gates INT8)")
     ap.add_argument("--top", type=int, default=6)
     args = ap.parse_args()
-    from lungrt.build import validation_pairs
+    from lungrt.data.datasets import validation_pairs
 
     loaded = resolve_model(args.model)
     x = np.repeat(reference_inputs(loaded.spec, 1), args.batch, 0)

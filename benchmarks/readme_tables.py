@@ -29,7 +29,7 @@ from lungrt.backends.select import open_runner
 from lungrt.backends.base import Runner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.export.variants import make_variant
-from lungrt.build import validation_pairs
+from lungrt.data.datasets import validation_pairs
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
 RESULTS = Path(__file__).parent / "results"
@@ -179,7 +179,8 @@ def join(data: Path) -> None:
               + (f"{b['img_per_s']:.1f} | {b['vs_torch_eager_fp32']:.2f}x |" if b else "- | - |"))
 
 
-def bench(data: Path) -> None:
+def bench(data: Path, save_as: str = "bench_cpu") -> None:
+    """`save_as`: the results file (bench_cpu: the AMX machine's; bench_cpu_<class> for other CPU classes)."""
     out = {}
     for name in MODELS:
         loaded = resolve_model(name)
@@ -187,7 +188,7 @@ def bench(data: Path) -> None:
                         variant_path=lambda v, backend, loaded=loaded: make_variant(
                             loaded, v, calib_dir=data, target=backend, val_pairs=validation_pairs(data) if v == "int8" else None).path)
         out[name] = res
-    save("bench_cpu", out)
+    save(save_as, out)
     hw = next(iter(out.values()))["hardware"]
     print(f"CPU: {hw['cpu']}, {hw['cpu_count']} cores, flags {' '.join(hw['cpu_flags'])}; "
           "3 interleaved rounds x 3 timed calls per row.\n")
@@ -252,11 +253,14 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/cxr-mc-sz"))
     ap.add_argument("--models", default=",".join(MODELS), help="parity: comma list of shipped models; infer: the first")
     ap.add_argument("--only-chosen", action="store_true", help="infer: only the recorded CPU choice")
+    ap.add_argument("--save-as", default="bench_cpu", help="bench: results file name (another CPU class keeps its own)")
     args = ap.parse_args()
     if not discover_pairs(args.data).pairs:
         raise SystemExit(f"{args.data}: no labelled X-rays found")
     if args.table == "parity":
         return parity(args.data, tuple(args.models.split(",")))
+    if args.table == "bench":
+        return bench(args.data, args.save_as)
     if args.table == "infer" and args.models != ",".join(MODELS):
         return infer(args.data, args.models.split(",")[0], only_chosen=args.only_chosen)
     for table in (["accuracy", "robustness", "parity", "bench", "infer", "join"] if args.table == "all" else [args.table]):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lungrt.models.checkpoint import LoadedModel
-from lungrt.data.datasets import discover_pairs, select_split
+from lungrt.data.datasets import discover_pairs, select_split, validation_pairs
 from lungrt.backends.tensorrt.engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
 from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.export.onnx import reference_inputs
@@ -34,7 +34,6 @@ from lungrt.backends.select import open_runner, record_cpu_choice
 from lungrt.export.variants import make_variant
 
 log_ = logging.getLogger(__name__)
-AUTO_VAL_IMAGES = 48
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "openvino", "cpu")
 # `build --backend cpu --precision auto`: engine x precision; FP16 is left out (no FP16 compute on
 # these CPUs: ONNX Runtime and OpenVINO upcast it), bf16 is OpenVINO's mode on the FP32 graph.
@@ -50,6 +49,32 @@ class Built:
     notes: dict
     onnx: Path | None = None  # the variant graph an engine was compiled from
     verification: dict = field(default_factory=dict)
+
+
+def run_build(model: str | None, onnx: Path | None, precision: str, backend: str, target: str | None, calib: Path | None,
+              method: str | None, data: Path | None, batch: str, workspace: float, out_dir: Path, rebuild: bool,
+              arch: str | None = None, log=log_.info) -> dict:
+    """`lungrt build`: a file (`onnx`) compiled for TensorRT, one precision, `--precision auto` on a
+    backend, or every CPU engine (`backend="cpu"`); each verified. Returns what was built (or chosen)."""
+    from lungrt.backends.tensorrt.engine import parse_targets
+    from lungrt.models.checkpoint import resolve_model
+
+    be = choose_backend(backend, log=log)
+    profile, targets = BatchProfile.parse(batch), parse_targets(target)
+    if be == "cpu" and precision != "auto":
+        raise LungrtError("--backend cpu compares the CPU engines: use it with --precision auto (or pick --backend "
+                          "onnxruntime|openvino)")
+    if onnx is not None:
+        b = build_from_onnx(onnx, be, out_dir, model, arch, data, profile, workspace, rebuild, targets, log=log)
+        return {"backend": b.backend, "precision": b.precision, "path": str(b.path), "census": b.notes["engine"]["dtype_census"]}
+    loaded = resolve_model(model or "msag-unet", arch=arch)
+    if precision == "auto" and be == "cpu":
+        return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=log)
+    if precision == "auto":
+        return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log)
+    b = build_and_verify(loaded, precision, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log)
+    return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
+            "census": b.notes.get("engine", {}).get("dtype_census")}
 
 
 def choose_backend(backend: str, log=log_.info) -> str:
@@ -111,15 +136,6 @@ def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info) -> dict:
         f"{summary['mask_agreement']:.5f} on {summary['images']} images, {'passes' if gate['passed'] else 'FAILS'} "
         f"the {b.precision} gate")
     return out
-
-
-def validation_pairs(data: Path | None, limit: int = AUTO_VAL_IMAGES):
-    """Labelled validation images (never test) for gating; None when no data is given."""
-    if data is None:
-        return None
-    pairs = select_split(data, "val")
-    step = max(1, len(pairs) // limit)
-    return pairs[::step][:limit]
 
 
 def gating_pairs(data: Path | None, spec_size: int, folder: Path):

@@ -348,7 +348,8 @@ def infer(
     summary = run_guarded(body)
     qc = f" ({summary['qc_flagged']} flagged by QC)" if summary.get("qc_flagged") else ""
     out.print(f"{summary['ok']} ok{qc}, {summary['failed']} failed, {summary['skipped_done']} already done; "
-              f"{summary['images_per_second']:.1f} img/s on {summary['backend']} ({summary['model']}); "
+              f"{summary['images_per_second']:.1f} img/s on {summary['backend']} ({summary['model']}"
+              + (f", sha256 {summary['artifact'][:16]}" if summary.get("artifact") else "") + "); "
               f"results: {summary['results_csv']}", highlight=False)
     write_json(json_path, summary)
     if report:
@@ -457,11 +458,8 @@ def bench(
     to PyTorch eager FP32 measured in the same run."""
     import torch
 
-    from lungrt.benchmark.bench import plot_bench, run_bench
-    from lungrt.build import validation_pairs
-    from lungrt.data.datasets import discover_pairs
+    from lungrt.benchmark.bench import bench_model, plot_bench
     from lungrt.models.checkpoint import resolve_model
-    from lungrt.export.variants import make_variant
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     try:
@@ -473,25 +471,8 @@ def bench(
     check_json_path(json_path)
 
     def body():
-        loaded = resolve_model(model, arch=arch)
-
-        plans = {json.loads(Path(str(p) + ".json").read_text())["precision"]: p for p in engine if Path(str(p) + ".json").exists()}
-
-        gate_on = validation_pairs(calib) if calib is not None and discover_pairs(calib).pairs else None
-
-        def variant_path(v, backend):
-            if backend in ("tensorrt", "tensorrt-rtx"):
-                if v not in plans:
-                    raise LungrtError(f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN")
-                return plans[v]
-            return make_variant(loaded, v, calib_dir=calib, log=out.print, target=backend,
-                                val_pairs=gate_on if v == "int8" else None).path
-
-        names = _csv_list(backends) + (["tensorrt"] if engine and "tensorrt" not in backends else [])
-        result = run_bench(loaded, names, _csv_list(variants), sizes,
-                           size, warmup, iters, rounds, dev, variant_path, log=out.print)
-        result["int8_gated"] = gate_on is not None
-        return result
+        return bench_model(resolve_model(model, arch=arch), _csv_list(backends), _csv_list(variants), sizes, size, warmup,
+                           iters, rounds, dev, calib, engine, log=out.print)
 
     result = run_guarded(body)
     hw = result["hardware"]
@@ -546,33 +527,11 @@ def build(
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
     `--precision auto` keeps the fastest variant that passes parity (within 10% of it, the most faithful)."""
-    from lungrt.build import build_and_verify, build_auto, build_cpu_auto, build_from_onnx, census_text, choose_backend
-    from lungrt.models.checkpoint import resolve_model
-    from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
-
-    model_given = model
+    from lungrt.build import census_text, run_build
 
     def body():
-        be = choose_backend(backend, log=out.print)
-        profile = BatchProfile.parse(batch)
-        targets = parse_targets(target)
-        if be == "cpu" and precision != "auto":
-            fail("--backend cpu compares the CPU engines: use it with --precision auto (or pick --backend onnxruntime|openvino)")
-        if onnx is not None:
-            b = build_from_onnx(onnx, be, out_dir, model_given, arch, data, profile, workspace, rebuild_stale, targets,
-                                log=out.print)
-            return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
-                    "census": b.notes["engine"]["dtype_census"]}
-        loaded = resolve_model(model or DEFAULT_MODEL, arch=arch)
-        if precision == "auto" and be == "cpu":
-            return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=out.print)
-        if precision == "auto":
-            return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild_stale, targets,
-                              log=out.print)
-        b = build_and_verify(loaded, precision, be, out_dir, calib, method, data, profile, workspace, rebuild_stale,
-                             targets, log=out.print)
-        return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
-                "census": b.notes.get("engine", {}).get("dtype_census")}
+        return run_build(model, onnx, precision, backend, target, calib, method, data, batch, workspace, out_dir,
+                         rebuild_stale, arch, log=out.print)
 
     result = run_guarded(body)
     if "choice" in result:

@@ -81,6 +81,31 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
+def bench_model(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int],
+                size: int | None = None, warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu",
+                calib: Path | None = None, engines: list[Path] = (), log=logging.getLogger(__name__).info) -> dict:
+    """`lungrt bench`: the variants each backend runs (INT8 gated on the validation split of `calib`
+    when it is a labelled dataset) and the given TensorRT plans, timed by `run_bench`."""
+    from lungrt.backends.tensorrt.engine import read_plan_metadata
+    from lungrt.data.datasets import discover_pairs, validation_pairs
+    from lungrt.export.variants import make_variant
+
+    plans = {read_plan_metadata(Path(p))["precision"]: Path(p) for p in engines}
+    gate_on = validation_pairs(calib) if calib is not None and discover_pairs(calib).pairs else None
+
+    def variant_path(v: str, backend: str) -> Path:
+        if backend in ("tensorrt", "tensorrt-rtx"):
+            if v not in plans:
+                raise LungrtError(f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN")
+            return plans[v]
+        return make_variant(loaded, v, calib_dir=calib, log=log, target=backend, val_pairs=gate_on if v == "int8" else None).path
+
+    names = list(backends) + (["tensorrt"] if engines and "tensorrt" not in backends else [])
+    result = run_bench(loaded, names, list(variants), batch_sizes, size, warmup, iters, rounds, device, variant_path, log=log)
+    result["int8_gated"] = gate_on is not None
+    return result
+
+
 def open_config(loaded, backend: str, variant: str, device: str, variant_path) -> Runner:
     """One bench configuration (a backend name x precision), opened by the runner resolver.
     `variant_path(v, backend)` gives the file that backend runs. Missing software or hardware:

@@ -200,3 +200,15 @@ def check_dataset(root: str | Path, seed: int = 0) -> dict:
             for s, v in splits.items()
         },
     }
+
+
+GATE_IMAGES = 48  # validation images that gate builds and CPU choices
+
+
+def validation_pairs(data: Path | None, limit: int = GATE_IMAGES):
+    """Labelled validation images (never test), evenly spaced, for gating; None when no data is given."""
+    if data is None:
+        return None
+    pairs = select_split(data, "val")
+    step = max(1, len(pairs) // limit)
+    return pairs[::step][:limit]

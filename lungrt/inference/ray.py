@@ -165,7 +165,7 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
     csv_path = write_results_csv(out_dir, items)
     summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
             "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
-            "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": runner_args.get("model") or "",
-            "runner_args": json.dumps(runner_args, default=str)}
+            "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
+            "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
     write_summary(out_dir, summary)
     return summary
