@@ -24,7 +24,7 @@ import numpy as np
 from lungrt.backends.select import open_runner
 from lungrt.core.errors import LungrtError
 from lungrt.inference.infer import collect_inputs, measure
-from lungrt.data.io import XRay, _to_unit, read_xray
+from lungrt.data.io import MIN_SIDE, XRay, _to_unit, read_xray
 from lungrt.backends.base import Runner
 
 PathLike = str | Path
@@ -146,6 +146,9 @@ class LungSegmenter:
                     yield read_xray(item.source)
         elif isinstance(x, Sequence):
             for one in x:
+                if not isinstance(one, (np.ndarray, str, Path)):
+                    raise LungrtError(f"predict: a list must hold paths or 2-D arrays, not {type(one).__name__} "
+                                      "(for an image given as nested lists, pass np.asarray(...))")
                 yield array_xray(one) if isinstance(one, np.ndarray) else read_xray(one)
         else:
             raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or a list of them")
@@ -205,14 +208,20 @@ class LungSegmenter:
 
 
 def array_xray(a: np.ndarray) -> XRay:
-    """A 2-D array as an X-ray: uint8 kept as is, deeper or float values stretched like 16-bit files."""
+    """A 2-D array as an X-ray: uint8 kept as is, deeper integer or float values stretched like
+    16-bit files. Refused as the CLI refuses a file: too small, or not a gray image's numbers
+    (bool: most likely a mask passed by mistake; complex; objects)."""
     a = np.asarray(a)
     if a.ndim != 2:
         raise LungrtError(f"predict: an array must be 2-D (H, W), got shape {a.shape}")
+    if a.dtype == bool:
+        raise LungrtError("predict: a bool array looks like a mask, not an X-ray; pass the image's gray values")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise LungrtError(f"predict: an array of {a.dtype} is not a gray image; pass integer or float values")
+    if min(a.shape) < MIN_SIDE:
+        raise LungrtError(f"predict: image too small ({a.shape[1]}x{a.shape[0]}, need at least {MIN_SIDE} px a side)")
     if a.dtype == np.uint8:
         return XRay("", a)
-    if a.dtype == bool:
-        return XRay("", a.astype(np.uint8) * 255)
     try:
         return XRay("", _to_unit(a, 16), None, 16)
     except ValueError as e:

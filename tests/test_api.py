@@ -90,3 +90,22 @@ def test_readme_python_example_runs(tmp_path, empty_cwd):
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
     assert namespace["result"].mask.shape == (512, 512)
     assert not list(empty_cwd.iterdir())
+
+
+@pytest.mark.parametrize("array, reason", [
+    (np.zeros((0, 0), np.uint8), "too small"),
+    (np.zeros((0, 5), np.uint16), "too small"),
+    (np.zeros((1, 1), np.float32), "too small"),
+    (np.zeros((4, 4), np.uint8), "too small"),
+    (np.zeros((64, 64), bool), "looks like a mask"),
+    (np.zeros((64, 64), np.complex64), "not a gray image"),
+    (np.array([[object()] * 20] * 20), "not a gray image"),
+    (np.zeros((64, 64, 3), np.uint8), "must be 2-D"),
+])
+def test_predict_refuses_what_the_cli_refuses_in_one_line(tiny_checkpoint, array, reason):
+    seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
+    with pytest.raises(LungrtError, match=reason) as e:
+        seg.predict(array)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LungrtError, match="nested lists"):
+        seg.predict([[[0] * 20] * 20])

@@ -414,3 +414,52 @@ def test_unreadable_folder_errors_become_rows(tmp_path, monkeypatch):
     items = collect_inputs([str(tmp_path / "in")])
     errs = [i for i in items if i.error]
     assert len(items) == 2 and errs and "unreadable folder" in errs[0].error and errs[0].source.name == "locked"
+
+
+def test_fifos_never_hang_and_get_rows(tmp_path, tiny_checkpoint):
+    """A FIFO (no writer) among the inputs blocked the listing (no extension: its DICOM magic was
+    read) or the run (x.png) forever. Special files are rows, never opened; the run is bounded."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    _png(folder / "ok.png")
+    os.mkfifo(folder / "x.png")
+    os.mkfifo(folder / "noext")
+    direct = tmp_path / "direct.png"
+    os.mkfifo(direct)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lungrt.cli", "infer", str(folder), str(direct), "--out", str(out),
+                           "--model", str(tiny_checkpoint), "--backend", "torch"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    rows = {Path(r["path"]).name: r for r in _csv(out)}
+    assert rows["ok.png"]["status"] == "ok"
+    for name in ("x.png", "noext", "direct.png"):
+        assert rows[name]["status"] == "error" and "not a regular file" in rows[name]["error"], rows[name]
+
+
+def test_error_cells_are_one_line(tmp_path, tiny_checkpoint, monkeypatch):
+    """A decoder's message with newlines and tabs (as pydicom's plugin errors have) stays one CSV cell line."""
+    from lungrt.inference import infer as infer_mod
+
+    def garbled(path, *a, **k):
+        raise RuntimeError("cannot decode:\n\tall plugins are missing dependencies:\n\tgdcm\tpylibjpeg")
+
+    folder = tmp_path / "in"
+    _png(folder / "a.png")
+    monkeypatch.setattr(infer_mod, "read_xray", garbled)
+    res = _infer([folder], tmp_path / "out", tiny_checkpoint)
+    assert res.exit_code == 3, res.output
+    (row,) = _csv(tmp_path / "out")
+    assert row["error"] == "RuntimeError: cannot decode: all plugins are missing dependencies: gdcm pylibjpeg"
+
+
+def test_results_are_synced_on_their_own_filesystem_only(tmp_path, tiny_checkpoint, monkeypatch):
+    """os.sync flushes every filesystem of the host (a shared server's too); infer syncs its output's."""
+    def host_wide_sync():
+        raise AssertionError("os.sync called")
+
+    monkeypatch.setattr(os, "sync", host_wide_sync)
+    _png(tmp_path / "in" / "a.png")
+    res = _infer([tmp_path / "in"], tmp_path / "out", tiny_checkpoint)
+    assert res.exit_code == 0, res.output

@@ -103,3 +103,30 @@ def test_killed_ray_run_resumes_only_missing(tmp_path, tiny_checkpoint):
                                  "--backend", "torch", "--batch-size", "2"])
     assert single.exit_code == 0
     assert _outputs(out) == _outputs(tmp_path / "single")
+
+
+def test_a_worker_in_another_folder_records_what_resume_compares(tmp_path, tiny_checkpoint, monkeypatch):
+    """On a cluster, a Ray worker's working folder is not the driver's: an input given as a relative
+    path must still be stat-ed (every journal line had "source_stat": null, so --resume redid every
+    input). The writer task runs here from another folder, as such a worker would."""
+    import json
+
+    from lungrt.inference.infer import InferOptions, collect_inputs, is_done
+    from lungrt.inference.ray import _read, _write
+    from lungrt.models.checkpoint import resolve_model
+
+    _folder(tmp_path / "in", 1, broken=False)
+    monkeypatch.chdir(tmp_path)
+    (item,) = collect_inputs(["in"])
+    spec = resolve_model(str(tiny_checkpoint)).spec
+    row = _read({"source": str(item.source), "abs": os.path.abspath(item.source), "rel": str(item.rel),
+                 "known_error": ""}, spec.to_json())
+    row = {**row, "prob": np.full((1, spec.size, spec.size), 0.9, np.float32)[0], "runner": "torch/cpu/fp32", "model": "unet"}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the worker's own folder: "in/x_000.png" does not resolve here
+    assert _write(row, str(tmp_path / "out"), spec.to_json(), {})["status"] == "ok"
+    monkeypatch.chdir(tmp_path)
+    (record,) = read_records(tmp_path / "out").values()
+    assert record["source_stat"] and record["path"] == str(item.source)  # shown as typed
+    assert is_done(tmp_path / "out", item, InferOptions(), {str(item.rel): record})
+    assert json.dumps(record)  # a plain journal line

@@ -107,3 +107,37 @@ def test_chromium_pages_a_hundred_thousand_rows(tmp_path):
                          capture_output=True, text=True, timeout=180).stdout
     body = dom[dom.index("<tbody>"):dom.index("</tbody>")]
     assert body.count("<tr") == 100 and "100000 rows, page 1 of 1000" in dom
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not lungrt's", "missing"])
+def test_report_rebuilds_from_the_journal_and_says_so(run_dir, tmp_path, damage, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    whole = (out / "results.csv").read_text()
+    if damage == "cut short":
+        (out / "results.csv").write_text("\n".join(whole.splitlines()[:3]) + "\n")
+    elif damage == "not lungrt's":
+        (out / "results.csv").write_text("name,value\na,1\n")
+    else:
+        (out / "results.csv").unlink()
+    with caplog.at_level("WARNING", logger="lungrt"):
+        page = write_report(out).read_text()
+    assert [r for r in caplog.records if "built from the journal" in r.getMessage()]
+    n = len(whole.splitlines()) - 1
+    assert f"{n} images" in page and "1 failed" in page
+
+
+def test_report_failures_are_one_line(run_dir, tmp_path, monkeypatch):
+    from lungrt.data import io as io_mod
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(io_mod, "atomic_write_bytes", read_only)
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 2 and "Read-only file system" in res.output and "Traceback" not in res.output
+    monkeypatch.undo()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["report", str(empty)])
+    assert res.exit_code == 2 and "no lungrt journal" in " ".join(res.output.split())

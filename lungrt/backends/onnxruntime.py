@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungrt.core.errors import LungrtError
+from lungrt.core.errors import LungrtError, one_line
 from lungrt.backends.base import Runner, info_from_metadata
 from lungrt.backends.integrity import load_verified_onnx
 
@@ -49,7 +49,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(checked.data, sess_options=opts, providers=providers)
         except Exception as e:
-            raise LungrtError(f"{onnx_path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+            raise LungrtError(f"{onnx_path}: ONNX Runtime cannot load it ({one_line(e)})") from None
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

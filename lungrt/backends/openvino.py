@@ -15,7 +15,7 @@ import numpy as np
 
 from lungrt.backends.base import Runner, info_from_metadata
 from lungrt.backends.integrity import load_verified_onnx
-from lungrt.core.errors import BackendUnavailable, LungrtError
+from lungrt.core.errors import BackendUnavailable, LungrtError, one_line
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -67,7 +67,7 @@ class OpenVinoRunner(Runner):
         try:
             self.compiled = core.compile_model(core.read_model(checked.data), "CPU", config)
         except Exception as e:
-            raise LungrtError(f"{onnx_path}: OpenVINO cannot compile it ({str(e).splitlines()[0][:200]})") from None
+            raise LungrtError(f"{onnx_path}: OpenVINO cannot compile it ({one_line(e)})") from None
         self.request = self.compiled.create_infer_request()
         self.sleeps_when_idle = True
 

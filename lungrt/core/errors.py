@@ -34,3 +34,10 @@ class DatasetError(LungrtError):
 class BackendUnavailable(LungrtError):
     """A backend that is not installed, or whose hardware is not here: a skip with its reason
     (bench), never a silent one; any other failure of a backend is an error."""
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """A library's message as one line (whitespace runs, newlines and tabs become one space),
+    cut to `limit` characters: fit for a CSV cell or a one-line error, the reason kept."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,19 @@ def _windowed(path: Path, raw: np.ndarray, spacing, bits: int, inverted: bool = 
     return XRay(str(path), raw, spacing, bits, (int(lo), int(hi), inverted))
 
 
+def is_special_file(path: str | Path) -> bool:
+    """A FIFO, socket or device: opening or reading one can block forever, so lungrt never does."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    if is_special_file(path):
+        return False
     try:
         with open(path, "rb") as f:
             return _has_dicom_magic(f.read(132))
@@ -120,7 +131,7 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
     """Read any supported X-ray file; raises ImageReadError with the reason on any failure."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        size = _regular_file_size(path)
         if size > MAX_FILE_BYTES:
             raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
         if size and path.suffix.lower() in DICOM_SUFFIXES:
@@ -137,6 +148,21 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
     if _has_dicom_magic(data):  # DICOM without its suffix (rare): pydicom reads it again
         return _read_dicom(path, max_pixels)
     return _read_raster(path, data, max_pixels)
+
+
+def _regular_file_size(path: Path) -> int:
+    """The size of a regular file, else ImageReadError: opened without blocking (a FIFO with no
+    writer would block a plain open forever) and checked on the open file itself."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device); never read")
+    return st.st_size
 
 
 def _check_dimensions(path: Path, width: int, height: int, max_pixels: int) -> None:
@@ -310,6 +336,24 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_filesystem(path: str | Path) -> None:
+    """Flush the filesystem that holds `path` (Linux syncfs), not every filesystem of the host as
+    os.sync would; os.sync where syncfs is unavailable."""
+    import ctypes
+
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def temp_path_for(path: str | Path) -> Path:

@@ -26,8 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungrt.core.errors import ImageReadError, LungrtError
-from lungrt.data.io import TEMP_SUFFIX, atomic_write_bytes, is_supported, read_xray
+from lungrt.core.errors import ImageReadError, LungrtError, one_line
+from lungrt.data.io import TEMP_SUFFIX, atomic_write_bytes, is_special_file, is_supported, read_xray, sync_filesystem
 from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
 from lungrt.core.plots import overlay
 from lungrt.inference.postprocess import lung_fields
@@ -50,6 +50,11 @@ class Item:
     source: Path
     rel: Path  # output path stem relative to the output folder, without suffix
     error: str = ""  # known before reading (a broken link, an unreadable folder): becomes its row
+    where: Path | None = None  # the file from any working folder (a Ray worker's is not the driver's)
+
+    @property
+    def file(self) -> Path:
+        return self.where or self.source
 
 
 @dataclass
@@ -109,6 +114,8 @@ def _walk_files(folder: Path):
                 continue
             if os.path.islink(f) and not os.path.exists(f):
                 yield f, "broken symbolic link (dangling, or a loop)"
+            elif is_special_file(f):  # never opened: a FIFO would block the listing forever
+                yield f, "not a regular file (a FIFO, socket or device); never read"
             elif is_supported(f):
                 yield f, ""
     yield from errors
@@ -222,7 +229,7 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions, records: dict[str, di
     row = records.get(str(item.rel))
     if row is None or row.get("status") != "ok":
         return False
-    if row.get("source_stat") != source_stat(item.source):  # replaced by another image since
+    if row.get("source_stat") != source_stat(item.file):  # replaced by another image since
         return False
     sizes = row.get("sizes", {})
     for kind, p in outputs_for(out_dir, item, opts).items():
@@ -281,7 +288,7 @@ def _write_record(out_dir: Path, item: Item, row: dict) -> dict:
 
 
 def _error_row(item: Item, reason: str, runner: Runner) -> dict:
-    return {"path": display_path(item.source), "status": "error", "error": reason, "backend": runner.describe(),
+    return {"path": display_path(item.source), "status": "error", "error": one_line(reason), "backend": runner.describe(),
             "model": runner.info.name}
 
 
@@ -351,7 +358,7 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         "mean_confidence": m.mean_confidence, "qc": m.qc,
         **{f"qc_{k}": v for k, v in m.qc_features.items() if k != "lung_fraction"},
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
-        "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.source),
+        "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.file),
     }
     return _write_record(out_dir, item, row)
 
@@ -377,7 +384,7 @@ def _load(item: Item, spec):
 
 
 def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
-    os.sync()  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
+    sync_filesystem(out_dir)  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
     records = read_records(out_dir)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")

@@ -100,7 +100,7 @@ class _RunnerView:
 
 
 def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}") -> dict:
-    item = Item(Path(row["source"]), Path(row["rel"]))
+    item = Item(Path(row["source"]), Path(row["rel"]), where=Path(row["abs"]))  # shown as typed, read by absolute path
     spec = PreprocessSpec.from_json(spec_json)
     view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json))
     if row["error"]:

@@ -14,15 +14,17 @@ import csv
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from lungrt.core.errors import LungrtError
-from lungrt.inference.journal import records_folder
+from lungrt.core.errors import LungrtError, one_line
+from lungrt.inference.journal import read_records, records_folder
 from lungrt.core.plots import figure
 
+log_ = logging.getLogger(__name__)
 MAX_THUMBS = 240
 THUMB_PX = 180
 TABLE_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left_lung_px", "mean_confidence",
@@ -30,14 +32,27 @@ TABLE_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left
 
 
 def _rows(out_dir: Path) -> list[dict]:
+    """The run's rows: results.csv, or, when it is missing, unreadable, not lungrt's or shorter than
+    the journal (a run stopped before writing it, a file cut short), the journal's own lines, which
+    every finished input has (said in one log line)."""
+    journal = sorted(read_records(out_dir).values(), key=lambda r: str(r.get("rel", "")))
     path = out_dir / "results.csv"
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+            rows = list(csv.DictReader(f))
+        why = None if rows and {"path", "status"} <= set(rows[0]) else "is not a lungrt results table"
     except FileNotFoundError:
-        raise LungrtError(f"{out_dir}: no results.csv; run `lungrt infer ... --out {out_dir}` first") from None
+        rows, why = [], "is missing"
     except (OSError, csv.Error, UnicodeDecodeError) as e:
-        raise LungrtError(f"{path}: unreadable ({e})") from None
+        rows, why = [], f"is unreadable ({one_line(e, 120)})"
+    if why is None and len(rows) >= len(journal):
+        return rows
+    if not journal:
+        raise LungrtError(f"{path}: {why or 'holds no rows'}, and {out_dir} has no lungrt journal; run `lungrt infer ... "
+                          f"--out {out_dir}` first")
+    log_.warning("%s %s; the report is built from the journal's %d rows", path,
+                 why or f"holds {len(rows)} rows of the journal's {len(journal)} (cut short?)", len(journal))
+    return [{k: "" if r.get(k) is None else r.get(k) for k in r} for r in journal]
 
 
 def _float(v) -> float | None:
@@ -141,7 +156,10 @@ def write_report(out_dir: str | Path) -> Path:
     path = out_dir / "report.html"
     from lungrt.data.io import atomic_write_bytes
 
-    atomic_write_bytes(path, page.encode(), durable=False)
+    try:
+        atomic_write_bytes(path, page.encode(), durable=False)
+    except OSError as e:
+        raise LungrtError(f"{path}: cannot write the report ({e.strerror or one_line(e)})") from None
     return path
 
 
