@@ -11,7 +11,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  "${pip[@]}" install "${LUNGRT_TORCH_SPEC:-torch==2.13.0}" ${LUNGRT_TORCH_INDEX:+--index-url "$LUNGRT_TORCH_INDEX"} 2>&1 | grep -v '^WARNING: Location' || true
+  # numpy with it: torch imported without numpy warns "Failed to initialize NumPy" at every import
+  "${pip[@]}" install "${LUNGRT_TORCH_SPEC:-torch==2.13.0}" numpy ${LUNGRT_TORCH_INDEX:+--index-url "$LUNGRT_TORCH_INDEX"} 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch" || { echo "setup: torch did not install" >&2; exit 1; }
 fi
 stamp=.venv/.lungrt-install-stamp
