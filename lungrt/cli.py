@@ -347,8 +347,13 @@ def infer(
 
     summary = run_guarded(body)
     qc = f" ({summary['qc_flagged']} flagged by QC)" if summary.get("qc_flagged") else ""
+    run = summary.get("run", {})
+    speed = (f"{summary['images_per_second']:.1f} img/s" if summary["ok"] + summary["failed"] else "nothing left to do")
+    if len(run.get("invocations", [])) > 1:
+        whole = "n/a" if run.get("images_per_second") is None else f"{run['images_per_second']:.1f} img/s"
+        speed += f" (whole run: {run['processed']} processed, {run['qc_flagged']} flagged by QC, {whole})"
     out.print(f"{summary['ok']} ok{qc}, {summary['failed']} failed, {summary['skipped_done']} already done; "
-              f"{summary['images_per_second']:.1f} img/s on {summary['backend']} ({summary['model']}"
+              f"{speed} on {summary['backend']} ({summary['model']}"
               + (f", sha256 {summary['artifact'][:16]}" if summary.get("artifact") else "") + "); "
               f"results: {summary['results_csv']}", highlight=False)
     write_json(json_path, summary)

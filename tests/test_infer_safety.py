@@ -463,3 +463,23 @@ def test_results_are_synced_on_their_own_filesystem_only(tmp_path, tiny_checkpoi
     _png(tmp_path / "in" / "a.png")
     res = _infer([tmp_path / "in"], tmp_path / "out", tiny_checkpoint)
     assert res.exit_code == 0, res.output
+
+
+def test_summary_covers_the_whole_run_across_resumes(half_done, tiny_checkpoint):
+    """summary.json kept only the last invocation: after a --resume the report showed its speed, or
+    0.0 img/s when nothing was left. Each invocation is kept, with the whole run's totals."""
+    from lungrt.inference.journal import records_folder
+    from lungrt.inference.report import write_report
+
+    folder, out = half_done
+    files = sorted(folder.glob("p*.png"))  # the same inputs, so the same output names as the first invocation
+    assert _infer(files, out, tiny_checkpoint, "--resume").exit_code == 0  # the other two
+    res = _infer(files, out, tiny_checkpoint, "--resume")  # nothing left
+    assert res.exit_code == 0 and "nothing left to do" in _one_line(res.output) and "4 processed" in _one_line(res.output)
+    run = json.loads((records_folder(out) / "summary.json").read_text())["run"]
+    assert [i["ok"] for i in run["invocations"]] == [2, 2, 0] and run["processed"] == 4
+    assert run["images_per_second"] == pytest.approx(4 / run["seconds"])
+    page = write_report(out).read_text()
+    assert f"{run['images_per_second']:.1f} img/s over 3 invocations" in page
+    assert _infer(files, out, tiny_checkpoint).exit_code == 0  # a fresh run starts the list again
+    assert len(json.loads((records_folder(out) / "summary.json").read_text())["run"]["invocations"]) == 1

@@ -542,5 +542,4 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
                "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
                "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name,
                "artifact": runner.content_hash or runner.weights_id}
-    write_summary(out_dir, summary)
-    return summary
+    return write_summary(out_dir, summary)

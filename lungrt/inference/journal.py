@@ -71,11 +71,30 @@ def write_identity(out_dir: str | Path, identity: dict) -> None:
     (folder / IDENTITY).write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
-def write_summary(out_dir: str | Path, summary: dict) -> None:
-    """The last run's counts and speed, for `lungrt report`."""
+INVOCATION_KEYS = ("ok", "failed", "qc_flagged", "skipped_done", "seconds", "images_per_second", "backend", "artifact")
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> dict:
+    """This invocation's summary, plus `run`: every invocation of the run so far (a fresh run
+    starts the list; each `--resume` adds one) and their totals, the whole run's speed among
+    them (None when nothing was processed), for `lungrt report`. Returns what was written."""
     folder = records_folder(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    path = folder / "summary.json"
+    try:
+        earlier = json.loads(path.read_text())
+        invocations = list(earlier.get("run", {}).get("invocations", [])) if isinstance(earlier, dict) else []
+    except (OSError, ValueError):
+        invocations = []
+    invocations.append({k: summary.get(k) for k in INVOCATION_KEYS})
+    processed = sum((i.get("ok") or 0) + (i.get("failed") or 0) for i in invocations)
+    seconds = sum(i.get("seconds") or 0.0 for i in invocations)
+    run = {"invocations": invocations, "processed": processed, "seconds": seconds,
+           "qc_flagged": sum(i.get("qc_flagged") or 0 for i in invocations),
+           "images_per_second": processed / seconds if processed and seconds > 0 else None}
+    whole = {**summary, "run": run}
+    path.write_text(json.dumps(whole, indent=2, default=str))
+    return whole
 
 
 def check_identity(out_dir: str | Path, identity: dict) -> None:

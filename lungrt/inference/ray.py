@@ -109,7 +109,7 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
         sp = tuple(float(v) for v in row["spacing"])
         xr = XRay(str(item.source), np.asarray(row["image"]), sp if sp[0] > 0 else None, int(row["bits"]))
         rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, InferOptions(**opts))
-    return {"status": rec["status"]}
+    return {"status": rec["status"], "qc": str(rec.get("qc") or "")}
 
 
 def runner_args_for(runner, model: str, arch: str | None) -> dict:
@@ -143,7 +143,7 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
     opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
     connect(address)
     t0 = time.perf_counter()
-    ok = failed = 0
+    ok = failed = flagged = 0
     if todo:
         spec_json = spec.to_json()
         opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
@@ -160,12 +160,12 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
             for row in ds.iter_rows():
                 ok += row["status"] == "ok"
                 failed += row["status"] != "ok"
+                flagged += row["status"] == "ok" and row["qc"] not in ("", "ok")
                 bar.advance(task)
     elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
-    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
+    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed, "qc_flagged": flagged,
             "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
             "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
             "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
-    write_summary(out_dir, summary)
-    return summary
+    return write_summary(out_dir, summary)

@@ -142,12 +142,13 @@ def write_report(out_dir: str | Path) -> Path:
                      f'{html.escape(reason)}</figcaption></figure>')
     order = lambda r: 0 if r["status"] == "ok" and r.get("qc", "ok") != "ok" else (1 if r["status"] != "ok" else 2)  # noqa: E731
     table = [[r.get(c, "") for c in TABLE_COLUMNS] for r in sorted(rows, key=order)]
-    speed = summary.get("images_per_second")
+    speed = summary.get("run", {}).get("images_per_second") if "run" in summary else summary.get("images_per_second")
     page = _TEMPLATE.format(
         title=html.escape(f"lungrt run report: {out_dir.name}"),
         total=len(rows), ok=n_ok, flagged=n_flagged, failed=n_failed,
         model=html.escape(", ".join(models) or "?"), backend=html.escape(", ".join(backends) or "?"),
-        speed="?" if speed is None else f"{speed:.1f} img/s",
+        speed="n/a" if speed is None else f"{speed:.1f} img/s" + (
+            f" over {len(summary['run']['invocations'])} invocations" if len(summary.get("run", {}).get("invocations", [])) > 1 else ""),
         dist=_distributions(rows) if n_ok else "",
         shown=len(cards), max_thumbs=MAX_THUMBS,
         cards="\n".join(cards),
