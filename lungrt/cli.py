@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Lung-segmentation U-Nets for chest X-rays: train, export, verify, deploy fast.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
-out = Console()
+out = Console(soft_wrap=True)  # piped output keeps whole lines (paths, summaries); tables still fit the terminal
 
 
 def fail(message: str, code: int = 2) -> None:
