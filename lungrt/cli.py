@@ -527,7 +527,7 @@ def build(
     batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
     out_dir: Path = typer.Option(Path("engines"), "--out", help="Where engines and variants go."),
-    rebuild_stale: bool = typer.Option(False, "--rebuild-stale", help="Rebuild even when an engine looks up to date."),
+    rebuild_stale: bool = typer.Option(False, "--rebuild", "--rebuild-stale", help="Rebuild even when the engine is up to date (--rebuild-stale: the older name)."),
 ):
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.

@@ -95,7 +95,7 @@ def test_stale_engines_are_refused_with_rebuild_advice(tmp_path, fp16_onnx, vers
     check_plan_usable(plan, "10.99.0", GPU_90)  # same environment: fine
     with pytest.raises(LungrtError) as e:
         check_plan_usable(plan, version, gpu)
-    assert needle in str(e.value) and "lungrt build" in str(e.value) and "--rebuild-stale" in str(e.value)
+    assert needle in str(e.value) and "lungrt build" in str(e.value) and "--rebuild`" in str(e.value)
 
 
 def test_plans_travel_and_are_checked_by_content(tmp_path, fp16_onnx, monkeypatch):

@@ -339,7 +339,7 @@ def runtime_reasons(meta: dict, installed_version: str, gpu: dict) -> list[str]:
 def rebuild_command(meta: dict) -> str:
     flavour = meta.get("flavour", "tensorrt")
     target = f" --target {','.join(meta['targets'])}" if meta.get("targets") else ""
-    return f"`lungrt build --onnx {meta.get('onnx', 'MODEL.onnx')} --backend {flavour}{target} --rebuild-stale`"
+    return f"`lungrt build --onnx {meta.get('onnx', 'MODEL.onnx')} --backend {flavour}{target} --rebuild`"
 
 
 def read_plan_metadata(plan: Path) -> dict:
