@@ -17,15 +17,25 @@ from lungrt.backends.base import onnx_metadata
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.cli import app
+from lungrt.core.hardware import cpu_flags
 from lungrt.data.datasets import discover_pairs
 from lungrt.evaluation import parity
 from lungrt.export import variants as variants_mod
 from lungrt.export.onnx import reference_inputs
 from lungrt.models.checkpoint import load_checkpoint
 
+from tests.conftest import gate_forcing_a_search
+
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 runner = CliRunner()
+
+
+def another_cap() -> str:
+    """A oneDNN cap other than the one this process may already run under (tests/test_cpu_caps.py)."""
+    import os
+
+    return "SSE41" if os.environ.get("ONEDNN_MAX_CPU_ISA") == "AVX2" else "AVX2"
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -49,7 +59,10 @@ def test_onnxruntime_int8_is_asymmetric_uint8_with_float_conv_transpose(tmp_path
     with OnnxRuntimeRunner(v.path) as r:
         assert r.precision == "int8"
         agree = ((r.run(x) > 0.5) == (TorchRunner(loaded).run(x) > 0.5)).mean()
-    assert agree > 0.98
+    # ONNX Runtime's u8*s8 kernels are exact with VNNI/AMX; pre-VNNI AVX2 ones can saturate, so what
+    # they compute is only asserted where the CPU has the instructions (the gate handles the rest)
+    if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()):
+        assert agree > 0.98
 
 
 def test_openvino_int8_is_nncf_quantized_and_runs_on_openvino(tmp_path, tiny_checkpoint, phantom_dir):
@@ -63,7 +76,12 @@ def test_openvino_int8_is_nncf_quantized_and_runs_on_openvino(tmp_path, tiny_che
     assert ".int8-nncf-" in v.path.name and v.notes["recipe"] == "openvino" and v.notes["method"] in ("nncf", "nncf-mixed")
     meta = onnx_metadata(v.path)
     assert meta["lungrt.int8_recipe"] == "openvino" and json.loads(meta["lungrt.model"])["name"] == "unet"
-    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(v.path)).graph.node)
+    # INT8 where the gate allows it: with pre-VNNI kernels (oneDNN capped at AVX2) this small model
+    # keeps every block in float, so quantizers are asserted only where some block stayed INT8
+    all_blocks = {variants_mod.node_block(n) for n in variants_mod.quantizable_nodes(variants_mod.make_variant(
+        loaded, "fp32", folder=tmp_path).path)}
+    assert (any(n.op_type == "QuantizeLinear" for n in onnx.load(str(v.path)).graph.node)
+            or set(v.notes["excluded_blocks"]) == all_blocks)
     with OpenVinoRunner(v.path) as r:
         assert r.describe() == "openvino/cpu/int8"
         summary = parity.compare(TorchRunner(loaded), r, pairs)["summary"]
@@ -79,12 +97,12 @@ def test_exclusion_search_gates_on_the_runner_that_will_execute_the_variant(tmp_
         used.append(open_runner)
         return real(loaded, path, pairs, open_runner)
 
-    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
-    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))
     loaded = load_checkpoint(tiny_checkpoint)
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir,
-                                  val_pairs=discover_pairs(phantom_dir).pairs[:4], cache_dir=tmp_path,
-                                  target="openvino", log=lambda *a: None)
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    monkeypatch.setitem(parity.GATES, "int8", gate_forcing_a_search(loaded, pairs, "openvino", tmp_path / "probe", phantom_dir))
+    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
+    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
+                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
     assert v.notes["excluded_blocks"]
     assert used and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)
 
@@ -132,14 +150,15 @@ def test_exclusions_are_derived_from_one_quantization_and_the_reference_runs_onc
         return real_run(self, batch)
 
     loaded = load_checkpoint(tiny_checkpoint)
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    gate = gate_forcing_a_search(loaded, pairs, "openvino", tmp_path / "probe", phantom_dir)
     fp32_path = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path  # its export check runs PyTorch too
     monkeypatch.setitem(variants_mod.INT8_RECIPES, "openvino", variants_mod.Int8Recipe(
         "", counting_nncf, variants_mod.INT8_RECIPES["openvino"].open, method="nncf", per_cpu=True,
         fallback=lambda *a, **k: counting_nncf(*a, **k, preset="mixed"), derive=True))
     monkeypatch.setattr(TorchRunner, "run", counting_run)
-    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))  # FAKE gate no INT8 meets whole
+    monkeypatch.setitem(parity.GATES, "int8", gate)  # FAKE gate that no whole INT8 meets
     parity._REFERENCE_CACHE.clear()
-    pairs = discover_pairs(phantom_dir).pairs[:4]
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
                                   cache_dir=tmp_path, target="openvino", log=lambda *a: None)
     assert quantized == ["performance", "mixed"]  # no NNCF run per block
@@ -225,6 +244,11 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     assert res.exit_code == 0, res.output
     assert_quiet(res.output, *capfd.readouterr())  # NNCF, ONNX Runtime's calibration: nothing on the terminal
     report = json.loads((tmp_path / "b" / "unet-auto-cpu.json").read_text())
+    from lungrt.backends.openvino import native_bf16
+
+    by = {(c["backend"], c["precision"]): c for c in report["candidates"]}
+    if not native_bf16():  # no AVX-512 BF16 / AMX here, or oneDNN capped below them (tests/test_cpu_caps.py)
+        assert "no native bf16" in by[("openvino", "bf16")]["skipped"]
     timed = [c for c in report["candidates"] if "img_per_s" in c]
     assert {(c["backend"], c["precision"]) for c in timed} >= {("onnxruntime", "fp32"), ("openvino", "fp32"),
                                                                  ("onnxruntime", "int8"), ("openvino", "int8")}
@@ -236,6 +260,9 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     recorded = json.loads(record.read_text())
     assert recorded["path"] == str(Path(best["path"]).resolve())
     assert recorded["mask_agreement"] == best["parity"]["mask_agreement"] and recorded["gate_images"] == report["validation_images"]
+    from lungrt.core.hardware import cpu_identity
+
+    assert recorded["hardware"] == cpu_identity() and recorded["content_hash"] == best["runner"]["content_hash"]
 
     out = tmp_path / "masks"
     monkeypatch.chdir(tmp_path / "b")  # the record must work from any folder
@@ -246,7 +273,7 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     assert backends == {f"{best['backend']}/cpu/{best['precision']}"}
 
     # a choice made on another CPU (here: a capped instruction set) lives beside it, and is not used here
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", another_cap())
     assert select.cpu_choice_file(load_checkpoint(tiny_checkpoint)) != record
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     data = json.loads(record.read_text())
@@ -271,7 +298,7 @@ def test_cpu_int8_is_remade_and_regated_on_another_cpu(tmp_path, tiny_checkpoint
     kw = dict(folder=tmp_path, calib_dir=phantom_dir, cache_dir=tmp_path, target="openvino", log=lambda *a: None)
     here = variants_mod.make_variant(loaded, "int8", **kw).path
     assert variants_mod.make_variant(loaded, "int8", **kw).path == here
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", another_cap())
     other = variants_mod.make_variant(loaded, "int8", **kw).path
     assert other != here and other.exists() and here.exists()
 

@@ -151,9 +151,12 @@ def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_c
     from lungrt.export import variants as variants_mod
     from lungrt.data.datasets import discover_pairs
 
-    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.9999999, None))
+    from tests.conftest import gate_forcing_a_search
+
     loaded = load_checkpoint(tiny_checkpoint)
     pairs = discover_pairs(phantom_dir).pairs[:6]
+    gate = gate_forcing_a_search(loaded, pairs, "portable", tmp_path / "probe", method="minmax")
+    monkeypatch.setitem(parity.GATES, "int8", gate)
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, method="minmax", val_pairs=pairs,
                                   cache_dir=tmp_path / "cal", log=lambda *a: None)
     excluded = v.notes["excluded_blocks"]
