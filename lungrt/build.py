@@ -169,7 +169,8 @@ def build_from_onnx(onnx: Path, backend: str, out_dir: Path, model: str | None, 
         raise LungrtError(f"{onnx}: already an ONNX Runtime / OpenVINO artefact; --onnx with build compiles it for "
                           "a TensorRT backend (tensorrt, tensorrt-rtx)")
     meta = load_verified_onnx(onnx).meta
-    loaded = reference_weights(meta, model, arch, onnx)
+    loaded = reference_weights(meta.get("lungrt.weights_hash"), json.loads(meta.get("lungrt.model", "{}")).get("name"),
+                               model, arch, onnx)
     precision = meta.get("lungrt.export.precision", "fp32")
     engine = build_engine(onnx, out_dir, batch, workspace, builder=PolygraphyBuilder(backend, targets), rebuild=rebuild, log=log)
     b = Built(backend, precision, Path(out_dir) / engine["plan"], {"engine": engine}, Path(onnx))
@@ -179,21 +180,18 @@ def build_from_onnx(onnx: Path, backend: str, out_dir: Path, model: str | None, 
     return _passed_or_raise(b, loaded)
 
 
-def reference_weights(meta: dict, model: str | None, arch: str | None, source: Path) -> LoadedModel:
-    """The PyTorch weights an ONNX variant was exported from: `model` if given, else the shipped
-    model of the name it records; refused when their hash is not the one it records."""
-    import json as _json
-
+def reference_weights(weights: str | None, name: str | None, model: str | None, arch: str | None,
+                      source: Path) -> LoadedModel:
+    """The PyTorch weights an artifact was made from (their hash `weights`): `model` if given, else
+    the shipped model `name`; refused when their hash is not `weights`."""
     from lungrt.models.checkpoint import resolve_model, weights_hash
 
-    want = meta.get("lungrt.weights_hash")
-    name = model or _json.loads(meta.get("lungrt.model", "{}")).get("name")
     try:
-        loaded = resolve_model(name, arch=arch) if name else None
+        loaded = resolve_model(model or name, arch=arch) if model or name else None
     except LungrtError:
         loaded = None
-    if loaded is None or weights_hash(loaded.model) != want:
-        raise LungrtError(f"{source}: made from weights {want}; pass the checkpoint it was exported from with --model "
+    if loaded is None or weights_hash(loaded.model) != weights:
+        raise LungrtError(f"{source}: made from weights {weights}; pass the checkpoint it was exported from with --model "
                           "so the build can be verified against it")
     return loaded
 
@@ -216,9 +214,8 @@ def parity_check(model: str | None, data: Path, backend: str = "auto", precision
     notes: dict = {}
     if onnx is not None or engine is not None:
         cand = open_runner(onnx=onnx, engine=engine, backend=backend, precision=precision)
-        meta = {"lungrt.weights_hash": cand.weights_id, "lungrt.model": json.dumps({"name": cand.info.name})}
         try:
-            loaded = reference_weights(meta, model, arch, Path(onnx or engine))
+            loaded = reference_weights(cand.weights_id, cand.info.name, model, arch, Path(onnx or engine))
         except LungrtError:
             cand.close()
             raise

@@ -91,8 +91,8 @@ def _open_engine(plan: Path, backend: str, device: str) -> Runner:
         raise LungrtError(f"{plan}: a TensorRT plan runs on an NVIDIA GPU, not on {device}")
     from lungrt.backends.tensorrt.engine import gpu_environment, read_plan_metadata
 
-    read_plan_metadata(plan)  # missing, corrupted or sidecar-less plans say so first, GPU or not
     if gpu_environment() is None:
+        read_plan_metadata(plan)  # a missing, corrupted or sidecar-less plan says so before "no GPU"
         raise BackendUnavailable(f"{plan}: running a TensorRT engine needs an NVIDIA GPU; none is visible "
                                  "(building works without one, running does not)")
     from lungrt.backends.tensorrt.runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour

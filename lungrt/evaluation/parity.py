@@ -55,9 +55,10 @@ def _reference_key(reference: Runner, pairs: list[Pair]) -> tuple | None:
     if not (ident["weights_hash"] or ident["content_hash"]):
         return None  # nothing says what it computes: never reuse
     try:
-        files = tuple((str(p.image), p.image.stat().st_size, p.image.stat().st_mtime_ns) for p in pairs)
+        stats = [(str(p.image), p.image.stat()) for p in pairs]
     except OSError:
         return None
+    files = tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
     return (json.dumps(ident, sort_keys=True), reference.spec.to_json(), files)
 
 

@@ -4,7 +4,6 @@ so every consumer (ONNX Runtime, TensorRT build, infer) reads the same spec."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import warnings
@@ -26,14 +25,6 @@ OPSET = 17
 # variants cached by an older lungrt are made again rather than reused.
 EXPORT_REVISION = "3"
 FP32_TOLERANCE = 1e-4  # max |probability difference| accepted between ONNX Runtime and PyTorch
-
-
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:

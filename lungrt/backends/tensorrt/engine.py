@@ -362,9 +362,10 @@ def read_plan_metadata(plan: Path) -> dict:
     return meta
 
 
-def check_plan_usable(plan: Path, installed_version: str, gpu: dict) -> dict:
-    """Metadata of a plan, or a LungrtError saying why it cannot run here and how to rebuild."""
-    meta = read_plan_metadata(plan)
+def check_plan_usable(plan: Path, installed_version: str, gpu: dict, meta: dict | None = None) -> dict:
+    """Metadata of a plan (`meta`: as `read_plan_metadata` already returned it), or a LungrtError
+    saying why it cannot run here and how to rebuild."""
+    meta = meta if meta is not None else read_plan_metadata(plan)
     reasons = runtime_reasons(meta, installed_version, gpu)
     if reasons:
         raise LungrtError(f"{plan}: cannot run here ({'; '.join(reasons)}); install {meta.get('flavour', 'tensorrt')} "

@@ -49,7 +49,8 @@ class TensorRTRunner(Runner):
 
     def __init__(self, plan: str | Path, cuda_graph: bool = False):
         plan = Path(plan)
-        flavour = FLAVOURS.get(read_plan_metadata(plan).get("flavour", "tensorrt"))
+        meta = read_plan_metadata(plan)  # checked by content once
+        flavour = FLAVOURS.get(meta.get("flavour", "tensorrt"))
         if flavour is None:
             raise LungrtError(f"{plan}: unknown TensorRT flavour in its metadata")
         trt = import_flavour(flavour)
@@ -59,7 +60,7 @@ class TensorRTRunner(Runner):
                               "(build works without one, running does not)")
         import torch
 
-        meta = check_plan_usable(plan, trt.__version__, gpu)
+        check_plan_usable(plan, trt.__version__, gpu, meta)
         self.backend = flavour.name
         self.info = ModelInfo.from_dict(meta["model"], source=str(plan))
         self.spec, self.precision, self.device, self.path = self.info.spec, meta["precision"], "cuda:0", plan
