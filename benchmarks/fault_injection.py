@@ -1,11 +1,12 @@
-"""Fault injection for `lungrt infer`: kill and resume, two concurrent runs, same-name inputs and a
-tiny full disk, each checked against an uninterrupted reference run. Prints what it tried and
+"""Fault injection for `lungrt infer`: kill and resume, two concurrent runs, same-name inputs, a
+tiny full disk, named pipes among the inputs, and on a 3-node Ray cluster (loopback only) a worker
+node killed, the driver killed, relative paths resumed; each checked against an uninterrupted run. Prints what it tried and
 whether anything was lost.
 
     .venv/bin/python benchmarks/fault_injection.py [--images 60] [--model unet]
 
-The full-disk case mounts a small tmpfs (needs root with CAP_SYS_ADMIN); elsewhere it is skipped
-with the reason. Everything runs in a temporary folder that is removed afterwards.
+The full-disk case mounts a small tmpfs and the Ray cases run in a private network namespace (both
+need root with CAP_SYS_ADMIN); elsewhere they are skipped or reported with the reason. Everything runs in a temporary folder that is removed afterwards.
 """
 
 from __future__ import annotations
@@ -42,6 +43,72 @@ def rows(out: Path) -> list[dict]:
 
 def same_as(ref: dict, out: Path) -> bool:
     return snapshot(out) == ref
+
+
+def fifo_among_inputs(tmp: Path, src: Path, ref: dict, common: list[str]) -> tuple[str, str, str, bool]:
+    """Named pipes beside the images (one with an image's extension, one without): a row each, never a hang."""
+    import os
+
+    folder = tmp / "fifo" / "in"
+    folder.mkdir(parents=True)
+    for f in src.iterdir():
+        os.link(f, folder / f.name)
+    os.mkfifo(folder / "pipe.png")
+    os.mkfifo(folder / "pipe")
+    out = tmp / "fifo" / "out"
+    t0 = time.perf_counter()
+    try:
+        r = lungrt("infer", str(folder), "--out", str(out), *common, timeout=300)
+    except subprocess.TimeoutExpired:
+        return ("FIFO among inputs", "mkfifo in/pipe.png and in/pipe beside the images", "hung (killed after 300 s)", False)
+    got = {row["path"].rsplit("/", 1)[-1]: row for row in rows(out)}
+    masks = {k: v for k, v in ref.items() if k.endswith(".png")}  # both input folders are named "in"
+    same = {k: v for k, v in snapshot(out).items() if k.endswith(".png")} == masks
+    pipe = got.get("pipe.png", {})
+    ok = r.returncode == 3 and "not a regular file" in pipe.get("error", "") and same
+    return ("FIFO among inputs", "mkfifo in/pipe.png and in/pipe beside the images",
+            f"exit {r.returncode} in {time.perf_counter() - t0:.0f} s; pipe.png row: '{pipe.get('error', 'none')[:40]}'; "
+            f"masks and overlays identical to reference: {same}", ok)
+
+
+def ray_cluster_faults(tmp: Path, src: Path, model: str) -> list[tuple[str, str, str, bool]]:
+    """tests/ray_scenarios.py's cluster (a head and two worker nodes) in a loopback-only network
+    namespace: a worker node killed mid-run, the driver killed and resumed, relative paths resumed."""
+    import json
+    import os
+
+    work = tmp / "ray"
+    work.mkdir()
+    ref_dir = work / "reference"
+    r = lungrt("infer", str(src), "--out", str(ref_dir), "--model", model, "--backend", "torch", "--batch-size", "2",
+               timeout=1800)
+    assert r.returncode == 0, r.stderr
+    ref = snapshot(ref_dir)
+    scenarios = Path(__file__).parents[1] / "tests" / "ray_scenarios.py"
+    sealed = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    run = subprocess.run([*sealed, sys.executable, str(scenarios), "cluster", model, str(src), str(work)],
+                         capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    if run.returncode != 0:
+        why = (run.stderr.strip().splitlines() or ["failed"])[-1][:100]
+        return [("Ray cluster", "3 nodes in a loopback-only network namespace", f"could not run: {why}", False)]
+    facts = json.loads((work / "cluster.json").read_text())
+    k, d, rel = facts["node_killed"], facts["driver_killed"], facts["relative"]
+    n = len(rows(ref_dir))
+    masks = {key: v for key, v in ref.items() if key != "results.csv"}
+    same_rel = {key: v for key, v in snapshot(work / "relative").items() if key != "results.csv"} == masks
+    return [
+        ("Ray worker node killed", f"3-node cluster on 127.0.0.1 only; a worker node SIGKILLed after {k['records_before']} "
+         "inputs", f"exit {k['exit_code']}, {k['journal_lines']} journal lines for {n} inputs, byte-identical to a "
+         f"single-machine run: {snapshot(work / 'node_killed') == ref}",
+         k["exit_code"] == 0 and snapshot(work / "node_killed") == ref),
+        ("Ray driver killed", f"driver SIGKILLed after {d['done_before_resume']} inputs, then --resume --ray",
+         f"exit {d['exit_code']}, {d['summary']['ok']} redone + {d['summary']['skipped_done']} skipped, byte-identical: "
+         f"{snapshot(work / 'driver_killed') == ref}", d["exit_code"] == 0 and snapshot(work / "driver_killed") == ref),
+        ("Ray relative paths", "inputs given relative to the driver's folder, then --resume",
+         f"resume: {rel['resumed']['skipped_done']} of {n} skipped, {rel['resumed']['ok']} redone; masks identical: "
+         f"{same_rel}", rel["exit_codes"] == [0, 0] and rel["resumed"]["skipped_done"] == n and same_rel),
+    ]
 
 
 def main() -> None:
@@ -127,6 +194,9 @@ def main() -> None:
                                 f"resume: exit {r2.returncode}, identical to reference: {same_as(ref, out)}", ok))
             finally:
                 subprocess.run(["umount", str(disk)], capture_output=True)
+
+        results.append(fifo_among_inputs(tmp, src, ref, common))
+        results.extend(ray_cluster_faults(tmp, src, args.model))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{args.images} phantom X-rays, model {args.model} on onnxruntime, batch 4, with overlays\n")

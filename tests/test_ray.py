@@ -1,13 +1,16 @@
-"""`lungrt infer --ray` on a local Ray cluster the test starts itself: same outputs as the
-single-machine path, error rows included; a killed Ray run resumes by redoing only what is missing."""
+"""`lungrt infer --ray` on Ray clusters the tests start themselves, each inside a private network
+namespace that has only loopback (`unshare --net`), so no Ray traffic can reach another machine
+even if Ray picked another address: `--ray local` and a real cluster of a head and two worker
+nodes give the single-machine run's outputs byte for byte, survive a worker node and the driver
+killed mid-run, and resume runs given relative paths."""
 
 from __future__ import annotations
 
+import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,31 @@ from lungrt.data.phantoms import make_phantom
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lungrt[ray]'")
 runner = CliRunner()
+SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
+# In the namespace, lo also carries a documentation-range address with the default route: the
+# address Ray would pick for itself if nothing kept it on 127.0.0.1 (it reaches nothing: there is
+# no other interface).
+LOOPBACK_ONLY = "ip link set lo up && exec \"$@\""
+WITH_DECOY = ("ip link set lo up && ip addr add 198.51.100.7/32 dev lo && ip route add default dev lo src 198.51.100.7"
+              " && exec \"$@\"")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    yield "local"
-    ray.shutdown()
+def _sealed_namespace_or_skip() -> None:
+    if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("ss")):
+        pytest.skip("needs unshare (util-linux), ip and ss (iproute2): apt-get install util-linux iproute2")
+    probe = subprocess.run(["unshare", "--net", "--", "sh", "-c", WITH_DECOY + " && true", "sh", "true"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a private network namespace (needs root or CAP_SYS_ADMIN): {probe.stderr.strip()}")
+
+
+def run_scenario(name: str, ckpt: Path, src: Path, work: Path, setup: str, timeout: int = 240) -> dict:
+    _sealed_namespace_or_skip()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    res = subprocess.run(["unshare", "--net", "--", "sh", "-c", setup, "sh", sys.executable, str(SCENARIOS), name,
+                          str(ckpt), str(src), str(work)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((work / f"{name}.json").read_text())
 
 
 def _folder(d: Path, n: int, broken: bool = True) -> Path:
@@ -42,17 +64,79 @@ def _outputs(out: Path) -> dict[str, bytes]:
             if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"}
 
 
-def test_ray_local_matches_single_machine(tmp_path, tiny_checkpoint, ray_local):
+def _single_machine(src: Path, out: Path, ckpt: Path, *extra: str) -> dict[str, bytes]:
+    res = runner.invoke(app, ["infer", str(src), "--out", str(out), "--model", str(ckpt), "--backend", "torch",
+                              "--batch-size", "2", *extra])
+    assert res.exit_code in (0, 3), res.output
+    return _outputs(out)
+
+
+def _only_loopback(facts: dict) -> None:
+    assert facts["nodes"] and set(facts["nodes"]) == {"127.0.0.1"}, facts["nodes"]
+    exposed = [a for a in facts["listening"] if not a.rsplit(":", 1)[0].strip("[]").endswith("127.0.0.1")]
+    assert not exposed, exposed  # not 0.0.0.0, *, nor the decoy address
+
+
+def test_ray_local_binds_loopback_and_matches_single_machine(tmp_path, tiny_checkpoint):
+    """`--ray local` stays on 127.0.0.1 although the namespace offers Ray another address (which a
+    plain `ray.init` takes, and listens on every interface)."""
     src = _folder(tmp_path / "in", 7)
-    common = ["--model", str(tiny_checkpoint), "--backend", "torch", "--batch-size", "3", "--overlay"]
-    single = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "single"), *common])
-    assert single.exit_code == 3, single.output
-    distributed = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "ray"), *common, "--ray", ray_local, "--actors", "1"])
-    assert distributed.exit_code == 3, distributed.output
-    a, b = _outputs(tmp_path / "single"), _outputs(tmp_path / "ray")
-    assert a.keys() == b.keys() and len(a) == 7 * 2 + 1
-    for k in a:
-        assert a[k] == b[k], k  # masks, overlays and results.csv (error row included) byte for byte
+    facts = run_scenario("local", tiny_checkpoint, src, tmp_path, WITH_DECOY)
+    assert facts["exit_code"] == 3, facts["output"]  # the broken input is a row
+    assert "WARNING" not in facts["output"] and "Token authentication" not in facts["output"], facts["output"]
+    _only_loopback(facts)
+    single = _single_machine(src, tmp_path / "single", tiny_checkpoint, "--overlay")
+    assert len(single) == 7 * 2 + 1 and _outputs(tmp_path / "local") == single  # masks, overlays, results.csv
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, tiny_checkpoint):
+    work = tmp_path_factory.mktemp("ray_cluster")
+    src = _folder(work / "in", 24, broken=False)
+    facts = run_scenario("cluster", tiny_checkpoint, src, work, LOOPBACK_ONLY, timeout=400)
+    single = _single_machine(src, work / "single", tiny_checkpoint)
+    return facts, work, single
+
+
+def test_three_node_cluster_on_loopback_matches_single_machine(cluster_run):
+    facts, work, single = cluster_run
+    assert facts["undisturbed"]["exit_code"] == 0, facts["undisturbed"]["output"]
+    assert facts["nodes"] == ["127.0.0.1"] * 3  # a head and two worker nodes, each its own raylet
+    _only_loopback(facts)
+    assert _outputs(work / "cluster") == single  # masks and results.csv byte for byte
+
+
+def test_a_worker_node_killed_mid_run_changes_nothing(cluster_run):
+    facts, work, single = cluster_run
+    killed = facts["node_killed"]
+    assert killed.get("killed") and 0 < killed["records_before"] < 24, killed  # the kill landed mid-run
+    assert killed["exit_code"] == 0, killed["output"]
+    assert killed["nodes_after"] == ["127.0.0.1"] * 2
+    assert len(read_records(work / "node_killed")) == 24
+    # each input finished once; Ray may re-run a batch whose results died with the node (writes are atomic)
+    assert 24 <= killed["journal_lines"] <= 24 + 2, killed["journal_lines"]
+    assert _outputs(work / "node_killed") == single  # results.csv lists each input once, masks identical
+
+
+def test_a_killed_driver_resumes_on_the_cluster(cluster_run):
+    facts, work, single = cluster_run
+    d = facts["driver_killed"]
+    assert 0 < d["done_before_resume"] < 24, d
+    assert d["exit_code"] == 0, d["stderr"]
+    s = d["summary"]
+    assert s["ok"] + s["skipped_done"] == 24 and s["skipped_done"] >= d["done_before_resume"] and s["ok"] > 0
+    assert _outputs(work / "driver_killed") == single
+
+
+def test_relative_input_paths_resume_on_the_cluster(cluster_run):
+    """Ray workers do not share the driver's working folder: records must still hold each input's
+    stat, so that --resume skips all (every journal line had "source_stat": null)."""
+    facts, work, single = cluster_run
+    r = facts["relative"]
+    assert r["exit_codes"] == [0, 0], r["stderr"]
+    assert r["stats_recorded"] and r["resumed"] == {"ok": 0, "failed": 0, "skipped_done": 24}
+    masks = {k: v for k, v in single.items() if k != "results.csv"}  # its path column shows paths as typed
+    assert {k: v for k, v in _outputs(work / "relative").items() if k != "results.csv"} == masks
 
 
 def test_ray_without_extra_is_one_line_error(tmp_path, tiny_checkpoint, monkeypatch):
@@ -69,40 +153,6 @@ def test_ray_without_extra_is_one_line_error(tmp_path, tiny_checkpoint, monkeypa
     monkeypatch.setattr(builtins, "__import__", no_ray)
     res = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--ray", "local"])
     assert res.exit_code == 2 and "lungrt[ray]" in res.output
-
-
-def test_killed_ray_run_resumes_only_missing(tmp_path, tiny_checkpoint):
-    src = _folder(tmp_path / "in", 24, broken=False)
-    cmd = [sys.executable, "-m", "lungrt.cli", "infer", str(src), "--model", str(tiny_checkpoint), "--backend", "torch",
-           "--batch-size", "2", "--ray", "local"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "out"
-    proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(read_records(out)) < 4 and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-    proc.wait()
-    done, settled = -1, len(read_records(out))
-    while done != settled:  # a worker mid-write may finish before it notices its raylet is gone
-        done = settled
-        time.sleep(1.0)
-        settled = len(read_records(out))
-    assert 0 < done < 24, "the kill must land mid-run"
-    res = subprocess.run(cmd + ["--out", str(out), "--resume"], env=env, capture_output=True, text=True, timeout=400,
-                         start_new_session=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    import re
-
-    redone = int(re.search(r"(\d+) ok", res.stdout).group(1))
-    skipped = int(re.search(r"(\d+) already done", res.stdout).group(1))
-    # a Ray worker can outlive its killed driver by a moment and finish one more image
-    assert redone + skipped == 24 and skipped >= done and redone > 0
-    single = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "single"), "--model", str(tiny_checkpoint),
-                                 "--backend", "torch", "--batch-size", "2"])
-    assert single.exit_code == 0
-    assert _outputs(out) == _outputs(tmp_path / "single")
 
 
 def test_a_worker_in_another_folder_records_what_resume_compares(tmp_path, tiny_checkpoint, monkeypatch):

@@ -1,7 +1,7 @@
 """Third-party chatter routed through Python logging, for the span of a call.
 
 NNCF logs INFO lines and draws progress bars on stdout through a handler and console of its own,
-and Polygraphy prints `[I]`/`[W]` lines itself. Inside `third_party_logs()` both go through `logging` instead ("nncf", "Polygraphy"),
+Polygraphy prints `[I]`/`[W]` lines itself, Ray warns through a console handler of its own. Inside `third_party_logs()` both go through `logging` instead ("nncf", "Polygraphy"),
 at WARNING unless lungrt's own logger is at DEBUG (`lungrt --verbose`). Everything is restored on
 exit: importing lungrt, or calling it, leaves the libraries as it found them.
 """
@@ -62,6 +62,28 @@ def _polygraphy_through_logging(level: int):
         G_LOGGER.use_python_logging_system = saved
 
 
+# Ray's console chatter for a run lungrt drives: Ray Data's notes that its own progress bars are off
+# (lungrt draws one) and on scheduling; the token-authentication notice of a cluster lungrt starts
+RAY_CHATTER = ("ray.data", "ray._private.authentication")
+
+
+@contextlib.contextmanager
+def _ray_quiet(level: int):
+    """Ray's loggers above raised to ERROR (DEBUG when verbose) for the span."""
+    if "ray" not in sys.modules:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in RAY_CHATTER]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, saved):
+            lg.setLevel(lv)
+
+
 class _LinesToLog:
     """A write-only text stream that logs each complete line (for libraries that print)."""
 
@@ -92,5 +114,5 @@ def third_party_logs(*modules: str, prints: str | None = None):
     level = logging.DEBUG if verbose() else logging.WARNING
     printed = (contextlib.redirect_stdout(_LinesToLog(logging.getLogger(prints), logging.DEBUG)) if prints
                else contextlib.nullcontext())
-    with _nncf_through_logging(level), _polygraphy_through_logging(level), printed:
+    with _nncf_through_logging(level), _polygraphy_through_logging(level), _ray_quiet(level), printed:
         yield

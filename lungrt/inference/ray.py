@@ -23,6 +23,7 @@ from lungrt.inference.infer import (InferOptions, Item, _error_row, _load, _writ
 from lungrt.inference.journal import lock_out_dir, write_summary
 from lungrt.data.io import XRay
 from lungrt.core.spec import PreprocessSpec
+from lungrt.core.logs import third_party_logs
 from lungrt.core.progress import progress_bar
 
 
@@ -37,20 +38,42 @@ def require_ray():
 
 def connect(address: str) -> None:
     """'local' starts a cluster on this machine; 'auto' joins the one running here; else an address."""
-    import logging
-
     ray = require_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # lungrt draws its own bar
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address == "local":
+    with third_party_logs("ray"):
+        if address == "local":
+            _start_loopback_cluster(ray, kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+
+
+def _start_loopback_cluster(ray, kwargs: dict) -> None:
+    """A one-machine cluster that listens and advertises on 127.0.0.1 only.
+
+    `ray.init(_node_ip_address="127.0.0.1")` is not enough: Ray swaps a loopback address for the
+    machine's external one (`services.resolve_ip_for_localhost`) and then listens on it too. Ray's
+    own switch for single-machine platforms (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read into
+    `ray_constants.ENABLE_RAY_CLUSTER`) makes it pick 127.0.0.1, and with that node address its
+    servers bind to loopback. The switch is flipped only around `ray.init`; every node's address
+    is then checked, so a Ray that ignores it is refused rather than exposed."""
+    from ray._private import ray_constants
+
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+    exposed = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["NodeManagerAddress"] != "127.0.0.1"})
+    if exposed:
+        ray.shutdown()
+        raise LungrtError(f"--ray local: Ray advertised {', '.join(exposed)} instead of 127.0.0.1; refusing to run a "
+                          "cluster reachable from other machines (start one yourself and pass its address)")
 
 
 def _read(row: dict, spec_json: str) -> dict:
@@ -155,7 +178,7 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
                             num_gpus=gpus_per_actor or None, batch_format="numpy")
         ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d,
                                           "qc_json": json.dumps(qc or {})})
-        with progress_bar() as bar:
+        with third_party_logs("ray"), progress_bar() as bar:
             task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
             for row in ds.iter_rows():
                 ok += row["status"] == "ok"
