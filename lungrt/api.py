@@ -36,8 +36,8 @@ class LungResult:
 
     mask: np.ndarray  # bool (H, W)
     probability: np.ndarray  # float32 (H, W), network probability resized to the original
-    right_lung_px: int  # the patient's right lung (the image's left side in a PA view)
-    left_lung_px: int
+    right_lung_px: int | None  # the patient's right lung (the image's left side in a PA view); None when the
+    left_lung_px: int | None   # DICOM header says it is not a frontal chest film (qc names why)
     lung_fraction: float
     mean_confidence: float
     right_lung_mm2: float | None = None  # when the file gives the pixel spacing (DICOM)

@@ -315,6 +315,9 @@ def infer(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable input."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (QC-flagged images first)."),
+    screen: str = typer.Option("flag", "--screen", help="DICOM whose header says not a frontal chest film (modality, body part, lateral view): flag (QC reasons, no areas) | skip (no mask)."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also a DICOM Segmentation (NAME.seg.dcm) per DICOM input."),
+    store: bool = typer.Option(False, "--store", help="DICOMweb input: send the DICOM SEGs back to that PACS (STOW-RS); implies --dicom-seg."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."),
     actors: int = typer.Option(1, min=1, help="--ray: inference actors (one runner each)."),
     gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--ray: GPUs reserved per actor."),
@@ -324,13 +327,28 @@ def infer(
     from lungrt.inference.infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
     from lungrt.backends.select import open_runner
 
-    opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess)
+    if screen not in ("flag", "skip"):
+        fail(f"--screen {screen!r}: choose flag or skip")
+    from lungrt.inference.dicomweb import is_dicomweb_url
+
+    pacs = [i for i in inputs if is_dicomweb_url(i)]
+    if store and not pacs:
+        fail("--store sends DICOM SEGs back to the PACS a DICOMweb input came from; give one (http://…/studies/UID)")
+    opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess, screen,
+                        dicom_seg or store)
     if not out_dir.strip():
         fail("--out is empty; name the output folder")
     check_json_path(json_path)
 
     def body():
-        items = collect_inputs(inputs, out_dir)
+        local = list(inputs)
+        if pacs:
+            from lungrt.inference.dicomweb import fetch
+            from lungrt.inference.infer import prepare_out_dir
+
+            folder = prepare_out_dir(Path(out_dir))
+            local = [str(fetch(i, folder)) if i in pacs else i for i in inputs]
+        items = collect_inputs(local, out_dir)
         if not items:
             fail("no supported images found in the inputs")
         if ray is not None:
@@ -347,6 +365,8 @@ def infer(
 
     summary = run_guarded(body)
     qc = f" ({summary['qc_flagged']} flagged by QC)" if summary.get("qc_flagged") else ""
+    if summary.get("screened_out"):
+        qc += f", {summary['screened_out']} skipped by header screening"
     run = summary.get("run", {})
     speed = (f"{summary['images_per_second']:.1f} img/s" if summary["ok"] + summary["failed"] else "nothing left to do")
     if len(run.get("invocations", [])) > 1:
@@ -356,6 +376,13 @@ def infer(
               f"{speed} on {summary['backend']} ({summary['model']}"
               + (f", sha256 {summary['artifact'][:16]}" if summary.get("artifact") else "") + "); "
               f"results: {summary['results_csv']}", highlight=False)
+    if store:
+        from lungrt.inference.dicomweb import store_segs
+
+        segs = sorted(Path(out_dir).rglob("*.seg.dcm"))
+        now, before = run_guarded(lambda: store_segs(pacs[0], Path(out_dir), segs))
+        out.print(f"stored {now} DICOM SEG instance{'s' if now != 1 else ''} on the PACS"
+                  + (f" ({before} stored by an earlier run)" if before else ""), highlight=False)
     write_json(json_path, summary)
     if report:
         from lungrt.inference.report import write_report

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time (idempotent) set-up: a .venv with torch and lungrt[dev,ray,rtx,openvino] installed.
+# One-time (idempotent) set-up: a .venv with torch and lungrt[dev,ray,rtx,openvino,dicom] installed.
 # torch is installed first so that lungrt's `torch>=2.4` range installs nothing more:
 #   - here (CPU machine): torch==2.13.0, the CPU build that pip finds on local disk, in seconds;
 #   - elsewhere: set LUNGRT_TORCH_SPEC / LUNGRT_TORCH_INDEX, e.g. for a CPU-only box
@@ -18,7 +18,7 @@ fi
 stamp=.venv/.lungrt-install-stamp
 want=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import lungrt" 2>/dev/null; then
-  "${pip[@]}" install -e ".[dev,ray,rtx,openvino]" 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import lungrt, onnxruntime, cv2, tensorrt_rtx, polygraphy, openvino" || { echo "setup: lungrt did not install" >&2; exit 1; }
+  "${pip[@]}" install -e ".[dev,ray,rtx,openvino,dicom]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import lungrt, onnxruntime, cv2, tensorrt_rtx, polygraphy, openvino, highdicom, pylibjpeg, gdcm" || { echo "setup: lungrt did not install" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -147,7 +147,7 @@ BROKEN = {
     "text.png": "not a recognised image",
     "bomb.png": "absurd dimensions",
     "tiny.png": "too small",
-    "compressed.dcm": "unsupported transfer syntax",
+    "compressed.dcm": "corrupt JPEG 2000",
     "notdicom.dcm": "DICOM",
 }
 

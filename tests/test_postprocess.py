@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 
@@ -81,3 +82,44 @@ def test_qc_features_equal_the_definitions_over_every_lung_pixel():
         inner = m.copy()
         inner[[0, 1, -2, -1], :] = inner[:, [0, 1, -2, -1]] = False
         assert f["border_fraction"] == pytest.approx((m.sum() - inner.sum()) / m.sum())
+
+
+def test_touching_lungs_are_split_at_the_mediastinum():
+    """Two lungs that meet (severe ARDS): one component across the midline. Each side gets its own
+    area (it used to give one side 0), split where the mask is narrowest between them."""
+    from lungrt.inference.postprocess import side_labels
+
+    m = np.zeros((200, 220), np.uint8)
+    cv2.ellipse(m, (70, 100), (45, 75), 0, 0, 360, 255, -1)  # the patient's right lung (image left), larger
+    cv2.ellipse(m, (150, 100), (35, 70), 0, 0, 360, 255, -1)
+    cv2.rectangle(m, (110, 80), (120, 95), 255, -1)  # where they touch
+    assert cv2.connectedComponents(m)[0] == 2  # background + one component
+    for clean in (True, False):
+        f = lung_fields(m, clean=clean)
+        assert 105 <= f.split_x <= 125 and f.right_px > f.left_px > 0
+        assert f.right_px + f.left_px == int((m > 0).sum())
+        labels = side_labels(f)
+        assert int((labels == 1).sum()) == f.right_px and int((labels == 2).sum()) == f.left_px
+    one = np.zeros((200, 220), np.uint8)
+    cv2.ellipse(one, (70, 100), (45, 75), 0, 0, 360, 255, -1)  # one lung only (the other opaque): no split
+    f = lung_fields(one)
+    assert f.split_x is None and f.left_px == 0 and f.right_px > 0
+
+
+def test_phantom_lungs_grown_together_keep_both_sides():
+    from lungrt.data.phantoms import make_phantom
+
+    for seed in range(4):
+        separate = lung_fields((make_phantom(seed, 256).mask > 0).astype(np.uint8) * 255)
+        truth = separate.mask  # the two lungs
+        cols = np.flatnonzero(separate.mask.any(axis=0))
+        gap = cols[np.flatnonzero(np.diff(cols) > 1)[0]: np.flatnonzero(np.diff(cols) > 1)[0] + 2]
+        merged = truth.copy()  # opacified lung joins them across the mediastinum: a band 12 rows high
+        rows = np.flatnonzero(truth[:, : gap[0] + 1].any(axis=1) & truth[:, gap[1]:].any(axis=1))  # both lungs
+        mid = int(np.median(rows))
+        in_row = np.flatnonzero(truth[mid])
+        merged[mid - 6: mid + 6, in_row[0]: in_row[-1] + 1] = 255
+        assert cv2.connectedComponents(merged)[0] == 2, seed
+        f = lung_fields(merged)
+        assert f.right_px > 0 and f.left_px > 0, seed
+        assert gap[0] <= f.split_x <= gap[1] + 1, (seed, gap, f.split_x)  # in the gap the lungs had before

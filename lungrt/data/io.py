@@ -6,6 +6,7 @@ and go on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -46,6 +47,7 @@ class XRay:
     spacing_mm: tuple[float, float] | None = None  # (row, column) pixel spacing when known
     bits: int = 8
     window: tuple[int, int, bool] | None = None  # uint16 images: (lowest, highest value, inverted)
+    header: dict | None = None  # DICOM: Modality, BodyPartExamined, ViewPosition (`dicom.header_facts`)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -240,6 +242,8 @@ def _to_unit(arr: np.ndarray, bits: int) -> np.ndarray:
 
 def _read_dicom(path: Path, max_pixels: int) -> XRay:
     import pydicom
+
+    from lungrt.data.dicom import decoding_plugin, header_facts, missing_decoder
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -259,22 +263,28 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
     _check_dimensions(path, cols, rows, max_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(path, "multi-frame DICOM is not a single radiograph")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is not None and (missing := missing_decoder(tsyntax)):
+        raise ImageReadError(path, missing)
     identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
                 and "ModalityLUTSequence" not in ds and "VOILUTSequence" not in ds and "WindowCenter" not in ds)
     stored = int(ds.get("BitsStored", 16) or 16)
     unsigned16 = int(ds.get("BitsAllocated", 0) or 0) == 16 and int(ds.get("PixelRepresentation", 0) or 0) == 0
+    options = {}
+    if identity and unsigned16:
+        # pydicom clears the unused high bits with two full-size shifts (2 ms at 12 MP); they are
+        # almost always zero already, so they are checked below and cleared only when set
+        options["correct_unused_bits"] = False
+    if tsyntax is not None and (plugin := decoding_plugin(tsyntax)):
+        options["decoding_plugin"] = plugin
     try:
-        if identity and unsigned16:
-            # pydicom clears the unused high bits with two full-size shifts (2 ms at 12 MP); they are
-            # almost always zero already, so they are checked below and cleared only when set
-            ds.pixel_array_options(correct_unused_bits=False)
+        if options:
+            ds.pixel_array_options(**options)
         raw = ds.pixel_array
     except Exception as e:
-        tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(tsyntax, "name", str(tsyntax))
-        raise ImageReadError(
-            path, f"unsupported transfer syntax {name} or corrupt pixel data ({type(e).__name__}: {e})"
-        ) from None
+        raise ImageReadError(path, f"corrupt {name} pixel data ({type(e).__name__}: {e})") from None
+    header = header_facts(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if raw.ndim == 3 and photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
         raw = raw.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -284,13 +294,14 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
         xray = _windowed(path, raw, _dicom_spacing(ds), stored, photometric == "MONOCHROME1")
         if unsigned16 and xray.window[1] >> stored:  # set high bits (an old overlay plane): clear them as pydicom would
             xray = _windowed(path, np.bitwise_and(raw, (1 << stored) - 1), xray.spacing_mm, stored, photometric == "MONOCHROME1")
+        xray.header = header
         return xray
     values = apply_modality_lut(raw, ds)  # Rescale Slope/Intercept
     values = apply_voi_lut(values, ds)  # VOI LUT sequence or Window Center/Width
     values = _to_unit(np.asarray(values, dtype=np.float64), 16)
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         values = 1.0 - values
-    return XRay(str(path), values, _dicom_spacing(ds), stored)
+    return XRay(str(path), values, _dicom_spacing(ds), stored, header=header)
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -332,6 +343,25 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: str | Path):
+    """A text file written as a stream and renamed into place when the block ends (durable, like
+    `atomic_write_bytes`); on an error the temp file is removed and `path` left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~process_umask())
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,7 +15,6 @@ import fnmatch
 import functools
 import glob
 import hashlib
-import io
 import os
 import time
 from collections import deque
@@ -27,10 +26,11 @@ import cv2
 import numpy as np
 
 from lungrt.core.errors import ImageReadError, LungrtError, one_line
-from lungrt.data.io import TEMP_SUFFIX, atomic_write_bytes, is_special_file, is_supported, read_xray, sync_filesystem
+from lungrt.data.io import TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, is_special_file, is_supported, read_xray, sync_filesystem
 from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
 from lungrt.core.plots import overlay
-from lungrt.inference.postprocess import lung_fields
+from lungrt.data.dicom import screen
+from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
 from lungrt.inference.qc import FEATURES as QC_FEATURES
 from lungrt.inference.qc import QCThresholds, features as qc_features, verdict as qc_verdict
 from lungrt.core.progress import progress_bar
@@ -42,7 +42,7 @@ EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 CSV_FIELDS = ["path", "width", "height", "status", "error", "qc", "lung_fraction", "right_lung_px", "left_lung_px",
               "right_lung_mm2", "left_lung_mm2", "mean_confidence", *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
-              "backend", "model", "mask"]
+              "backend", "model", "mask", "dicom_seg"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,11 @@ class InferOptions:
     resume: bool = False
     strict: bool = False
     postprocess: bool = True
+    screen: str = "flag"  # DICOM header says not a frontal chest film: "flag" (QC reasons) or "skip" (no mask)
+    dicom_seg: bool = False  # also a DICOM Segmentation per DICOM input (NAME.seg.dcm)
 
 
-OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png")
+OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png", ".seg.dcm")
 MAX_NAME_BYTES = 160  # leaves room for ".overlay.png" and the temp-file affixes under NAME_MAX (255)
 
 
@@ -203,9 +205,12 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None) -> list
     return sorted(items, key=lambda it: str(it.rel))
 
 
-def outputs_for(out_dir: Path, item: Item, opts: InferOptions) -> dict[str, Path]:
+def outputs_for(out_dir: Path, item: Item, opts: InferOptions, seg: bool = False) -> dict[str, Path]:
+    """The files one input gets; `seg`: its DICOM Segmentation too (a DICOM input, --dicom-seg)."""
     base = out_dir / item.rel
     paths = {"mask": base.with_name(base.name + ".mask.png")}
+    if seg:
+        paths["seg"] = base.with_name(base.name + ".seg.dcm")
     if opts.overlay:
         paths["overlay"] = base.with_name(base.name + ".overlay.png")
     if opts.probabilities:
@@ -227,12 +232,16 @@ def is_done(out_dir: Path, item: Item, opts: InferOptions, records: dict[str, di
     """Done = an ok record whose outputs all exist with the sizes it recorded (a file cut short by
     a power loss, since per-image files are not fsynced, is redone)."""
     row = records.get(str(item.rel))
-    if row is None or row.get("status") != "ok":
+    if row is None or row.get("status") not in ("ok", "skipped"):
         return False
     if row.get("source_stat") != source_stat(item.file):  # replaced by another image since
         return False
+    if row["status"] == "skipped":  # screened out by its header: it has no outputs
+        return True
+    if opts.dicom_seg and row.get("dicom") and not row.get("dicom_seg"):  # done before without its SEG
+        return False
     sizes = row.get("sizes", {})
-    for kind, p in outputs_for(out_dir, item, opts).items():
+    for kind, p in outputs_for(out_dir, item, opts, seg=opts.dicom_seg and "seg" in sizes).items():
         try:
             if p.stat().st_size != sizes.get(kind, -1):
                 return False
@@ -287,6 +296,18 @@ def _write_record(out_dir: Path, item: Item, row: dict) -> dict:
     return journal_for(out_dir).append({"rel": str(item.rel), **row})
 
 
+def screened_out(xray, opts: InferOptions) -> list[str]:
+    """The header-screening reasons that make `--screen skip` leave this input without a mask."""
+    return screen(getattr(xray, "header", None)) if opts.screen == "skip" else []
+
+
+def _skipped_row(item: Item, xray, reasons: list[str], runner: Runner) -> dict:
+    h, w = xray.shape
+    return {"path": display_path(item.source), "width": w, "height": h, "status": "skipped", "error": "",
+            "qc": ";".join(reasons), "backend": runner.describe(), "model": runner.info.name, "sizes": {},
+            "source_stat": source_stat(item.file)}
+
+
 def _error_row(item: Item, reason: str, runner: Runner) -> dict:
     return {"path": display_path(item.source), "status": "error", "error": one_line(reason), "backend": runner.describe(),
             "model": runner.info.name}
@@ -308,8 +329,8 @@ class Measured:
     """One image's segmentation at its original size, and what is measured on it."""
 
     mask: np.ndarray  # uint8 0/255 (H, W), after the clean-up when asked
-    right_px: int
-    left_px: int
+    right_px: int | None  # None: the header says this is not a frontal chest film (not measured)
+    left_px: int | None
     lung_fraction: float
     right_mm2: float | None
     left_mm2: float | None
@@ -318,6 +339,7 @@ class Measured:
     qc_features: dict
     prob_small: np.ndarray  # the network's own (size, size) probabilities
     spec: PreprocessSpec
+    fields: LungFields  # the mask as measured (sides, and where touching lungs were split)
 
     @property
     def probability(self) -> np.ndarray:
@@ -332,11 +354,18 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
     feats = qc_features(prob_small)
     lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
     h, w = xray.shape
-    px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm else None
-    return Measured(lungs.mask, lungs.right_px, lungs.left_px, round(lungs.area_px / (h * w), 6),
-                    round(lungs.right_px * px_mm2, 2) if px_mm2 else None, round(lungs.left_px * px_mm2, 2) if px_mm2 else None,
-                    _mean_confidence(prob_small, lungs.mask), qc_verdict(feats, qc),
-                    {k: round(v, 5) for k, v in feats.items()}, prob_small, spec)
+    verdict = qc_verdict(feats, qc)
+    screened = screen(getattr(xray, "header", None))
+    if screened:  # not a frontal chest film by its header: flagged, and its "lung areas" are not measurements
+        verdict = ";".join(screened + ([] if verdict == "ok" else verdict.split(";")))
+        right = left = None
+    else:
+        right, left = lungs.right_px, lungs.left_px
+    px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm and right is not None else None
+    return Measured(lungs.mask, right, left, round(lungs.area_px / (h * w), 6),
+                    round(right * px_mm2, 2) if px_mm2 else None, round(left * px_mm2, 2) if px_mm2 else None,
+                    _mean_confidence(prob_small, lungs.mask), verdict,
+                    {k: round(v, 5) for k, v in feats.items()}, prob_small, spec, lungs)
 
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
@@ -347,20 +376,36 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR))
     if opts.probabilities:
         files["probability"] = _png(cv2.convertScaleAbs(m.probability, alpha=255.0))
-    paths = outputs_for(out_dir, item, opts)
+    dicom = getattr(xray, "header", None) is not None
+    seg_note = ""
+    if opts.dicom_seg and dicom:
+        labels = side_labels(m.fields)
+        if labels.any():
+            from lungrt.inference.dicom_seg import segmentation_bytes
+
+            artifact = getattr(runner, "content_hash", None) or getattr(runner, "weights_id", None)
+            files["seg"] = segmentation_bytes(item.file, labels, runner.info.name, artifact)
+        else:
+            seg_note = "empty mask: no SEG"
+    paths = outputs_for(out_dir, item, opts, seg="seg" in files)
     for kind, data in files.items():
         atomic_write_bytes(paths[kind], data, durable=False)
     h, w = xray.shape
     row = {
         "path": display_path(item.source), "width": w, "height": h, "status": "ok", "error": "",
-        "lung_fraction": m.lung_fraction, "right_lung_px": m.right_px, "left_lung_px": m.left_px,
-        "right_lung_mm2": "" if m.right_mm2 is None else m.right_mm2, "left_lung_mm2": "" if m.left_mm2 is None else m.left_mm2,
+        "lung_fraction": m.lung_fraction, "right_lung_px": _blank(m.right_px), "left_lung_px": _blank(m.left_px),
+        "right_lung_mm2": _blank(m.right_mm2), "left_lung_mm2": _blank(m.left_mm2),
         "mean_confidence": m.mean_confidence, "qc": m.qc,
         **{f"qc_{k}": v for k, v in m.qc_features.items() if k != "lung_fraction"},
         "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
         "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.file),
+        "dicom": dicom, "dicom_seg": str(paths["seg"].relative_to(out_dir)) if "seg" in paths else seg_note,
     }
     return _write_record(out_dir, item, row)
+
+
+def _blank(value):
+    return "" if value is None else value
 
 
 def _mean_confidence(prob_small: np.ndarray, mask: np.ndarray) -> float:
@@ -386,15 +431,14 @@ def _load(item: Item, spec):
 def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
     sync_filesystem(out_dir)  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
     records = read_records(out_dir)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for it in items:
-        r = records.get(str(it.rel))
-        if r is not None:
-            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
     path = out_dir / "results.csv"
-    atomic_write_bytes(path, buf.getvalue().encode())
+    with atomic_text_file(path) as f:  # row by row: a million inputs never sit in memory at once
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for it in items:
+            r = records.get(str(it.rel))
+            if r is not None:
+                w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
     return path
 
 
@@ -463,7 +507,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     todo = todo_items(out_dir, items, opts, run_identity(runner, opts))
     skipped = len(items) - len(todo)
     batch_size = effective_batch(opts, items, runner)
-    ok = failed = flagged = 0
+    ok = failed = flagged = screened = 0
     stopped = False
     window = max(batch_size * 3, opts.workers * 2)
     fatal: list[OSError] = []
@@ -522,6 +566,15 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
                     stopped = True
                     break
                 continue
+            if reasons := screened_out(xr, opts):
+                try:
+                    _write_record(out_dir, item, _skipped_row(item, xr, reasons, runner))
+                except OSError as e:
+                    fatal.append(e)
+                    break
+                screened += 1
+                bar.advance(task)
+                continue
             batch.append((item, xr, tensor, None))
             if len(batch) == batch_size:
                 flush(batch)
@@ -537,7 +590,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     csv_path = write_results_csv(out_dir, items)
     elapsed = time.perf_counter() - t0
     summary = {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed,
-               "qc_flagged": flagged,
+               "qc_flagged": flagged, "screened_out": screened,
                "stopped_early": stopped, "seconds": elapsed,
                "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
                "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name,

@@ -12,6 +12,7 @@ input overrides an earlier one.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 import fcntl
 import functools
 import json
@@ -158,14 +159,44 @@ def start_fresh(out_dir: str | Path) -> None:
     shutil.rmtree(records_folder(out_dir), ignore_errors=True)
 
 
-def read_records(out_dir: str | Path) -> dict[str, dict]:
+class Records(Mapping):
+    """Latest row per input (keyed by its output stem), over every journal in an output folder.
+
+    Only where each input's latest line lies is held (file, offset, length): a parsed row costs
+    ~2.5 KB of memory, a location ~0.15 KB, so 20,000 inputs hold 3 MB rather than 50, and a
+    million stay in reach. Rows are parsed when asked for, read back with pread."""
+
+    def __init__(self, out_dir: str | Path):
+        self._files: list[Path] = sorted(records_folder(out_dir).glob("*.jsonl"))
+        self._where: dict[str, tuple[int, int, int]] = {}
+        for i, f in enumerate(self._files):
+            offset = 0
+            for line in f.read_bytes().splitlines(keepends=True):
+                rel = _rel_of(line)
+                if rel is not None:
+                    self._where[rel] = (i, offset, len(line))
+                offset += len(line)
+
+    def __getitem__(self, rel: str) -> dict:
+        i, offset, length = self._where[rel]
+        with open(self._files[i], "rb") as f:
+            f.seek(offset)
+            return json.loads(f.read(length))
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _rel_of(line: bytes) -> str | None:
+    try:
+        return json.loads(line)["rel"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a power loss: its input is simply redone
+
+
+def read_records(out_dir: str | Path) -> Records:
     """Latest row per input (keyed by its output stem), over every journal in `out_dir`."""
-    rows: dict[str, dict] = {}
-    for f in sorted(records_folder(out_dir).glob("*.jsonl")):
-        for line in f.read_bytes().splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["rel"]] = row
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a power loss: its input is simply redone
-    return rows
+    return Records(out_dir)

@@ -19,6 +19,7 @@ class LungFields:
     mask: np.ndarray  # uint8, 0/255, the image's size
     right_px: int  # the patient's right lung: the image's left half in a PA view
     left_px: int
+    split_x: int | None = None  # lungs that touch: the column they were split at (the mediastinum)
 
     @property
     def area_px(self) -> int:
@@ -27,10 +28,11 @@ class LungFields:
 
 def lung_fields(mask: np.ndarray, clean: bool = True) -> LungFields:
     """Measure a binary mask (bool, or uint8 with non-zero = lung); with `clean`, keep its two largest components with holes filled.
-    Each component goes to the side of the image its centroid lies on."""
+    Each component goes to the side of the image its centroid lies on; lungs that touch (one
+    component across the midline) are split at the mediastinum (`_touching_lungs`)."""
     u8 = mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8)  # OpenCV: non-zero is foreground
     if not clean:
-        return _measure_components(u8)
+        return _touching_lungs(_measure_components(u8))
     contours, _ = cv2.findContours(u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     drawn = np.zeros(u8.shape, np.uint8)
     sides, before = [0, 0], 0
@@ -40,7 +42,44 @@ def lung_fields(mask: np.ndarray, clean: bool = True) -> LungFields:
         now = cv2.countNonZero(drawn)
         sides[_centroid_x(c) >= u8.shape[1] / 2] += now - before
         before = now
-    return LungFields(drawn, sides[0], sides[1])
+    return _touching_lungs(LungFields(drawn, sides[0], sides[1]))
+
+
+# a mask counts as both lungs when it reaches this share of the image width past the midline on each side
+TOUCHING_REACH = 0.10
+
+
+def _touching_lungs(fields: LungFields) -> LungFields:
+    """One side empty although the mask spans both sides of the midline: the lungs touch (severe
+    consolidation, ARDS, a mask drawn over the heart). Split at the mediastinum: the column with
+    the fewest mask pixels in the central 30 % of the mask's own width. A single lung that stays on
+    its side keeps the other side at 0, as it should."""
+    if fields.right_px and fields.left_px or not fields.area_px:
+        return fields
+    per_column = cv2.reduce(fields.mask, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel() // 255
+    xs = np.flatnonzero(per_column)
+    w = fields.mask.shape[1]
+    x0, x1 = int(xs[0]), int(xs[-1])
+    if x0 > w / 2 - TOUCHING_REACH * w or x1 < w / 2 + TOUCHING_REACH * w:
+        return fields
+    lo, hi = x0 + int(0.35 * (x1 - x0)), x1 - int(0.35 * (x1 - x0))  # the central 30 %: where the mediastinum is
+    split = lo + int(np.argmin(per_column[lo: hi + 1]))
+    right = int(per_column[:split].sum())
+    return LungFields(fields.mask, right, int(per_column[split:].sum()), split)
+
+
+def side_labels(fields: LungFields) -> np.ndarray:
+    """uint8 labels at the mask's size: 1 the patient's right lung, 2 the left, 0 background; the
+    same assignment the areas were measured with (a DICOM SEG's two segments)."""
+    labels = np.zeros(fields.mask.shape, np.uint8)
+    if fields.split_x is not None:
+        labels[:, : fields.split_x][fields.mask[:, : fields.split_x] > 0] = 1
+        labels[:, fields.split_x:][fields.mask[:, fields.split_x:] > 0] = 2
+        return labels
+    n, comp, _, centroids = cv2.connectedComponentsWithStats((fields.mask > 0).view(np.uint8), connectivity=8)
+    side = np.zeros(n, np.uint8)
+    side[1:] = np.where(centroids[1:, 0] < fields.mask.shape[1] / 2, 1, 2)
+    return side[comp]
 
 
 def _centroid_x(contour: np.ndarray) -> float:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import (InferOptions, Item, _error_row, _load, _write_record, finish_one, prepare_out_dir,
-                    remove_partial_writes, todo_items, write_results_csv)
+from lungrt.inference.infer import (InferOptions, Item, _error_row, _load, _skipped_row, _write_record, finish_one,
+                    prepare_out_dir, remove_partial_writes, screened_out, todo_items, write_results_csv)
 from lungrt.inference.journal import lock_out_dir, write_summary
 from lungrt.data.io import XRay
 from lungrt.core.spec import PreprocessSpec
@@ -83,9 +83,10 @@ def _read(row: dict, spec_json: str) -> dict:
     if err is not None:
         s = spec.size
         return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "image": np.zeros((1, 1), np.uint8),
-                "spacing": np.zeros(2, np.float64), "bits": 0}
+                "spacing": np.zeros(2, np.float64), "bits": 0, "header": "{}"}
     return {**row, "error": "", "tensor": tensor, "image": xr.gray8,  # one dtype for every row; all the writer needs
-            "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits}
+            "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits,
+            "header": json.dumps(xr.header or {})}
 
 
 class InferActor:
@@ -126,12 +127,17 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
     item = Item(Path(row["source"]), Path(row["rel"]), where=Path(row["abs"]))  # shown as typed, read by absolute path
     spec = PreprocessSpec.from_json(spec_json)
     view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json))
+    options = InferOptions(**opts)
     if row["error"]:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
     else:
         sp = tuple(float(v) for v in row["spacing"])
-        xr = XRay(str(item.source), np.asarray(row["image"]), sp if sp[0] > 0 else None, int(row["bits"]))
-        rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, InferOptions(**opts))
+        xr = XRay(str(item.source), np.asarray(row["image"]), sp if sp[0] > 0 else None, int(row["bits"]),
+                  header=json.loads(str(row["header"])) or None)
+        if reasons := screened_out(xr, options):
+            rec = _write_record(Path(out_dir), item, _skipped_row(item, xr, reasons, view))
+        else:
+            rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
     return {"status": rec["status"], "qc": str(rec.get("qc") or "")}
 
 
@@ -166,7 +172,7 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
     opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
     connect(address)
     t0 = time.perf_counter()
-    ok = failed = flagged = 0
+    ok = failed = flagged = screened = 0
     if todo:
         spec_json = spec.to_json()
         opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
@@ -182,13 +188,14 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
             task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
             for row in ds.iter_rows():
                 ok += row["status"] == "ok"
-                failed += row["status"] != "ok"
+                failed += row["status"] == "error"
+                screened += row["status"] == "skipped"
                 flagged += row["status"] == "ok" and row["qc"] not in ("", "ok")
                 bar.advance(task)
     elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
-    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed, "qc_flagged": flagged,
-            "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
+    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
+               "qc_flagged": flagged, "screened_out": screened, "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
             "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
             "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
     return write_summary(out_dir, summary)

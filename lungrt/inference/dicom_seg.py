@@ -1,0 +1,67 @@
+"""A DICOM Segmentation instance for one DICOM input (`lungrt infer --dicom-seg`), with highdicom.
+
+Binary, at the source image's geometry, referencing the source SOP instance (and through it its
+series and study: the SEG joins the source's study as a new series). One segment per lung, the
+patient's right lung and left lung (SNOMED CT "Right lung structure" / "Left lung structure"), as
+the areas in results.csv were measured; a side with no pixels has no segment. The algorithm
+identification names lungrt, the model and the content hash of the weights or artifact that ran.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from lungrt._version import __version__
+
+RIGHT_LUNG = ("3341006", "SCT", "Right lung structure")
+LEFT_LUNG = ("44029006", "SCT", "Left lung structure")
+# all SEGs of one run form one series per source series: the UID is derived, not random, so that a
+# resumed run adds to the same series
+_SERIES_ROOT = "lungrt-seg-series"
+
+
+def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artifact: str | None) -> bytes:
+    """Part-10 bytes of the SEG for `source` (a DICOM file) from `labels` (0 background, 1 the
+    patient's right lung, 2 the left, at the source's size)."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    if labels.shape != (int(src.Rows), int(src.Columns)):
+        raise ValueError(f"mask {labels.shape} is not the source's {int(src.Rows)}x{int(src.Columns)}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"lungrt {model}", version=(artifact or __version__)[:64], family=codes.cid7162.ArtificialIntelligence,
+        source="lungrt", parameters={"lungrt": __version__, "artifact_sha256": artifact or "n/a"})
+    segments, remapped = [], np.zeros(labels.shape, np.uint8)
+    for value, (code, scheme, meaning) in ((1, RIGHT_LUNG), (2, LEFT_LUNG)):
+        if not (labels == value).any():
+            continue
+        number = len(segments) + 1
+        remapped[labels == value] = number
+        segments.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=meaning, segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(code, scheme, meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+    if not segments:
+        raise ValueError("the mask is empty: no segment to write")
+    seg = hd.seg.Segmentation(
+        source_images=[src], pixel_array=remapped, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SeriesInstanceUID), model]),
+        series_number=9000,
+        sop_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SOPInstanceUID), model, artifact or ""]),
+        instance_number=int(src.get("InstanceNumber", 1) or 1), manufacturer="lungrt",
+        manufacturer_model_name=model[:64], software_versions=__version__, device_serial_number="lungrt",
+        series_description=f"lungrt {model} lung fields"[:64])
+    if "FrameOfReferenceUID" not in src:
+        # General Image module, type 2C without a frame of reference (projection radiographs): the
+        # SEG shares the source's pixel grid, so its orientation too (empty when the source has none)
+        seg.PatientOrientation = src.get("PatientOrientation", "")
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,133 @@
+"""A real PACS round trip: Orthanc with its DICOMweb plugin, started by the test on a free port with a
+throw-away config and storage folder (DICOM port off, remote access refused), then stopped.
+`lungrt infer http://…/studies/UID --store` fetches the study, segments it and stores DICOM SEGs
+back over STOW-RS; a resumed run stores nothing twice; an unreachable PACS and an unknown study
+are one line each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lungrt.cli import app
+from lungrt.data.dicom import write_dicom
+from lungrt.data.io import read_mask
+from lungrt.data.phantoms import make_phantom
+
+runner = CliRunner()
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+pytestmark = pytest.mark.skipif(not (shutil.which("Orthanc") and DICOMWEB_PLUGIN.exists()),
+                                reason="Orthanc not installed: apt-get install orthanc orthanc-dicomweb")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    pytest.importorskip("dicomweb_client", reason="pip install 'lungrt[dicom]'")
+    home = tmp_path_factory.mktemp("orthanc")
+    port = _free_port()
+    config = {"Name": "lungrt-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
+              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (home / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(["Orthanc", str(home / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=open(home / "orthanc.log", "w"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/system", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"Orthanc exited: {(home / 'orthanc.log').read_text()[-1500:]}")
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("Orthanc did not answer within 60 s")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _upload_study(base: str, folder: Path, n: int = 3) -> str:
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    for i in range(n):
+        path = folder / f"cxr_{i}.dcm"
+        write_dicom(path, (make_phantom(40 + i, 128).image * 4000).astype(np.uint16), "rle" if i else "explicit-le",
+                    study_uid=study, series_uid=series)
+        req = urllib.request.Request(f"{base}/instances", data=path.read_bytes(), method="POST",
+                                     headers={"Content-Type": "application/dicom"})
+        assert json.loads(urllib.request.urlopen(req, timeout=30).read())["Status"] == "Success"
+    return study
+
+
+def _infer(*args: str):
+    return runner.invoke(app, ["infer", *args])
+
+
+def test_a_study_from_the_pacs_comes_back_as_dicom_seg(orthanc, tmp_path, tiny_checkpoint):
+    from dicomweb_client.api import DICOMwebClient
+
+    study = _upload_study(orthanc, tmp_path)
+    url = f"{orthanc}/dicom-web/studies/{study}"
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--model", str(tiny_checkpoint), "--backend", "torch", "--batch-size", "2"]
+    res = _infer(url, *common, "--store")
+    assert res.exit_code == 0, res.output
+    assert "stored 3 DICOM SEG instances on the PACS" in res.output
+
+    client = DICOMwebClient(url=f"{orthanc}/dicom-web")
+    segs = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SEG"})
+    assert len(segs) == 3
+    sources = {e["00080018"]["Value"][0] for e in client.search_for_instances(
+        study_instance_uid=study, search_filters={"Modality": "DX"})}
+    for entry in segs:
+        seg = client.retrieve_instance(study, entry["0020000E"]["Value"][0], entry["00080018"]["Value"][0])
+        source = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        assert source in sources
+        local = next(out.rglob(f"{source}.mask.png"))  # the same pipeline's mask, from the fetched file
+        frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+        assert np.array_equal(frames.max(axis=0) > 0, read_mask(local) > 0)
+
+    again = _infer(url, *common, "--store", "--resume")
+    assert again.exit_code == 0, again.output
+    assert "3 already done" in again.output and "stored 0 DICOM SEG instances" in again.output
+    assert "(3 stored by an earlier run)" in again.output
+    assert len(client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SEG"})) == 3
+
+
+def test_pacs_unreachable_and_unknown_study_are_one_line(orthanc, tmp_path, tiny_checkpoint):
+    from pydicom.uid import generate_uid
+
+    common = ["--model", str(tiny_checkpoint), "--backend", "torch"]
+    closed = f"http://127.0.0.1:{_free_port()}/dicom-web/studies/{generate_uid()}"
+    res = _infer(closed, "--out", str(tmp_path / "a"), *common)
+    assert res.exit_code == 2 and "PACS unreachable" in res.output and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    unknown = f"{orthanc}/dicom-web/studies/{generate_uid()}"
+    res = _infer(unknown, "--out", str(tmp_path / "b"), *common)
+    assert res.exit_code == 2 and ("no instances" in res.output or "not found" in res.output), res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_store_needs_a_pacs_input(tmp_path, tiny_checkpoint):
+    res = _infer(str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--store")
+    assert res.exit_code == 2 and "DICOMweb input" in res.output
