@@ -120,27 +120,30 @@ def _kill_a_worker_node(cluster, node, ckpt: str, src: Path, out: Path) -> dict:
 
 
 def _kill_the_driver(address: str, ckpt: str, src: Path, out: Path) -> dict:
+    """A driver process SIGKILLed mid-run; `--resume` (from this process, another driver) finishes."""
     proc = subprocess.Popen(driver_cmd(ckpt, str(src), out, address), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_records(out, 4, alive=lambda: proc.poll() is None)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: the cluster and its workers stay up
     proc.wait()
     done = settle(out)
-    res = subprocess.run(driver_cmd(ckpt, str(src), out, address) + ["--resume"], capture_output=True, text=True,
-                         timeout=300)
+    res = cli(driver_cmd(ckpt, str(src), out, address)[4:] + ["--resume"])
     summary = json.loads(Path(str(out) + ".summary.json").read_text())
-    return {"done_before_resume": done, "exit_code": res.returncode, "stderr": res.stderr[-2000:],
+    return {"done_before_resume": done, "exit_code": res["exit_code"], "stderr": res["output"],
             "summary": {k: summary[k] for k in ("ok", "failed", "skipped_done")}}
 
 
 def _relative_paths(address: str, ckpt: str, src: Path, work: Path) -> dict:
-    rel_src = os.path.relpath(src, work)
-    first = subprocess.run(driver_cmd(ckpt, rel_src, Path("relative"), address), cwd=work, capture_output=True,
-                           text=True, timeout=300)
-    again = subprocess.run(driver_cmd(ckpt, rel_src, Path("relative"), address) + ["--resume"], cwd=work,
-                           capture_output=True, text=True, timeout=300)
+    """Inputs and --out given relative to the driver's folder (not the Ray workers'), then --resume."""
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        args = driver_cmd(ckpt, os.path.relpath(src, work), Path("relative"), address)[4:]
+        first, again = cli(args), cli(args + ["--resume"])
+    finally:
+        os.chdir(here)
     summary = json.loads((work / "relative.summary.json").read_text())
-    return {"exit_codes": [first.returncode, again.returncode], "stderr": (first.stderr + again.stderr)[-2000:],
+    return {"exit_codes": [first["exit_code"], again["exit_code"]], "stderr": first["output"] + again["output"],
             "resumed": {k: summary[k] for k in ("ok", "failed", "skipped_done")},
             "stats_recorded": all(r.get("source_stat") for r in read_records(work / "relative").values())}
 

@@ -29,8 +29,12 @@ KERNEL_DEPENDENT = ["tests/test_cpu_int8.py", "tests/test_openvino.py"]
 @pytest.mark.parametrize("cap", sorted(CAPS))
 def test_kernel_dependent_tests_pass_under_an_emulated_instruction_set(cap):
     flag, aten = CAPS[cap]
-    if flag not in cpu_flags():
+    flags = cpu_flags()
+    if flag not in flags:
         pytest.skip(f"this CPU has no {flag}: oneDNN cannot be capped to {cap} here")
+    if cap == "AVX512_CORE_VNNI" and "amx_int8" not in flags:
+        # the native run is already this class's INT8 (VNNI, no AMX); the AVX2 run covers a CPU without bf16
+        pytest.skip("this CPU is of that class already (AVX-512 VNNI, no AMX): the native run covers it")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ATEN_CPU_CAPABILITY": aten}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_DEPENDENT],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)

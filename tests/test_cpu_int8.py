@@ -254,7 +254,8 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
                                                                  ("onnxruntime", "int8"), ("openvino", "int8")}
     passing = [c for c in timed if c["gate"]["passed"]]
     top = max(c["img_per_s"] for c in passing)
-    best = max((c for c in passing if c["img_per_s"] >= 0.90 * top), key=lambda c: c["parity"]["mask_agreement"])
+    # the rule: the fastest, or within 10 % of it the most faithful (equal agreement: the faster)
+    best = max((c for c in passing if c["img_per_s"] >= 0.90 * top), key=lambda c: (c["parity"]["mask_agreement"], c["img_per_s"]))
     assert report["choice"] == f"{best['backend']} {best['precision']}"
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
     recorded = json.loads(record.read_text())

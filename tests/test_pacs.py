@@ -29,6 +29,14 @@ pytestmark = pytest.mark.skipif(not (shutil.which("Orthanc") and DICOMWEB_PLUGIN
                                 reason="Orthanc not installed: apt-get install orthanc orthanc-dicomweb")
 
 
+# a PACS that refuses some instances: SEGs of patient REFUSE-SEG (a failing STOW-RS, for real)
+REFUSE_SEGS = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  return not (dicom.Modality == 'SEG' and dicom.PatientID == 'REFUSE-SEG')
+end
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,8 +51,9 @@ def orthanc(tmp_path_factory):
     config = {"Name": "lungrt-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
               "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "LuaScripts": [str(home / "refuse.lua")]}
     (home / "orthanc.json").write_text(json.dumps(config))
+    (home / "refuse.lua").write_text(REFUSE_SEGS)
     proc = subprocess.Popen(["Orthanc", str(home / "orthanc.json")], stdout=subprocess.DEVNULL,
                             stderr=open(home / "orthanc.log", "w"))
     base = f"http://127.0.0.1:{port}"
@@ -65,7 +74,8 @@ def orthanc(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def _upload_study(base: str, folder: Path, n: int = 3) -> str:
+def _upload_study(base: str, folder: Path, n: int = 3, patient: str | None = None) -> str:
+    import pydicom
     from pydicom.uid import generate_uid
 
     study, series = generate_uid(), generate_uid()
@@ -73,6 +83,10 @@ def _upload_study(base: str, folder: Path, n: int = 3) -> str:
         path = folder / f"cxr_{i}.dcm"
         write_dicom(path, (make_phantom(40 + i, 128).image * 4000).astype(np.uint16), "rle" if i else "explicit-le",
                     study_uid=study, series_uid=series)
+        if patient:
+            ds = pydicom.dcmread(path)
+            ds.PatientID = patient
+            ds.save_as(path)
         req = urllib.request.Request(f"{base}/instances", data=path.read_bytes(), method="POST",
                                      headers={"Content-Type": "application/dicom"})
         assert json.loads(urllib.request.urlopen(req, timeout=30).read())["Status"] == "Success"
@@ -131,3 +145,17 @@ def test_pacs_unreachable_and_unknown_study_are_one_line(orthanc, tmp_path, tiny
 def test_store_needs_a_pacs_input(tmp_path, tiny_checkpoint):
     res = _infer(str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--store")
     assert res.exit_code == 2 and "DICOMweb input" in res.output
+
+
+def test_a_refused_stow_is_one_line_and_keeps_the_local_outputs(orthanc, tmp_path, tiny_checkpoint):
+    study = _upload_study(orthanc, tmp_path, n=2, patient="REFUSE-SEG")
+    url = f"{orthanc}/dicom-web/studies/{study}"
+    out = tmp_path / "out"
+    common = ["--out", str(out), "--model", str(tiny_checkpoint), "--backend", "torch"]
+    res = _infer(url, *common, "--store")
+    assert res.exit_code == 2 and "the PACS refused it" in res.output and "Traceback" not in res.output, res.output
+    assert "0 stored now" in res.output
+    assert len(list(out.rglob("*.mask.png"))) == 2 and len(list(out.rglob("*.seg.dcm"))) == 2
+    assert (out / "results.csv").exists()
+    again = _infer(url, *common, "--dicom-seg", "--resume")  # the local run is complete; nothing redone
+    assert again.exit_code == 0 and "2 already done" in again.output, again.output

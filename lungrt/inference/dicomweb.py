@@ -3,8 +3,9 @@
 An input `http(s)://HOST/ROOT/studies/STUDY[/series/SERIES]` is listed with QIDO-RS and its
 instances fetched with WADO-RS into `OUT/.lungrt-dicomweb/STUDY/SERIES/SOP.dcm`, where the usual
 pipeline reads them like local files (one fetched before is not fetched again, so `--resume`
-compares them like any input). `--store` sends the run's DICOM SEG instances back with STOW-RS and
-records each stored one in `OUT/.lungrt-records/stored.txt`, so a resumed run stores only the rest.
+compares them like any input). `--store` sends the run's DICOM SEG instances back with STOW-RS, checks
+that the PACS then lists each (QIDO-RS), and records each stored one in
+`OUT/.lungrt-records/stored.txt`, so a resumed run stores only the rest.
 """
 
 from __future__ import annotations
@@ -88,6 +89,25 @@ def _not_an_image(entry: dict) -> bool:
     return sop_class.startswith(NOT_IMAGES)
 
 
+def _refusal(response) -> str:
+    """The STOW-RS answer's failure reasons (PS3.18: Failed SOP Sequence), '' when all was stored."""
+    failed = getattr(response, "FailedSOPSequence", None) if response is not None else None
+    if not failed:
+        return ""
+    return ", ".join(f"failure reason {int(item.get('FailureReason', 0)):#06x}" for item in failed)
+
+
+def _not_listed(client, ds) -> str:
+    """Stored is what the PACS lists afterwards: Orthanc 1.10's DICOMweb plugin answers STOW-RS with
+    success for an instance its own filter (a Lua ReceivedInstanceFilter) dropped."""
+    try:
+        found = client.search_for_instances(study_instance_uid=str(ds.StudyInstanceUID),
+                                            search_filters={"SOPInstanceUID": str(ds.SOPInstanceUID)})
+    except Exception as e:
+        return f"stored, then could not be listed: {one_line(e, 120)}"
+    return "" if found else "acknowledged by STOW-RS, yet QIDO-RS does not list it"
+
+
 def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[int, int]:
     """STOW-RS every SEG not stored before; (stored now, stored earlier). One failure stops it with
     one line; what was stored is recorded first, so `--resume --store` sends only the rest."""
@@ -102,10 +122,14 @@ def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[int
         ds = pydicom.dcmread(path)
         if ds.SOPInstanceUID in done:
             continue
+        what = f"storing {path.name} (STOW-RS; {now} stored now, the rest after a rerun with --resume --store)"
         try:
-            client.store_instances([ds])
+            response = client.store_instances([ds])
         except Exception as e:
-            raise _failure(root_url, f"storing {path.name} (STOW-RS; {now} stored, rerun with --resume --store)", e) from None
+            raise _failure(root_url, what, e) from None
+        refused = _refusal(response) or _not_listed(client, ds)
+        if refused:
+            raise LungrtError(f"{root_url}: {what}: the PACS refused it ({refused})")
         with open(record, "a") as f:
             f.write(ds.SOPInstanceUID + "\n")
         done.add(ds.SOPInstanceUID)

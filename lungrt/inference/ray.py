@@ -114,19 +114,21 @@ class InferActor:
 class _RunnerView:
     """What `finish_one` needs of a runner, rebuilt in a writer task."""
 
-    def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None):
+    def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None,
+                 artifact: str | None = None):
         from lungrt.models.checkpoint import ModelInfo
 
         self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec, qc=qc or {})
+        self.content_hash = artifact  # what ran, for a DICOM SEG's algorithm identification
 
     def describe(self) -> str:
         return self._described
 
 
-def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}") -> dict:
+def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}", artifact: str | None = None) -> dict:
     item = Item(Path(row["source"]), Path(row["rel"]), where=Path(row["abs"]))  # shown as typed, read by absolute path
     spec = PreprocessSpec.from_json(spec_json)
-    view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json))
+    view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json), artifact)
     options = InferOptions(**opts)
     if row["error"]:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
@@ -183,7 +185,7 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
                             batch_size=opts.batch_size, compute=ActorPoolStrategy(size=actors),
                             num_gpus=gpus_per_actor or None, batch_format="numpy")
         ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d,
-                                          "qc_json": json.dumps(qc or {})})
+                                          "qc_json": json.dumps(qc or {}), "artifact": (identity or {}).get("artifact")})
         with third_party_logs("ray"), progress_bar() as bar:
             task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
             for row in ds.iter_rows():
