@@ -15,10 +15,11 @@ from rich.table import Table
 from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lung-segmentation U-Nets for chest X-rays: train, export, verify, deploy fast.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
+DEFAULT_MODEL = "msag-unet"  # the best shipped checkpoint by test Dice (README table)
 out = Console(soft_wrap=True)  # piped output keeps whole lines (paths, summaries); tables still fit the terminal
 
 
@@ -133,7 +134,7 @@ def models(size: int = typer.Option(256, help="Input size for the GFLOPs count."
 
 @app.command()
 def train(
-    model: str = typer.Option("unet", help="unet | gsconv-unet | msag-unet"),
+    model: str = typer.Option(DEFAULT_MODEL, help="unet | gsconv-unet | msag-unet"),
     data: Path = typer.Option(..., help="Dataset folder."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder for checkpoint, metrics.json, loss curves."),
     epochs: int = typer.Option(50, help="Epochs (papers: 50)."),
@@ -162,7 +163,6 @@ def train(
     out.print(f"{which} {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
 
-DEFAULT_MODEL = "msag-unet"  # the best shipped checkpoint by test Dice (README table)
 PAPERS_NOTE = "papers: Dice ~0.92 reported for their U-Net variants (exact per-metric figures not reproduced here)"
 
 
@@ -223,7 +223,7 @@ def evaluate_cmd(
 
 @app.command()
 def export(
-    model: str = typer.Option("unet", help="Checkpoint, run folder or shipped name."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare .pt/.pth/.safetensors weights."),
     out_path: Path = typer.Option(..., "--out", help="Output .onnx file."),
     precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
@@ -518,7 +518,9 @@ def bench(
         name = SHORT_BACKEND.get(r["backend"], r["backend"])
         if "skipped" in r or "error" in r:
             why = "skipped" if "skipped" in r else "[red]ERROR[/]"
-            notes.append(f"{name} {r['variant']} b{r['batch']}: {why}: {escape(r.get('skipped') or r.get('error'))}")
+            note = f"{name} {r['variant']}: {why}: {escape(r.get('skipped') or r.get('error'))}"
+            if note not in notes:  # one line per backend and precision, not per batch size
+                notes.append(note)
             table.add_row(name, r["variant"], str(r["batch"]), "-", why, "", "", "")
             continue
         table.add_row(name, r["variant"], str(r["batch"]), f"{r['img_per_s']:.1f}",
@@ -553,13 +555,19 @@ def build(
     data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates and verifies the build (default: generated phantoms)."),
     batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
-    out_dir: Path = typer.Option(Path("engines"), "--out", help="Where engines and variants go."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where engines and variants go (default: $LUNGRT_CACHE/engines, printed)."),
     rebuild_stale: bool = typer.Option(False, "--rebuild", "--rebuild-stale", help="Rebuild even when the engine is up to date (--rebuild-stale: the older name)."),
 ):
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
     `--precision auto` keeps the fastest variant that passes parity (within 10% of it, the most faithful)."""
     from lungrt.build import census_text, run_build
+
+    if out_dir is None:  # never the current folder unless asked
+        from lungrt.core.cache import cache_root
+
+        out_dir = cache_root() / "engines"
+        out.print(f"engines and variants go to {out_dir} (--out to choose)", highlight=False)
 
     def body():
         return run_build(model, onnx, precision, backend, target, calib, method, data, batch, workspace, out_dir,

@@ -21,6 +21,35 @@ def test_help_lists_the_commands():
         assert cmd in res.output
 
 
+def _commands(group, prefix=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,), cmd
+
+
+def test_every_help_reads_at_80_columns():
+    """Every option name whole (never cut with an ellipsis), no line past 80 columns, booleans as flags."""
+    import typer
+
+    group = typer.main.get_command(app)
+    commands = list(_commands(group))
+    assert len(commands) >= 12
+    for path, cmd in commands:
+        res = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"}, terminal_width=80)
+        assert res.exit_code == 0, (path, res.output)
+        lines = res.output.splitlines()
+        assert all(len(line) <= 80 for line in lines), (path, max(lines, key=len))
+        assert "\u2026" not in res.output and "<bool>" not in res.output, path
+        for param in cmd.params:
+            for opt in param.opts + param.secondary_opts:
+                if opt.startswith("--"):
+                    assert opt in res.output, (path, opt)
+
+
 def test_doctor_exits_zero_and_explains_tensorrt():
     from lungrt.doctor import tensorrt_status
 

@@ -150,12 +150,16 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
                 configs.append(Config(backend, variant_t, b))
     if not any(c.backend == "torch" and c.variant == "fp32" for c in configs):
         configs = [Config("torch", "fp32", b) for b in batch_sizes] + configs  # the baseline always runs
+    unavailable: dict[tuple[str, str], str] = {}  # said once per backend and precision, not per batch size
     for c in configs:
+        if (c.backend, c.variant) in unavailable:
+            c.skipped = unavailable[c.backend, c.variant]
+            continue
         try:
             c.runner = open_config(loaded, c.backend, c.variant, device, variant_path)
         except BackendUnavailable as e:  # not installed / no such hardware here: a skip that says why
-            c.skipped = str(e).splitlines()[0][:160]
-            log(f"skip {c.label}: {c.skipped}")
+            c.skipped = unavailable[c.backend, c.variant] = str(e).splitlines()[0][:160]
+            log(f"skip {c.backend} {c.variant}: {c.skipped}")
         except Exception as e:  # anything else is a failure of a backend that should work: an error row
             c.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
             log(f"ERROR {c.label}: {c.error}")

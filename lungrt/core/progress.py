@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 console = Console(stderr=True)
 
@@ -19,3 +23,14 @@ def progress_bar(transient: bool = False) -> Progress:
         transient=transient,
         disable=not console.is_terminal,
     )
+
+
+@contextlib.contextmanager
+def working_on(what: str):
+    """One line with a spinner and the elapsed time while a step of unknown length runs (an ONNX
+    export on first use, a compile), gone when it ends; logged too, for logs and notebooks."""
+    logging.getLogger("lungrt").info(what)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as bar:
+        bar.add_task(what, total=None)
+        yield

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from lungrt.core.cache import cache_root
+from lungrt.core.progress import working_on
 from lungrt.core.hardware import cpu_tag
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
@@ -136,7 +137,8 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     made = _Made.of(loaded)
     fp32 = made.file(folder, "fp32")
     if not made.reusable(fp32):
-        export_onnx(loaded, fp32)
+        with working_on(f"exporting {loaded.info.name} to ONNX (first use of these weights; kept in {folder})"):
+            export_onnx(loaded, fp32)
     if precision == "fp32":
         return Variant("fp32", fp32)
     if precision == "fp16":
