@@ -412,14 +412,15 @@ def demo(
     r = run_guarded(lambda: run_demo(out_dir, model, count, log=out.print))
     p, b, i = r["parity"], r["benchmark"], r["infer"]
     out.print(f"\n[bold]lungrt demo[/] ({r['model']} on {r['backend']})", highlight=False)
-    out.print(f"  infer:     {i['ok']} X-rays segmented, {i['failed']} failed; masks + overlays in {out_dir / 'masks'}", highlight=False)
+    out.print(f"  infer:     {i['ok']} X-rays segmented, {i.get('qc_flagged', 0)} flagged by QC, {i['failed']} failed", highlight=False)
+    out.print(f"  outputs:   masks + overlays in {out_dir / 'masks'}", highlight=False)
     out.print(f"  parity:    mask agreement with PyTorch {p['mask_agreement']:.5f}, max |dp| {p['max_abs_prob_diff']:.2e} "
               f"-> {'PASS' if p['gate']['passed'] else 'FAIL'}", highlight=False)
     if p.get("note"):
         out.print(f"             {p['note']}", highlight=False)
     if "dice_candidate" in p:
         out.print(f"  accuracy:  Dice vs the phantoms' true lung masks {p['dice_candidate']:.4f} "
-                  "(the model was trained on real X-rays; phantoms are only X-ray-like)", highlight=False)
+                  "(synthetic chest films; the model never saw them)", highlight=False)
     out.print(f"  speed:     {b['candidate_img_s']:.1f} img/s vs PyTorch eager FP32 {b['torch_fp32_img_s']:.1f} img/s "
               f"({b['speedup']:.2f}x), batch 8", highlight=False)
     out.print(f"  look at:   {out_dir / 'overview.png'} (red: predicted lungs, green: true outline); "

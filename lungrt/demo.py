@@ -1,6 +1,6 @@
 """`lungrt demo`: the whole pipeline on embedded synthetic X-rays, no data and no network needed.
 
-Generates phantom chest X-rays (with their exact lung masks), runs a shipped model on the best
+Generates chest-film-like phantoms (with their exact lung masks), runs a shipped model on the best
 backend here through `infer` with overlays, checks that backend against PyTorch (parity, with task
 Dice against the phantom masks), times both, and draws an overview PNG.
 """
@@ -17,7 +17,7 @@ from lungrt.models.checkpoint import resolve_model
 from lungrt.data.datasets import discover_pairs
 from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
 from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
-from lungrt.data.phantoms import make_phantom, write_phantom_dataset
+from lungrt.data.phantoms import make_chest_phantom, write_phantom_dataset
 from lungrt.core.plots import overlay
 from lungrt.backends.select import open_runner, recorded_cpu_choice
 from lungrt.backends.pytorch import TorchRunner
@@ -27,7 +27,7 @@ def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 
     from lungrt.data.io import read_mask, read_xray
     from lungrt.core.plots import figure
 
-    n = min(len(pairs), 8)
+    n = len(pairs)  # every image of the demo, not a selection
     rows = (n + cols - 1) // cols
     fig = figure(figsize=(3 * cols, 3.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -44,21 +44,21 @@ def overview_png(out_dir: Path, pairs, masks_dir: Path, path: Path, cols: int = 
 
 def recorded_choice_note(loaded, runner, gate: dict) -> str | None:
     """Why the recorded CPU choice can miss its gate here: it passed on real X-rays when recorded,
-    and phantoms are drawings the model is unsure of, whose uncertain pixels reduced precision moves."""
+    and phantoms are drawings, whose uncertain pixels reduced precision moves."""
     choice = recorded_cpu_choice(loaded, log=lambda *_: None)
     if gate["passed"] or not choice or runner.describe() != f"{choice['backend']}/cpu/{choice['precision']}":
         return None
     when = (f" (mask agreement {choice['mask_agreement']:.5f} on {choice['gate_images']} images from {choice['gate_data']})"
             if "mask_agreement" in choice else "")
     return (f"{choice['backend']} {choice['precision']} passed its gate when `lungrt build --backend cpu --precision auto` "
-            f"recorded it{when}; these phantoms are drawings the model is unsure of, and {choice['precision']} moves "
+            f"recorded it{when}; these phantoms are drawings, and {choice['precision']} moves "
             f"uncertain pixels. On real X-rays: `lungrt parity --model {loaded.info.name} --backend {choice['backend']} "
             f"--variant {choice['precision']} --data DATASET`.")
 
 
 def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=logging.getLogger(__name__).info) -> dict:
     out_dir = Path(out_dir)
-    data = write_phantom_dataset(out_dir / "data", count, size=size, seed=2024, sources=("DEMO",))
+    data = write_phantom_dataset(out_dir / "data", count, size=size, seed=2024, sources=("DEMO",), chest=True)
     pairs = discover_pairs(data).pairs
     loaded = resolve_model(model)
     report: dict = {"model": loaded.info.name, "images": len(pairs), "outputs": str(out_dir)}
@@ -74,7 +74,7 @@ def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, 
         gate = apply_gate(parity["summary"], GATES[runner.precision])
         report["parity"] = parity["summary"] | {"gate": gate, "note": recorded_choice_note(loaded, runner, gate)}
         log("[3/3] benchmark: batch 8, same inputs")
-        batch = np.stack([loaded.spec.apply(make_phantom(i, size).image) for i in range(8)])
+        batch = np.stack([loaded.spec.apply(make_chest_phantom(i, size).image) for i in range(8)])
         t_ref, t_cand = throughput(reference, batch, seconds=3), throughput(runner, batch, seconds=3)
         report["benchmark"] = {"torch_fp32_img_s": t_ref, "candidate_img_s": t_cand, "speedup": t_cand / t_ref}
     overview_png(out_dir, pairs, out_dir / "masks" / "images", out_dir / "overview.png")
