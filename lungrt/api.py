@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+import itertools
+from collections import deque
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from lungrt.backends.select import open_runner
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import collect_inputs, measure
+from lungrt.inference.infer import Measured, collect_inputs, measure
 from lungrt.data.io import MIN_SIDE, XRay, _to_unit, read_xray
 from lungrt.backends.base import Runner
 
@@ -35,7 +37,7 @@ class LungResult:
     """One X-ray's segmentation, at the X-ray's original size."""
 
     mask: np.ndarray  # bool (H, W)
-    probability: np.ndarray  # float32 (H, W), network probability resized to the original
+    measured: Measured = field(repr=False)  # the network-size probabilities and what was measured on them
     right_lung_px: int | None  # the patient's right lung (the image's left side in a PA view); None when the
     left_lung_px: int | None   # DICOM header says it is not a frontal chest film (qc names why)
     lung_fraction: float
@@ -50,6 +52,12 @@ class LungResult:
     @property
     def shape(self) -> tuple[int, int]:
         return self.mask.shape  # type: ignore[return-value]
+
+    @property
+    def probability(self) -> np.ndarray:
+        """float32 (H, W): the network's probabilities resized to the original, made when read
+        (4 bytes a pixel: 20 MB for a 5-megapixel film, which most uses never need)."""
+        return self.measured.probability
 
     def overlay(self) -> np.ndarray:
         """RGB uint8: the X-ray with the lung field tinted and outlined."""
@@ -119,39 +127,69 @@ class LungSegmenter:
         self.close()
 
     # -- prediction ---------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 8, postprocess: bool = True):
-        """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one
-        `LungResult`; a folder, a glob or a list of paths/arrays -> a list of them (input order)."""
+    def predict(self, x, batch_size: int = 8, postprocess: bool = True, stream: bool = False, workers: int = 2):
+        """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one `LungResult`;
+        a folder, a glob, or any iterable of paths/arrays (a list, a generator) -> their results in
+        input order: a list, or with `stream=True` a generator that yields them batch by batch
+        while reading ahead through a bounded window (`workers` threads, at most a few batches of
+        decoded images in memory), as `lungrt infer` does: folders of any size in flat memory."""
         single = isinstance(x, np.ndarray) or (isinstance(x, (str, Path)) and Path(x).is_file())
-        xrays = list(self._xrays(x))
-        results = []
-        for i in range(0, len(xrays), batch_size):
-            chunk = xrays[i : i + batch_size]
-            probs = self.runner.run(np.stack([self.spec.apply_xray(xr) for xr in chunk]))
-            for xr, p in zip(chunk, probs):
-                m = measure(xr, p[0], self.spec, postprocess, self.qc)
-                results.append(LungResult(m.mask > 0, m.probability, m.right_px, m.left_px, m.lung_fraction,
-                                          m.mean_confidence, m.right_mm2, m.left_mm2, xr.path or None, xr.gray8,
-                                          m.qc, m.qc_features))
-        return results[0] if single else results
+        results = self._stream(x, batch_size, postprocess, workers)
+        if single:
+            first = next(results)
+            results.close()  # ends the reader pool
+            return first
+        return results if stream else list(results)
 
-    def _xrays(self, x) -> Iterable[XRay]:
+    def _stream(self, x, batch_size: int, postprocess: bool, workers: int) -> Iterator[LungResult]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        window = max(2 * batch_size, workers)
+        with ThreadPoolExecutor(max(1, workers), "lungrt-read") as pool:
+            pending: deque = deque()
+            sources = iter(self._sources(x))
+            batch: list[XRay] = []
+            while True:
+                for src in itertools.islice(sources, window - len(pending)):
+                    pending.append(pool.submit(self._prepared, src))
+                if not pending:
+                    break
+                batch.append(pending.popleft().result())
+                if len(batch) == batch_size or not pending:
+                    yield from self._segment(batch, postprocess)
+                    batch = []
+            if batch:
+                yield from self._segment(batch, postprocess)
+
+    def _prepared(self, source) -> tuple[XRay, np.ndarray]:
+        xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
+        return xr, self.spec.apply_xray(xr)
+
+    def _segment(self, batch: list, postprocess: bool) -> Iterator[LungResult]:
+        probs = self.runner.run(np.stack([tensor for _, tensor in batch]))
+        for (xr, _), p in zip(batch, probs):
+            m = measure(xr, p[0], self.spec, postprocess, self.qc)
+            yield LungResult(m.mask > 0, m, m.right_px, m.left_px, m.lung_fraction, m.mean_confidence, m.right_mm2,
+                             m.left_mm2, xr.path or None, xr.gray8, m.qc, m.qc_features)
+
+    def _sources(self, x) -> Iterator:
+        """Paths and arrays, one per image, from what `predict` was given (checked as they come)."""
         if isinstance(x, np.ndarray):
-            yield array_xray(x)
+            yield x
         elif isinstance(x, (str, Path)):
             if Path(x).is_file():
-                yield read_xray(x)
+                yield x
             else:
                 for item in collect_inputs([str(x)]):
-                    yield read_xray(item.source)
-        elif isinstance(x, Sequence):
+                    yield item.source
+        elif isinstance(x, Iterable) and not isinstance(x, (bytes, dict)):
             for one in x:
                 if not isinstance(one, (np.ndarray, str, Path)):
-                    raise LungrtError(f"predict: a list must hold paths or 2-D arrays, not {type(one).__name__} "
+                    raise LungrtError(f"predict: an iterable must hold paths or 2-D arrays, not {type(one).__name__} "
                                       "(for an image given as nested lists, pass np.asarray(...))")
-                yield array_xray(one) if isinstance(one, np.ndarray) else read_xray(one)
+                yield one
         else:
-            raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or a list of them")
+            raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or an iterable of them")
 
     # -- the rest of the pipeline -------------------------------------------------------------
     def export(self, format: str = "onnx", precision: str = "fp32", out: PathLike | None = None,

@@ -48,7 +48,7 @@ def test_shipped_model_segments_real_test_xrays(name):
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--count", "4"])
+    res = CliRunner().invoke(app, ["demo", "--out", str(out), "--count", "4"], env={"COLUMNS": "80"}, terminal_width=80)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "demo_report.json").read_text())
     assert report["infer"]["ok"] == 4 and report["parity"]["gate"]["passed"]
@@ -57,3 +57,5 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "masks").rglob("*.overlay.png"))) == 4
     assert "overview.png" in res.output
+    # at 80 columns no path is broken across lines (the summary is soft-wrapped: one line per fact)
+    assert str(out / "overview.png") in res.output and str(out / "masks") in res.output
