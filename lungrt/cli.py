@@ -316,6 +316,7 @@ def infer(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
     report: bool = typer.Option(False, "--report", help="Also write OUT/report.html (QC-flagged images first)."),
     screen: str = typer.Option("flag", "--screen", help="DICOM whose header says not a frontal chest film (modality, body part, lateral view): flag (QC reasons, no areas) | skip (no mask)."),
+    mask_bits: int = typer.Option(1, "--mask-bits", help="NAME.mask.png as a 1-bit PNG (default; 0/255 when read by OpenCV) or 8 (8-bit, 0/255)."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also a DICOM Segmentation (NAME.seg.dcm) per DICOM input."),
     store: bool = typer.Option(False, "--store", help="DICOMweb input: send the DICOM SEGs back to that PACS (STOW-RS); implies --dicom-seg."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."),
@@ -334,8 +335,10 @@ def infer(
     pacs = [i for i in inputs if is_dicomweb_url(i)]
     if store and not pacs:
         fail("--store sends DICOM SEGs back to the PACS a DICOMweb input came from; give one (http://…/studies/UID)")
+    if mask_bits not in (1, 8):
+        fail(f"--mask-bits {mask_bits}: choose 1 or 8")
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess, screen,
-                        dicom_seg or store)
+                        dicom_seg or store, mask_bits)
     if not out_dir.strip():
         fail("--out is empty; name the output folder")
     check_json_path(json_path)

@@ -68,7 +68,7 @@ def test_mixed_folder_rows_sizes_and_exit_code(mixed_folder, tmp_path, tiny_chec
     mm2 = float(dcm["right_lung_mm2"]) + float(dcm["left_lung_mm2"])
     assert px > 0 and mm2 == pytest.approx(px * 0.2, rel=1e-3)
     assert (out / "in" / "ok_0.overlay.png").exists() and (out / "in" / "ok_0.prob.png").exists()
-    assert set(np.unique(np.asarray(Image.open(out / "in" / "ok_0.mask.png")))) <= {0, 255}
+    assert set(np.unique(np.asarray(Image.open(out / "in" / "ok_0.mask.png").convert("L")))) <= {0, 255}
 
 
 def test_all_good_exits_zero_and_strict_stops(mixed_folder, tmp_path, tiny_checkpoint):
@@ -189,3 +189,23 @@ def test_journal_keeps_whole_lines_latest_run_wins(tmp_path):
     assert read_records(out) == {}
     journal_for(out).append({"rel": "d", "status": "ok"})  # a new file after the old ones were removed
     assert set(read_records(out)) == {"d"} and journal_for(out).path != first
+
+
+def test_one_bit_masks_hold_the_very_pixels_of_the_eight_bit_ones(tmp_path, tiny_checkpoint):
+    import cv2
+
+    src = tmp_path / "in"
+    for i in range(3):
+        write_png(src / f"x{i}.png", (make_phantom(70 + i, 301 + 17 * i, 257).image * 255).astype(np.uint8))
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    for out, bits in ((one, "1"), (eight, "8")):
+        res = runner.invoke(app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint), "--backend",
+                                  "torch", "--mask-bits", bits])
+        assert res.exit_code == 0, res.output
+    for i in range(3):
+        a, b = (out / "in" / f"x{i}.mask.png" for out in (one, eight))
+        with Image.open(a) as im:
+            assert im.mode == "1"
+        pa, pb = cv2.imread(str(a), cv2.IMREAD_UNCHANGED), cv2.imread(str(b), cv2.IMREAD_UNCHANGED)
+        assert pa.dtype == np.uint8 and np.array_equal(pa, pb) and set(np.unique(pa)) <= {0, 255}
+        assert np.array_equal(np.array(Image.open(a).convert("L")), pb)

@@ -11,7 +11,9 @@ import functools
 import io
 import os
 import stat
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -410,6 +412,26 @@ def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def encode_mask_png1(mask: np.ndarray) -> bytes:
+    """A 1-bit grayscale PNG of a mask (non-zero = 1, read back as 0/255 by OpenCV and as mode "1"
+    by Pillow): an eighth of the bytes to compress. OpenCV's PNG_BILEVEL and Pillow's mode "1" both
+    convert pixel by pixel (7-9 ms for a 5-megapixel mask); np.packbits and zlib's run-length
+    strategy make the same file in ~1.5 ms. Rows are unfiltered (filter byte 0), as PNG allows."""
+    h, w = mask.shape
+    rows = np.packbits(mask if mask.dtype in (np.uint8, np.bool_) else mask != 0, axis=1)
+    raw = np.empty((h, rows.shape[1] + 1), np.uint8)
+    raw[:, 0] = 0
+    raw[:, 1:] = rows
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = packer.compress(raw.tobytes()) + packer.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def write_png(path: str | Path, array: np.ndarray) -> None:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from lungrt.core.errors import ImageReadError, LungrtError, one_line
-from lungrt.data.io import TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, is_special_file, is_supported, read_xray, sync_filesystem
+from lungrt.data.io import TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, encode_mask_png1, is_special_file, is_supported, read_xray, sync_filesystem
 from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
 from lungrt.core.plots import overlay
 from lungrt.data.dicom import screen
@@ -68,6 +68,7 @@ class InferOptions:
     postprocess: bool = True
     screen: str = "flag"  # DICOM header says not a frontal chest film: "flag" (QC reasons) or "skip" (no mask)
     dicom_seg: bool = False  # also a DICOM Segmentation per DICOM input (NAME.seg.dcm)
+    mask_bits: int = 1  # NAME.mask.png as a 1-bit PNG (same pixels as the 8-bit one, a fifth of the time) or 8-bit
 
 
 OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png", ".seg.dcm")
@@ -371,7 +372,7 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc))
-    files = {"mask": _png(m.mask, _PNG_FAST)}
+    files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:
         files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR))
     if opts.probabilities:
