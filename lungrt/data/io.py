@@ -335,35 +335,28 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     """Write via a temp file + rename in the same folder, so a crash never leaves half a file.
     `durable=False` skips the fsync: still atomic for a killed process; callers that write many
     small files check sizes on resume and sync once at the end instead (power loss)."""
+    with _atomic_file(path, "wb", durable) as f:
+        f.write(data)
+
+
+def atomic_text_file(path: str | Path):
+    """A UTF-8 text file written as a stream (`with atomic_text_file(p) as f: ...`) and renamed into
+    place, durable, when the block ends; on an error `path` is left as it was."""
+    return _atomic_file(path, "w", True, encoding="utf-8", newline="")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path, mode: str, durable: bool, **text):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp makes 0600; outputs follow the umask like any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **text) as f:
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_text_file(path: str | Path):
-    """A text file written as a stream and renamed into place when the block ends (durable, like
-    `atomic_write_bytes`); on an error the temp file is removed and `path` left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~process_umask())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
