@@ -116,6 +116,9 @@ def _kill_a_worker_node(cluster, node, ckpt: str, src: Path, out: Path) -> dict:
     fact = cli([str(src), "--out", str(out), "--model", ckpt, *BATCH, "--ray", cluster.address])
     finished.set()
     killer.join()
+    deadline = time.time() + 60  # Ray marks a node dead after missed health checks, perhaps after the run ended
+    while killed.get("killed") and len(node_addresses()) > 2 and time.time() < deadline:
+        time.sleep(0.5)
     return {**fact, **killed, "journal_lines": journal_lines(out), "nodes_after": node_addresses()}
 
 
