@@ -181,3 +181,12 @@ def test_dicom_seg_passes_dciodvfy(seg_run):
         errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
         assert not errors, (seg.name, errors)
         assert "Segmentation" in res.stdout + res.stderr  # it did recognise the IOD
+
+
+def test_report_names_the_screened_out_inputs(header_folder, tmp_path, tiny_checkpoint):
+    from lungrt.inference.report import write_report
+
+    out = tmp_path / "out"
+    _infer(header_folder, out, tiny_checkpoint, "--screen", "skip")
+    page = write_report(out).read_text()
+    assert page.count("skipped by header screening") == 3 and "failed: " not in page

@@ -128,14 +128,15 @@ def write_report(out_dir: str | Path) -> Path:
     summary_path = records_folder(out_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     n_ok = sum(r["status"] == "ok" for r in rows)
-    n_failed = len(rows) - n_ok
+    n_failed = sum(r["status"] == "error" for r in rows)  # "skipped" (header screening) is neither
     n_flagged = sum(r["status"] == "ok" and r.get("qc", "ok") != "ok" for r in rows)
     models = sorted({r.get("model", "") for r in rows if r.get("model")})
     backends = sorted({r.get("backend", "") for r in rows if r.get("backend")})
     cards = []
     for r in _ordered_for_thumbs(rows):
         thumb = _thumbnail(out_dir, r) if r["status"] == "ok" else None
-        reason = r.get("qc", "") if r["status"] == "ok" else f"failed: {r.get('error', '')}"
+        reason = {"ok": r.get("qc", ""), "skipped": f"skipped by header screening: {r.get('qc', '')}"}.get(
+            r["status"], f"failed: {r.get('error', '')}")
         kind = "failed" if r["status"] != "ok" else ("flagged" if reason != "ok" else "ok")
         img = f'<img src="data:image/jpeg;base64,{thumb}" alt="">' if thumb else '<div class="noimg">no image</div>'
         cards.append(f'<figure class="card {kind}">{img}<figcaption><b>{html.escape(Path(r["path"]).name)}</b><br>'
