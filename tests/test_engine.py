@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
-from lungrt.backends.tensorrt.engine import BatchProfile, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path
+from lungrt.backends.tensorrt.engine import BatchProfile, build_engine, check_plan_usable, gpu_environment, metadata_path
 from lungrt.backends.integrity import ContentMismatch
 from lungrt.core.errors import LungrtError
 from lungrt.export.variants import make_variant
@@ -46,7 +46,7 @@ def fp16_onnx(tmp_path_factory, tiny_checkpoint):
 
 def test_builder_is_asked_for_a_strongly_typed_profiled_build(tmp_path, fp16_onnx):
     fake = RecordingFakeBuilder()
-    meta = build_engine(fp16_onnx, tmp_path, BatchProfile(2, 4, 8), workspace_gib=1.5, builder=fake, log=lambda *a: None)
+    build_engine(fp16_onnx, tmp_path, BatchProfile(2, 4, 8), workspace_gib=1.5, builder=fake, log=lambda *a: None)
     (call,) = fake.calls
     assert call["strongly_typed"] is True
     assert call["input_name"] == "image"
