@@ -12,7 +12,6 @@ the fastest plugin per syntax is what `lungrt.data.dicom.PREFERRED_DECODER` reco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import save_result
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.dicom import SYNTAXES, write_dicom
 from lungrt.data.phantoms import make_phantom
 
-RESULTS = Path(__file__).with_name("results") / "dicom_decoders.json"
 SIDE = 2320  # 5.38 MP
 
 
@@ -79,8 +78,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     result = {**cpu_identity(), "megapixels": round(SIDE * SIDE / 1e6, 2), "repeat": args.repeat, "rows": rows}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    save_result("dicom_decoders", result, echo=False)
     plugins = sorted({p for r in rows for p in r.get("ms", {})})
     print(f"\n{result['megapixels']} MP 16-bit (12 stored), median of {args.repeat}, ms per image on one core\n")
     print("| transfer syntax | MB | " + " | ".join(plugins) + " | fastest |")

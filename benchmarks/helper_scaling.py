@@ -12,7 +12,6 @@ would then be the remedy. Results: printed and written to benchmarks/results/hel
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import save_result
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.dicom import write_dicom
 from lungrt.data.phantoms import make_chest_phantom
@@ -29,7 +29,6 @@ from lungrt.data.phantoms import make_chest_phantom
 sys.path.insert(0, str(Path(__file__).parent))
 from scale import tiny_model  # noqa: E402
 
-RESULTS = Path(__file__).with_name("results") / "helper_scaling.json"
 
 
 def main() -> None:
@@ -69,9 +68,7 @@ def main() -> None:
               "speedup_2_over_1": round(best[1] / best[2], 2),
               "cores_busy": {str(k): round(v, 2) for k, v in busy.items()},
               "command": f"benchmarks/helper_scaling.py --images {args.images} --repeat {args.repeat}"}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save_result("helper_scaling", result)
 
 
 if __name__ == "__main__":

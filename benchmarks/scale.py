@@ -15,7 +15,6 @@ a temporary folder that is removed afterwards.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -26,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import save_result
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.io import write_png
 from lungrt.data.phantoms import make_phantom, write_phantom_dataset
 
-RESULTS = Path(__file__).with_name("results") / "scale.json"
 PER_FOLDER = 1000
 
 
@@ -114,9 +113,7 @@ def main() -> None:
         "report_s": round(report["wall_s"], 2), "report_mb": round(report_mb, 2), "report_rows": args.large,
         "command": f"benchmarks/scale.py --small {args.small} --large {args.large} --listing {args.listing}",
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save_result("scale", result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ benchmarks/results/stream_memory.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import save_result
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.dicom import write_dicom
 from lungrt.data.phantoms import make_chest_phantom
 
-RESULTS = Path(__file__).with_name("results") / "stream_memory.json"
 CHILD = """
 import sys, lungrt
 seg = lungrt.LungSegmenter.load(sys.argv[2], backend=sys.argv[3])
@@ -67,9 +66,7 @@ def main() -> None:
               "runs": {str(k): v for k, v in rows.items()},
               "rss_ratio_large_over_small": round(rows[args.large]["peak_rss_mb"] / rows[args.small]["peak_rss_mb"], 3),
               "command": f"benchmarks/stream_memory.py --small {args.small} --large {args.large} --model {args.model}"}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    save_result("stream_memory", result)
 
 
 if __name__ == "__main__":
