@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lungrt.backends.select import open_runner
+from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.core.errors import LungrtError
 from lungrt.inference.infer import Measured, collect_inputs, measure
 from lungrt.data.io import MIN_SIDE, XRay, _to_unit, read_xray
@@ -90,7 +91,7 @@ class LungSegmenter:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: PathLike = "msag-unet", backend: str = "auto", precision: str | None = None,
+    def load(cls, source: PathLike = DEFAULT_MODEL, backend: str = "auto", precision: str | None = None,
              device: str = "auto") -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
         folder, an ONNX variant or a TensorRT engine (.plan/.engine).
@@ -148,18 +149,16 @@ class LungSegmenter:
         with ThreadPoolExecutor(max(1, workers), "lungrt-read") as pool:
             pending: deque = deque()
             sources = iter(self._sources(x))
-            batch: list[XRay] = []
+            batch: list[tuple[XRay, np.ndarray]] = []
             while True:
                 for src in itertools.islice(sources, window - len(pending)):
                     pending.append(pool.submit(self._prepared, src))
                 if not pending:
                     break
                 batch.append(pending.popleft().result())
-                if len(batch) == batch_size or not pending:
+                if len(batch) == batch_size or not pending:  # nothing pending after a refill: the last batch
                     yield from self._segment(batch, postprocess)
                     batch = []
-            if batch:
-                yield from self._segment(batch, postprocess)
 
     def _prepared(self, source) -> tuple[XRay, np.ndarray]:
         xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
@@ -200,13 +199,13 @@ class LungSegmenter:
         "sm86" for TensorRT-RTX). INT8 is calibrated on `calib` (a dataset: its train split).
         Files go to `out` (a folder), else the cache. Returns the path written."""
         from lungrt.build import build_and_verify, choose_backend
-        from lungrt.core.cache import cache_root
+        from lungrt.core.cache import cache_root, engines_dir
         from lungrt.models.checkpoint import resolve_model
         from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
         from lungrt.export.variants import make_variant
 
         loaded = resolve_model(self.source)
-        folder = Path(out) if out is not None else cache_root() / ("engines" if format == "engine" else "variants")
+        folder = Path(out) if out is not None else (engines_dir() if format == "engine" else cache_root() / "variants")
         if format == "onnx":
             return make_variant(loaded, precision, folder=folder, calib_dir=calib).path
         if format != "engine":

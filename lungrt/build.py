@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.data.datasets import discover_pairs, select_split, validation_pairs
 from lungrt.backends.tensorrt.engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
@@ -68,7 +69,7 @@ def run_build(model: str | None, onnx: Path | None, precision: str, backend: str
     if onnx is not None:
         b = build_from_onnx(onnx, be, out_dir, model, arch, data, profile, workspace, rebuild, targets, log=log)
         return {"backend": b.backend, "precision": b.precision, "path": str(b.path), "census": b.notes["engine"]["dtype_census"]}
-    loaded = resolve_model(model or "msag-unet", arch=arch)
+    loaded = resolve_model(model or DEFAULT_MODEL, arch=arch)
     if precision == "auto" and be == "cpu":
         return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=log)
     if precision == "auto":
@@ -235,7 +236,7 @@ def parity_check(model: str | None, data: Path, backend: str = "auto", precision
     else:
         from lungrt.models.checkpoint import resolve_model
 
-        loaded = resolve_model(model or "msag-unet", arch=arch)
+        loaded = resolve_model(model or DEFAULT_MODEL, arch=arch)
         cand, notes = _variant_candidate(loaded, backend, precision or "fp32", data, calib, method, log)
     with cand:
         result = compare(TorchRunner(loaded), cand, pairs, batch_size=batch_size)

@@ -14,12 +14,12 @@ from rich.table import Table
 
 from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
+from lungrt.core.defaults import DEFAULT_MODEL
 
 app = typer.Typer(rich_markup_mode=None, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Lung-segmentation U-Nets for chest X-rays: train, export, verify, deploy fast.")
 data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(data_app, name="data")
-DEFAULT_MODEL = "msag-unet"  # the best shipped checkpoint by test Dice (README table)
 out = Console(soft_wrap=True)  # piped output keeps whole lines (paths, summaries); tables still fit the terminal
 
 
@@ -568,9 +568,9 @@ def build(
     from lungrt.build import census_text, run_build
 
     if out_dir is None:  # never the current folder unless asked
-        from lungrt.core.cache import cache_root
+        from lungrt.core.cache import engines_dir
 
-        out_dir = cache_root() / "engines"
+        out_dir = engines_dir()
         out.print(f"engines and variants go to {out_dir} (--out to choose)", highlight=False)
 
     def body():

@@ -137,7 +137,7 @@ def test_the_full_size_probability_is_made_only_when_read(tiny_checkpoint, monke
 
 def test_streaming_memory_stays_flat_with_the_number_of_inputs(tiny_checkpoint):
     """Python-side peak memory (tracemalloc: numpy's buffers included) through predict(stream=True)
-    over 2-megapixel 16-bit images: the same for 8 and for 32 inputs (only a window is held)."""
+    over 2-megapixel 16-bit images does not grow with the number of inputs (only a window is held)."""
     import tracemalloc
 
     seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
@@ -154,4 +154,6 @@ def test_streaming_memory_stays_flat_with_the_number_of_inputs(tiny_checkpoint):
 
     peak(2)  # warm-up: caches and the window table
     small, large = peak(8), peak(32)
-    assert large <= 1.1 * small, (small, large)
+    # holding every input would add at least 24 more images (94 MB); thread timing moves the peak
+    # by a few images of the read-ahead window either way
+    assert large - small < 0.5 * (32 - 8) * image.nbytes, (small, large)

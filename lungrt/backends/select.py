@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.backends.base import Runner
@@ -127,7 +128,7 @@ def _open_weights(source, backend: str, precision: str | None, device: str, arch
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
                           "then pass the plan (--engine PLAN)")
-    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or "msag-unet", arch=arch)
+    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or DEFAULT_MODEL, arch=arch)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise BackendUnavailable(f"device {device}: no CUDA device here")

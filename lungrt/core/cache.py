@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 
+def engines_dir() -> Path:
+    """Where `lungrt build` and `LungSegmenter.export("engine")` put engines when not told."""
+    return cache_root() / "engines"
+
+
 def cache_root() -> Path:
     explicit = os.environ.get("LUNGRT_CACHE")
     if explicit:

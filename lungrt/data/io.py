@@ -105,9 +105,10 @@ def _windowed(path: Path, raw: np.ndarray, spacing, bits: int, inverted: bool = 
 def is_special_file(path: str | Path) -> bool:
     """A FIFO, socket or device: opening or reading one can block forever, so lungrt never does."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except OSError:
         return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 def is_dicom(path: Path) -> bool:
@@ -139,7 +140,7 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
         if size > MAX_FILE_BYTES:
             raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
         if size and path.suffix.lower() in DICOM_SUFFIXES:
-            return _read_dicom(path, max_pixels)  # pydicom reads the file itself, faster than from bytes
+            return _read_dicom(path, max_pixels, size)  # pydicom reads the file itself, faster than from bytes
         data = path.read_bytes()  # one read: the format check and the decoder share it
     except FileNotFoundError:
         raise ImageReadError(path, "file does not exist") from None
@@ -150,7 +151,7 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS) -> XRay:
     if not data:
         raise ImageReadError(path, "file is empty")
     if _has_dicom_magic(data):  # DICOM without its suffix (rare): pydicom reads it again
-        return _read_dicom(path, max_pixels)
+        return _read_dicom(path, max_pixels, len(data))
     return _read_raster(path, data, max_pixels)
 
 
@@ -242,7 +243,7 @@ def _to_unit(arr: np.ndarray, bits: int) -> np.ndarray:
     return ((a - lo) / (hi - lo)).astype(np.float32)
 
 
-def _read_dicom(path: Path, max_pixels: int) -> XRay:
+def _read_dicom(path: Path, max_pixels: int, size: int) -> XRay:
     import pydicom
 
     from lungrt.data.dicom import decoding_plugin, header_facts, missing_decoder
@@ -261,13 +262,14 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
         if _PIXEL_DATA_TAG in path.read_bytes():  # the tag is there but pydicom stopped before it
             raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
         raise ImageReadError(path, "DICOM has no pixel data")
-    if _pixel_data_cut_short(path, ds):
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    pixel_bytes = _pixel_data_in_file(ds, tsyntax)
+    if pixel_bytes is not None and size < sum(pixel_bytes):
         raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     _check_dimensions(path, cols, rows, max_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ImageReadError(path, "multi-frame DICOM is not a single radiograph")
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is not None and (missing := missing_decoder(tsyntax)):
         raise ImageReadError(path, missing)
     identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
@@ -282,7 +284,7 @@ def _read_dicom(path: Path, max_pixels: int) -> XRay:
     if tsyntax is not None and (plugin := decoding_plugin(tsyntax)):
         options["decoding_plugin"] = plugin
     try:
-        raw = _native_uint16(path, ds, tsyntax, rows, cols) if identity and unsigned16 else None
+        raw = _native_uint16(path, ds, tsyntax, pixel_bytes, rows, cols) if identity and unsigned16 else None
         if raw is None:
             if options:
                 ds.pixel_array_options(**options)
@@ -314,19 +316,21 @@ _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _DEFER_BYTES = 64 * 1024  # header elements are read; larger values (the pixel data) when asked
 
 
-def _pixel_data_cut_short(path: Path, ds) -> bool:
-    """Deferred pixel data whose declared length runs past the end of the file (not for a deflated
-    file: its offsets are in the inflated stream)."""
+def _pixel_data_in_file(ds, tsyntax) -> tuple[int, int] | None:
+    """(offset, length) in the file of pixel data pydicom deferred (read with `defer_size`), when
+    its length is defined; None otherwise, and for a deflated file (offsets in the inflated stream)."""
     from pydicom import uid
 
-    if str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) == uid.DeflatedExplicitVRLittleEndian:
-        return False
+    if str(tsyntax) == uid.DeflatedExplicitVRLittleEndian:
+        return None
     element = ds.get_item(0x7FE00010, keep_deferred=True)
     offset, length = getattr(element, "value_tell", None), getattr(element, "length", 0xFFFFFFFF)
-    return offset is not None and length != 0xFFFFFFFF and os.path.getsize(path) < offset + length
+    if offset is None or getattr(element, "value", None) is not None or length == 0xFFFFFFFF:
+        return None
+    return offset, length
 
 
-def _native_uint16(path: Path, ds, tsyntax, rows: int, cols: int) -> np.ndarray | None:
+def _native_uint16(path: Path, ds, tsyntax, pixel_bytes: tuple[int, int] | None, rows: int, cols: int) -> np.ndarray | None:
     """The common detector file (uncompressed little-endian, 16 bits allocated, one sample, one
     frame) read straight from the file into the array: pydicom's pixel_array spends ~8 ms per
     5 MP image on copies and checks for the same bytes, np.fromfile ~1 ms. None for anything else,
@@ -335,12 +339,9 @@ def _native_uint16(path: Path, ds, tsyntax, rows: int, cols: int) -> np.ndarray 
 
     if str(tsyntax) not in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian) or int(ds.get("SamplesPerPixel", 1)) != 1:
         return None
-    element = ds.get_item(0x7FE00010, keep_deferred=True)
-    need = rows * cols * 2
-    offset = getattr(element, "value_tell", None)
-    if offset is None or getattr(element, "value", None) is not None or element.length < need:
+    if pixel_bytes is None or pixel_bytes[1] < rows * cols * 2:
         return None
-    return np.fromfile(path, dtype="<u2", count=rows * cols, offset=offset).reshape(rows, cols)
+    return np.fromfile(path, dtype="<u2", count=rows * cols, offset=pixel_bytes[0]).reshape(rows, cols)
 
 
 def _dicom_spacing(ds) -> tuple[float, float] | None:

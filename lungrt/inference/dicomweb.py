@@ -10,6 +10,7 @@ that the PACS then lists each (QIDO-RS), and records each stored one in
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -70,8 +71,6 @@ def fetch(url: str, out_dir: Path) -> Path:
             instance = client.retrieve_instance(study, series_uid, sop)
         except Exception as e:
             raise _failure(url, f"retrieving instance {sop}", e) from None
-        import io
-
         buf = io.BytesIO()
         instance.save_as(buf, enforce_file_format=True)
         atomic_write_bytes(path, buf.getvalue())

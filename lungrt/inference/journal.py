@@ -12,7 +12,6 @@ input overrides an earlier one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 import fcntl
 import functools
 import json
@@ -21,6 +20,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from lungrt.core.errors import LungrtError
@@ -164,7 +164,7 @@ class Records(Mapping):
 
     Only where each input's latest line lies is held (file, offset, length): a parsed row costs
     ~2.5 KB of memory, a location ~0.15 KB, so 20,000 inputs hold 3 MB rather than 50, and a
-    million stay in reach. Rows are parsed when asked for, read back with pread."""
+    million stay in reach. A row is read back from its file and parsed when asked for."""
 
     def __init__(self, out_dir: str | Path):
         self._files: list[Path] = sorted(records_folder(out_dir).glob("*.jsonl"))

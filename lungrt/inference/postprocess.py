@@ -76,10 +76,8 @@ def side_labels(fields: LungFields) -> np.ndarray:
         labels[:, : fields.split_x][fields.mask[:, : fields.split_x] > 0] = 1
         labels[:, fields.split_x:][fields.mask[:, fields.split_x:] > 0] = 2
         return labels
-    n, comp, _, centroids = cv2.connectedComponentsWithStats((fields.mask > 0).view(np.uint8), connectivity=8)
-    side = np.zeros(n, np.uint8)
-    side[1:] = np.where(centroids[1:, 0] < fields.mask.shape[1] / 2, 1, 2)
-    return side[comp]
+    components, side, _ = _components_by_side((fields.mask > 0).view(np.uint8))
+    return side[components]
 
 
 def _centroid_x(contour: np.ndarray) -> float:
@@ -90,8 +88,16 @@ def _centroid_x(contour: np.ndarray) -> float:
     return x + (w - 1) / 2
 
 
+def _components_by_side(u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components (8-connected), each's side by its centroid: the label image, the side
+    per label (0 background, 1 the image's left half = the patient's right lung, 2 the other) and
+    the area per label."""
+    _, components, stats, centroids = cv2.connectedComponentsWithStats(u8, connectivity=8)
+    side = np.where(centroids[:, 0] < u8.shape[1] / 2, 1, 2).astype(np.uint8)
+    side[0] = 0
+    return components, side, stats[:, cv2.CC_STAT_AREA]
+
+
 def _measure_components(u8: np.ndarray) -> LungFields:
-    n, _, stats, centroids = cv2.connectedComponentsWithStats(u8, connectivity=8)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    image_left = centroids[1:, 0] < u8.shape[1] / 2
-    return LungFields(cv2.compare(u8, 0, cv2.CMP_NE), int(areas[image_left].sum()), int(areas[~image_left].sum()))
+    _, side, areas = _components_by_side(u8)
+    return LungFields(cv2.compare(u8, 0, cv2.CMP_NE), int(areas[side == 1].sum()), int(areas[side == 2].sum()))

@@ -197,7 +197,8 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
     elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
     summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
-               "qc_flagged": flagged, "screened_out": screened, "stopped_early": False, "seconds": elapsed, "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
-            "results_csv": str(csv_path), "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
-            "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
+               "qc_flagged": flagged, "screened_out": screened, "stopped_early": False, "seconds": elapsed,
+               "images_per_second": (ok + failed) / elapsed if elapsed else 0.0, "results_csv": str(csv_path),
+               "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
+               "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
     return write_summary(out_dir, summary)
