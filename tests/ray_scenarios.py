@@ -70,8 +70,10 @@ def settle(out: Path) -> int:
 
 
 def scenario_local(ckpt: str, src: Path, work: Path) -> dict:
+    import ray
+
     fact = cli([str(src), "--out", str(work / "local"), "--model", ckpt, *BATCH, "--overlay", "--ray", "local"])
-    return {**fact, "nodes": node_addresses(), "listening": listening_addresses()}
+    return {**fact, "nodes": node_addresses() if ray.is_initialized() else [], "listening": listening_addresses()}
 
 
 def driver_cmd(ckpt: str, src: str, out: Path, address: str) -> list[str]:
