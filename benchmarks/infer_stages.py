@@ -1,34 +1,42 @@
-"""Where `lungrt infer` spends its time per image, stage by stage, at the shared X-rays' 512x512
-and at native detector sizes (1000-4000 px), next to the bare model; then `lungrt infer` end to
-end against the bare model (interleaved, lungrt/benchmark/endtoend.py) on the native-size sets.
+"""Where `lungrt infer` spends its host time per image, stage by stage, at the shared X-rays'
+512x512 and at native detector sizes (1000-4000 px), for this working tree and an older release
+side by side in one run (alternating rounds, same files, same minute); then `lungrt infer` end to
+end against the bare model (interleaved, lungrt/benchmark/endtoend.py) on native-size DICOM, for
+both releases, and for this one on the model's recorded CPU choice.
 
     .venv/bin/python benchmarks/infer_stages.py --data ../shared/data/cxr-mc-sz --images 24
 
 Native-size inputs are made from the shared X-rays (never written into the project): upscaled to
 a random long side of 1000-4000 px, 16-bit with realistic detector noise, as PNG and as DICOM, in
-a temporary folder. Each stage runs on one thread, as infer's helper threads do.
+a temporary folder. Host stages are timed in core-milliseconds by `_host_stages.py` in a process
+of their own on probabilities computed once (no model runs beside them); `--baseline` is unpacked
+from git into the temporary folder (default: the release the host-cost issue measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from lungrt.backends.select import open_runner
-from lungrt.benchmark.endtoend import interleaved_ratio
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.datasets import discover_pairs
-from lungrt.data.io import atomic_write_bytes, encode_mask_png1, read_xray
+from lungrt.data.io import read_xray
 from lungrt.export.variants import make_variant
-from lungrt.inference.infer import _PNG_FAST, _png, collect_inputs, measure
-from lungrt.inference.qc import QCThresholds
+from lungrt.evaluation.parity import throughput
 from lungrt.models.checkpoint import resolve_model
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("decode", "preprocess", "mask_and_measure", "encode_png", "write")
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,45 +77,28 @@ def native_copies(sources: list[Path], folder: Path, seed: int = 0) -> dict[str,
     return out
 
 
-def stage_times(files: list[Path], runner, batch: int, out_dir: Path) -> dict:
-    """Mean milliseconds per image of each stage infer runs for one image."""
-    t = {k: 0.0 for k in ("decode", "preprocess", "model", "mask_and_measure", "encode_png", "write", "encode_png8")}
-    qc = QCThresholds.from_dict(runner.info.qc)
-    pixels = 0
-    for start in range(0, len(files), batch):
-        chunk = files[start : start + batch]
-        xrays, tensors = [], []
-        for f in chunk:
-            t0 = time.perf_counter()
-            xr = read_xray(f)
-            t1 = time.perf_counter()
-            tensors.append(runner.spec.apply_xray(xr))
-            t["decode"] += t1 - t0
-            t["preprocess"] += time.perf_counter() - t1
-            xrays.append(xr)
-            pixels += xr.shape[0] * xr.shape[1]
-        x = np.stack(tensors + [tensors[-1]] * (batch - len(tensors)))
-        t0 = time.perf_counter()
-        probs = runner.run(x)
-        t["model"] += (time.perf_counter() - t0) * len(chunk) / batch * batch / len(chunk)  # a full batch's time
-        for xr, p, f in zip(xrays, probs, chunk):
-            t0 = time.perf_counter()
-            m = measure(xr, p[0], runner.spec, True, qc)
-            t1 = time.perf_counter()
-            data = encode_mask_png1(m.mask)  # what infer writes (--mask-bits 1, the default)
-            t2 = time.perf_counter()
-            atomic_write_bytes(out_dir / (f.stem + ".png"), data, durable=False)
-            t3 = time.perf_counter()
-            _png(m.mask, _PNG_FAST)  # what it wrote before (--mask-bits 8), timed in the same run
-            t["encode_png8"] += time.perf_counter() - t3
-            t["mask_and_measure"] += t1 - t0
-            t["encode_png"] += t2 - t1
-            t["write"] += t3 - t2
-    n = len(files)
-    ms = {k: 1000 * v / n for k, v in t.items()}
-    ms["model"] = 1000 * t["model"] / (-(-n // batch) * batch)  # per image of a full batch
-    ms["megapixels"] = pixels / n / 1e6
-    return ms
+def run_worker(pythonpath: Path, config: dict, tmp: Path) -> dict:
+    """One `_host_stages.py` run under the lungrt found at `pythonpath`."""
+    cfg = tmp / f"cfg-{os.getpid()}-{len(list(tmp.glob('cfg-*')))}.json"
+    cfg.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    done = subprocess.run([sys.executable, str(HERE / "_host_stages.py"), str(cfg)], env=env, cwd=tmp,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{pythonpath}: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def unpack_release(rev: str, folder: Path) -> Path:
+    """The `lungrt` package of git revision `rev`, unpacked under `folder` (weights and all)."""
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", rev, "lungrt"], capture_output=True, check=True).stdout
+    folder.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def median_rows(rounds: list[dict]) -> dict:
+    return {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in rounds[0]}
 
 
 def main() -> None:
@@ -116,43 +107,63 @@ def main() -> None:
     ap.add_argument("--model", default="msag-unet")
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of both releases; medians are shown")
+    ap.add_argument("--baseline", default="a79fb87", help="git revision to compare with (default: the release the issue measured)")
     args = ap.parse_args()
     loaded = resolve_model(args.model)
-    runner = open_runner(make_variant(loaded, "fp32").path, backend="openvino", precision="fp32")
+    fp32 = make_variant(loaded, "fp32").path
+    runner = open_runner(fp32, backend="openvino", precision="fp32")
     sources = [p.image for p in discover_pairs(args.data).pairs][:: max(1, 704 // args.images)][: args.images]
-    results = {"hardware": cpu_identity(), "model": args.model, "backend": runner.describe(), "batch": args.batch, "rows": {}}
+    results = {"hardware": cpu_identity(), "model": args.model, "backend": runner.describe(), "batch": args.batch,
+               "baseline": args.baseline, "rows": {}, "end_to_end": {}}
     with tempfile.TemporaryDirectory(prefix="lungrt-stages-") as tmp:
         tmp = Path(tmp)
         native = native_copies(sources, tmp)
-        (tmp / "out").mkdir()
-        stage_times(sources[:4], runner, args.batch, tmp / "out")  # warm-up
-        for name, files in (("512 PNG (shared)", sources), ("native 16-bit PNG", native["png16"]), ("native DICOM", native["dicom"])):
-            results["rows"][name] = stage_times(files, runner, args.batch, tmp / "out")
-            print(name, json.dumps({k: round(v, 1) for k, v in results["rows"][name].items()}), flush=True)
-        x = np.stack([runner.spec.apply_xray(read_xray(f)) for f in sources[: args.batch]])
-        for name, kind in (("native 16-bit PNG", "png16"), ("native DICOM", "dicom")):
-            items = collect_inputs([str(tmp / kind)])
-            chunks = max(1, len(items) // (2 * args.batch))  # whole batches per chunk: no padding in the bare side
-            results["rows"][name]["end_to_end"] = interleaved_ratio(runner, items, x, args.batch, passes=1, chunks=chunks)
-            print(name, results["rows"][name]["end_to_end"], flush=True)
+        sets = {"512 PNG (shared)": [f.resolve() for f in sources], "native 16-bit PNG": native["png16"], "native DICOM": native["dicom"]}
+        probs = {}
+        for name, files in sets.items():  # the model's output, once, shared by both releases' workers
+            x = np.stack([runner.spec.apply_xray(read_xray(f)) for f in files])
+            probs[name] = str(tmp / f"probs-{len(probs)}.npy")
+            np.save(probs[name], np.concatenate([runner.run(x[i: i + args.batch]) for i in range(0, len(x), args.batch)])[:, 0])
+        batch = x[: args.batch]
+        np.save(tmp / "batch.npy", batch)
+        model_ms = 1000 / throughput(runner, batch, seconds=5)
+        releases = {"before": unpack_release(args.baseline, tmp / "baseline"), "now": HERE.parent}
+        config = {"sets": {n: [str(f) for f in fs] for n, fs in sets.items()}, "probs": probs,
+                  "spec": runner.spec.to_dict(), "qc": runner.info.qc}
+        rounds = {k: [] for k in releases}
+        for r in range(args.rounds):
+            for name in (list(releases) if r % 2 == 0 else list(releases)[::-1]):
+                rounds[name].append(run_worker(releases[name], {**config, "out": str(tmp / f"out-{name}")}, tmp))
+                print(name, r, json.dumps({s: {k: round(v, 1) for k, v in row.items()} for s, row in rounds[name][-1].items()}), flush=True)
+        for name in releases:
+            results["rows"][name] = median_rows(rounds[name])
+        e2e = {"folder": str(tmp / "dicom"), "onnx": str(fp32), "batch_input": str(tmp / "batch.npy")}
+        for key, release, extra in (("before, OpenVINO FP32", "before", {}), ("now, OpenVINO FP32", "now", {}),
+                                    ("now, recorded CPU choice", "now", {"model": args.model})):
+            results["end_to_end"][key] = run_worker(releases[release], {"end_to_end": {**e2e, **extra}}, tmp)
+            print(key, results["end_to_end"][key], flush=True)
+    results["model_ms"] = model_ms
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "infer_stages.json").write_text(json.dumps(results, indent=2))
-    stages = ("decode", "preprocess", "mask_and_measure", "encode_png", "write")
-    print(f"\n{args.model} on {results['backend']}, batch {args.batch}; {results['hardware']['cpu']} "
-          f"({' '.join(results['hardware']['cpu_flags'])}); ms per image, one thread per stage:\n")
-    print("| input | MP | " + " | ".join(stages) + " | all but model | with 8-bit PNG (before) | model |")
-    print("|---|---|" + "---|" * (len(stages) + 3))
-    for name, r in results["rows"].items():
-        rest = sum(r[s] for s in stages)
-        before = rest - r["encode_png"] + r["encode_png8"]
-        print(f"| {name} | {r['megapixels']:.1f} | " + " | ".join(f"{r[s]:.1f}" for s in stages)
-              + f" | {rest:.1f} | {before:.1f} | {r['model']:.1f} |")
-    print("\n| input | end-to-end img/s | bare model img/s | ratio | per round |\n|---|---|---|---|---|")
-    for name, r in results["rows"].items():
-        if "end_to_end" in r:
-            e = r["end_to_end"]
-            print(f"| {name} | {e['end_to_end_img_per_s']:.1f} | {e['bare_model_img_per_s']:.1f} | {e['ratio']:.2f} | "
-                  f"{min(e['ratio_per_round']):.2f}-{max(e['ratio_per_round']):.2f} |")
+    print_tables(results)
+
+
+def print_tables(results: dict) -> None:
+    hw = results["hardware"]
+    print(f"\n{results['model']} on {results['backend']} (model {results['model_ms']:.1f} ms per image at batch "
+          f"{results['batch']}); {hw['cpu']} ({' '.join(hw['cpu_flags'])}); host core-ms per image, median of "
+          f"alternating rounds; before = {results['baseline']}:\n")
+    print("| input | MP | " + " | ".join(f"{s} (before -> now)" for s in STAGES) + " | all but the model, before -> now |")
+    print("|---|---|" + "---|" * (len(STAGES) + 1))
+    before, now = results["rows"]["before"], results["rows"]["now"]
+    for name in now:
+        b, n = before[name], now[name]
+        print(f"| {name} | {n['megapixels']:.1f} | " + " | ".join(f"{b[s]:.1f} -> {n[s]:.1f}" for s in STAGES)
+              + f" | **{sum(b[s] for s in STAGES):.1f} -> {sum(n[s] for s in STAGES):.1f}** |")
+    print("\n| native DICOM, end to end | runner | end-to-end img/s | bare model img/s | ratio |\n|---|---|---|---|---|")
+    for key, e in results["end_to_end"].items():
+        print(f"| {key} | {e['backend']} | {e['end_to_end_img_per_s']:.1f} | {e['bare_model_img_per_s']:.1f} | **{e['ratio']:.2f}** |")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,53 @@ def test_xrays_are_preprocessed_from_their_raw_pixels_the_same_way_everywhere(tm
     assert deep.window is not None
     diff = np.abs(spec.resize_xray8(deep).astype(int) - spec.resize8(deep.gray8).astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.5
+
+
+@pytest.mark.parametrize("dtype, shape, size", [(np.uint16, (2991, 2390), 256), (np.uint8, (2049, 1537), 256),
+                                                (np.uint16, (1733, 2311), 64)])
+def test_banded_area_downsize_is_opencvs_inter_area(dtype, shape, size):
+    """Native-size images take the banded area resize: OpenCV's INTER_AREA weights in another
+    summation order, so at most one unit apart, and only where the mean sits on a rounding half."""
+    import cv2
+
+    from lungrt.core.spec import area_downsize
+
+    rng = np.random.default_rng(3)
+    top = np.iinfo(dtype).max if dtype == np.uint8 else 4095
+    img = np.clip(cv2.GaussianBlur(rng.uniform(0, top, shape).astype(np.float32), (0, 0), 4) * 3 - top, 0, top)
+    img = (img + rng.normal(0, top / 300, shape)).clip(0, top).astype(dtype)
+    ours = area_downsize(img, size)
+    opencv = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    assert ours.dtype == dtype and ours.shape == (size, size)
+    diff = np.abs(ours.astype(int) - opencv.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert np.array_equal(PreprocessSpec(size=size)._resize(img), ours)
+
+
+def test_native_size_masks_are_unchanged_by_the_banded_resize():
+    """What infer writes for a native-size 16-bit film: the same mask as with OpenCV's INTER_AREA
+    everywhere, except where that pipeline's probability is within 1/255 of 0.5."""
+    import cv2
+
+    from lungrt.backends.select import open_runner
+    from lungrt.data.io import XRay
+    from lungrt.data.phantoms import make_chest_phantom
+    from lungrt.models.checkpoint import resolve_model
+
+    films = []
+    for seed, (h, w) in enumerate([(2400, 2000), (2991, 2390)]):
+        unit = make_chest_phantom(seed, 512).image  # [0, 1] float
+        raw = cv2.resize(unit * 4095, (w, h), interpolation=cv2.INTER_CUBIC)
+        raw += np.random.default_rng(seed).normal(0, 12, raw.shape).astype(np.float32)
+        films.append(XRay(f"film{seed}", np.clip(raw, 0, 4095).astype(np.uint16), bits=16, window=(0, 4095, False)))
+    with open_runner(resolve_model("unet"), backend="torch", precision="fp32", log=lambda *a: None) as runner:
+        spec = runner.spec
+        opencv = np.stack([spec.normalize(spec.equalize8(f.to_gray8(cv2.resize(
+            f.image, (spec.size, spec.size), interpolation=cv2.INTER_AREA))).astype(np.float32) / 255)[None] for f in films])
+        banded = np.stack([spec.apply_xray(f) for f in films])
+        before, after = runner.run(opencv)[:, 0], runner.run(banded)[:, 0]
+    for f, p0, p1 in zip(films, before, after):
+        m0, m1 = spec.invert_mask(p0, f.shape), spec.invert_mask(p1, f.shape)
+        assert m0.any()
+        differ = m0 != m1
+        assert np.abs(spec.invert(p0, f.shape)[differ] - 0.5).max(initial=0) <= 1 / 255

@@ -35,13 +35,15 @@ def lung_fields(mask: np.ndarray, clean: bool = True) -> LungFields:
         return _touching_lungs(_measure_components(u8))
     contours, _ = cv2.findContours(u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     drawn = np.zeros(u8.shape, np.uint8)
-    sides, before = [0, 0], 0
+    sides = [0, 0]
     for c in sorted(contours, key=cv2.contourArea, reverse=True)[:2]:
-        # outer contours of distinct components fill disjoint regions, so areas are count differences
+        # outer contours of distinct components fill disjoint regions, so a component's area is the
+        # count its drawing adds inside its bounding box (not the whole 5-megapixel image, twice)
+        x, y, bw, bh = cv2.boundingRect(c)
+        box = drawn[y: y + bh, x: x + bw]
+        before = cv2.countNonZero(box)
         cv2.drawContours(drawn, [c], -1, 255, thickness=cv2.FILLED)
-        now = cv2.countNonZero(drawn)
-        sides[_centroid_x(c) >= u8.shape[1] / 2] += now - before
-        before = now
+        sides[_centroid_x(c) >= u8.shape[1] / 2] += cv2.countNonZero(box) - before
     return _touching_lungs(LungFields(drawn, sides[0], sides[1]))
 
 

@@ -1,0 +1,94 @@
+"""Worker of `infer_stages.py`: times the host stages of `lungrt infer` for one image at a time
+(decode, preprocess, mask and measure, encode the mask, write it) in core-milliseconds
+(`time.process_time`: every thread of this process, OpenCV's included), on probabilities the
+parent computed once, so no model runs here and no model's threads spin beside the stages.
+
+Runs under whichever `lungrt` is first on PYTHONPATH: the working tree, or an older release
+unpacked by the parent, so that both pipelines are timed on the same files in the same minute.
+Only names both have are used.
+
+    python benchmarks/_host_stages.py CONFIG.json   # prints one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lungrt.core.spec import PreprocessSpec
+from lungrt.data.io import atomic_write_bytes, read_xray
+from lungrt.inference import infer
+from lungrt.inference.qc import QCThresholds
+
+STAGES = ("decode", "preprocess", "mask_and_measure", "encode_png", "write")
+
+
+def encoder():
+    """What this release writes for a mask by default: the 1-bit PNG where it has one."""
+    try:
+        from lungrt.data.io import encode_mask_png1
+
+        return encode_mask_png1
+    except ImportError:
+        return lambda mask: infer._png(mask, infer._PNG_FAST)
+
+
+def host_stage_ms(files: list[str], probs: np.ndarray, spec, qc, out_dir: Path) -> dict:
+    encode = encoder()
+    spent = dict.fromkeys(STAGES, 0.0)
+    pixels = 0
+    for f, p in zip(files, probs):
+        clock = [time.process_time()]
+        xr = read_xray(f)
+        clock.append(time.process_time())
+        spec.apply_xray(xr)
+        clock.append(time.process_time())
+        m = infer.measure(xr, p, spec, True, qc)
+        clock.append(time.process_time())
+        data = encode(m.mask)
+        clock.append(time.process_time())
+        atomic_write_bytes(out_dir / (Path(f).stem + ".png"), data, durable=False)
+        clock.append(time.process_time())
+        for stage, t0, t1 in zip(STAGES, clock, clock[1:]):
+            spent[stage] += t1 - t0
+        pixels += xr.shape[0] * xr.shape[1]
+    ms = {k: 1000 * v / len(files) for k, v in spent.items()}
+    ms["megapixels"] = pixels / len(files) / 1e6
+    return ms
+
+
+def end_to_end(cfg: dict) -> dict:
+    """`lungrt infer`'s loop against the bare model, interleaved (this release's endtoend)."""
+    from lungrt.backends.select import open_runner
+    from lungrt.benchmark.endtoend import interleaved_ratio
+
+    if cfg.get("model"):  # the model's recorded CPU choice (this release's resolver)
+        from lungrt.models.checkpoint import resolve_model
+
+        runner = open_runner(resolve_model(cfg["model"]))
+    else:
+        runner = open_runner(onnx=cfg["onnx"], backend="openvino", precision="fp32")
+    x = np.load(cfg["batch_input"])
+    items = infer.collect_inputs([cfg["folder"]])
+    chunks = max(1, len(items) // (2 * len(x)))
+    return interleaved_ratio(runner, items, x, len(x), passes=1, chunks=chunks)
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    if cfg.get("end_to_end"):
+        print(json.dumps(end_to_end(cfg["end_to_end"])))
+        return
+    spec, qc = PreprocessSpec.from_dict(cfg["spec"]), QCThresholds.from_dict(cfg["qc"])
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {name: host_stage_ms(files, np.load(cfg["probs"][name]), spec, qc, out) for name, files in cfg["sets"].items()}
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
