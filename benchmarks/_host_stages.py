@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from lungrt.core.spec import PreprocessSpec
@@ -75,10 +76,12 @@ def end_to_end(cfg: dict) -> dict:
     x = np.load(cfg["batch_input"])
     items = infer.collect_inputs([cfg["folder"]])
     chunks = max(1, len(items) // (2 * len(x)))
-    return interleaved_ratio(runner, items, x, len(x), passes=1, chunks=chunks)
+    pool = {"pool": cfg["pool"]} if cfg.get("pool") else {}  # older releases have threads only
+    return interleaved_ratio(runner, items, x, len(x), passes=2, chunks=chunks, **pool)
 
 
 def main() -> None:
+    cv2.setNumThreads(1)  # one core per stage, as the table; infer's helpers run OpenCV so
     cfg = json.loads(Path(sys.argv[1]).read_text())
     if cfg.get("end_to_end"):
         print(json.dumps(end_to_end(cfg["end_to_end"])))

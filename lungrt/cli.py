@@ -307,7 +307,8 @@ def infer(
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt"),
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 (variants) | bf16 (openvino). Default: the file's own; for a model, the recorded CPU choice, else fp32."),
     batch_size: int = typer.Option(8, min=1, max=4096, help="Images per model call (clamped to the number of inputs and the engine's profile)."),
-    workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads."),
+    workers: int = typer.Option(2, min=1, help="Decode/preprocess and writer threads (or processes, --pool process)."),
+    pool: str = typer.Option("thread", "--pool", help="Helpers for decoding and writing: thread | process (past the GIL: many-core hosts feeding a GPU)."),
     overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write the probability map (8-bit PNG)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep the two largest components and fill holes."),
@@ -325,7 +326,7 @@ def infer(
 ):
     """Lung masks and measurements for folders of X-rays. Exit 0: all ok; 3: some inputs failed
     (see results.csv); 2: bad arguments or model."""
-    from lungrt.inference.infer import EXIT_OK, EXIT_SOME_FAILED, InferOptions, collect_inputs, run_identity, run_infer
+    from lungrt.inference.infer import EXIT_OK, EXIT_SOME_FAILED, HELPER_POOLS, InferOptions, collect_inputs, run_identity, run_infer
     from lungrt.backends.select import open_runner
 
     if screen not in ("flag", "skip"):
@@ -337,8 +338,12 @@ def infer(
         fail("--store sends DICOM SEGs back to the PACS a DICOMweb input came from; give one (http://…/studies/UID)")
     if mask_bits not in (1, 8):
         fail(f"--mask-bits {mask_bits}: choose 1 or 8")
+    if pool not in HELPER_POOLS:
+        fail(f"--pool {pool!r}: choose {' or '.join(HELPER_POOLS)}")
+    if pool != "thread" and ray is not None:
+        fail("--pool process is for one machine; with --ray the Ray workers are the processes")
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess, screen,
-                        dicom_seg or store, mask_bits)
+                        dicom_seg or store, mask_bits, pool)
     if not out_dir.strip():
         fail("--out is empty; name the output folder")
     check_json_path(json_path)

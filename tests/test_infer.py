@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -209,3 +210,29 @@ def test_one_bit_masks_hold_the_very_pixels_of_the_eight_bit_ones(tmp_path, tiny
         pa, pb = cv2.imread(str(a), cv2.IMREAD_UNCHANGED), cv2.imread(str(b), cv2.IMREAD_UNCHANGED)
         assert pa.dtype == np.uint8 and np.array_equal(pa, pb) and set(np.unique(pa)) <= {0, 255}
         assert np.array_equal(np.array(Image.open(a).convert("L")), pb)
+
+
+def test_process_pool_writes_what_the_thread_pool_writes(mixed_folder, tmp_path, tiny_checkpoint):
+    """--pool process (decoding and writing in spawned helper processes that send back the network
+    input and the X-ray's facts, not its pixels): the same rows, masks and overlays, byte for byte;
+    each helper keeps its own journal; --resume sees their work as done."""
+    outs = {}
+    for pool in ("thread", "process"):
+        outs[pool] = tmp_path / pool
+        res = _infer([mixed_folder], outs[pool], tiny_checkpoint, "--overlay", "--pool", pool)
+        assert res.exit_code == 3, res.output
+    keep = ("status", "error", "width", "height", "right_lung_px", "left_lung_px", "right_lung_mm2", "qc", "mask")
+    thread_rows, process_rows = _rows(outs["thread"]), _rows(outs["process"])
+    assert {k: {f: r[f] for f in keep} for k, r in process_rows.items()} == \
+        {k: {f: r[f] for f in keep} for k, r in thread_rows.items()}
+    written = sorted(p.relative_to(outs["thread"]) for p in outs["thread"].rglob("*.png"))
+    assert len(written) == 10  # 5 readable inputs: a mask and an overlay each
+    for rel in written:
+        assert (outs["process"] / rel).read_bytes() == (outs["thread"] / rel).read_bytes(), rel
+    assert len(list((outs["process"] / ".lungrt-records").glob("*.jsonl"))) >= 2  # the helpers' own journals
+    summary = tmp_path / "again.json"
+    again = _infer([mixed_folder], outs["process"], tiny_checkpoint, "--overlay", "--pool", "process", "--resume",
+                   "--json", str(summary))
+    assert again.exit_code == 3, again.output
+    assert json.loads(summary.read_text())["skipped_done"] == 5
+    assert _infer([mixed_folder], tmp_path / "bad", tiny_checkpoint, "--pool", "fork").exit_code == 2

@@ -13,10 +13,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from lungrt.models.checkpoint import ModelInfo
+from lungrt.core.modelinfo import ModelInfo
 from lungrt.core.errors import LungrtError
 from lungrt.core.spec import PreprocessSpec
 
@@ -57,17 +55,6 @@ class Runner(ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-
-class ProbabilityModel(nn.Module):
-    """The network plus the sigmoid: what every backend runs and what ONNX exports."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(image))
 
 
 def onnx_metadata(path: str | Path) -> dict:

@@ -7,7 +7,8 @@ import torch
 
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
-from lungrt.backends.base import ProbabilityModel, Runner
+from lungrt.backends.base import Runner
+from lungrt.models import ProbabilityModel
 
 
 class TorchRunner(Runner):

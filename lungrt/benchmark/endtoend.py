@@ -19,7 +19,7 @@ from lungrt.inference.infer import InferOptions, Item, run_infer
 
 
 def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_size: int = 8, passes: int = 2,
-                      chunks: int = 4, workers: int = 2) -> dict:
+                      chunks: int = 4, workers: int = 2, pool: str = "thread") -> dict:
     """End-to-end and bare-model images/s and their ratio; `x` is one preprocessed batch."""
     parts = [items[i::chunks] for i in range(chunks)] * passes
     throughput(runner, x, seconds=2)  # warm-up
@@ -35,7 +35,7 @@ def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_si
                 timings[side] = time.perf_counter() - t0
             else:
                 tmp = Path(tempfile.mkdtemp(prefix="lungrt-e2e-"))
-                summary = run_infer(runner, part, tmp, InferOptions(batch_size=batch_size, workers=workers))
+                summary = run_infer(runner, part, tmp, InferOptions(batch_size=batch_size, workers=workers, pool=pool))
                 timings[side] = time.perf_counter() - t0
                 shutil.rmtree(tmp)
                 if summary["ok"] != len(part):

@@ -36,6 +36,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decod
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # our own check refuses larger images before Pillow would warn
 
 
+@dataclass(frozen=True)
+class XRayFacts:
+    """An X-ray without its pixels: what measuring and writing a mask need of it (its size,
+    spacing, DICOM header facts). What a helper process sends back instead of megabytes of pixels."""
+
+    path: str
+    shape: tuple[int, int]
+    spacing_mm: tuple[float, float] | None = None
+    bits: int = 8
+    header: dict | None = None
+
+
 @dataclass
 class XRay:
     """A decoded X-ray, 2-D, bright = dense (MONOCHROME2). `image` is what was decoded: uint8 for
@@ -54,6 +66,9 @@ class XRay:
     @property
     def shape(self) -> tuple[int, int]:
         return self.image.shape  # type: ignore[return-value]
+
+    def facts(self) -> "XRayFacts":
+        return XRayFacts(self.path, self.shape, self.spacing_mm, self.bits, self.header)
 
     @property
     def pixels(self) -> np.ndarray:

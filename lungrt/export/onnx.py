@@ -17,7 +17,8 @@ from lungrt._version import __version__
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
 from lungrt.data.io import temp_path_for
-from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
+from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME
+from lungrt.models import ProbabilityModel
 from lungrt.backends.integrity import seal
 
 OPSET = 17

@@ -15,10 +15,13 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import multiprocessing
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,7 @@ class InferOptions:
     screen: str = "flag"  # DICOM header says not a frontal chest film: "flag" (QC reasons) or "skip" (no mask)
     dicom_seg: bool = False  # also a DICOM Segmentation per DICOM input (NAME.seg.dcm)
     mask_bits: int = 1  # NAME.mask.png as a 1-bit PNG (same pixels as the 8-bit one, a fifth of the time) or 8-bit
+    pool: str = "thread"  # helpers for decoding and writing: "thread" or "process" (past the GIL, `helper_pools`)
 
 
 OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png", ".seg.dcm")
@@ -314,7 +318,8 @@ def _error_row(item: Item, reason: str, runner: Runner) -> dict:
             "model": runner.info.name}
 
 
-def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
+def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner | RunnerFacts,
+                        opts: InferOptions) -> dict:
     """`finish_one`, with a failure that belongs to this input alone (its name, a permission) made
     its error row. A full or read-only disk is everyone's failure: it propagates and stops the run."""
     try:
@@ -497,6 +502,70 @@ def _take_idle_cpu_only() -> None:
         pass
 
 
+HELPER_POOLS = ("thread", "process")
+
+
+@dataclass(frozen=True)
+class RunnerFacts:
+    """What writing one image's outputs needs of the runner (spec, QC thresholds, names), without
+    the runner itself: what a helper process receives."""
+
+    spec: PreprocessSpec
+    info: object
+    weights_id: str | None
+    content_hash: str | None
+    described: str
+
+    @classmethod
+    def of(cls, runner: Runner) -> "RunnerFacts":
+        return cls(runner.spec, runner.info, runner.weights_id, runner.content_hash, runner.describe())
+
+    def describe(self) -> str:
+        return self.described
+
+
+def _start_helper_process(idle: bool) -> None:
+    cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would only compete with it
+    if idle:
+        _take_idle_cpu_only()
+
+
+def _load_without_pixels(item: Item, spec, keep_pixels: bool):
+    """`_load` in a helper process: the network input and the X-ray's facts travel back, not its
+    megapixels (unless an overlay needs them)."""
+    item, xr, tensor, err = _load(item, spec)
+    return item, xr if keep_pixels or xr is None else xr.facts(), tensor, err
+
+
+@contextmanager
+def helper_pools(runner: Runner, opts: InferOptions):
+    """(submit a read, submit a write) for infer's helpers. Threads by default: decoding, resizing,
+    PNG and zlib release the GIL for most of their time. With `pool="process"` one pool of
+    `workers` processes does both (spawned: nothing of the runner is forked), for machines where
+    the GIL-held share of that work (~14 % here, benchmarks/helper_scaling.py) caps threads."""
+    idle = runner.sleeps_when_idle  # a spinning runner (PyTorch's OpenMP) would starve idle helpers
+    if opts.pool == "process":
+        facts = RunnerFacts.of(runner)
+        with ProcessPoolExecutor(opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle,)) as pool:
+            try:
+                yield (lambda item: pool.submit(_load_without_pixels, item, runner.spec, opts.overlay),
+                       lambda out_dir, item, xr, prob: pool.submit(finish_or_error_row, out_dir, item, xr, prob, facts, opts))
+            except BrokenProcessPool:
+                raise LungrtError("a helper process died (out of memory?); what is done is kept: rerun with --resume, "
+                                  "with fewer --workers or --pool thread") from None
+        return
+    helper_init = _take_idle_cpu_only if idle else None
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # for this run only: the helpers are the parallelism (OpenCV's pool cost 2x the core-ms)
+    try:
+        with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
+                ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers:
+            yield (lambda item: readers.submit(_load, item, runner.spec),
+                   lambda out_dir, item, xr, prob: writers.submit(finish_or_error_row, out_dir, item, xr, prob, runner, opts))
+    finally:
+        cv2.setNumThreads(opencv_threads)
+
+
 def run_infer(runner: Runner, items: list[Item], out_dir: str | Path, opts: InferOptions) -> dict:
     out_dir = prepare_out_dir(Path(out_dir))
     with lock_out_dir(out_dir):
@@ -513,10 +582,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     window = max(batch_size * 3, opts.workers * 2)
     fatal: list[OSError] = []
     t0 = time.perf_counter()
-    # only for runners that sleep while waiting: a spinning one (PyTorch's OpenMP) would starve the helpers
-    helper_init = _take_idle_cpu_only if runner.sleeps_when_idle else None
-    with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
-            ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers, progress_bar() as bar:
+    with helper_pools(runner, opts) as (submit_read, submit_write), progress_bar() as bar:
         task = bar.add_task(f"infer {runner.describe()}", total=len(todo))
         pending: deque[Future] = deque()
         writes: deque[Future] = deque()
@@ -525,7 +591,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
 
         def fill():
             for item in it_todo:
-                pending.append(readers.submit(_load, item, runner.spec))
+                pending.append(submit_read(item))
                 if len(pending) >= window:
                     return
 
@@ -536,6 +602,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
             except OSError as e:  # disk full / read-only: keep what is done, stop cleanly
                 fatal.append(e)
                 return
+
             ok += row["status"] == "ok"
             failed += row["status"] != "ok"
             flagged += row["status"] == "ok" and row.get("qc", "ok") != "ok"
@@ -547,7 +614,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
                 x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
             probs = runner.run(x)
             for (item, xr, _, _), p in zip(batch, probs):
-                writes.append(writers.submit(finish_or_error_row, out_dir, item, xr, p[0], runner, opts))
+                writes.append(submit_write(out_dir, item, xr, p[0]))
             while len(writes) > window:
                 settle(writes.popleft())
 

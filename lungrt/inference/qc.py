@@ -73,21 +73,22 @@ def features(prob_small: np.ndarray) -> dict[str, float]:
     p = np.asarray(prob_small, np.float32).reshape(prob_small.shape[-2:])
     h, w = p.shape
     m = (p > 0.5).astype(np.uint8)
-    area = int(m.sum())
+    area = cv2.countNonZero(m)
     if area == 0:
         return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
                 "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "extent_x": 0.0, "extent_y": 0.0,
                 "base_width": 0.0}
-    n, _, stats, cents = cv2.connectedComponentsWithStats(m, connectivity=8)
-    sizes = stats[1:, cv2.CC_STAT_AREA]
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    sizes = np.bincount(labels.ravel(), minlength=n)[1:]  # OpenCV's WithStats took 9x its labelling's time
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
     balance = float(two.min() / two.max()) if len(two) == 2 else 0.0
     uncertain = float(cv2.countNonZero(cv2.compare(p, 0.1, cv2.CMP_GT) & cv2.compare(p, 0.9, cv2.CMP_LT))) / area
-    inner = int(m[2:-2, 2:-2].sum())
+    inner = cv2.countNonZero(m[2:-2, 2:-2])
     # the mask's pixel coordinates summarised by their row and column counts: the same percentiles
     # and means as over np.nonzero's coordinates, without sorting every lung pixel
-    rows_w, cols_h = m.sum(axis=1), m.sum(axis=0)
+    rows_w = cv2.reduce(m, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    cols_h = cv2.reduce(m, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
     top, bottom = int(percentile_of_counts(rows_w, 2)), int(percentile_of_counts(rows_w, 98))
     tenth = max(int(round(0.1 * (bottom - top))), 1)
     return {

@@ -116,7 +116,7 @@ class _RunnerView:
 
     def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None,
                  artifact: str | None = None):
-        from lungrt.models.checkpoint import ModelInfo
+        from lungrt.core.modelinfo import ModelInfo
 
         self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec, qc=qc or {})
         self.content_hash = artifact  # what ran, for a DICOM SEG's algorithm identification

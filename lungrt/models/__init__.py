@@ -22,6 +22,17 @@ def build_model(name: str, width: int = 16) -> nn.Module:
     return REGISTRY[name](width=width)
 
 
+class ProbabilityModel(nn.Module):
+    """The network plus the sigmoid: what every backend runs and what ONNX exports."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(image))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

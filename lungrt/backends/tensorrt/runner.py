@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungrt.models.checkpoint import ModelInfo
+from lungrt.core.modelinfo import ModelInfo
 from lungrt.backends.tensorrt.engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, read_plan_metadata
 from lungrt.core.errors import LungrtError
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, Runner
