@@ -34,6 +34,7 @@ def corruptions(img: np.ndarray, gold: np.ndarray, rng: np.random.Generator):
     h, w = img.shape
     yield "clean", img, gold
     yield "dense opacity, whole lung", paint_benchmark(img, gold, "consolidation", "severe", int(rng.integers(1 << 30))), gold
+    yield "lobe white-out (lower part of one lung)", paint_benchmark(img, gold, "lobe", "severe", int(rng.integers(1 << 30))), gold
     yield "heavy noise", np.clip(img + rng.normal(0, 0.3, img.shape), 0, 1).astype(np.float32), gold
     yield "wrong exposure (burned out)", np.clip((img - 0.6) * 4, 0, 1).astype(np.float32), gold
     yield "rotated 90 degrees", np.rot90(img).copy(), np.rot90(gold).copy()

@@ -128,21 +128,23 @@ class LungSegmenter:
         self.close()
 
     # -- prediction ---------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 8, postprocess: bool = True, stream: bool = False, workers: int = 2):
+    def predict(self, x, batch_size: int = 8, postprocess: bool = True, stream: bool = False, workers: int = 2,
+                complete_shape: bool = False):
         """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one `LungResult`;
         a folder, a glob, or any iterable of paths/arrays (a list, a generator) -> their results in
         input order: a list, or with `stream=True` a generator that yields them batch by batch
         while reading ahead through a bounded window (`workers` threads, at most a few batches of
-        decoded images in memory), as `lungrt infer` does: folders of any size in flat memory."""
+        decoded images in memory), as `lungrt infer` does: folders of any size in flat memory.
+        `complete_shape`: as infer's --complete-shape (off by default; the README has its gate)."""
         single = isinstance(x, np.ndarray) or (isinstance(x, (str, Path)) and Path(x).is_file())
-        results = self._stream(x, batch_size, postprocess, workers)
+        results = self._stream(x, batch_size, postprocess, workers, complete_shape)
         if single:
             first = next(results)
             results.close()  # ends the reader pool
             return first
         return results if stream else list(results)
 
-    def _stream(self, x, batch_size: int, postprocess: bool, workers: int) -> Iterator[LungResult]:
+    def _stream(self, x, batch_size: int, postprocess: bool, workers: int, complete_shape: bool) -> Iterator[LungResult]:
         from concurrent.futures import ThreadPoolExecutor
 
         window = max(2 * batch_size, workers)
@@ -157,17 +159,17 @@ class LungSegmenter:
                     break
                 batch.append(pending.popleft().result())
                 if len(batch) == batch_size or not pending:  # nothing pending after a refill: the last batch
-                    yield from self._segment(batch, postprocess)
+                    yield from self._segment(batch, postprocess, complete_shape)
                     batch = []
 
     def _prepared(self, source) -> tuple[XRay, np.ndarray]:
         xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
         return xr, self.spec.apply_xray(xr)
 
-    def _segment(self, batch: list, postprocess: bool) -> Iterator[LungResult]:
+    def _segment(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
         probs = self.runner.run(np.stack([tensor for _, tensor in batch]))
         for (xr, _), p in zip(batch, probs):
-            m = measure(xr, p[0], self.spec, postprocess, self.qc)
+            m = measure(xr, p[0], self.spec, postprocess, self.qc, complete_shape)
             yield LungResult(m.mask > 0, m, m.right_px, m.left_px, m.lung_fraction, m.mean_confidence, m.right_mm2,
                              m.left_mm2, xr.path or None, xr.gray8, m.qc, m.qc_features)
 

@@ -312,6 +312,7 @@ def infer(
     overlay: bool = typer.Option(False, "--overlay", help="Also write an overlay PNG per image."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write the probability map (8-bit PNG)."),
     postprocess: bool = typer.Option(True, "--postprocess/--no-postprocess", help="Keep the two largest components and fill holes."),
+    complete_shape: bool = typer.Option(False, "--complete-shape", help="Where QC finds an implausible lung shape, add the lung the model's shape fit says is missing (off by default: see the README's gate)."),
     resume: bool = typer.Option(False, "--resume", help="Skip inputs whose outputs are complete."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable input."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON."),
@@ -343,7 +344,7 @@ def infer(
     if pool != "thread" and ray is not None:
         fail("--pool process is for one machine; with --ray the Ray workers are the processes")
     opts = InferOptions(batch_size, workers, overlay, probabilities, resume, strict, postprocess, screen,
-                        dicom_seg or store, mask_bits, pool)
+                        dicom_seg or store, mask_bits, pool, complete_shape)
     if not out_dir.strip():
         fail("--out is empty; name the output folder")
     check_json_path(json_path)

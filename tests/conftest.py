@@ -46,7 +46,21 @@ def tiny_checkpoint(tmp_path_factory, phantom_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = TrainConfig(model="unet", width=4, size=64, epochs=8, lr=5e-3, batch_size=4, seed=0, augment=False)
     train(cfg, phantom_dir, out, log=lambda *a: None)
-    return out / "model.safetensors"
+    return with_shape_model(out / "model.safetensors", phantom_dir)
+
+
+def with_shape_model(checkpoint: Path, data: Path) -> Path:
+    """The checkpoint with a shape model of `data`'s masks in its QC metadata (generic bounds), as
+    shipped models carry one: it must travel to ONNX files and engine sidecars."""
+    from lungrt.data.datasets import discover_pairs
+    from lungrt.inference.qc import GENERIC, QCThresholds, fit_shape_model
+    from lungrt.models.checkpoint import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    shape = fit_shape_model(discover_pairs(data).pairs, loaded.spec.size)
+    loaded.info.qc = QCThresholds(dict(GENERIC), "generic bounds (tests)", shape=shape).to_dict()
+    save_checkpoint(checkpoint, loaded.model, loaded.info)
+    return checkpoint
 
 
 def gate_forcing_a_search(loaded, pairs, target: str, folder: Path, calib_dir=None, method=None):

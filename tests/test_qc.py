@@ -15,6 +15,10 @@ def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
         row = {k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()}
         row["base_width"] = 0.47 - rng.normal(0, 0.04)
         rows.append(row)
+    shape_rng = np.random.default_rng(n)  # the shape model's numbers, drawn apart (the other draws stay as they were)
+    for row in rows:
+        row["shape_dice"] = 0.975 - abs(shape_rng.normal(0, 0.006))
+        row["shape_distance"] = 3.5 + abs(shape_rng.normal(0, 1.0))
     return rows
 
 

@@ -44,7 +44,7 @@ def rtx_builds(tmp_path_factory, tiny_checkpoint, phantom_dir):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
-def test_rtx_build_writes_a_real_engine_and_its_metadata(rtx_builds, precision):
+def test_rtx_build_writes_a_real_engine_and_its_metadata(rtx_builds, precision, tiny_checkpoint):
     out, outputs = rtx_builds
     res = outputs[precision]
     assert res.exit_code == 0, res.output
@@ -55,6 +55,8 @@ def test_rtx_build_writes_a_real_engine_and_its_metadata(rtx_builds, precision):
     meta = json.loads(metadata_path(plan).read_text())
     assert meta["flavour"] == "tensorrt-rtx" and meta["tensorrt"] == trt.__version__ and meta["targets"] == ["8.6"]
     assert meta["batch_profile"] == [1, 4, 8]
+    # the QC thresholds and the lung shape model travel with the engine, as fitted with the weights
+    assert meta["model"]["qc"]["shape_model"] == load_checkpoint(tiny_checkpoint).info.qc["shape_model"]
     assert meta["engine_bytes"] == plan.stat().st_size > 10_000
     assert "int8fp16" in meta["onnx"] if precision == "int8" else f".{precision}.onnx" in meta["onnx"]
     # written atomically: no temp file left beside it

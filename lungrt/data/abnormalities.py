@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 SEVERITIES = ("mild", "moderate", "severe")
-KINDS = ("consolidation", "haze", "effusion", "silhouette")
+KINDS = ("consolidation", "haze", "effusion", "silhouette", "lobe")
 
 # Benchmark severity -> (share of one lung's area covered, opacity of the painted region)
 _BENCH_LEVELS = {"mild": (0.15, 0.45), "moderate": (0.35, 0.65), "severe": (0.7, 0.85)}
@@ -170,9 +170,22 @@ def paint_benchmark(image: np.ndarray, mask: np.ndarray, kind: str, severity: st
         opacity *= 0.7
     elif kind == "effusion":
         weight = _fluid_line(lung, cover, rng) * lung
+    elif kind == "lobe":
+        # a lobe-sized white-out: the lower part of one lung (half at moderate) at the severity's
+        # opacity, its ribs kept (the image's fine detail is added back over the opacity)
+        weight = _soft(_lower_part(lung, 0.3 + 0.4 * cover), scale * 0.006) * lung
+        detail = out - cv2.GaussianBlur(out, (0, 0), scale * 0.008)
+        return np.clip(_opacify(out, max(opacity, 0.8) * weight, level) + detail * weight, 0, 1)
     else:  # silhouette: consolidation whose edge against the neighbouring soft tissue vanishes
         weight = _soft(_spill(_ellipses_covering(lung, cover, rng) & lung, mask & ~lung, scale * 0.05), scale * 0.015)
     return np.clip(_opacify(out, opacity * weight, level), 0, 1)
+
+
+def _lower_part(lung: np.ndarray, share: float) -> np.ndarray:
+    """The part of a lung below the line that leaves `share` of its height underneath."""
+    ys = np.nonzero(lung)[0]
+    cut = ys.max() - share * (ys.max() - ys.min())
+    return lung & (np.arange(lung.shape[0])[:, None] >= cut)
 
 
 def _ellipses_covering(lung: np.ndarray, cover: float, rng: np.random.Generator) -> np.ndarray:

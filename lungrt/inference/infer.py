@@ -34,6 +34,7 @@ from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, 
 from lungrt.core.plots import overlay
 from lungrt.data.dicom import screen
 from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
+from lungrt.inference.shape import complete, plausible_fit
 from lungrt.inference.qc import FEATURES as QC_FEATURES
 from lungrt.inference.qc import QCThresholds, features as qc_features, verdict as qc_verdict
 from lungrt.core.progress import progress_bar
@@ -73,6 +74,7 @@ class InferOptions:
     dicom_seg: bool = False  # also a DICOM Segmentation per DICOM input (NAME.seg.dcm)
     mask_bits: int = 1  # NAME.mask.png as a 1-bit PNG (same pixels as the 8-bit one, a fifth of the time) or 8-bit
     pool: str = "thread"  # helpers for decoding and writing: "thread" or "process" (past the GIL, `helper_pools`)
+    complete_shape: bool = False  # add the lung the shape model says is missing where QC finds the shape implausible
 
 
 OUTPUT_SUFFIXES = (".mask.png", ".overlay.png", ".prob.png", ".seg.dcm")
@@ -268,7 +270,8 @@ def run_identity(runner: Runner, opts: InferOptions) -> dict:
     """What makes two runs' masks comparable; `--resume` refuses to mix runs that differ in it."""
     return {"model": runner.info.name, "weights": runner.weights_id, "precision": runner.precision,
             "postprocess": opts.postprocess, "preprocess": runner.spec.to_dict(),
-            "runner": runner.describe(), "artifact": runner.content_hash or runner.weights_id}
+            "runner": runner.describe(), "artifact": runner.content_hash or runner.weights_id,
+            **({"complete_shape": True} if opts.complete_shape else {})}  # absent when off: older runs still resume
 
 
 def todo_items(out_dir: Path, items: list[Item], opts: InferOptions, identity: dict | None = None) -> list[Item]:
@@ -353,14 +356,20 @@ class Measured:
         return self.spec.invert(self.prob_small, self.mask.shape)
 
 
-def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None) -> Measured:
+def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None,
+            complete_shape: bool = False) -> Measured:
     """Network-size probabilities of one X-ray -> its mask, lung areas and QC at the original size:
-    the one function infer, the Python API and Ray all use."""
+    the one function infer, the Python API and Ray all use. With `complete_shape`, a mask QC calls
+    an implausible shape gets the lung its shape fit says is missing (`shape.complete`)."""
     qc = qc or QCThresholds.from_dict(None)
-    feats = qc_features(prob_small)
+    feats = qc_features(prob_small, qc.shape)
     lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
     h, w = xray.shape
     verdict = qc_verdict(feats, qc)
+    if complete_shape and qc.shape is not None and "implausible_shape" in verdict.split(";"):
+        completed, added = complete(lungs.mask, prob_small, qc.shape)
+        lungs = lung_fields(completed, clean=postprocess)
+        feats["shape_added_fraction"] = added / (h * w)
     screened = screen(getattr(xray, "header", None))
     if screened:  # not a frontal chest film by its header: flagged, and its "lung areas" are not measurements
         verdict = ";".join(screened + ([] if verdict == "ok" else verdict.split(";")))
@@ -376,10 +385,10 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
-    m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc))
+    m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc), opts.complete_shape)
     files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:
-        files["overlay"] = _png(cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR))
+        files["overlay"] = _png(_overlay_with_fit(xray, m, QCThresholds.from_dict(runner.info.qc)))
     if opts.probabilities:
         files["probability"] = _png(cv2.convertScaleAbs(m.probability, alpha=255.0))
     dicom = getattr(xray, "header", None) is not None
@@ -408,6 +417,18 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         "dicom": dicom, "dicom_seg": str(paths["seg"].relative_to(out_dir)) if "seg" in paths else seg_note,
     }
     return _write_record(out_dir, item, row)
+
+
+def _overlay_with_fit(xray, m: Measured, qc: QCThresholds) -> np.ndarray:
+    """The overlay PNG's pixels (BGR); where the shape is implausible, its plausible fit outlined
+    in yellow, so the report shows why it was flagged."""
+    bgr = cv2.cvtColor(overlay(xray.gray8, m.mask > 0), cv2.COLOR_RGB2BGR)
+    if qc.shape is not None and "implausible_shape" in m.qc.split(";"):
+        fit = plausible_fit(m.prob_small, qc.shape, m.mask.shape)
+        if fit is not None:
+            outline, _ = cv2.findContours(fit, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(bgr, outline, -1, (0, 255, 255), max(1, max(m.mask.shape) // 300))
+    return bgr
 
 
 def _blank(value):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from lungrt.inference.shape import ShapeModel, pair_landmarks, shape_features
+
 # feature -> (reason when below the low bound, reason when above the high bound); None: not checked
 FEATURES: dict[str, tuple[str | None, str | None]] = {
     "lung_fraction": ("small_lungs", "large_lungs"),
@@ -32,6 +34,10 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     # lungs end below in the narrow costophrenic tips and the heart's notch; a lung field as wide at
     # its lowest tenth as at its widest row is upside down, or its bases are cut off by the film's edge
     "base_width": (None, "wide_base"),
+    # the statistical shape model's verdict (lungrt.inference.shape), when the model carries one: a
+    # pair of lung fields far from every plausible pair (Mahalanobis distance; scale-free, unlike the
+    # Dice against the plausible fit, which is reported but falls with the lungs' size in pixels)
+    "shape_distance": (None, "implausible_shape"),
 }
 MIN_COMPONENT = 0.002  # of the image: smaller specks are not counted as fragments
 
@@ -49,10 +55,12 @@ class QCThresholds:
     fitted_on: str = "generic defaults (not fitted to this model)"
     false_alarm_val: float | None = None  # share of validation images flagged at fit time
     margin: dict[str, float] | float | None = None  # per feature: how far past the training extremes (see _bounds_at)
+    shape: ShapeModel | None = None  # the lung fields' statistical shape model (training-split masks)
 
     def to_dict(self) -> dict:
-        return {"bounds": self.bounds, "fitted_on": self.fitted_on, "false_alarm_val": self.false_alarm_val,
-                "margin": self.margin}
+        out = {"bounds": self.bounds, "fitted_on": self.fitted_on, "false_alarm_val": self.false_alarm_val,
+               "margin": self.margin}
+        return {**out, "shape_model": self.shape.to_dict()} if self.shape is not None else out
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "QCThresholds":
@@ -65,14 +73,22 @@ class QCThresholds:
                 "QC thresholds for features this lungrt no longer measures (%s) are not checked; "
                 "rebuild or re-export the model to re-fit them", ", ".join(stale))
         return cls({k: list(v) for k, v in d["bounds"].items()}, d.get("fitted_on", "?"), d.get("false_alarm_val"),
-                   d.get("margin"))
+                   d.get("margin"), ShapeModel.from_dict(d.get("shape_model")))
 
 
-def features(prob_small: np.ndarray) -> dict[str, float]:
-    """QC numbers of one network-resolution probability map (S, S)."""
+def features(prob_small: np.ndarray, shape: ShapeModel | None = None) -> dict[str, float]:
+    """QC numbers of one network-resolution probability map (S, S); with a shape model, also how
+    plausible the mask's pair of lung fields is (`shape.shape_features`)."""
     p = np.asarray(prob_small, np.float32).reshape(prob_small.shape[-2:])
-    h, w = p.shape
     m = (p > 0.5).astype(np.uint8)
+    feats = _mask_features(p, m)
+    if shape is not None:
+        feats.update(shape_features(m, shape)[0])
+    return feats
+
+
+def _mask_features(p: np.ndarray, m: np.ndarray) -> dict[str, float]:
+    h, w = p.shape
     area = cv2.countNonZero(m)
     if area == 0:
         return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
@@ -138,6 +154,8 @@ def _bounds_at(train: list[dict], margins: dict[str, float], q: float = 0.005) -
     margin times their 5-95% spread (282 training images cannot pin the extremes down on their own)."""
     bounds = {}
     for name, (low_reason, high_reason) in FEATURES.items():
+        if name not in train[0]:  # the shape features, for a model without a shape model
+            continue
         values = np.array([f[name] for f in train], np.float64)
         spread = float(np.quantile(values, 0.95) - np.quantile(values, 0.05))
         lo = float(np.quantile(values, q)) - margins[name] * spread if low_reason else None
@@ -170,7 +188,7 @@ def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, des
         cand.false_alarm_val = flagged_share(val, cand)
         return cand
 
-    steps = dict.fromkeys(FEATURES, 0)
+    steps = dict.fromkeys((name for name in FEATURES if name in train[0]), 0)
     best = at(steps)
     while best.false_alarm_val > target:
         for together in (1, 2):
@@ -216,20 +234,62 @@ def _widenings(steps: dict[str, int], together: int):
                 yield wider
 
 
-def collect_features(runner, pairs, batch_size: int = 8) -> list[dict[str, float]]:
-    """QC features of a runner's predictions on labelled pairs (their images only)."""
+# The same film framed otherwise (a tighter or looser collimation, another detector's resolution):
+# thresholds are checked on validation images as they come and re-framed, so that framing alone
+# does not spend the false-alarm budget (the shape features are framing-free by construction).
+REFRAMINGS = ("padded", "cropped", "downsampled")
+
+
+def reframe(image: np.ndarray, how: str) -> np.ndarray:
+    """`image` (any dtype, 2-D) padded by 1/8 of its size on each side (black), cropped by 1/16 at
+    the sides and below (the apices kept), or down-sampled to 224/256 of its size."""
+    h, w = image.shape
+    if how == "padded":
+        return np.pad(image, ((h // 8, h // 8), (w // 8, w // 8)))
+    if how == "cropped":
+        return image[: h - h // 16, w // 16: w - w // 16]
+    if how == "downsampled":
+        return cv2.resize(image, (w * 224 // 256, h * 224 // 256), interpolation=cv2.INTER_AREA)
+    raise ValueError(f"reframing must be one of {REFRAMINGS}")
+
+
+def collect_features(runner, pairs, batch_size: int = 8, shape: ShapeModel | None = None,
+                     framing: str | None = None) -> list[dict[str, float]]:
+    """QC features of a runner's predictions on labelled pairs (their images only), optionally
+    re-framed (`reframe`)."""
     from lungrt.evaluation.evaluate import batched, load_samples
 
     out = []
     for batch in batched(load_samples(pairs, runner.spec), batch_size):
-        probs = runner.run(np.stack([s.tensor for s in batch]))
-        out += [features(p[0]) for p in probs]
+        tensors = [runner.spec.apply(reframe(s.xray.gray8, framing)) if framing else s.tensor for s in batch]
+        probs = runner.run(np.stack(tensors))
+        out += [features(p[0], shape) for p in probs]
     return out
 
 
+def fit_shape_model(pairs, size: int) -> ShapeModel:
+    """The shape model of `pairs`' reference masks at the network's size (size x size)."""
+    from lungrt.data.io import read_mask
+
+    shapes = []
+    for pair in pairs:
+        mask = cv2.resize(read_mask(pair.mask).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        points = pair_landmarks(mask)
+        if points is not None:
+            shapes.append(points)
+    return ShapeModel.fit(shapes, f"{len(shapes)} training-split reference masks at {size} px")
+
+
 def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05) -> QCThresholds:
-    """Thresholds for this model: fitted on its training-split predictions, checked on validation."""
-    train = collect_features(runner, train_pairs)
-    val = collect_features(runner, val_pairs)
-    return fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val)} "
-                                              f"validation images; target false-alarm rate {target:.0%}")
+    """Thresholds for this model: the shape model from the training split's reference masks, the
+    bounds fitted on its training-split predictions and checked on validation, re-framed too."""
+    shape = fit_shape_model(train_pairs, runner.spec.size)
+    train = collect_features(runner, train_pairs, shape=shape)
+    val = collect_features(runner, val_pairs, shape=shape)
+    for how in REFRAMINGS:
+        val += collect_features(runner, val_pairs, shape=shape, framing=how)
+    fitted = fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val_pairs)} "
+                                                f"validation images as they come and {', '.join(REFRAMINGS)} ({len(val)} in "
+                                                f"all); target false-alarm rate {target:.0%}")
+    fitted.shape = shape
+    return fitted

@@ -28,7 +28,7 @@ log_ = logging.getLogger(__name__)
 MAX_THUMBS = 240
 THUMB_PX = 180
 TABLE_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left_lung_px", "mean_confidence",
-                 "qc_lr_balance", "qc_uncertain_fraction", "width", "height", "error"]
+                 "qc_shape_dice", "qc_shape_distance", "qc_lr_balance", "qc_uncertain_fraction", "width", "height", "error"]
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -70,15 +70,17 @@ def _png_b64(fig) -> str:
 
 def _distributions(rows: list[dict]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    fig = figure(figsize=(10, 3.2))
-    axes = fig.subplots(1, 2)
-    for ax, (label, key) in zip(axes, (("lung fraction of the image", "lung_fraction"),
-                                       ("right / left lung area", "ratio"))):
+    panels = [("lung fraction of the image", "lung_fraction"), ("right / left lung area", "ratio")]
+    if any(_float(r.get("qc_shape_dice")) is not None for r in ok):  # a model with a shape model
+        panels.append(("estimated Dice: mask against its plausible shape", "qc_shape_dice"))
+    fig = figure(figsize=(5 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels))
+    for ax, (label, key) in zip(axes, panels):
         def value(r):
             if key == "ratio":
                 right, left = _float(r["right_lung_px"]), _float(r["left_lung_px"])
                 return right / left if right is not None and left else None
-            return _float(r[key])
+            return _float(r.get(key))
 
         normal = [v for r in ok if r.get("qc") == "ok" and (v := value(r)) is not None]
         flagged = [v for r in ok if r.get("qc") not in ("ok", None) and (v := value(r)) is not None]

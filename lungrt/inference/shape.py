@@ -1,0 +1,215 @@
+"""A statistical shape model of the two lung fields (a point distribution model, Cootes et al.):
+is a predicted mask a shape lungs have?
+
+Each lung's outline is resampled to `POINTS_PER_LUNG` landmarks between two anchors it always has,
+the apex (its highest point) and its lowest point: half along the lateral side, half back up the
+medial side. Both lungs together (patient's right first) make one shape; shapes are aligned by
+translation and scale only (films are upright; the pair's own size is the scale, so the features do
+not depend on the image's framing or resolution) and their principal modes kept up to 98 % of the
+variance. Fitted on the reference masks of the training split (`ShapeModel.fit`), stored with the
+QC thresholds (checkpoint, ONNX metadata, engine sidecar) and versioned.
+
+A predicted mask is fitted robustly (`ShapeModel.fit_points`: pose and mode weights by iteratively
+re-weighted least squares, landmarks far from the model's reach down-weighted, a Gaussian prior on
+the modes), which yields: its Mahalanobis distance in shape space, the residual, and the plausible
+fit (modes clamped to 3 standard deviations) drawn as two polygons. The Dice between the mask and
+that drawing, `shape_dice`, estimates how much of the mask anatomy would keep: a lung that ends
+halfway down the rib cage, next to a full one, scores low.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from lungrt.inference.postprocess import lung_fields
+
+VERSION = 1
+POINTS_PER_LUNG = 32
+VARIANCE_KEPT = 0.98
+NOISE = 0.03  # landmark noise (share of the shape's size) against which the modes' Gaussian prior weighs
+
+
+def _largest_contour(region: np.ndarray) -> np.ndarray | None:
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    c = max(contours, key=cv2.contourArea)
+    return c[:, 0, :].astype(np.float64) if len(c) >= 8 else None
+
+
+def _smooth(contour: np.ndarray) -> np.ndarray:
+    """A closed pixel outline with its staircase averaged out (a circular running mean over ~2 % of
+    its length): landmarks then move with the shape, not with the pixel grid (framing, resolution)."""
+    k = max(3, len(contour) // 50) | 1
+    padded = np.concatenate([contour[-(k // 2):], contour, contour[: k // 2]])
+    kernel = np.ones(k) / k
+    return np.stack([np.convolve(padded[:, i], kernel, mode="valid") for i in (0, 1)], axis=1)
+
+
+def _resample(path: np.ndarray, n: int, endpoints: bool) -> np.ndarray:
+    """`n` points evenly spaced by arc length along `path` (with or without its two ends)."""
+    steps = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))]
+    t = np.linspace(0, 1, n) if endpoints else np.linspace(0, 1, n + 2)[1:-1]
+    at = t * steps[-1]
+    return np.stack([np.interp(at, steps, path[:, 0]), np.interp(at, steps, path[:, 1])], axis=1)
+
+
+def lung_landmarks(contour: np.ndarray, image_left: bool) -> np.ndarray:
+    """POINTS_PER_LUNG landmarks of one lung's closed outline: apex -> lateral side -> lowest point
+    -> medial side -> (apex). `image_left`: the lung on the image's left (the patient's right in a
+    PA film), whose lateral side is toward x = 0."""
+    contour = _smooth(contour)
+    apex, base = int(np.argmin(contour[:, 1])), int(np.argmax(contour[:, 1]))
+    n = len(contour)
+    one = contour[[(apex + k) % n for k in range((base - apex) % n + 1)]]
+    other = contour[[(apex - k) % n for k in range((apex - base) % n + 1)]]
+    lateral, medial = (one, other) if (one[:, 0].mean() < other[:, 0].mean()) == image_left else (other, one)
+    half = POINTS_PER_LUNG // 2
+    return np.concatenate([_resample(lateral, half, True), _resample(medial[::-1], POINTS_PER_LUNG - half, False)])
+
+
+def pair_landmarks(mask: np.ndarray) -> np.ndarray | None:
+    """(2 * POINTS_PER_LUNG, 2) landmarks (x, y) of a mask's two lung fields (cleaned and split as
+    `postprocess.lung_fields` measures them; the image-left lung first), or None without one lung
+    on each side."""
+    fields = lung_fields(mask if mask.dtype == np.uint8 else mask.astype(np.uint8))
+    if fields.split_x is not None:  # lungs that touch: one outline, cut at the mediastinum
+        halves = np.zeros_like(fields.mask), np.zeros_like(fields.mask)
+        halves[0][:, : fields.split_x], halves[1][:, fields.split_x:] = (fields.mask[:, : fields.split_x],
+                                                                         fields.mask[:, fields.split_x:])
+        outlines = [_largest_contour(h) for h in halves]
+    else:
+        contours, _ = cv2.findContours(fields.mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        by_side = {bool(c[:, 0, 0].mean() >= mask.shape[1] / 2): c[:, 0, :].astype(np.float64)
+                   for c in sorted(contours, key=cv2.contourArea)[-2:] if len(c) >= 8}
+        outlines = [by_side.get(False), by_side.get(True)]
+    if any(o is None for o in outlines):
+        return None
+    return np.concatenate([lung_landmarks(outlines[0], True), lung_landmarks(outlines[1], False)])
+
+
+def _normalise(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    centre = points.mean(axis=0)
+    scale = float(np.sqrt(((points - centre) ** 2).sum(axis=1).mean()))
+    return (points - centre) / scale, centre, scale
+
+
+def draw(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The two lungs of a landmark shape filled, uint8 0/1 at `shape`."""
+    out = np.zeros(shape, np.uint8)
+    for lung in (points[:POINTS_PER_LUNG], points[POINTS_PER_LUNG:]):
+        cv2.fillPoly(out, [np.round(lung).astype(np.int32)], 1)
+    return out
+
+
+@dataclass
+class ShapeFit:
+    distance: float  # Mahalanobis distance of the fitted mode weights (before clamping)
+    residual: float  # RMS landmark residual, in units of the shape's size
+    points: np.ndarray  # the plausible fit (modes within 3 SD) in image coordinates
+    weights: np.ndarray  # each landmark's final robust weight (0..1)
+
+
+@dataclass
+class ShapeModel:
+    mean: np.ndarray  # (K, 2) normalised mean shape
+    modes: np.ndarray  # (2K, m) orthonormal modes
+    variances: np.ndarray  # (m,) variance of each mode
+    fitted_on: str = ""
+    version: int = VERSION
+
+    @classmethod
+    def fit(cls, shapes: list[np.ndarray], description: str = "") -> "ShapeModel":
+        """Modes of `shapes` (each (K, 2) landmarks) after translation/scale alignment to their mean."""
+        normed = np.stack([_normalise(s)[0] for s in shapes])
+        mean = normed.mean(axis=0)
+        for _ in range(3):  # align each to the mean (scale by least squares), re-estimate the mean
+            normed = np.stack([n * (np.sum(n * mean) / np.sum(n * n)) for n in normed])
+            mean = _normalise(normed.mean(axis=0))[0]
+        flat = (normed - mean).reshape(len(normed), -1)
+        _, sing, vt = np.linalg.svd(flat, full_matrices=False)
+        var = sing ** 2 / max(len(normed) - 1, 1)
+        keep = int(np.searchsorted(np.cumsum(var) / var.sum(), VARIANCE_KEPT) + 1)
+        return cls(mean, vt[:keep].T, var[:keep], description or f"{len(shapes)} masks")
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "points_per_lung": POINTS_PER_LUNG, "fitted_on": self.fitted_on,
+                "mean": np.round(self.mean, 6).tolist(), "modes": np.round(self.modes, 6).tolist(),
+                "variances": np.round(self.variances, 9).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ShapeModel | None":
+        """None for a missing model, or one of another version or landmark count (re-fit it)."""
+        if not d or d.get("version") != VERSION or d.get("points_per_lung") != POINTS_PER_LUNG:
+            return None
+        return cls(np.asarray(d["mean"], np.float64), np.asarray(d["modes"], np.float64),
+                   np.asarray(d["variances"], np.float64), d.get("fitted_on", ""), d["version"])
+
+    def fit_points(self, points: np.ndarray, iterations: int = 8) -> ShapeFit:
+        """Robust fit of observed landmarks: pose (centre, scale) and mode weights b alternately,
+        landmarks re-weighted by their residual (Tukey's biweight on 4.7 robust SDs), b with a
+        Gaussian prior of variance `variances`."""
+        k = len(self.mean)
+        w = np.ones(k)
+        b = np.zeros(len(self.variances))
+        for _ in range(iterations):
+            model = self.mean + (self.modes @ b).reshape(k, 2)
+            centre_m, centre_x = np.average(model, 0, w), np.average(points, 0, w)
+            dm, dx = model - centre_m, points - centre_x
+            scale = float(np.sum(w[:, None] * dm * dx) / max(np.sum(w[:, None] * dm * dm), 1e-12))
+            target = ((points - centre_x) / scale + centre_m - self.mean).reshape(-1)
+            ww = np.repeat(w, 2)
+            lhs = self.modes.T @ (ww[:, None] * self.modes) + NOISE ** 2 * np.diag(1 / self.variances)
+            b = np.linalg.solve(lhs, self.modes.T @ (ww * target))
+            model = self.mean + (self.modes @ b).reshape(k, 2)
+            residual = np.linalg.norm((points - centre_x) / scale - (model - centre_m), axis=1)
+            spread = 1.4826 * np.median(residual) + 1e-3
+            w = np.clip(1 - (residual / (4.685 * spread)) ** 2, 0, 1) ** 2
+        sd = np.sqrt(self.variances)
+        plausible = self.mean + (self.modes @ np.clip(b, -3 * sd, 3 * sd)).reshape(k, 2)
+        centre_p = np.average(plausible, 0, w)
+        return ShapeFit(float(np.sqrt(np.sum(b ** 2 / self.variances))), float(np.sqrt(np.mean(residual ** 2))),
+                        (plausible - centre_p) * scale + centre_x, w)
+
+
+def shape_features(mask: np.ndarray, model: ShapeModel) -> tuple[dict[str, float], ShapeFit | None]:
+    """QC numbers of a (network-resolution) mask against the shape model: `shape_dice` (the mask
+    against its plausible fit), `shape_distance` (Mahalanobis), `shape_residual`. Without a lung on
+    each side there is no pair to fit: Dice 0, distance and residual at a fixed large value."""
+    points = pair_landmarks(mask)
+    if points is None:
+        return dict(NO_PAIR), None
+    fit = model.fit_points(points)
+    drawn, inside = draw(fit.points, mask.shape), (mask > 0).astype(np.uint8)
+    both = cv2.countNonZero(drawn) + cv2.countNonZero(inside)
+    dice = 2.0 * cv2.countNonZero(drawn & inside) / both if both else 0.0
+    return {"shape_dice": dice, "shape_distance": min(fit.distance, 99.0), "shape_residual": min(fit.residual, 9.9)}, fit
+
+
+NO_PAIR = {"shape_dice": 0.0, "shape_distance": 99.0, "shape_residual": 9.9}
+
+
+def plausible_fit(prob_small: np.ndarray, model: ShapeModel, shape: tuple[int, int]) -> np.ndarray | None:
+    """The plausible fit of a network-size probability map's mask, drawn (uint8 0/1) at `shape`
+    (the original image's), or None without a lung on each side."""
+    small = (np.asarray(prob_small).reshape(prob_small.shape[-2:]) > 0.5).astype(np.uint8)
+    _, fit = shape_features(small, model)
+    if fit is None:
+        return None
+    h, w = shape
+    scale = np.array([w / small.shape[1], h / small.shape[0]])
+    return draw((fit.points + 0.5) * scale - 0.5, (h, w))
+
+
+def complete(mask: np.ndarray, prob_small: np.ndarray, model: ShapeModel) -> tuple[np.ndarray, int]:
+    """`mask` (uint8 0/255 at the original size) with the lung its plausible fit says is missing
+    added: the fit drawn at the original size, outside the mask (so never over the other lung's
+    pixels), inside the image. Returns the mask and the pixels added."""
+    fit = plausible_fit(prob_small, model, mask.shape)
+    if fit is None:
+        return mask, 0
+    added = fit & (mask == 0)
+    return np.where(added > 0, np.uint8(255), mask), int(cv2.countNonZero(added))
