@@ -166,6 +166,18 @@ def train(
 PAPERS_NOTE = "papers: Dice ~0.92 reported for their U-Net variants (exact per-metric figures not reproduced here)"
 
 
+def _with_shape_fits(worst: list[tuple], runner) -> list[tuple]:
+    """(name, image, gold, pred, fit) rows: each worst image's plausible shape fit at its size, when
+    the model carries a shape model (else no fit outline)."""
+    from lungrt.inference.qc import QCThresholds
+    from lungrt.inference.shape import plausible_fit
+
+    shape = QCThresholds.from_dict(runner.info.qc).shape
+    return [(f"{name} (Dice {dice:.3f})", image, gold, pred,
+             plausible_fit(prob, shape, pred.shape) if shape is not None else None)
+            for dice, name, image, gold, pred, prob in worst]
+
+
 @app.command("eval")
 def evaluate_cmd(
     model: List[str] = typer.Option(["unet"], help="Checkpoint, run folder or shipped name; repeat to compare."),
@@ -200,7 +212,10 @@ def evaluate_cmd(
                 stem = Path(label).stem if label.endswith((".onnx", ".safetensors")) else Path(label).name
                 write_per_image_csv(res["per_image"], out_dir / f"{stem}_per_image.csv")
                 prediction_grid(res.pop("examples"), out_dir / f"{stem}_examples.png", title=f"{label} on {split}")
+                prediction_grid(_with_shape_fits(res.pop("worst"), runner), out_dir / f"{stem}_worst.png",
+                                title=f"{label} on {split}: lowest Dice (yellow: plausible shape fit)")
             res.pop("examples", None)
+            res.pop("worst", None)
             results.append((label, res))
         return results
 

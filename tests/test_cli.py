@@ -103,6 +103,7 @@ def test_train_then_eval_writes_run_files(phantom_dir, tmp_path):
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert len(ev["results"]) == 2
     assert (tmp_path / "ev" / "run_per_image.csv").exists() and (tmp_path / "ev" / "model_examples.png").exists()
+    assert (tmp_path / "ev" / "model_worst.png").exists()
     header = (tmp_path / "ev" / "run_per_image.csv").read_text().splitlines()[0].split(",")
     assert header[-2:] == ["behind_heart_missed", "behind_heart_added"]
     assert "behind the heart" in res.output

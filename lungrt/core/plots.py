@@ -32,9 +32,9 @@ def plot_loss_curves(history: list[dict], path: str | Path, title: str = "") -> 
     fig.savefig(path, dpi=110)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None, fit: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8: the X-ray with the predicted lung field tinted and its outline drawn
-    (gold outline in green when given)."""
+    (gold outline in green, a shape fit's in yellow, when given)."""
     import cv2
 
     from lungrt.core.spec import to_gray8
@@ -45,20 +45,23 @@ def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None)
     rgb[mask] = 0.7 * rgb[mask] + 0.3 * tint
     rgb = rgb.astype(np.uint8)
     thick = max(1, round(max(image.shape) / 400))
-    if gold is not None:
-        cs, _ = cv2.findContours(gold.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(rgb, cs, -1, (40, 220, 40), thick)
+    for outline, colour in ((gold, (40, 220, 40)), (fit, (255, 220, 0))):
+        if outline is not None:
+            cs, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            cv2.drawContours(rgb, cs, -1, colour, thick)
     cs, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(rgb, cs, -1, (255, 80, 40), thick)
     return rgb
 
 
-def prediction_grid(rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> None:
-    """The papers' Fig. 9: image | gold mask | prediction, one row per (name, image, gold, pred)."""
+def prediction_grid(rows: list[tuple], path: str | Path, title: str = "") -> None:
+    """The papers' Fig. 9: image | gold mask | prediction, one row per (name, image, gold, pred[,
+    shape fit]): the prediction tinted, the gold outline green, the plausible shape fit yellow."""
     fig = figure(figsize=(9, 3 * len(rows)))
     axes = fig.subplots(len(rows), 3, squeeze=False)
-    for r, (name, image, gold, pred) in enumerate(rows):
-        for c, (im, label) in enumerate(((image, name), (gold, "gold mask"), (overlay(image, pred, gold), "prediction"))):
+    for r, (name, image, gold, pred, *fit) in enumerate(rows):
+        shown = overlay(image, pred, gold, fit[0] if fit else None)
+        for c, (im, label) in enumerate(((image, name), (gold, "gold mask"), (shown, "prediction"))):
             axes[r, c].imshow(im, cmap="gray" if im.ndim == 2 else None)
             axes[r, c].set_title(label, fontsize=9)
             axes[r, c].axis("off")

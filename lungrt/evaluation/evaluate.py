@@ -51,28 +51,33 @@ def batched(items, n: int):
         yield batch
 
 
-def predict_native(runner: Runner, samples: list[Sample]) -> list[np.ndarray]:
-    """uint8 masks (255 = lung) at each sample's native size, as infer makes them."""
+def predict_native(runner: Runner, samples: list[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 mask, 255 = lung, at the sample's native size as infer makes it; the network-size
+    probabilities) per sample."""
     probs = runner.run(np.stack([s.tensor for s in samples]))
-    return [runner.spec.invert_mask(p[0], s.xray.shape) for p, s in zip(probs, samples)]
+    return [(runner.spec.invert_mask(p[0], s.xray.shape), p[0]) for p, s in zip(probs, samples)]
 
 
 def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int = 0, postprocess: bool = False) -> dict:
-    """Per-image metrics and their means; `keep` first samples are returned for figures.
-    `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
+    """Per-image metrics and their means; the first `keep` samples ("examples") and the `keep`
+    with the lowest Dice ("worst": with their network-size probabilities, for the shape fit) are
+    returned for figures. `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
     from lungrt.inference.postprocess import lung_fields
 
-    rows, kept = [], []
+    rows, kept, worst = [], [], []
     with progress_bar() as bar:
         task = bar.add_task(f"evaluating {runner.info.name} ({runner.describe()})", total=len(pairs))
         for batch in batched(load_samples(pairs, runner.spec), batch_size):
-            for s, mask in zip(batch, predict_native(runner, batch)):
+            for s, (mask, prob) in zip(batch, predict_native(runner, batch)):
                 pred = (lung_fields(mask).mask if postprocess else mask) > 0
                 rows.append({"name": s.name, **segmentation_metrics(pred, s.gold, s.xray.spacing_mm), **behind_heart(pred, s.gold)})
                 if len(kept) < keep:
                     kept.append((s.name, s.xray.pixels, s.gold, pred))
+                if keep:
+                    worst = sorted(worst + [(rows[-1]["dice"], s.name, s.xray.pixels, s.gold, pred, prob)], key=lambda w: w[0])[:keep]
             bar.advance(task, len(batch))
-    return {"model": runner.info.name, "backend": runner.describe(), "mean": mean_metrics(rows), "per_image": rows, "examples": kept}
+    return {"model": runner.info.name, "backend": runner.describe(), "mean": mean_metrics(rows), "per_image": rows,
+            "examples": kept, "worst": worst}
 
 
 HABIT_SHARE = 0.02  # of the gold lung area: above it, gold and prediction disagree behind the heart
