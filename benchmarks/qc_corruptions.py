@@ -86,7 +86,8 @@ def main() -> None:
                               "dice_unflagged": float(dice[~flagged].mean()) if (~flagged).any() else None,
                               "dice_flagged": float(dice[flagged].mean()) if flagged.any() else None,
                               "unflagged_below_0.9": int(((dice < 0.9) & ~flagged).sum())})
-            report[model] = {"thresholds": thresholds.to_dict(), "rows": table}
+            bounds = {k: v for k, v in thresholds.to_dict().items() if k != "shape_model"}  # the shape model: in the weights
+            report[model] = {"thresholds": bounds, "rows": table}
         print(f"\n{model}: QC thresholds {thresholds.fitted_on} (validation false alarms "
               f"{thresholds.false_alarm_val if thresholds.false_alarm_val is None else f'{thresholds.false_alarm_val:.1%}'})\n")
         print("| corruption | images | flagged | Dice of unflagged | unflagged with Dice < 0.9 | Dice of flagged |")

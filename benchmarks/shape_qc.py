@@ -93,8 +93,8 @@ def main() -> None:
     for framing in (None, *REFRAMINGS):
         flagged = implausible = 0
         for start in range(0, len(val), 16):
-            chunk = [read_xray(p.image).gray8 for p in val[start: start + 16]]
-            chunk = [reframe(im, framing) if framing else im for im in chunk]
+            chunk = [(read_xray(p.image).gray8, read_mask(p.mask)) for p in val[start: start + 16]]
+            chunk = [reframe(im, framing, gold) if framing else im for im, gold in chunk]
             for im, prob in zip(chunk, predictions(runner, [im.astype(np.float32) / 255 for im in chunk])):
                 verdict = measure(XRay("", im), prob, runner.spec, True, qc).qc.split(";")
                 flagged += verdict != ["ok"]

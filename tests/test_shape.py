@@ -35,7 +35,7 @@ def _lose_lower_half_of_one_lung(mask: np.ndarray, side: int) -> np.ndarray:
 
 def _reframe(mask: np.ndarray, how: str) -> np.ndarray:
     """The same film framed otherwise (`qc.reframe`), resized to the network's size as preprocessing does."""
-    big = reframe(mask, how)
+    big = reframe(mask, how, mask)
     return (cv2.resize(big.astype(np.float32), (SIZE, SIZE), interpolation=cv2.INTER_LINEAR) > 0.5).astype(np.uint8)
 
 

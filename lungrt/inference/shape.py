@@ -14,7 +14,9 @@ re-weighted least squares, landmarks far from the model's reach down-weighted, a
 the modes), which yields: its Mahalanobis distance in shape space, the residual, and the plausible
 fit (modes clamped to 3 standard deviations) drawn as two polygons. The Dice between the mask and
 that drawing, `shape_dice`, estimates how much of the mask anatomy would keep: a lung that ends
-halfway down the rib cage, next to a full one, scores low.
+halfway down the rib cage, next to a full one, scores low. QC's `implausible_shape` bounds the
+distance (scale-free); the Dice falls with the lungs' size in pixels and is reported only. Blind
+spot: both lungs cut short alike make a plausible pair of small lungs (the pair is its own scale).
 """
 
 from __future__ import annotations
