@@ -98,15 +98,17 @@ def main() -> None:
         except RuntimeError as e:  # bf16 under an AVX2 cap: oneDNN has no bf16 deconvolution there
             print(f"{name}: not compiled on this CPU ({str(e).splitlines()[-1][:120]})")
     batch = inputs[:8]
-    speeds = {k: [] for k in compiled}
+    eager = TorchRunner(loaded)
+    timed = {**compiled, "PyTorch eager fp32": lambda x: {0: eager.run(x)}}
+    speeds = {k: [] for k in timed}
     for r in range(3):  # interleaved rounds: this VM drifts
-        for name in (list(compiled) if r % 2 == 0 else list(compiled)[::-1]):
-            speeds[name].append(img_per_s(compiled[name], batch))
+        for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+            speeds[name].append(img_per_s(timed[name], batch))
     fake_quantizes = {k: sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops())
                       for k, m in (("whole", whole), ("controlled", controlled))}
-    rows = {name: {"agreement": agreement(c, inputs, reference), "img_per_s": float(np.median(speeds[name]))}
-            for name, c in compiled.items()}
-    base = rows["OpenVINO fp32"]["img_per_s"]
+    rows = {name: {"agreement": agreement(c, inputs, reference) if name in compiled else 1.0,
+                   "img_per_s": float(np.median(speeds[name]))} for name, c in timed.items()}
+    base, eager_rate = rows["OpenVINO fp32"]["img_per_s"], rows["PyTorch eager fp32"]["img_per_s"]
     result = {**cpu_identity(), "model": args.model, "gate_images": len(inputs), "preset": args.preset,
               "max_drop": args.max_drop, "quantize_s": round(t_whole, 1), "accuracy_control_s": round(t_search, 1),
               "fake_quantize_ops": fake_quantizes, "rows": rows}
@@ -114,9 +116,10 @@ def main() -> None:
     print(f"\n{args.model} on {result['cpu']} ({' '.join(result['cpu_flags'])}); batch 8, median of 3 interleaved rounds; "
           f"agreement with PyTorch FP32 on {len(inputs)} validation images; FakeQuantize ops whole graph "
           f"{fake_quantizes['whole']}, after accuracy control {fake_quantizes['controlled']}; search {t_search:.0f} s\n")
-    print("| configuration | agreement | img/s | vs OpenVINO fp32 |\n|---|---|---|---|")
+    print("| configuration | agreement | img/s | vs OpenVINO fp32 | vs PyTorch eager |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['agreement']:.5f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base:.2f}x |")
+        print(f"| {name} | {r['agreement']:.5f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base:.2f}x | "
+              f"{r['img_per_s'] / eager_rate:.1f}x |")
 
 
 if __name__ == "__main__":
