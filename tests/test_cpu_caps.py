@@ -1,5 +1,6 @@
 """The CPU paths other machines take, run on this one: the tests whose outcome depends on CPU
-kernels (OpenVINO fp32/bf16/INT8, NNCF and the INT8 search, the CPU choice and infer using it) run
+kernels (OpenVINO fp32/bf16/INT8, NNCF and the INT8 search, the CPU choice and infer using it, PyTorch
+masks through the native-size resize) run
 again with oneDNN capped to AVX2 and to AVX-512 VNNI (no AMX, no bf16), as on AMD EPYC and older
 Intel servers, with PyTorch's ATen capability to match. Those tests assert only what holds on every
 CPU (gates measured by the runner that executes, bf16 refused where it is not native, choices
@@ -22,7 +23,9 @@ pytest.importorskip("openvino")
 ROOT = Path(__file__).resolve().parents[1]
 # cap -> (the lscpu flag it needs, PyTorch's matching ATen capability)
 CAPS = {"AVX2": ("avx2", "avx2"), "AVX512_CORE_VNNI": ("avx512_vnni", "avx512")}
-KERNEL_DEPENDENT = ["tests/test_cpu_int8.py", "tests/test_openvino.py"]
+KERNEL_DEPENDENT = ["tests/test_cpu_int8.py", "tests/test_openvino.py",
+                    # PyTorch masks of native-size films through the banded resize vs OpenCV's
+                    "tests/test_preprocess.py::test_native_size_masks_are_unchanged_by_the_banded_resize"]
 
 
 @pytest.mark.slow
