@@ -385,10 +385,11 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
-    m = measure(xray, prob_small, runner.spec, opts.postprocess, QCThresholds.from_dict(runner.info.qc), opts.complete_shape)
+    qc = QCThresholds.from_dict(runner.info.qc)
+    m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape)
     files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:
-        files["overlay"] = _png(_overlay_with_fit(xray, m, QCThresholds.from_dict(runner.info.qc)))
+        files["overlay"] = _png(_overlay_with_fit(xray, m, qc))
     if opts.probabilities:
         files["probability"] = _png(cv2.convertScaleAbs(m.probability, alpha=255.0))
     dicom = getattr(xray, "header", None) is not None
