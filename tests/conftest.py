@@ -64,7 +64,7 @@ def with_shape_model(checkpoint: Path, data: Path) -> Path:
 
 
 def gate_forcing_a_search(loaded, pairs, target: str, folder: Path, calib_dir=None, method=None):
-    """A FAKE INT8 gate midway between what whole-graph INT8 (its best preset) and the FP32 graph
+    """A FAKE INT8 gate midway between what whole-graph INT8 and the FP32 graph
     agree with PyTorch on `pairs`, measured on this CPU by the runner that executes the variant:
     the exclusion search must leave something in float, and it can pass (all in float is the FP32
     graph). A fixed strict gate would assert that this CPU's FP32 kernels reproduce PyTorch's masks
@@ -76,12 +76,10 @@ def gate_forcing_a_search(loaded, pairs, target: str, folder: Path, calib_dir=No
     fp32 = V.make_variant(loaded, "fp32", folder=folder).path
     calib = V.load_calibration_set(loaded.spec, calib_dir)
     method = recipe.method or method or recipe.default_method
-    whole = []
-    for quantize in filter(None, (recipe.quantize, recipe.fallback)):
-        probe = folder / f"probe-{len(whole)}.onnx"
-        quantize(fp32, probe, calib, method, cache_dir=folder)
-        whole.append(V._gate_summary(loaded, probe, pairs, recipe.open)["mask_agreement"])
-    best, float_graph = max(whole), V._gate_summary(loaded, fp32, pairs, recipe.open)["mask_agreement"]
+    probe = folder / f"probe{recipe.suffix}"
+    recipe.quantize(fp32, probe, calib, method, cache_dir=folder)
+    best = V._gate_summary(loaded, probe, pairs, recipe.open)["mask_agreement"]
+    float_graph = V._gate_summary(loaded, fp32, pairs, recipe.open)["mask_agreement"]
     if best >= float_graph:
         pytest.skip(f"INT8 agrees {best:.5f}, as well as the FP32 graph ({float_graph:.5f}) on this CPU: nothing to search")
     return parity.Gate((best + float_graph) / 2, None)

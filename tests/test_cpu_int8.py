@@ -65,119 +65,67 @@ def test_onnxruntime_int8_is_asymmetric_uint8_with_float_conv_transpose(tmp_path
         assert agree > 0.98
 
 
-def test_openvino_int8_is_nncf_quantized_and_runs_on_openvino(tmp_path, tiny_checkpoint, phantom_dir):
+def test_openvino_int8_is_an_nncf_ir_gated_on_openvino(tmp_path, tiny_checkpoint, phantom_dir):
+    from lungrt.backends.integrity import load_verified
     from lungrt.backends.openvino import OpenVinoRunner
 
     loaded = load_checkpoint(tiny_checkpoint)
     pairs = discover_pairs(phantom_dir).pairs[:6]
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
                                   cache_dir=tmp_path, target="openvino", log=lambda *a: None)
-    # the width-4 phantom model sits near the gate: either NNCF preset may be the one that passes
-    assert ".int8-nncf-" in v.path.name and v.notes["recipe"] == "openvino" and v.notes["method"] in ("nncf", "nncf-mixed")
-    meta = onnx_metadata(v.path)
+    assert v.path.suffix == ".xml" and v.path.with_suffix(".bin").is_file() and ".int8-nncf-" in v.path.name
+    assert v.notes["recipe"] == "openvino" and v.notes["method"] == "nncf"
+    meta = load_verified(v.path).meta
     assert meta["lungrt.int8_recipe"] == "openvino" and json.loads(meta["lungrt.model"])["name"] == "unet"
-    # INT8 where the gate allows it: with pre-VNNI kernels (oneDNN capped at AVX2) this small model
-    # keeps every block in float, so quantizers are asserted only where some block stayed INT8
-    all_blocks = {variants_mod.node_block(n) for n in variants_mod.quantizable_nodes(variants_mod.make_variant(
-        loaded, "fp32", folder=tmp_path).path)}
-    assert (any(n.op_type == "QuantizeLinear" for n in onnx.load(str(v.path)).graph.node)
-            or set(v.notes["excluded_blocks"]) == all_blocks)
+    import openvino as ov
+
+    model = ov.Core().read_model(str(v.path))
+    fake_quantizes = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+    # INT8 where the gate allows it: the census in the notes is what the graph holds
+    assert v.notes["int8_layers"] + len(v.notes["float_layers"]) == len(
+        [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "ConvolutionBackpropData", "MatMul")])
+    assert (fake_quantizes > 0) == (v.notes["int8_layers"] > 0)
     with OpenVinoRunner(v.path) as r:
         assert r.describe() == "openvino/cpu/int8"
         summary = parity.compare(TorchRunner(loaded), r, pairs)["summary"]
     assert parity.apply_gate(summary, parity.GATES["int8"])["passed"]
 
 
-def test_exclusion_search_gates_on_the_runner_that_will_execute_the_variant(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
-    """A gate full INT8 misses: the OpenVINO variant's search must judge with OpenVINO, not ONNX Runtime."""
-    used = []
-    real = variants_mod._gate_summary
+def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(tmp_path, tiny_checkpoint, phantom_dir,
+                                                                        monkeypatch):
+    """A gate whole-graph INT8 misses on this CPU (FAKE: set between what INT8 and FP32 reach here):
+    NNCF's accuracy control, scored by lungrt's gate on OpenVINO, puts layers back in float until
+    the IR passes; every verdict is OpenVINO's, and PyTorch FP32 runs once for all of them."""
+    used, torch_runs = [], []
+    real_summary, real_run = variants_mod._gate_summary, TorchRunner.run
 
     def spy(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
         used.append(open_runner)
-        return real(loaded, path, pairs, open_runner)
-
-    loaded = load_checkpoint(tiny_checkpoint)
-    pairs = discover_pairs(phantom_dir).pairs[:4]
-    monkeypatch.setitem(parity.GATES, "int8", gate_forcing_a_search(loaded, pairs, "openvino", tmp_path / "probe", phantom_dir))
-    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
-                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
-    assert v.notes["excluded_blocks"]
-    assert used and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)
-
-
-def test_openvino_tries_nncf_mixed_before_leaving_blocks_in_float(tmp_path, tiny_checkpoint, phantom_dir, monkeypatch):
-    """Where the symmetric form fails the gate (OpenVINO's non-AMX kernels), the asymmetric MIXED
-    preset is tried whole before any block is left in float. Both verdicts are faked (FAKE gate:
-    what the kernels compute differs by CPU); the files are real."""
-    real, calls = variants_mod._gate_summary, []
-
-    def first_fails_then_passes(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
-        calls.append(onnx.load(str(path)))
-        summary = real(loaded, path, pairs, open_runner)
-        return {**summary, "mask_agreement": 0.5 if len(calls) == 1 else 1.0, "dice_drop": 0.0}
-
-    monkeypatch.setattr(variants_mod, "_gate_summary", first_fails_then_passes)
-    loaded = load_checkpoint(tiny_checkpoint)
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir,
-                                  val_pairs=discover_pairs(phantom_dir).pairs[:4], cache_dir=tmp_path,
-                                  target="openvino", log=lambda *a: None)
-    assert len(calls) == 2 and v.notes["excluded_blocks"] == [] and v.notes["method"] == "nncf-mixed"
-
-    def zero_points(model):
-        return [_initializer(model, n.input[2]) for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-
-    assert not any(np.any(z != 0) for z in zero_points(calls[0]))  # PERFORMANCE: symmetric
-    assert any(np.any(z != 0) for z in zero_points(onnx.load(str(v.path))))  # MIXED: asymmetric activations
-
-
-def test_exclusions_are_derived_from_one_quantization_and_the_reference_runs_once(tmp_path, tiny_checkpoint, phantom_dir,
-                                                                                  monkeypatch):
-    """The block search quantizes with NNCF once (per preset) and derives every exclusion set by
-    graph surgery; PyTorch FP32 runs once for all its gates."""
-    from lungrt.export import precision as precision_mod
-
-    quantized, torch_runs = [], []
-    real_nncf, real_run = precision_mod.make_int8_nncf, TorchRunner.run
-
-    def counting_nncf(*args, **kwargs):
-        quantized.append(kwargs.get("preset", "performance"))
-        return real_nncf(*args, **kwargs)
+        return real_summary(loaded, path, pairs, open_runner)
 
     def counting_run(self, batch):
         torch_runs.append(len(batch))
         return real_run(self, batch)
 
     loaded = load_checkpoint(tiny_checkpoint)
-    pairs = discover_pairs(phantom_dir).pairs[:4]
+    pairs = discover_pairs(phantom_dir).pairs[:6]
     gate = gate_forcing_a_search(loaded, pairs, "openvino", tmp_path / "probe", phantom_dir)
-    fp32_path = variants_mod.make_variant(loaded, "fp32", folder=tmp_path).path  # its export check runs PyTorch too
-    monkeypatch.setitem(variants_mod.INT8_RECIPES, "openvino", variants_mod.Int8Recipe(
-        "", counting_nncf, variants_mod.INT8_RECIPES["openvino"].open, method="nncf", per_cpu=True,
-        fallback=lambda *a, **k: counting_nncf(*a, **k, preset="mixed"), derive=True))
+    variants_mod.make_variant(loaded, "fp32", folder=tmp_path)  # its export check runs PyTorch too
+    monkeypatch.setitem(parity.GATES, "int8", gate)
+    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
     monkeypatch.setattr(TorchRunner, "run", counting_run)
-    monkeypatch.setitem(parity.GATES, "int8", gate)  # FAKE gate that no whole INT8 meets
     parity._REFERENCE_CACHE.clear()
+    lines = []
     v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
-                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
-    assert quantized == ["performance", "mixed"]  # no NNCF run per block
-    assert sum(torch_runs) == len(pairs)  # one reference pass for every gate of the search
-    excluded = json.loads(onnx_metadata(v.path)["lungrt.calibration"])["excluded_nodes"]
-    assert v.notes["excluded_blocks"] and excluded
-    model = onnx.load(str(v.path))
-    producers = {o: n for n in model.graph.node for o in n.output}
-    fp32_model = onnx.load(str(fp32_path))
-    fp32 = {n.name: n for n in fp32_model.graph.node}
-    fp32_inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp32_model.graph.initializer}
-    for node in (n for n in model.graph.node if n.name in excluded):
-        for k, name in enumerate(node.input):
-            assert getattr(producers.get(name), "op_type", None) != "DequantizeLinear", node.name
-            src = fp32[node.name].input[k]
-            if src in fp32_inits:  # its own FP32 weights and bias, not bias-corrected or rounded ones
-                assert np.array_equal(_initializer(model, name), fp32_inits[src])
-    kept = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in excluded]
-    assert all(any(getattr(producers.get(i), "op_type", None) == "DequantizeLinear" for i in n.input) for n in kept)
+                                  cache_dir=tmp_path, target="openvino", log=lines.append)
+    assert any("accuracy control" in line for line in lines)
+    assert v.notes["excluded_layers"] and set(v.notes["excluded_layers"]) <= set(v.notes["float_layers"])
+    assert len(used) == 2 and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)  # whole, then result
+    assert sum(torch_runs) == len(pairs)  # one reference pass for every score and gate
+    from lungrt.backends.openvino import OpenVinoRunner
+
+    with OpenVinoRunner(v.path) as r:  # the file left behind is the one that passed
+        assert parity.apply_gate(parity.compare(TorchRunner(loaded), r, pairs)["summary"], gate)["passed"]
 
 
 def test_a_truncated_calibration_cache_is_computed_again(tmp_path, tiny_checkpoint, phantom_dir, caplog):

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from lungrt.backends.integrity import CONTENT_KEY, ContentMismatch, load_verified_onnx
+from lungrt.backends.integrity import CONTENT_KEY, ContentMismatch, load_verified, load_verified_onnx
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.backends.select import BACKENDS, RUNNER_PRECISIONS, open_runner
@@ -32,11 +32,14 @@ def files(tmp_path_factory, tiny_checkpoint, phantom_dir):
     loaded = load_checkpoint(tiny_checkpoint)
     made = {p: make_variant(loaded, p, folder=folder, calib_dir=phantom_dir if p == "int8" else None, cache_dir=folder,
                             target="onnxruntime", log=lambda *a: None).path for p in ("fp32", "fp16", "int8")}
+    ir = make_variant(loaded, "int8", folder=folder, calib_dir=phantom_dir, cache_dir=folder, target="openvino",
+                      log=lambda *a: None).path  # OpenVINO's INT8: an IR (whole graph: no gate asked here)
     from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine
 
     meta = build_engine(made["fp16"], folder, BatchProfile(1, 2, 4), builder=PolygraphyBuilder("tensorrt-rtx"),
                         log=lambda *a: None)  # a real TensorRT-RTX plan, built ahead of time
-    return {"weights": tiny_checkpoint, **{f"{p}.onnx": path for p, path in made.items()}, "plan": folder / meta["plan"]}
+    return {"weights": tiny_checkpoint, **{f"{p}.onnx": path for p, path in made.items()}, "int8.xml": ir,
+            "plan": folder / meta["plan"]}
 
 
 def _ground_truth(r) -> tuple[str, str, str]:
@@ -48,8 +51,13 @@ def _ground_truth(r) -> tuple[str, str, str]:
     if isinstance(r, TorchRunner):
         dtype = {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[None if r.dtype is None else str(r.dtype)]
         return "torch", dtype, str(next(r.model.parameters()).device)
-    graph = onnx.load(str(r.path), load_external_data=False)
-    file_precision = {p.key: p.value for p in graph.metadata_props}.get("lungrt.export.precision", "fp32")
+    if r.path.suffix == ".xml":  # an IR: what OpenVINO's own reader finds in it
+        import openvino as ov
+
+        meta = json.loads(ov.Core().read_model(str(r.path)).get_rt_info(["lungrt", "metadata"]).astype(str))
+    else:
+        meta = {p.key: p.value for p in onnx.load(str(r.path), load_external_data=False).metadata_props}
+    file_precision = meta.get("lungrt.export.precision", "fp32")
     if isinstance(r, OpenVinoRunner):
         hint = str(r.compiled.get_property("INFERENCE_PRECISION_HINT"))
         return "openvino", "bf16" if "bfloat16" in hint and file_precision == "fp32" else file_precision, "cpu"
@@ -57,7 +65,7 @@ def _ground_truth(r) -> tuple[str, str, str]:
     return "onnxruntime", file_precision, "cpu"
 
 
-@pytest.mark.parametrize("kind", ["weights", "fp32.onnx", "fp16.onnx", "int8.onnx", "plan"])
+@pytest.mark.parametrize("kind", ["weights", "fp32.onnx", "fp16.onnx", "int8.onnx", "int8.xml", "plan"])
 def test_every_combination_opens_what_was_asked_or_is_refused_in_one_line(files, kind):
     from lungrt.backends.tensorrt.engine import gpu_environment
 
@@ -77,7 +85,7 @@ def test_every_combination_opens_what_was_asked_or_is_refused_in_one_line(files,
             assert device == "auto" or real_device == device.split(":")[0], asked
             assert (r.backend, r.precision) == (real_backend, real_precision), asked  # it says what it is
             if r.path is not None:  # and which verified bytes it runs
-                assert r.content_hash == load_verified_onnx(r.path).content_hash
+                assert r.content_hash == load_verified(r.path).content_hash
             out = r.run(np.zeros((1, 1, r.spec.size, r.spec.size), np.float32))
             assert out.shape == (1, 1, r.spec.size, r.spec.size)
         opened += 1
@@ -154,6 +162,35 @@ def test_an_onnx_without_a_content_hash_is_refused(tmp_path, files):
     onnx.save(model, str(tmp_path / "old.onnx"))
     with pytest.raises(ContentMismatch, match="records no content hash"):
         open_runner(tmp_path / "old.onnx")
+
+
+def test_an_edited_openvino_ir_is_refused_and_a_cached_one_made_again(tmp_path, tiny_checkpoint, phantom_dir):
+    """OpenVINO's INT8 IR is checked by content like every artifact: its .xml and its .bin."""
+    loaded = load_checkpoint(tiny_checkpoint)
+
+    def made():
+        return make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, cache_dir=tmp_path, target="openvino",
+                            log=lambda *a: None).path
+
+    xml = made()
+    weights = xml.with_suffix(".bin")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ContentMismatch, match="do not match the content hash"):
+        open_runner(xml)
+    assert made() == xml  # the cache heals itself: made again (OpenVINO numbers its nodes per process, so
+    load_verified(xml)  # the .xml, and its hash, may differ from the first one's)
+    text = xml.read_text()
+    xml.write_text(text.replace('<lungrt>', '<lungrt>\n<note value="edited" />', 1))  # the graph file edited
+    with pytest.raises(ContentMismatch):
+        open_runner(xml, backend="openvino")
+    xml.write_text(text)
+    with pytest.raises(LungrtError, match="an OpenVINO IR runs on openvino, not onnxruntime"):
+        open_runner(xml, backend="onnxruntime")
+    xml.with_suffix(".bin").unlink()
+    with pytest.raises(LungrtError, match="does not exist"):
+        open_runner(xml)
 
 
 def test_infer_records_the_artifact_that_ran(tmp_path, files, phantom_dir):

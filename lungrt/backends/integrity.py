@@ -2,7 +2,9 @@
 
 Every ONNX file lungrt writes carries, in its own metadata, the SHA-256 of its graph (nodes and
 initializers, i.e. the weights' bytes; the metadata itself is outside what is hashed). Every
-engine's sidecar carries the SHA-256 of its plan file. Opening either recomputes the hash (about
+OpenVINO IR (.xml + .bin: the INT8 that NNCF makes for OpenVINO) carries in its rt_info the
+SHA-256 of both files' bytes, taken with that one value zeroed. Every engine's sidecar carries the
+SHA-256 of its plan file. Opening either recomputes the hash (about
 20 ms for an 8 MB graph): a cached file that fails is made again, a file a user named is refused
 in one line. A hash is what parity, build and infer record, so each mask can be matched to the
 artifact that was verified.
@@ -11,12 +13,19 @@ artifact that was verified.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lungrt.core.errors import LungrtError
 
 CONTENT_KEY = "lungrt.content_hash"
+IR_SUFFIX = ".xml"  # an OpenVINO IR, its weights beside it in .bin
+# where an IR records its hash and lungrt's metadata (rt_info path lungrt/...), as OpenVINO writes them
+_IR_HASH = re.compile(rb'(<lungrt>\s*<content_hash value=")([0-9a-f]{64})(")')
+_IR_META = re.compile(rb'<lungrt>.*?<metadata value="([^"]*)"', re.S)
+UNSEALED = "0" * 64
 
 
 class ContentMismatch(LungrtError):
@@ -44,6 +53,64 @@ class VerifiedOnnx:
     data: bytes  # the file's bytes, as checked: what a runner should load
     meta: dict
     content_hash: str
+    weights: bytes = b""  # an IR's .bin (an ONNX file holds its weights)
+
+
+def load_verified(path: str | Path) -> VerifiedOnnx:
+    """An ONNX file or OpenVINO IR (by suffix), checked by content."""
+    return load_verified_ir(path) if Path(path).suffix == IR_SUFFIX else load_verified_onnx(path)
+
+
+def remove_artifact(path: str | Path) -> None:
+    """Delete an ONNX file, or an IR with its .bin."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    if path.suffix == IR_SUFFIX:
+        path.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def ir_hash(xml: bytes, weights: bytes) -> str:
+    """SHA-256 of an IR: its .xml with the recorded hash zeroed, then its .bin."""
+    h = hashlib.sha256(_IR_HASH.sub(lambda m: m[1] + UNSEALED.encode() + m[3], xml, count=1))
+    h.update(weights)
+    return h.hexdigest()
+
+
+def seal_ir(xml_path: str | Path) -> str:
+    """Write the IR's hash over the zeroed value it was saved with (`save_sealed_ir` in
+    backends.openvino saves it so); the .xml keeps its length."""
+    from lungrt.data.io import atomic_write_bytes
+
+    xml_path = Path(xml_path)
+    xml = xml_path.read_bytes()
+    if not _IR_HASH.search(xml):
+        raise LungrtError(f"{xml_path}: saved without a lungrt content-hash slot")
+    h = ir_hash(xml, xml_path.with_suffix(".bin").read_bytes())
+    atomic_write_bytes(xml_path, _IR_HASH.sub(lambda m: m[1] + h.encode() + m[3], xml, count=1))
+    return h
+
+
+def load_verified_ir(path: str | Path) -> VerifiedOnnx:
+    """An OpenVINO IR whose .xml and .bin hash to what its rt_info records, else ContentMismatch."""
+    import html
+
+    path = Path(path)
+    weights_path = path.with_suffix(".bin")
+    if not path.is_file() or not weights_path.is_file():
+        raise LungrtError(f"{path}: OpenVINO IR does not exist (needs {path.name} and {weights_path.name})")
+    xml, weights = path.read_bytes(), weights_path.read_bytes()
+    recorded, meta = _IR_HASH.search(xml), _IR_META.search(xml)
+    if recorded is None or meta is None:
+        raise ContentMismatch(f"{path}: records no lungrt content hash (not written by this lungrt, or edited); "
+                              "make it again with `lungrt build`")
+    if recorded[2].decode() != ir_hash(xml, weights):
+        raise ContentMismatch(f"{path}: its graph or weights (.bin) do not match the content hash it records "
+                              "(corrupted or edited); make it again with `lungrt build`")
+    try:
+        meta = json.loads(html.unescape(meta[1].decode()))
+    except ValueError:
+        raise ContentMismatch(f"{path}: its lungrt metadata does not parse") from None
+    return VerifiedOnnx(xml, meta, recorded[2].decode(), weights)
 
 
 def load_verified_onnx(path: str | Path) -> VerifiedOnnx:

@@ -2,19 +2,22 @@
 
 FP32 runs with `INFERENCE_PRECISION_HINT=f32` (OpenVINO's CPU plugin would otherwise pick bf16 on
 CPUs that have it, silently). BF16 is a precision of its own (`precision="bf16"`, CPUs with native
-bf16 only) and is parity-gated like any variant. Threads sleep between calls (no busy-waiting), so
-infer's decode/write helpers can run at idle priority beside it.
+bf16 only) and is parity-gated like any variant. INT8 runs from an OpenVINO IR (.xml + .bin) that
+NNCF quantized on the OpenVINO model itself (`save_sealed_ir`: lungrt's metadata and content hash in
+its rt_info). Threads sleep between calls (no busy-waiting), so infer's decode/write helpers can run
+at idle priority beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from lungrt.backends.base import Runner, info_from_metadata
-from lungrt.backends.integrity import load_verified_onnx
+from lungrt.backends.integrity import UNSEALED, load_verified, seal_ir
 from lungrt.core.errors import BackendUnavailable, LungrtError, one_line
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -42,22 +45,46 @@ def native_bf16() -> bool:
         return False
 
 
+def save_sealed_ir(model, meta: dict, xml_path: str | Path) -> str:
+    """Save an OpenVINO model as IR with lungrt's metadata in its rt_info (what the ONNX file it came
+    from carried is dropped) and seal it with its content hash; returns the hash."""
+    import openvino as ov
+
+    from lungrt.data.io import temp_path_for
+
+    xml_path = Path(xml_path)
+    rt = model.get_rt_info()
+    if "framework" in rt:  # the source ONNX file's metadata, content hash included: not this file's
+        del rt["framework"]
+    model.set_rt_info(json.dumps(meta, sort_keys=True), ["lungrt", "metadata"])
+    model.set_rt_info(UNSEALED, ["lungrt", "content_hash"])
+    tmp = temp_path_for(xml_path).with_suffix(".xml")  # OpenVINO names the .bin after it
+    try:  # the pair appears under its name only once whole: a crash leaves no IR to reuse
+        ov.save_model(model, tmp, compress_to_fp16=False)
+        h = seal_ir(tmp)
+        tmp.with_suffix(".bin").replace(xml_path.with_suffix(".bin"))
+        tmp.replace(xml_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    return h
+
+
 class OpenVinoRunner(Runner):
     backend = "openvino"
 
-    def __init__(self, onnx_path: str | Path, precision: str = "fp32", threads: int | None = None):
+    def __init__(self, path: str | Path, precision: str = "fp32", threads: int | None = None):
+        """`path`: an ONNX variant, or an OpenVINO IR (.xml) lungrt wrote."""
         ov, core = openvino_core()
-        onnx_path = Path(onnx_path)
-        if not onnx_path.exists():
-            raise LungrtError(f"{onnx_path}: ONNX file does not exist")
+        path = Path(path)
         if precision not in PRECISION_HINTS:
             raise LungrtError(f"openvino: precision {precision!r} not supported ({', '.join(PRECISION_HINTS)})")
         if precision == "bf16" and not native_bf16():
             raise BackendUnavailable("openvino bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX)")
-        checked = load_verified_onnx(onnx_path)
+        checked = load_verified(path)
         meta, self.content_hash = checked.meta, checked.content_hash
-        self.info = info_from_metadata(meta, str(onnx_path))
-        self.spec, self.path, self.device = self.info.spec, onnx_path, "cpu"
+        self.info = info_from_metadata(meta, str(path))
+        self.spec, self.path, self.device = self.info.spec, path, "cpu"
         self.weights_id = meta.get("lungrt.weights_hash")
         variant = meta.get("lungrt.export.precision", "fp32")
         # the graph's own precision (fp16/int8 variants) or, for the FP32 graph, OpenVINO's bf16 mode
@@ -65,9 +92,9 @@ class OpenVinoRunner(Runner):
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
         try:
-            self.compiled = core.compile_model(core.read_model(checked.data), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(checked.data, checked.weights), "CPU", config)
         except Exception as e:
-            raise LungrtError(f"{onnx_path}: OpenVINO cannot compile it ({one_line(e)})") from None
+            raise LungrtError(f"{path}: OpenVINO cannot compile it ({one_line(e)})") from None
         self.request = self.compiled.create_infer_request()
         self.sleeps_when_idle = True
 

@@ -18,6 +18,7 @@ from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.backends.base import Runner
+from lungrt.backends.integrity import IR_SUFFIX
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 
@@ -42,7 +43,7 @@ def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str 
     `precision` (None: the file's own; for weights, the recorded CPU choice or FP32) on `device`.
 
     A file runs as it is: an ONNX file on ONNX Runtime or OpenVINO (bf16: OpenVINO's mode on an
-    FP32 graph), a plan on its TensorRT flavour. Weights run on PyTorch, or on the ONNX variant
+    FP32 graph), an OpenVINO IR (.xml, OpenVINO's INT8) on OpenVINO, a plan on its TensorRT flavour. Weights run on PyTorch, or on the ONNX variant
     made for the backend asked. Whatever cannot be honoured is refused (LungrtError; missing
     software or hardware: BackendUnavailable), never replaced by something else."""
     if backend not in BACKENDS:
@@ -55,7 +56,7 @@ def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str 
     if unknown:
         raise LungrtError(f"unknown runner option(s) {', '.join(unknown)}; use {', '.join(TORCH_OPTIONS)}")
     artifact = engine if engine is not None else onnx
-    if artifact is None and isinstance(source, (str, Path)) and str(source).endswith((*ENGINE_SUFFIXES, ".onnx")):
+    if artifact is None and isinstance(source, (str, Path)) and str(source).endswith((*ENGINE_SUFFIXES, ".onnx", IR_SUFFIX)):
         artifact = source
     if options and (artifact is not None or backend not in ("auto", "torch")):
         raise LungrtError(f"runner options {', '.join(options)} are PyTorch's; they need weights on --backend torch")
@@ -102,11 +103,13 @@ def _open_engine(plan: Path, backend: str, device: str) -> Runner:
 
 
 def _open_onnx(path: Path, backend: str, precision: str | None, device: str) -> Runner:
+    if path.suffix == IR_SUFFIX and backend not in ("auto", "openvino"):
+        raise LungrtError(f"{path}: an OpenVINO IR runs on openvino, not {backend}")
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise LungrtError(f"{path}: compile it first (`lungrt build --onnx {path} --backend {backend}`), then pass the plan")
     if backend == "torch":
         raise LungrtError(f"{path}: an ONNX file runs on onnxruntime or openvino; PyTorch runs the checkpoint (--model)")
-    if backend == "openvino":
+    if backend == "openvino" or path.suffix == IR_SUFFIX:
         if device not in ("auto", "cpu"):
             raise LungrtError(f"{path}: lungrt runs OpenVINO on the CPU only, not on {device}")
         return _openvino(path, precision or "fp32")

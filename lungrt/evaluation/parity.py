@@ -137,6 +137,40 @@ def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size:
             "reference_identity": reference.identity(), "candidate_identity": candidate.identity()}
 
 
+class GateScore:
+    """The score a gate search maximises on `pairs`: mask agreement with the reference, less any
+    task-Dice drop (labelled pairs), of any function from a batch to probabilities. The reference's
+    masks are made once, for searches that score many graphs (NNCF's accuracy control)."""
+
+    def __init__(self, reference: Runner, pairs: list[Pair], batch_size: int = 8):
+        self.spec, self.batch_size = reference.spec, batch_size
+        self.inputs, self.shapes, self.masks, self.golds = [], [], [], []
+        batches = ((b, np.stack([s.tensor for s in b])) for b in batched(load_samples(pairs, self.spec), batch_size))
+        for batch, x, p_ref in with_reference(reference, pairs, batches):
+            for s, xi, pr in zip(batch, x, p_ref):
+                self.inputs.append(xi)
+                self.shapes.append(s.xray.shape)
+                self.masks.append(self.spec.invert_mask(pr[0], s.xray.shape) > 0)
+                self.golds.append(None if s.gold is None else np.asarray(s.gold, bool))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __call__(self, run, indices=None) -> float:
+        idx = list(range(len(self.inputs)) if indices is None else indices)
+        agreement, dice_ref, dice_cand = [], [], []
+        for start in range(0, len(idx), self.batch_size):
+            chunk = idx[start : start + self.batch_size]
+            for i, p in zip(chunk, run(np.stack([self.inputs[i] for i in chunk]))):
+                mask = self.spec.invert_mask(p[0], self.shapes[i]) > 0
+                agreement.append(_agreement(self.masks[i], mask))
+                if self.golds[i] is not None:
+                    dice_ref.append(_agreement(self.masks[i], self.golds[i]))
+                    dice_cand.append(_agreement(mask, self.golds[i]))
+        drop = float(np.mean(dice_ref) - np.mean(dice_cand)) if dice_ref else 0.0
+        return float(np.mean(agreement)) - max(drop, 0.0)
+
+
 def apply_gate(summary: dict, gate: Gate) -> dict:
     checks = {"mask_agreement": (summary["mask_agreement"] >= gate.min_agreement, f">= {gate.min_agreement}")}
     if gate.max_dice_drop is not None and "dice_drop" in summary:

@@ -1,6 +1,7 @@
-"""Making (and reusing) the precision variants of a model as ONNX files, with the INT8 accuracy
-search: if INT8 fails its parity gate on validation images, the blocks that cause it are found by
-sensitivity and left unquantized until it passes."""
+"""Making (and reusing) the precision variants of a model as ONNX files (OpenVINO's INT8: an IR),
+with the INT8 accuracy search: if INT8 fails its parity gate on validation images, what causes it
+is left unquantized until it passes (OpenVINO: the operations NNCF's accuracy control ranks most
+sensitive; the other engines: whole blocks, by sensitivity)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ from lungrt.core.hardware import cpu_tag
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import EXPORT_REVISION, export_onnx
-from lungrt.evaluation.parity import GATES, apply_gate, compare
+from lungrt.evaluation.parity import GATES, GateScore, apply_gate, compare
 from lungrt.export.precision import (
-    DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, load_calibration_set, make_fp16, make_int8,
-    make_int8_fp16, make_int8_nncf, make_int8_nncf_mixed, make_int8_ort_cpu, node_block, quantizable_nodes,
-    save_derived_int8,
+    DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, float_layers, load_calibration_set, make_fp16, make_int8,
+    make_int8_fp16, make_int8_openvino, make_int8_ort_cpu, nncf_openvino, node_block, quantizable_nodes, save_int8_ir,
 )
-from lungrt.backends.base import Runner, onnx_metadata
-from lungrt.backends.integrity import ContentMismatch, load_verified_onnx
+from lungrt.backends.base import Runner
+from lungrt.backends.integrity import IR_SUFFIX, ContentMismatch, load_verified, remove_artifact
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 
 SENSITIVITY_IMAGES = 32  # validation images used by the INT8 exclusion search
+# the accuracy control aims this far inside the INT8 gate on its images (at most half the room the
+# FP32 graph leaves), so the file it makes passes the gate with a margin
+CONTROL_MARGIN = 0.005
 
 
 def _open_openvino(path: Path) -> Runner:
@@ -53,19 +56,17 @@ class Int8Recipe:
     # mask agreement 0.998 and 0.75 on one gsconv-unet file), so their gate holds for the CPU it ran
     # on: the file is per CPU, and a cache shared by other CPUs makes and gates its own
     per_cpu: bool = False
-    # another whole-graph quantization tried before any block is left in float (same signature as
-    # `quantize`): keeping everything INT8 is faster than the float islands exclusions leave
-    fallback: Callable | None = None
-    # exclusion sets derived from the one whole-graph file by graph surgery (`dequantize_nodes`),
-    # instead of quantizing again: for recipes whose calibration is not cached (NNCF)
-    derive: bool = False
+    # the library searches what to leave in float under lungrt's gate (NNCF's accuracy control,
+    # `accuracy_controlled_int8`) instead of lungrt's block search
+    controlled: bool = False
+    suffix: str = ".onnx"  # the artifact: an ONNX file, or an OpenVINO IR (.xml + .bin)
 
 
 INT8_RECIPES = {
     "portable": Int8Recipe("", make_int8, OnnxRuntimeRunner),  # TensorRT's form, checked on ONNX Runtime
     "onnxruntime": Int8Recipe("ortcpu-", make_int8_ort_cpu, OnnxRuntimeRunner, per_cpu=True, default_method="minmax"),
-    "openvino": Int8Recipe("", make_int8_nncf, _open_openvino, method="nncf", per_cpu=True, fallback=make_int8_nncf_mixed,
-                           derive=True),
+    "openvino": Int8Recipe("", make_int8_openvino, _open_openvino, method="nncf", per_cpu=True, controlled=True,
+                           suffix=IR_SUFFIX),
 }
 # make_variant's `target` (an engine, or a backend name) -> the INT8 recipe it gets
 TARGET_RECIPES = {"portable": "portable", "cpu": "portable", "tensorrt": "portable", "tensorrt-rtx": "portable",
@@ -93,10 +94,11 @@ class _Made:
         h = weights_hash(loaded.model)
         return cls(f"{loaded.info.name}-{h}", h, json.loads(json.dumps(loaded.info.to_dict())))
 
-    def file(self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "") -> Path:
+    def file(self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "",
+             suffix: str = ".onnx") -> Path:
         if precision == "int8":
-            return folder / f"{self.stem}.int8-{method}-{calib.digest}.onnx"  # method: recipe tag + method
-        return folder / f"{self.stem}.{precision}.onnx"
+            return folder / f"{self.stem}.int8-{method}-{calib.digest}{suffix}"  # method: recipe tag + method
+        return folder / f"{self.stem}.{precision}{suffix}"
 
     def reusable(self, path: Path) -> bool:
         """A cached variant is used only when its graph hashes to the content hash it records and it
@@ -105,7 +107,7 @@ class _Made:
         if not path.exists():
             return False
         try:
-            meta = load_verified_onnx(path).meta  # by content: a corrupted or edited cache file is made again
+            meta = load_verified(path).meta  # by content: a corrupted or edited cache file is made again
             ok = (meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
                   and meta.get("lungrt.export.revision") == EXPORT_REVISION)  # made by an older exporter: remake
         except ContentMismatch as e:
@@ -114,7 +116,7 @@ class _Made:
         except Exception:
             ok = False
         if not ok:
-            path.unlink(missing_ok=True)
+            remove_artifact(path)
         return ok
 
 
@@ -149,17 +151,20 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     recipe = INT8_RECIPES[TARGET_RECIPES[target]]
     method = recipe.method or method or recipe.default_method
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
-    path = made.file(folder, "int8", calib, recipe.tag + method)
-    if recipe.per_cpu:
-        path = path.with_name(path.name.replace(".onnx", f"-cpu{cpu_tag()}.onnx"))
+    path = made.file(folder, "int8", calib, recipe.tag + method + (f"-cpu{cpu_tag()}" if recipe.per_cpu else ""),
+                     recipe.suffix)
     if not made.reusable(path):
-        recipe.quantize(fp32, path, calib, method, cache_dir=cache_dir)
-        if val_pairs:
-            try:
-                search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir, log, recipe)
-            except LungrtError:
-                path.unlink(missing_ok=True)  # never leave a variant that failed its gate for reuse
-                raise
+        try:
+            if recipe.controlled and val_pairs:
+                accuracy_controlled_int8(loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe)
+            else:
+                recipe.quantize(fp32, path, calib, method, cache_dir=cache_dir)
+                if val_pairs:
+                    search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir,
+                                           log, recipe)
+        except LungrtError:
+            remove_artifact(path)  # never leave a variant that failed its gate for reuse
+            raise
     if not target.startswith("tensorrt"):
         return Variant("int8", path, int8_notes(path))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
@@ -180,10 +185,47 @@ def _gate_summary(loaded, path: Path, pairs, open_runner: Callable[[Path], Runne
 
 
 def int8_notes(path: Path) -> dict:
-    """What an INT8 variant was calibrated on and which blocks stay in floating point."""
-    cal = json.loads(onnx_metadata(path).get("lungrt.calibration", "{}"))
-    return {"calibration": cal.get("set"), "method": cal.get("method"), "recipe": cal.get("recipe", "portable"),
-            "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
+    """What an INT8 variant was calibrated on and which blocks (OpenVINO: which layers) were put
+    back in floating point for its gate."""
+    cal = json.loads(load_verified(path).meta.get("lungrt.calibration", "{}"))
+    notes = {"calibration": cal.get("set"), "method": cal.get("method"), "recipe": cal.get("recipe", "portable"),
+             "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
+    if "int8_layers" in cal:  # an IR's census: INT8 layers, and the float ones (reverted or never quantized)
+        notes.update(excluded_layers=cal["excluded_nodes"], int8_layers=cal["int8_layers"], float_layers=cal["float_layers"])
+    return notes
+
+
+def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=logging.getLogger(__name__).info,
+                             recipe: Int8Recipe = INT8_RECIPES["openvino"]) -> list[str]:
+    """OpenVINO's INT8 under lungrt's gate: the whole graph quantized by NNCF, and if that fails
+    the gate on `pairs`, NNCF's `quantize_with_accuracy_control` scoring each candidate with the
+    gate's own score (`GateScore`, on OpenVINO, as it will run) and reverting the quantized
+    operations that cost it most, one at a time, until it is CONTROL_MARGIN inside the gate. The
+    file left at `path` is then gated like every variant. Returns the layers put back in float."""
+    gate = GATES["int8"]
+    whole = recipe.quantize(fp32, path, calib, "nncf")
+    summary = _gate_summary(loaded, path, pairs, recipe.open)
+    if apply_gate(summary, gate)["passed"]:
+        return []
+    log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f}); NNCF's accuracy control reverts the "
+        "operations that cost the most agreement")
+    score = GateScore(TorchRunner(loaded), pairs)
+    with recipe.open(fp32) as float_graph:  # the score the drop is measured from
+        initial = score(float_graph.run)
+    target = gate.min_agreement + min(CONTROL_MARGIN, max(initial - gate.min_agreement, 0.0) / 2)
+
+    def scored(compiled, indices) -> float:
+        return score(lambda x: next(iter(compiled(x).values())), indices)
+
+    model = nncf_openvino(fp32, calib, validation=(scored, len(score), max(initial - target, 0.0)))
+    reverted = sorted(set(float_layers(model)) - set(whole["float_layers"]))
+    save_int8_ir(model, fp32, path, calib, reverted)
+    summary = _gate_summary(loaded, path, pairs, recipe.open)
+    log(f"  {len(reverted)} layer(s) back in float: agreement {summary['mask_agreement']:.4f}")
+    if not apply_gate(summary, gate)["passed"]:
+        raise LungrtError(f"INT8 fails its gate even after NNCF's accuracy control ({path}: agreement "
+                          f"{summary['mask_agreement']:.4f})")
+    return reverted
 
 
 def _score(summary: dict) -> float:
@@ -192,49 +234,29 @@ def _score(summary: dict) -> float:
 
 def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
                            log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"]) -> list[str]:
-    """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`.
+    """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`
+    (the ONNX Q/DQ recipes; OpenVINO's uses NNCF's own search, `accuracy_controlled_int8`).
 
-    A recipe's fallback quantization is tried whole first; the search then starts from whichever
-    whole-graph form agreed better. Sensitivity of a block = what leaving only that block in float
-    gains over the whole INT8 graph (agreement, less any task-Dice drop), each measured once: a
-    better guide than the loss of quantizing that block alone (msag-unet without AMX: 3 blocks kept
-    in float instead of 9 on the same derived graphs). Blocks are excluded most sensitive first; the
-    search stops at the first exclusion set that passes. Every verdict gates the very file it leaves at `path`
-    (the PyTorch reference runs once: parity caches it)."""
-    import onnx
-
+    Sensitivity of a block = what leaving only that block in float gains over the whole INT8 graph
+    (agreement, less any task-Dice drop), each measured once: a better guide than the loss of
+    quantizing that block alone (msag-unet without AMX: 3 blocks kept in float instead of 9).
+    Blocks are excluded most sensitive first; the search stops at the first exclusion set that
+    passes. Every verdict gates the very file it leaves at `path` (the PyTorch reference runs
+    once: parity caches it)."""
     gate = GATES["int8"]
     summary = _gate_summary(loaded, path, pairs, recipe.open)
     if apply_gate(summary, gate)["passed"]:
         return []
     log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f})")
-    quantize, whole = recipe.quantize, onnx.load(str(path)) if recipe.derive else None
-    if recipe.fallback is not None:
-        recipe.fallback(fp32, path, calib, method, exclude=[], cache_dir=cache_dir)
-        second = _gate_summary(loaded, path, pairs, recipe.open)
-        log(f"  {recipe.fallback.__name__}: agreement {second['mask_agreement']:.4f}")
-        if apply_gate(second, gate)["passed"]:
-            return []
-        if second["mask_agreement"] > summary["mask_agreement"]:
-            quantize, summary = recipe.fallback, second
-            whole = onnx.load(str(path)) if recipe.derive else None
-    fp32_model = onnx.load(str(fp32)) if recipe.derive else None
 
     def gated(exclude: list[str]) -> dict:
-        if recipe.derive:  # every node of the excluded blocks (their Adds too), as an ignored scope would
-            floated = {node_block(n) for n in exclude}
-            names = [n.name for n in whole.graph.node if node_block(n.name) in floated]
-            save_derived_int8(whole, fp32_model, exclude, path, names)
-        else:
-            quantize(fp32, path, calib, method, exclude=exclude, cache_dir=cache_dir)
+        recipe.quantize(fp32, path, calib, method, exclude=exclude, cache_dir=cache_dir)
         return _gate_summary(loaded, path, pairs, recipe.open)
 
-    nodes = quantizable_nodes(fp32)
     blocks: dict[str, list[str]] = {}
-    for n in nodes:
+    for n in quantizable_nodes(fp32):
         blocks.setdefault(node_block(n), []).append(n)
-    log(f"measuring the sensitivity of {len(blocks)} blocks ({quantize.__name__}"
-        f"{', derived from the whole-graph file' if recipe.derive else ''})")
+    log(f"measuring the sensitivity of {len(blocks)} blocks ({recipe.quantize.__name__})")
     gain = {b: _score(gated(members)) - _score(summary) for b, members in blocks.items()}
     excluded: list[str] = []
     for b in sorted(gain, key=gain.get, reverse=True):
