@@ -25,7 +25,8 @@ from lungrt.core.hardware import cpu_identity, cpu_tag
 from lungrt.data.datasets import validation_pairs
 from lungrt.data.io import read_xray
 from lungrt.export.onnx import reference_inputs
-from lungrt.export.precision import load_calibration_set, make_int8_nncf_mixed, save_derived_int8
+from _nncf_onnx_route import make_int8_nncf_mixed, save_derived_int8
+from lungrt.export.precision import load_calibration_set
 from lungrt.export.variants import make_variant
 from lungrt.models.checkpoint import resolve_model
 

@@ -21,10 +21,8 @@ import onnx
 from lungrt.core.hardware import cpu_identity, cpu_tag
 from lungrt.data.datasets import validation_pairs
 from lungrt.evaluation.parity import compare
-from lungrt.export.precision import (
-    dequantize_nodes, load_calibration_set, make_int8_nncf, make_int8_nncf_mixed, node_block, quantizable_nodes,
-    save_derived_int8,
-)
+from _nncf_onnx_route import dequantize_nodes, make_int8_nncf, make_int8_nncf_mixed, save_derived_int8
+from lungrt.export.precision import load_calibration_set, node_block, quantizable_nodes
 from lungrt.export.variants import make_variant
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.backends.select import open_runner
