@@ -21,6 +21,7 @@ spot: both lungs cut short alike make a plausible pair of small lungs (the pair 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -51,11 +52,18 @@ def _smooth(contour: np.ndarray) -> np.ndarray:
     return np.stack([np.convolve(padded[:, i], kernel, mode="valid") for i in (0, 1)], axis=1)
 
 
+@functools.lru_cache(maxsize=8)
+def _spacing(n: int, endpoints: bool) -> np.ndarray:
+    t = np.linspace(0, 1, n) if endpoints else np.linspace(0, 1, n + 2)[1:-1]
+    t.flags.writeable = False
+    return t
+
+
 def _resample(path: np.ndarray, n: int, endpoints: bool) -> np.ndarray:
     """`n` points evenly spaced by arc length along `path` (with or without its two ends)."""
-    steps = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1))]
-    t = np.linspace(0, 1, n) if endpoints else np.linspace(0, 1, n + 2)[1:-1]
-    at = t * steps[-1]
+    steps = np.zeros(len(path))
+    np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1), out=steps[1:])
+    at = _spacing(n, endpoints) * steps[-1]
     return np.stack([np.interp(at, steps, path[:, 0]), np.interp(at, steps, path[:, 1])], axis=1)
 
 
@@ -66,8 +74,8 @@ def lung_landmarks(contour: np.ndarray, image_left: bool) -> np.ndarray:
     contour = _smooth(contour)
     apex, base = int(np.argmin(contour[:, 1])), int(np.argmax(contour[:, 1]))
     n = len(contour)
-    one = contour[[(apex + k) % n for k in range((base - apex) % n + 1)]]
-    other = contour[[(apex - k) % n for k in range((apex - base) % n + 1)]]
+    one = contour[(apex + np.arange((base - apex) % n + 1)) % n]
+    other = contour[(apex - np.arange((apex - base) % n + 1)) % n]
     lateral, medial = (one, other) if (one[:, 0].mean() < other[:, 0].mean()) == image_left else (other, one)
     half = POINTS_PER_LUNG // 2
     return np.concatenate([_resample(lateral, half, True), _resample(medial[::-1], POINTS_PER_LUNG - half, False)])
@@ -159,8 +167,8 @@ class ShapeModel:
         modes, prior = self.modes, np.diag(NOISE ** 2 / self.variances)
         w = np.ones(k)
         b = np.zeros(len(self.variances))
+        model, (middle, half) = self.mean.copy(), ((k - 1) // 2, k // 2)  # the shape of b = 0; the median's ranks
         for _ in range(iterations):
-            model = self.mean + (modes @ b).reshape(k, 2)
             total = w.sum()
             centre_m, centre_x = w @ model / total, w @ points / total
             dm, dx = model - centre_m, points - centre_x
@@ -170,7 +178,8 @@ class ShapeModel:
             b = np.linalg.solve(modes.T @ weighted + prior, weighted.T @ target)
             model = self.mean + (modes @ b).reshape(k, 2)
             residual = np.sqrt(((dx / scale - (model - centre_m)) ** 2).sum(axis=1))
-            spread = 1.4826 * np.median(residual) + 1e-3
+            ranked = np.partition(residual, (middle, half))  # np.median's value, without its checks
+            spread = 1.4826 * ((ranked[middle] + ranked[half]) / 2) + 1e-3
             w = np.clip(1 - (residual / (4.685 * spread)) ** 2, 0, 1) ** 2
         sd = np.sqrt(self.variances)
         plausible = self.mean + (modes @ np.clip(b, -3 * sd, 3 * sd)).reshape(k, 2)
