@@ -174,8 +174,11 @@ def build_from_onnx(onnx: Path, backend: str, out_dir: Path, model: str | None, 
                     batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info) -> Built:
     """`lungrt build --onnx F`: compile a variant lungrt wrote, then verify it like every build,
     against the PyTorch weights it was exported from (`model`, else the shipped model it names)."""
-    from lungrt.backends.integrity import load_verified_onnx
+    from lungrt.backends.integrity import IR_SUFFIX, load_verified_onnx
 
+    if onnx.suffix == IR_SUFFIX:
+        raise LungrtError(f"{onnx}: an OpenVINO IR runs on OpenVINO as it is (`lungrt infer --onnx {onnx}`); TensorRT "
+                          "compiles the ONNX variants")
     if backend not in FLAVOURS:
         raise LungrtError(f"{onnx}: already an ONNX Runtime / OpenVINO artefact; --onnx with build compiles it for "
                           "a TensorRT backend (tensorrt, tensorrt-rtx)")

@@ -181,7 +181,7 @@ def _with_shape_fits(worst: list[tuple], runner) -> list[tuple]:
 @app.command("eval")
 def evaluate_cmd(
     model: List[str] = typer.Option(["unet"], help="Checkpoint, run folder or shipped name; repeat to compare."),
-    onnx: Optional[Path] = typer.Option(None, help="Evaluate an exported ONNX variant instead (ONNX Runtime)."),
+    onnx: Optional[Path] = typer.Option(None, help="Evaluate an exported ONNX variant instead (ONNX Runtime), or an OpenVINO INT8 IR (.xml, OpenVINO)."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare .pt/.pth/.safetensors weights."),
     data: Path = typer.Option(..., help="Dataset folder."),
     split: str = typer.Option("test", help="train | val | test | all"),
@@ -209,7 +209,7 @@ def evaluate_cmd(
                 res = evaluate(runner, pairs, batch_size=batch_size, keep=4, postprocess=postprocess)
             label = Path(onnx).name if onnx else ref
             if out_dir:
-                stem = Path(label).stem if label.endswith((".onnx", ".safetensors")) else Path(label).name
+                stem = Path(label).stem if label.endswith((".onnx", ".xml", ".safetensors")) else Path(label).name
                 write_per_image_csv(res["per_image"], out_dir / f"{stem}_per_image.csv")
                 prediction_grid(res.pop("examples"), out_dir / f"{stem}_examples.png", title=f"{label} on {split}")
                 prediction_grid(_with_shape_fits(res.pop("worst"), runner), out_dir / f"{stem}_worst.png",
@@ -272,7 +272,7 @@ def parity(
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
     variant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | bf16 (openvino, torch). Default: fp32, or the --onnx/--engine file's own."),
     backend: str = typer.Option("auto", help="Candidate backend: auto (onnxruntime; a plan's own flavour) | onnxruntime | openvino | torch | tensorrt | tensorrt-rtx"),
-    onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file (default: make the variant in $LUNGRT_CACHE)."),
+    onnx: Optional[Path] = typer.Option(None, help="Candidate ONNX file or OpenVINO IR (.xml) (default: make the variant in $LUNGRT_CACHE)."),
     engine: Optional[Path] = typer.Option(None, help="Candidate TensorRT plan."),
     data: Path = typer.Option(..., help="Dataset folder (labelled: task Dice is gated too)."),
     split: str = typer.Option("test"),
@@ -317,7 +317,7 @@ def infer(
     out_dir: str = typer.Option(..., "--out", help="Output folder (mirrors the input tree)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Checkpoint, run folder or shipped name."),
     arch: Optional[str] = typer.Option(None, help="Architecture for bare weights."),
-    onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file on ONNX Runtime."),
+    onnx: Optional[Path] = typer.Option(None, help="Run this ONNX file (ONNX Runtime; --backend openvino for OpenVINO), or an OpenVINO IR (.xml) on OpenVINO."),
     engine: Optional[Path] = typer.Option(None, help="Run this TensorRT plan."),
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt"),
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 (variants) | bf16 (openvino). Default: the file's own; for a model, the recorded CPU choice, else fp32."),

@@ -202,6 +202,16 @@ def test_infer_records_the_artifact_that_ran(tmp_path, files, phantom_dir):
     assert run["runner"] == "onnxruntime/cpu/fp16" and run["precision"] == "fp16"
 
 
+def test_an_openvino_ir_runs_from_the_cli_and_is_not_compiled_for_tensorrt(tmp_path, files, phantom_dir):
+    ir = files["int8.xml"]
+    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--onnx", str(ir)])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "o" / ".lungrt-records" / "run.json").read_text())
+    assert run["runner"] == "openvino/cpu/int8" and run["artifact"] == load_verified(ir).content_hash
+    res = runner.invoke(app, ["build", "--onnx", str(ir), "--backend", "tensorrt-rtx", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "OpenVINO IR" in res.output and "Traceback" not in res.output
+
+
 def test_build_from_an_onnx_file_verifies_like_every_build(tmp_path, files, tiny_checkpoint):
     onnx_file = tmp_path / "model.fp32.onnx"
     shutil.copyfile(files["fp32.onnx"], onnx_file)
