@@ -52,6 +52,22 @@ def test_fit_stops_when_no_widening_clears_a_false_alarm():
     assert set(fitted.margin) == set(FEATURES) and set(fitted.margin.values()) <= set(MARGINS)
 
 
+def test_every_framing_stays_within_the_budget_not_only_all_pooled():
+    """One framing (a tighter crop) makes 8 of 100 images look wide; pooled with three framings that
+    look normal it is 2%, within 5%, but that framing alone is not: its bound widens until it is."""
+    rng = np.random.default_rng(3)
+    train = _normal(rng, 300)
+    groups = {name: _normal(rng, 100) for name in ("as it comes", "padded", "downsampled", "cropped")}
+    for row in groups["cropped"][:8]:
+        row["extent_x"] = 0.8
+    pooled = fit_thresholds(train, [row for rows in groups.values() for row in rows], target=0.05)
+    assert flagged_share(groups["cropped"], pooled) > 0.05  # what fitting on the pool alone allowed
+    each = fit_thresholds(train, groups, target=0.05)
+    assert all(flagged_share(rows, each) <= 0.05 for rows in groups.values())
+    assert each.false_alarm_val == max(flagged_share(rows, each) for rows in groups.values())
+    assert each.margin["extent_x"] > pooled.margin["extent_x"]
+
+
 def test_thresholds_round_trip_through_metadata():
     rng = np.random.default_rng(2)
     fitted = fit_thresholds(_normal(rng, 100), _normal(rng, 40), description="test fit")

@@ -45,8 +45,8 @@ def fitted():
     they come and re-framed (as `fit_for_model` does)."""
     model = ShapeModel.fit([pair_landmarks(m) for m in _masks(range(100, 150))], "50 phantoms")
     train = [features(_prob(m), model) for m in _masks(range(100, 150))]
-    val = [features(_prob(m), model) for m in _masks(range(200, 230))]
-    val += [features(_prob(_reframe(m, how)), model) for m in _masks(range(200, 230)) for how in REFRAMINGS]
+    val = {"as it comes": [features(_prob(m), model) for m in _masks(range(200, 230))]}
+    val.update({how: [features(_prob(_reframe(m, how)), model) for m in _masks(range(200, 230))] for how in REFRAMINGS})
     return model, fit_thresholds(train, val, target=0.05)
 
 

@@ -173,38 +173,49 @@ def flagged_share(feats: list[dict], thresholds: QCThresholds) -> float:
 MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def fit_thresholds(train: list[dict], val: list[dict], target: float = 0.05, description: str = "") -> QCThresholds:
+def fit_thresholds(train: list[dict], val: list[dict] | dict[str, list[dict]], target: float = 0.05,
+                   description: str = "") -> QCThresholds:
     """Bounds fitted on `train`, each feature's margin widened only as far as `val` needs: from the
     training extremes, the widening that clears the most validation false alarms per margin step is
     taken (one feature, else two together: an image flagged twice) until at most `target` of `val`
-    is flagged, or no widening clears any; then every margin is narrowed back as far as the target allows.
+    is flagged, or no widening clears any; then every margin is narrowed back as far as the target (or
+    the share reached, where the target was not) allows.
+    `val` may be groups (the same images framed otherwise, `REFRAMINGS`): then every group must stay
+    within `target`, not only all of them pooled, and `false_alarm_val` is the worst group's share.
 
     One margin shared by every feature let the flags no margin can quieten (a lung touching the
     image border has a spread of zero) use up the false-alarm budget and widen every other bound;
     per feature, the bounds that flag few validation images (upside down, say) stay tight."""
-    def at(steps: dict[str, int]) -> QCThresholds:
+    groups = val if isinstance(val, dict) else {"validation": val}
+
+    def at(steps: dict[str, int]) -> tuple[QCThresholds, dict[str, float]]:
         margins = {name: MARGINS[i] for name, i in steps.items()}
         cand = QCThresholds(_bounds_at(train, margins), description, None, margins)
-        cand.false_alarm_val = flagged_share(val, cand)
-        return cand
+        shares = {g: flagged_share(feats, cand) for g, feats in groups.items()}
+        cand.false_alarm_val = max(shares.values())
+        return cand, shares
+
+    def cleared(before: dict[str, float], after: dict[str, float]) -> float:  # in the groups over the target
+        return sum(before[g] - after[g] for g in before if before[g] > target)
 
     steps = dict.fromkeys((name for name in FEATURES if name in train[0]), 0)
-    best = at(steps)
+    best, shares = at(steps)
     while best.false_alarm_val > target:
         for together in (1, 2):
             gains = []
             for wider in _widenings(steps, together):
-                cand = at({**steps, **wider})
-                cleared, cost = best.false_alarm_val - cand.false_alarm_val, sum(wider[n] - steps[n] for n in wider)
-                if cleared > 0:
-                    gains.append((cleared / cost, -cost, cand, wider))
+                cand, cand_shares = at({**steps, **wider})
+                gained, cost = cleared(shares, cand_shares), sum(wider[n] - steps[n] for n in wider)
+                if gained > 0:
+                    gains.append((gained / cost, -cost, cand, cand_shares, wider))
             if gains:
                 break
         if not gains:
             break
-        *_, best, wider = max(gains, key=lambda g: g[:2])
+        *_, best, shares, wider = max(gains, key=lambda g: g[:2])
         steps.update(wider)
-    return _narrow_back(steps, at, target) if best.false_alarm_val <= target else best
+    # where no widening gets there (a flag no margin quietens), still narrow back what did not help
+    return _narrow_back(steps, lambda st: at(st)[0], max(target, best.false_alarm_val))
 
 
 def _narrow_back(steps: dict[str, int], at, target: float) -> QCThresholds:
@@ -293,11 +304,11 @@ def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05) -> QCThr
     bounds fitted on its training-split predictions and checked on validation, re-framed too."""
     shape = fit_shape_model(train_pairs, runner.spec.size)
     train = collect_features(runner, train_pairs, shape=shape)
-    val = collect_features(runner, val_pairs, shape=shape)
+    val = {"as it comes": collect_features(runner, val_pairs, shape=shape)}
     for how in REFRAMINGS:
-        val += collect_features(runner, val_pairs, shape=shape, framing=how)
+        val[how] = collect_features(runner, val_pairs, shape=shape, framing=how)
     fitted = fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val_pairs)} "
-                                                f"validation images as they come and {', '.join(REFRAMINGS)} ({len(val)} in "
-                                                f"all); target false-alarm rate {target:.0%}")
+                                                f"validation images as they come and {', '.join(REFRAMINGS)}; target "
+                                                f"false-alarm rate {target:.0%} in each")
     fitted.shape = shape
     return fitted
