@@ -17,6 +17,7 @@ from lungrt.backends.base import onnx_metadata
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.cli import app
+from lungrt.core.errors import LungrtError
 from lungrt.core.hardware import cpu_flags
 from lungrt.data.datasets import discover_pairs
 from lungrt.evaluation import parity
@@ -126,6 +127,32 @@ def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(tmp_path
 
     with OpenVinoRunner(v.path) as r:  # the file left behind is the one that passed
         assert parity.apply_gate(parity.compare(TorchRunner(loaded), r, pairs)["summary"], gate)["passed"]
+
+
+def test_a_cached_int8_made_without_a_gate_is_gated_before_a_gated_request_gets_it(tmp_path, tiny_checkpoint,
+                                                                                   phantom_dir, monkeypatch):
+    """`lungrt bench --calib` and the build ask for a gated INT8; a file of the same name cached by an
+    ungated call must not be handed out as gated: it is gated once, then remembered by content."""
+    gated = []
+    real = variants_mod._gate_summary
+
+    def spy(loaded, path, pairs, open_runner=OnnxRuntimeRunner):
+        gated.append(path.name)
+        return real(loaded, path, pairs, open_runner)
+
+    loaded = load_checkpoint(tiny_checkpoint)
+    pairs = discover_pairs(phantom_dir).pairs[:4]
+    kw = dict(folder=tmp_path, calib_dir=phantom_dir, cache_dir=tmp_path, target="onnxruntime", log=lambda *a: None)
+    ungated = variants_mod.make_variant(loaded, "int8", **kw)
+    monkeypatch.setattr(variants_mod, "_gate_summary", spy)
+    assert variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw).path == ungated.path
+    assert gated == [ungated.path.name]  # gated now, not trusted
+    variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw)
+    assert len(gated) == 1  # this file passed this gate on these images: remembered
+    monkeypatch.setitem(parity.GATES, "int8", parity.Gate(1.01, None))  # FAKE: a gate nothing passes
+    with pytest.raises(LungrtError, match="cannot pass its gate"):
+        variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw)
+    assert not ungated.path.exists()  # failed the new gate: not left for reuse
 
 
 def test_a_truncated_calibration_cache_is_computed_again(tmp_path, tiny_checkpoint, phantom_dir, caplog):

@@ -5,9 +5,10 @@ sensitive; the other engines: whole blocks, by sensitivity)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -153,6 +154,9 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
     path = made.file(folder, "int8", calib, recipe.tag + method + (f"-cpu{cpu_tag()}" if recipe.per_cpu else ""),
                      recipe.suffix)
+    gate_on = val_pairs[:SENSITIVITY_IMAGES] if val_pairs else None
+    if gate_on and made.reusable(path) and not _passed_before(path, gate_on):
+        _regate_or_remove(loaded, path, gate_on, recipe.open, log)  # cached without this gate (or another one)
     if not made.reusable(path):
         try:
             if recipe.controlled and val_pairs:
@@ -165,18 +169,58 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
         except LungrtError:
             remove_artifact(path)  # never leave a variant that failed its gate for reuse
             raise
+        if gate_on:
+            _remember_passed(path, gate_on)
     if not target.startswith("tensorrt"):
         return Variant("int8", path, int8_notes(path))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
+    if gate_on and made.reusable(half) and not _passed_before(half, gate_on):
+        _regate_or_remove(loaded, half, gate_on, OnnxRuntimeRunner, log)
     if not made.reusable(half):
         make_int8_fp16(path, half)
-        if val_pairs:
-            summary = _gate_summary(loaded, half, val_pairs[:SENSITIVITY_IMAGES])
+        if gate_on:
+            summary = _gate_summary(loaded, half, gate_on)
             if not apply_gate(summary, GATES["int8"])["passed"]:
                 half.unlink(missing_ok=True)
                 raise LungrtError(f"the INT8+FP16 variant of {path.name} fails the INT8 gate "
                                   f"(agreement {summary['mask_agreement']:.4f})")
+            _remember_passed(half, gate_on)
     return Variant("int8", half, {**int8_notes(half), "float": "fp16"})
+
+
+def _gate_record(path: Path, pairs) -> dict:
+    """What a variant passed: its content, the gate and the images it was gated on."""
+    names = hashlib.sha256("\n".join(str(p.image) for p in pairs).encode()).hexdigest()[:16]
+    return {"content_hash": load_verified(path).content_hash, "gate": list(astuple(GATES["int8"])),
+            "images": names}
+
+
+def _record_file(path: Path) -> Path:
+    return path.with_name(path.name + ".gate.json")
+
+
+def _passed_before(path: Path, pairs) -> bool:
+    """Did this very file pass this gate on these images (a cached INT8 made without a gate, or
+    gated on other images or by another gate, is gated again before it is handed out)?"""
+    try:
+        return json.loads(_record_file(path).read_text()) == _gate_record(path, pairs)
+    except (OSError, ValueError, LungrtError):
+        return False
+
+
+def _remember_passed(path: Path, pairs) -> None:
+    from lungrt.data.io import atomic_write_bytes
+
+    atomic_write_bytes(_record_file(path), json.dumps(_gate_record(path, pairs)).encode(), durable=False)
+
+
+def _regate_or_remove(loaded, path: Path, pairs, open_runner, log) -> None:
+    summary = _gate_summary(loaded, path, pairs, open_runner)
+    if apply_gate(summary, GATES["int8"])["passed"]:
+        _remember_passed(path, pairs)
+        return
+    log(f"{path.name} was cached without passing this gate (agreement {summary['mask_agreement']:.4f}); making it again")
+    remove_artifact(path)
 
 
 def _gate_summary(loaded, path: Path, pairs, open_runner: Callable[[Path], Runner] = OnnxRuntimeRunner) -> dict:
