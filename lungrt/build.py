@@ -282,7 +282,8 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
             runner, what = open_for_verification(b, log)
             opened.append(({"precision": precision, "path": str(b.path), "checked": what, "notes": b.notes}, runner,
                            what == "engine"))
-        candidates = _gate_all_then_time(loaded, opened, val, x, log)
+        _gate_all_then_time(loaded, opened, val, x, log)
+        candidates = [row for row, _, _ in opened]
     passing = [c for c in candidates if c["gate"]["passed"]]
     if not passing:
         raise LungrtError("no precision variant passed its parity gate; see the report")
@@ -308,15 +309,18 @@ def fastest_faithful(passing: list[dict]) -> dict:
     return max(tied, key=lambda c: (c["parity"]["mask_agreement"], c["img_per_s"]))
 
 
-def _gate(loaded: LoadedModel, runner: Runner, val, row: dict, log=log_.info) -> dict:
-    """One `--precision auto` candidate's parity against PyTorch FP32 on `val`, and its gate."""
-    precision = row["precision"]
+def _candidate(row: dict) -> str:
+    return f"{row['backend']} {row['precision']}" if "backend" in row else row["precision"]
+
+
+def _gate(loaded: LoadedModel, runner: Runner, val, row: dict, log=log_.info) -> None:
+    """One `--precision auto` candidate's parity against PyTorch FP32 on `val` and its gate, into `row`."""
     summary = compare(TorchRunner(loaded), runner, val)["summary"]
-    gate = apply_gate(summary, GATES[precision])
+    gate = apply_gate(summary, GATES[row["precision"]])
     summary.pop("worst", None)
-    name = f"{row['backend']} {precision}" if "backend" in row else precision
-    log(f"candidate {name}: agreement {summary['mask_agreement']:.5f}, {'passes' if gate['passed'] else 'FAILS'} its gate")
-    return {**row, "runner": runner.identity(), "gate": gate, "parity": summary, "img_per_s": None}
+    log(f"candidate {_candidate(row)}: agreement {summary['mask_agreement']:.5f}, "
+        f"{'passes' if gate['passed'] else 'FAILS'} its gate")
+    row.update(runner=runner.identity(), gate=gate, parity=summary, img_per_s=None)
 
 
 TIMING_ROUNDS = 3  # candidates timed in turn, this many rounds of 1 s each: this VM drifts by 1.5x within a minute
@@ -333,22 +337,21 @@ def _time_in_turn(timed: list[tuple[dict, Runner]], x, log=log_.info) -> None:
             speeds[i].append(throughput(timed[i][1], x, seconds=1.0))
     for i, (row, _) in enumerate(timed):
         row["img_per_s"] = float(sorted(speeds[i])[len(speeds[i]) // 2])
-        name = f"{row['backend']} {row['precision']}" if "backend" in row else row["precision"]
-        log(f"candidate {name}: {row['img_per_s']:.1f} img/s at batch {len(x)} (median of {TIMING_ROUNDS} rounds)")
+        log(f"candidate {_candidate(row)}: {row['img_per_s']:.1f} img/s at batch {len(x)} (median of {TIMING_ROUNDS} rounds)")
 
 
-def _gate_all_then_time(loaded: LoadedModel, opened: list[tuple[dict, Runner, bool]], val, x, log=log_.info) -> list[dict]:
+def _gate_all_then_time(loaded: LoadedModel, opened: list[tuple[dict, Runner, bool]], val, x, log=log_.info) -> None:
     """Gate every opened candidate (row, runner, whether it can be timed here), then time the ones
-    that pass and can be timed, in turn; closes every runner."""
+    that pass and can be timed, in turn, each result into its row; closes every runner."""
     try:
-        rows = [_gate(loaded, runner, val, row, log) for row, runner, _ in opened]
-        timed = [(row, runner) for row, (_, runner, timeable) in zip(rows, opened) if timeable and row["gate"]["passed"]]
+        for row, runner, _ in opened:
+            _gate(loaded, runner, val, row, log)
+        timed = [(row, runner) for row, runner, timeable in opened if timeable and row["gate"]["passed"]]
         if timed:
             _time_in_turn(timed, x, log)
     finally:
         for _, runner, _ in opened:
             runner.close()
-    return rows
 
 
 def _write_auto_report(report: dict, stem: Path) -> dict:
@@ -364,8 +367,7 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
     against PyTorch FP32 and timed at the profile's batch; the fastest that passes (`fastest_faithful`) is recorded for
     these weights on this CPU (infer, demo and the API use it from then on)."""
     x = reference_inputs(loaded.spec, batch.opt)
-    candidates: list[dict | None] = []  # None: an opened one, gated and timed with the others below
-    opened = []
+    candidates, opened = [], []  # every candidate's row; the opened ones are gated and timed together below
     with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
         val, where = gating_pairs(data, loaded.spec.size, Path(tmp))
         for backend, precision in CPU_CANDIDATES:
@@ -382,10 +384,10 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
                 log(f"candidate {backend} {precision}: FAILS ({e})")
                 candidates.append({**row, "failed": str(e)})
                 continue
-            candidates.append(None)
-            opened.append(({**row, "path": str(variant.path), "checked": "as deployed", "notes": variant.notes}, runner, True))
-        done = iter(_gate_all_then_time(loaded, opened, val, x, log))
-        candidates = [c if c is not None else next(done) for c in candidates]
+            row.update(path=str(variant.path), checked="as deployed", notes=variant.notes)
+            candidates.append(row)
+            opened.append((row, runner, True))
+        _gate_all_then_time(loaded, opened, val, x, log)
     passing = [c for c in candidates if c.get("gate", {}).get("passed")]
     if not passing:
         raise LungrtError("no CPU configuration passed its parity gate; see the log above")

@@ -86,6 +86,32 @@ def with_reference(reference: Runner, pairs: list[Pair], batches) -> Iterator[tu
             _REFERENCE_CACHE.popitem(last=False)
 
 
+def _masks_compared(m_ref: np.ndarray, m_cand: np.ndarray, gold) -> dict:
+    """One image: the candidate's mask against the reference's, and both against the gold mask if any."""
+    row = {"agreement": _agreement(m_ref, m_cand)}
+    if gold is not None:
+        gold = np.asarray(gold, bool)
+        row["dice_reference"] = _agreement(m_ref, gold)  # Dice: 2|A&B| / (|A| + |B|)
+        row["dice_candidate"] = _agreement(m_cand, gold)
+    return row
+
+
+def _agreement_summary(rows: list[dict]) -> dict:
+    """Mean mask agreement, and over the labelled rows the task Dice of both and its drop."""
+    out = {"mask_agreement": float(np.mean([r["agreement"] for r in rows]))}
+    labelled = [r for r in rows if "dice_reference" in r]
+    if labelled:
+        out["dice_reference"] = float(np.mean([r["dice_reference"] for r in labelled]))
+        out["dice_candidate"] = float(np.mean([r["dice_candidate"] for r in labelled]))
+        out["dice_drop"] = out["dice_reference"] - out["dice_candidate"]
+    return out
+
+
+def gate_score(summary: dict) -> float:
+    """What a gate search maximises: mask agreement, less any task-Dice drop."""
+    return summary["mask_agreement"] - max(summary.get("dice_drop", 0.0), 0.0)
+
+
 def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size: int = 8, worst: int = 5,
             distances: bool = True) -> dict:
     """Per-image and summary parity numbers (no gate applied). `distances=False` leaves out the
@@ -108,39 +134,30 @@ def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size:
             for s, pr, pc in zip(batch, p_ref, p_cand):
                 m_ref = spec.invert_mask(pr[0], s.xray.shape) > 0
                 m_cand = spec.invert_mask(pc[0], s.xray.shape) > 0
-                row = {"name": s.name, "agreement": _agreement(m_ref, m_cand),
+                compared = _masks_compared(m_ref, m_cand, s.gold)
+                row = {"name": s.name, "agreement": compared.pop("agreement"),
                        "max_abs_prob_diff": float(np.abs(pr - pc).max())}
                 if distances:
                     row["boundary_hd95_px"] = hd95(m_ref, m_cand)
-                if s.gold is not None:
-                    gold = np.asarray(s.gold, bool)
-                    row["dice_reference"] = _agreement(m_ref, gold)  # Dice: 2|A&B| / (|A| + |B|)
-                    row["dice_candidate"] = _agreement(m_cand, gold)
-                rows.append(row)
+                rows.append({**row, **compared})
             bar.advance(task, len(batch))
     summary = {
         "images": len(rows),
         "max_abs_prob_diff": max_abs,
         "mean_abs_prob_diff": sum_abs / max(n_px, 1),
-        "mask_agreement": float(np.mean([r["agreement"] for r in rows])),
         "min_mask_agreement": float(np.min([r["agreement"] for r in rows])),
+        **_agreement_summary(rows),
     }
     if distances:
         summary["boundary_hd95_px"] = float(np.nanmean([r["boundary_hd95_px"] for r in rows]))
-    labelled = [r for r in rows if "dice_reference" in r]
-    if labelled:
-        summary["dice_reference"] = float(np.mean([r["dice_reference"] for r in labelled]))
-        summary["dice_candidate"] = float(np.mean([r["dice_candidate"] for r in labelled]))
-        summary["dice_drop"] = summary["dice_reference"] - summary["dice_candidate"]
     summary["worst"] = sorted(rows, key=lambda r: r["agreement"])[:worst]
     return {"reference": reference.describe(), "candidate": candidate.describe(), "summary": summary, "per_image": rows,
             "reference_identity": reference.identity(), "candidate_identity": candidate.identity()}
 
 
 class GateScore:
-    """The score a gate search maximises on `pairs`: mask agreement with the reference, less any
-    task-Dice drop (labelled pairs), of any function from a batch to probabilities. The reference's
-    masks are made once, for searches that score many graphs (NNCF's accuracy control)."""
+    """`gate_score` on `pairs` of any function from a batch to probabilities, the reference's masks
+    made once: for searches that score many graphs (NNCF's accuracy control)."""
 
     def __init__(self, reference: Runner, pairs: list[Pair], batch_size: int = 8):
         self.spec, self.batch_size = reference.spec, batch_size
@@ -151,24 +168,19 @@ class GateScore:
                 self.inputs.append(xi)
                 self.shapes.append(s.xray.shape)
                 self.masks.append(self.spec.invert_mask(pr[0], s.xray.shape) > 0)
-                self.golds.append(None if s.gold is None else np.asarray(s.gold, bool))
+                self.golds.append(s.gold)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __call__(self, run, indices=None) -> float:
         idx = list(range(len(self.inputs)) if indices is None else indices)
-        agreement, dice_ref, dice_cand = [], [], []
+        rows = []
         for start in range(0, len(idx), self.batch_size):
             chunk = idx[start : start + self.batch_size]
             for i, p in zip(chunk, run(np.stack([self.inputs[i] for i in chunk]))):
-                mask = self.spec.invert_mask(p[0], self.shapes[i]) > 0
-                agreement.append(_agreement(self.masks[i], mask))
-                if self.golds[i] is not None:
-                    dice_ref.append(_agreement(self.masks[i], self.golds[i]))
-                    dice_cand.append(_agreement(mask, self.golds[i]))
-        drop = float(np.mean(dice_ref) - np.mean(dice_cand)) if dice_ref else 0.0
-        return float(np.mean(agreement)) - max(drop, 0.0)
+                rows.append(_masks_compared(self.masks[i], self.spec.invert_mask(p[0], self.shapes[i]) > 0, self.golds[i]))
+        return gate_score(_agreement_summary(rows))
 
 
 def apply_gate(summary: dict, gate: Gate) -> dict:

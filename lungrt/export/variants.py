@@ -18,7 +18,7 @@ from lungrt.core.hardware import cpu_tag
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import EXPORT_REVISION, export_onnx
-from lungrt.evaluation.parity import GATES, GateScore, apply_gate, compare
+from lungrt.evaluation.parity import GATES, GateScore, apply_gate, compare, gate_score
 from lungrt.export.precision import (
     DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, float_layers, load_calibration_set, make_fp16, make_int8,
     make_int8_fp16, make_int8_openvino, make_int8_ort_cpu, nncf_openvino, node_block, quantizable_nodes, save_int8_ir,
@@ -272,10 +272,6 @@ def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=l
     return reverted
 
 
-def _score(summary: dict) -> float:
-    return summary["mask_agreement"] - max(summary.get("dice_drop", 0.0), 0.0)
-
-
 def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
                            log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"]) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`
@@ -301,7 +297,7 @@ def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs,
     for n in quantizable_nodes(fp32):
         blocks.setdefault(node_block(n), []).append(n)
     log(f"measuring the sensitivity of {len(blocks)} blocks ({recipe.quantize.__name__})")
-    gain = {b: _score(gated(members)) - _score(summary) for b, members in blocks.items()}
+    gain = {b: gate_score(gated(members)) - gate_score(summary) for b, members in blocks.items()}
     excluded: list[str] = []
     for b in sorted(gain, key=gain.get, reverse=True):
         excluded.append(b)

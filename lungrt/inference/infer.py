@@ -36,7 +36,7 @@ from lungrt.data.dicom import screen
 from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
 from lungrt.inference.shape import complete, plausible_fit
 from lungrt.inference.qc import FEATURES as QC_FEATURES
-from lungrt.inference.qc import QCThresholds, features as qc_features, verdict as qc_verdict
+from lungrt.inference.qc import QCThresholds, features as qc_features, thresholds_of as qc_thresholds_of, verdict as qc_verdict
 from lungrt.core.progress import progress_bar
 from lungrt.core.spec import PreprocessSpec
 from lungrt.backends.base import Runner
@@ -385,7 +385,7 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
 
 def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
-    qc = QCThresholds.from_dict(runner.info.qc)
+    qc = qc_thresholds_of(runner.info.qc)
     m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape)
     files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:

@@ -76,6 +76,23 @@ class QCThresholds:
                    d.get("margin"), ShapeModel.from_dict(d.get("shape_model")))
 
 
+_PARSED: dict[int, tuple[dict, QCThresholds]] = {}
+
+
+def thresholds_of(qc: dict | None) -> QCThresholds:
+    """`QCThresholds.from_dict`, parsed once per thresholds dict: infer reads a runner's for every
+    image (0.1 ms each, mostly the shape model's arrays). The dict is held so its id is not reused;
+    a model's thresholds are replaced as a whole (`ModelInfo.qc = ...`), never edited in place."""
+    if qc is None:
+        return QCThresholds.from_dict(None)
+    held = _PARSED.get(id(qc))
+    if held is None or held[0] is not qc:
+        if len(_PARSED) >= 8:
+            _PARSED.clear()
+        held = _PARSED[id(qc)] = (qc, QCThresholds.from_dict(qc))
+    return held[1]
+
+
 def features(prob_small: np.ndarray, shape: ShapeModel | None = None) -> dict[str, float]:
     """QC numbers of one network-resolution probability map (S, S); with a shape model, also how
     plausible the mask's pair of lung fields is (`shape.shape_features`)."""
