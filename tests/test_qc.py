@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from lungrt.inference.qc import FEATURES, MARGINS, QCThresholds, _bounds_at, fit_thresholds, flagged_share, flags
+from lungrt.inference.qc import (FEATURES, MARGINS, QCThresholds, _bounds_at, component_sizes, fit_thresholds, flagged_share,
+                                 flags)
 
 
 def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
@@ -145,3 +146,16 @@ def test_thresholds_from_an_older_lungrt_say_which_bounds_are_not_checked(caplog
         QCThresholds.from_dict(old)  # infer reads the thresholds per image: one warning is enough
     assert caplog.text.count("taper") == 1 and "re-fit" in caplog.text
     assert flags({"lung_fraction": 0.3, "taper": 0.1}, thresholds) == []
+
+
+def test_component_sizes_are_each_8_connected_components_pixel_count():
+    import cv2
+
+    rng = np.random.default_rng(3)
+    for shape in ((256, 256), (97, 131), (600, 600)):  # 600 px: more components than 16-bit labels hold
+        mask = (rng.random(shape) < 0.3).astype(np.uint8)
+        n, labels = cv2.connectedComponents(mask, connectivity=8)
+        assert component_sizes(mask).tolist() == np.bincount(labels.ravel(), minlength=n)[1:].tolist()
+    two = np.zeros((64, 64), np.uint8)
+    two[5:20, 5:25], two[30:60, 40:41] = 1, 1
+    assert sorted(component_sizes(two).tolist()) == [30, 300]

@@ -111,8 +111,7 @@ def _mask_features(p: np.ndarray, m: np.ndarray) -> dict[str, float]:
         return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
                 "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "extent_x": 0.0, "extent_y": 0.0,
                 "base_width": 0.0}
-    n, labels = cv2.connectedComponents(m, connectivity=8)
-    sizes = np.bincount(labels.ravel(), minlength=n)[1:]  # OpenCV's WithStats took 9x its labelling's time
+    sizes = component_sizes(m)
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
     balance = float(two.min() / two.max()) if len(two) == 2 else 0.0
@@ -137,6 +136,19 @@ def _mask_features(p: np.ndarray, m: np.ndarray) -> dict[str, float]:
         "extent_y": float(percentile_of_counts(rows_w, 99) - percentile_of_counts(rows_w, 1)) / h,
         "base_width": float(rows_w[bottom - tenth + 1:bottom + 1].mean()) / max(float(rows_w[top:bottom + 1].max()), 1.0),
     }
+
+
+def component_sizes(m: np.ndarray) -> np.ndarray:
+    """Pixel count of each 8-connected component of a 0/1 mask (background left out). Labels in
+    16 bits counted by OpenCV's histogram where they fit (8-connected components are at most one
+    per 2x2 block): 45 us at 256 px, where NumPy's bincount of int32 labels took 95 and OpenCV's
+    WithStats 400."""
+    h, w = m.shape
+    if ((h + 1) // 2) * ((w + 1) // 2) < 65535:
+        n, labels = cv2.connectedComponents(m, connectivity=8, ltype=cv2.CV_16U)
+        return cv2.calcHist([labels], [0], None, [n], [0, n]).ravel()[1:].astype(np.int64)
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    return np.bincount(labels.ravel(), minlength=n)[1:]
 
 
 def percentile_of_counts(counts: np.ndarray, q: float) -> float:
