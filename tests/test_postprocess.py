@@ -73,8 +73,9 @@ def test_qc_features_equal_the_definitions_over_every_lung_pixel():
         m = p > 0.5
         ys, xs = np.nonzero(m)
         f = features(p)
-        assert f["extent_x"] == pytest.approx((np.percentile(xs, 99) - np.percentile(xs, 1)) / 80, abs=1e-9)
-        assert f["extent_y"] == pytest.approx((np.percentile(ys, 99) - np.percentile(ys, 1)) / 64, abs=1e-9)
+        width, height = np.percentile(xs, 99) - np.percentile(xs, 1), np.percentile(ys, 99) - np.percentile(ys, 1)
+        assert f["aspect"] == pytest.approx((height + 1) / (width + 1), abs=1e-9)
+        assert f["box_fill"] == pytest.approx(m.sum() / ((width + 1) * (height + 1)), abs=1e-9)
         assert f["centroid_x"] == pytest.approx(xs.mean() / 80, abs=1e-9)
         assert f["centroid_y"] == pytest.approx(ys.mean() / 64, abs=1e-9)
         assert f["confidence"] == pytest.approx(p[m].mean(), abs=1e-6)

@@ -1,6 +1,7 @@
 """QC thresholds: fitted per feature on training predictions, checked on validation."""
 
 import numpy as np
+import pytest
 
 from lungrt.inference.qc import (FEATURES, MARGINS, QCThresholds, _bounds_at, component_sizes, fit_thresholds, flagged_share,
                                  flags)
@@ -8,9 +9,8 @@ from lungrt.inference.qc import (FEATURES, MARGINS, QCThresholds, _bounds_at, co
 
 def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
     """Feature rows like a model's predictions on normal X-rays (a lung never touches the border)."""
-    base = {"lung_fraction": 0.3, "lr_balance": 0.8, "components": 2.0, "uncertain_fraction": 0.1, "confidence": 0.97,
-            "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.45, "extent_x": 0.7, "extent_y": 0.6,
-            "base_width": 0.47}
+    base = {"box_fill": 0.6, "lr_balance": 0.8, "components": 2.0, "uncertain_fraction": 0.1, "confidence": 0.97,
+            "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.45, "aspect": 0.85, "base_width": 0.47}
     rows = []
     for _ in range(n):
         row = {k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()}
@@ -26,19 +26,19 @@ def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
 def test_a_flag_no_margin_can_quieten_does_not_widen_the_other_bounds():
     """Four of 100 validation images touch the border (zero spread in training: no margin helps);
     two have a somewhat wide lung field. The old single shared margin had to widen every bound
-    until the rest fit into the 1% left; per feature, only extent_x widens and base_width stays at the
+    until the rest fit into the 1% left; per feature, only aspect widens and base_width stays at the
     training extreme, so a lung field as wide at its base as anywhere (upside down: 0.85) is still flagged."""
     rng = np.random.default_rng(0)
     train, val = _normal(rng, 300), _normal(rng, 100)
     for row in val[:4]:
         row["border_fraction"] = 0.05
     for row in val[4:6]:
-        row["extent_x"] = 0.78
+        row["aspect"] = 0.93
     fitted = fit_thresholds(train, val, target=0.05)
 
     assert fitted.false_alarm_val <= 0.05
     assert fitted.margin["base_width"] == 0.0 and fitted.margin["border_fraction"] == 0.0
-    assert fitted.margin["extent_x"] > 0.0
+    assert fitted.margin["aspect"] > 0.0
     upside_down = {**train[0], "base_width": 0.85}
     assert "wide_base" in flags(upside_down, fitted)
 
@@ -54,19 +54,19 @@ def test_fit_stops_when_no_widening_clears_a_false_alarm():
 
 
 def test_every_framing_stays_within_the_budget_not_only_all_pooled():
-    """One framing (a tighter crop) makes 8 of 100 images look wide; pooled with three framings that
+    """One framing (a tighter crop) makes 8 of 100 images look squat; pooled with three framings that
     look normal it is 2%, within 5%, but that framing alone is not: its bound widens until it is."""
     rng = np.random.default_rng(3)
     train = _normal(rng, 300)
     groups = {name: _normal(rng, 100) for name in ("as it comes", "padded", "downsampled", "cropped")}
     for row in groups["cropped"][:8]:
-        row["extent_x"] = 0.8
+        row["aspect"] = 0.95
     pooled = fit_thresholds(train, [row for rows in groups.values() for row in rows], target=0.05)
     assert flagged_share(groups["cropped"], pooled) > 0.05  # what fitting on the pool alone allowed
     each = fit_thresholds(train, groups, target=0.05)
     assert all(flagged_share(rows, each) <= 0.05 for rows in groups.values())
     assert each.false_alarm_val == max(flagged_share(rows, each) for rows in groups.values())
-    assert each.margin["extent_x"] > pooled.margin["extent_x"]
+    assert each.margin["aspect"] > pooled.margin["aspect"]
 
 
 def test_thresholds_round_trip_through_metadata():
@@ -82,7 +82,7 @@ def test_images_flagged_by_two_features_widen_both():
     rng = np.random.default_rng(3)
     train, val = _normal(rng, 300), _normal(rng, 100)
     for row in val[:8]:
-        row["centroid_x"], row["lr_balance"] = 0.58, 0.7
+        row["centroid_x"], row["lr_balance"], row["centroid_y"] = 0.58, 0.7, 0.45  # off to one side only
     fitted = fit_thresholds(train, val, target=0.05)
     assert fitted.false_alarm_val <= 0.05
     assert fitted.margin["centroid_x"] > 0 and fitted.margin["lr_balance"] > 0
@@ -97,10 +97,10 @@ def test_no_margin_is_wider_than_validation_needs():
         rng = np.random.default_rng(seed)
         train, val = _normal(rng, 300), _normal(rng, 100)
         for row in val[: rng.integers(3, 9)]:
-            name = rng.choice(["centroid_x", "centroid_y", "lr_balance", "extent_x", "confidence", "extent_y"])
+            name = rng.choice(["centroid_x", "centroid_y", "lr_balance", "aspect", "confidence", "box_fill"])
             row[name] += -rng.uniform(0.02, 0.1) if name == "confidence" else rng.choice([-1, 1]) * rng.uniform(0.03, 0.12)
             if rng.random() < 0.5:
-                other = rng.choice(["centroid_y", "base_width", "lung_fraction"])
+                other = rng.choice(["centroid_y", "base_width", "aspect"])
                 row[other] += rng.choice([-1, 1]) * rng.uniform(0.03, 0.1)
         fitted = fit_thresholds(train, val, target=0.05)
         assert fitted.false_alarm_val <= 0.05
@@ -159,3 +159,27 @@ def test_component_sizes_are_each_8_connected_components_pixel_count():
     two = np.zeros((64, 64), np.uint8)
     two[5:20, 5:25], two[30:60, 40:41] = 1, 1
     assert sorted(component_sizes(two).tolist()) == [30, 300]
+
+
+def test_sizes_are_measured_against_the_lung_field_not_the_image():
+    """The same pair of lung fields with a speck beside it, framed loosely, tightly and at another
+    resolution: fill, aspect and fragments stay (the image-relative lung fraction and extents they
+    replace moved by 2-3x and flagged tightly framed clean films); where the field sits does move."""
+    import cv2
+
+    from lungrt.inference.qc import features
+
+    film = np.zeros((400, 400), np.float32)
+    cv2.ellipse(film, (140, 200), (55, 120), 0, 0, 360, 1.0, -1)
+    cv2.ellipse(film, (265, 205), (50, 110), 0, 0, 360, 1.0, -1)
+    cv2.circle(film, (205, 330), 14, 1.0, -1)  # a fragment: ~1.5 % of the mask
+    framings = {"as drawn": film, "tight": film[60:355, 75:325], "padded": np.pad(film, 150),
+                "padded below": np.pad(film, ((0, 200), (0, 0))),
+                "smaller": cv2.resize(film, (240, 240), interpolation=cv2.INTER_AREA)}
+    feats = {name: features(cv2.resize(f, (256, 256), interpolation=cv2.INTER_LINEAR), image_shape=f.shape)
+             for name, f in framings.items()}  # the network sees every framing squeezed to its square
+    for name, f in feats.items():
+        assert f["box_fill"] == pytest.approx(feats["as drawn"]["box_fill"], rel=0.03), name
+        assert f["aspect"] == pytest.approx(feats["as drawn"]["aspect"], rel=0.03), name
+        assert f["components"] == 3, name
+    assert feats["padded below"]["centroid_y"] < feats["as drawn"]["centroid_y"] - 0.1

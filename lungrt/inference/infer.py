@@ -362,7 +362,7 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
     the one function infer, the Python API and Ray all use. With `complete_shape`, a mask QC calls
     an implausible shape gets the lung its shape fit says is missing (`shape.complete`)."""
     qc = qc or QCThresholds.from_dict(None)
-    feats = qc_features(prob_small, qc.shape)
+    feats = qc_features(prob_small, qc.shape, xray.shape)
     lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
     h, w = xray.shape
     verdict = qc_verdict(feats, qc)

@@ -1,8 +1,9 @@
 """Quality control of every mask: a few numbers per image, and the short reasons to distrust it.
 
 Features are measured on the network's own probability map (the same grid for every backend and
-every image size): lung fraction, right/left balance, fragments, uncertain boundary, mask at the
-image border, and where the lung field sits and how far it extends. Thresholds are fitted on the
+every image size): how much of its own box the lung field fills and its height over its width (sizes
+against the lung field's extent, not the image's), right/left balance, fragments, uncertain boundary,
+mask at the image border, and where the lung field sits. Thresholds are fitted on the
 model's own predictions for the training split and checked on the validation split, so that about
 5% of normal validation X-rays are flagged (`fit_thresholds`); they travel with the model in its
 checkpoint, ONNX and engine metadata (`ModelInfo.qc`), so every backend flags the same way.
@@ -20,8 +21,12 @@ import numpy as np
 from lungrt.inference.shape import ShapeModel, pair_landmarks, shape_features
 
 # feature -> (reason when below the low bound, reason when above the high bound); None: not checked
+# Sizes are measured against the lung field's own extent (its 1-99 % box: the rib cage's interior,
+# the thorax as the mask shows it), not the image: a tighter collimation, a padded or smaller film
+# leaves them alone. Only where the lung field sits (centroid) and whether it touches the image's
+# edge are about the framing, by intent: an off-centre or cut-off film is what they report.
 FEATURES: dict[str, tuple[str | None, str | None]] = {
-    "lung_fraction": ("small_lungs", "large_lungs"),
+    "box_fill": ("sparse_lungs", "box_like"),  # lung pixels per pixel of the lung field's box
     "lr_balance": ("unbalanced", None),
     "components": (None, "fragmented"),
     "uncertain_fraction": (None, "uncertain"),
@@ -29,8 +34,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "border_fraction": (None, "at_border"),
     "centroid_x": ("off_centre", "off_centre"),
     "centroid_y": ("off_centre", "off_centre"),
-    "extent_x": ("odd_shape", "odd_shape"),
-    "extent_y": ("odd_shape", "odd_shape"),
+    "aspect": ("odd_shape", "odd_shape"),  # the lung field's height over its width
     # lungs end below in the narrow costophrenic tips and the heart's notch; a lung field as wide at
     # its lowest tenth as at its widest row is upside down, or its bases are cut off by the film's edge
     "base_width": (None, "wide_base"),
@@ -39,10 +43,12 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     # Dice against the plausible fit, which is reported but falls with the lungs' size in pixels)
     "shape_distance": (None, "implausible_shape"),
 }
-MIN_COMPONENT = 0.002  # of the image: smaller specks are not counted as fragments
+# of the mask's area: smaller specks are not counted as fragments (0.2 % of a film whose lungs fill
+# a quarter of it, as this was when measured against the image)
+MIN_COMPONENT = 0.0075
 
 # Used only by models that carry no fitted thresholds (say so in the report): wide, generic bounds.
-GENERIC = {"lung_fraction": [0.05, 0.6], "lr_balance": [0.2, None], "components": [None, 4.0],
+GENERIC = {"box_fill": [0.2, 0.95], "lr_balance": [0.2, None], "components": [None, 4.0],
            "uncertain_fraction": [None, 0.5], "border_fraction": [None, 0.1]}
 
 
@@ -93,24 +99,27 @@ def thresholds_of(qc: dict | None) -> QCThresholds:
     return held[1]
 
 
-def features(prob_small: np.ndarray, shape: ShapeModel | None = None) -> dict[str, float]:
+def features(prob_small: np.ndarray, shape: ShapeModel | None = None,
+             image_shape: tuple[int, int] | None = None) -> dict[str, float]:
     """QC numbers of one network-resolution probability map (S, S); with a shape model, also how
-    plausible the mask's pair of lung fields is (`shape.shape_features`)."""
+    plausible the mask's pair of lung fields is (`shape.shape_features`). `image_shape`: the (h, w)
+    of the image it was computed from, which the network saw squeezed to a square: heights and
+    widths are compared in the image's own proportions (a tighter crop is not a squatter lung)."""
     p = np.asarray(prob_small, np.float32).reshape(prob_small.shape[-2:])
     m = (p > 0.5).astype(np.uint8)
-    feats = _mask_features(p, m)
+    stretch = image_shape[0] / image_shape[1] if image_shape else 1.0
+    feats = _mask_features(p, m, stretch)
     if shape is not None:
-        feats.update(shape_features(m, shape)[0])
+        feats.update(shape_features(m, shape, stretch)[0])
     return feats
 
 
-def _mask_features(p: np.ndarray, m: np.ndarray) -> dict[str, float]:
+def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[str, float]:
     h, w = p.shape
     area = cv2.countNonZero(m)
     if area == 0:
-        return {"lung_fraction": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
-                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "extent_x": 0.0, "extent_y": 0.0,
-                "base_width": 0.0}
+        return {"box_fill": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
+                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "aspect": 0.0, "base_width": 0.0}
     sizes = component_sizes(m)
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
@@ -123,17 +132,18 @@ def _mask_features(p: np.ndarray, m: np.ndarray) -> dict[str, float]:
     cols_h = cv2.reduce(m, 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
     top, bottom = int(percentile_of_counts(rows_w, 2)), int(percentile_of_counts(rows_w, 98))
     tenth = max(int(round(0.1 * (bottom - top))), 1)
+    width = percentile_of_counts(cols_h, 99) - percentile_of_counts(cols_h, 1)
+    height = percentile_of_counts(rows_w, 99) - percentile_of_counts(rows_w, 1)
     return {
-        "lung_fraction": area / (h * w),
+        "box_fill": area / ((width + 1) * (height + 1)),
         "lr_balance": balance,
-        "components": float(np.count_nonzero(sizes >= MIN_COMPONENT * h * w)),
+        "components": float(np.count_nonzero(sizes >= MIN_COMPONENT * area)),
         "uncertain_fraction": uncertain,
         "confidence": float(cv2.mean(p, mask=m)[0]),
         "border_fraction": float(area - inner) / area,
         "centroid_x": float(np.dot(cols_h, np.arange(w)) / area) / w,
         "centroid_y": float(np.dot(rows_w, np.arange(h)) / area) / h,
-        "extent_x": float(percentile_of_counts(cols_h, 99) - percentile_of_counts(cols_h, 1)) / w,
-        "extent_y": float(percentile_of_counts(rows_w, 99) - percentile_of_counts(rows_w, 1)) / h,
+        "aspect": (height + 1) / (width + 1) * stretch,
         "base_width": float(rows_w[bottom - tenth + 1:bottom + 1].mean()) / max(float(rows_w[top:bottom + 1].max()), 1.0),
     }
 
@@ -309,9 +319,10 @@ def collect_features(runner, pairs, batch_size: int = 8, shape: ShapeModel | Non
 
     out = []
     for batch in batched(load_samples(pairs, runner.spec), batch_size):
-        tensors = [runner.spec.apply(reframe(s.xray.gray8, framing, s.gold)) if framing else s.tensor for s in batch]
+        images = [reframe(s.xray.gray8, framing, s.gold) if framing else s.xray.gray8 for s in batch]
+        tensors = [runner.spec.apply(im) if framing else s.tensor for im, s in zip(images, batch)]
         probs = runner.run(np.stack(tensors))
-        out += [features(p[0], shape) for p in probs]
+        out += [features(p[0], shape, im.shape) for p, im in zip(probs, images)]
     return out
 
 

@@ -197,14 +197,17 @@ class ShapeModel:
                         (plausible - centre_p) * scale + centre_x, w)
 
 
-def shape_features(mask: np.ndarray, model: ShapeModel) -> tuple[dict[str, float], ShapeFit | None]:
+def shape_features(mask: np.ndarray, model: ShapeModel, stretch: float = 1.0) -> tuple[dict[str, float], ShapeFit | None]:
     """QC numbers of a (network-resolution) mask against the shape model: `shape_dice` (the mask
     against its plausible fit), `shape_distance` (Mahalanobis), `shape_residual`. Without a lung on
-    each side there is no pair to fit: Dice 0, distance and residual at a fixed large value."""
+    each side there is no pair to fit: Dice 0, distance and residual at a fixed large value.
+    `stretch`: the image's height over its width; the network saw it squeezed to a square, so the
+    landmarks are fitted in the image's proportions (the fit comes back in the mask's pixels)."""
     points = pair_landmarks(mask)
     if points is None:
         return dict(NO_PAIR), None
-    fit = model.fit_points(points)
+    fit = model.fit_points(points * (1.0, stretch))
+    fit.points /= (1.0, stretch)
     drawn, inside = draw(fit.points, mask.shape), (mask > 0).astype(np.uint8)
     both = cv2.countNonZero(drawn) + cv2.countNonZero(inside)
     dice = 2.0 * cv2.countNonZero(drawn & inside) / both if both else 0.0
@@ -218,7 +221,7 @@ def plausible_fit(prob_small: np.ndarray, model: ShapeModel, shape: tuple[int, i
     """The plausible fit of a network-size probability map's mask, drawn (uint8 0/1) at `shape`
     (the original image's), or None without a lung on each side."""
     small = (np.asarray(prob_small).reshape(prob_small.shape[-2:]) > 0.5).astype(np.uint8)
-    _, fit = shape_features(small, model)
+    _, fit = shape_features(small, model, shape[0] / shape[1])
     if fit is None:
         return None
     h, w = shape
