@@ -236,3 +236,15 @@ def test_native_detector_dicom_is_read_straight_from_the_file(tmp_path, syntax):
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 100_000])
     with pytest.raises(ImageReadError, match="cut short"):
         read_xray(tmp_path / "cut.dcm")
+
+
+def test_window_table_equals_the_window_formula_for_every_raw_value():
+    """The 16-bit -> 8-bit table is computed over the window only, each side beyond filled with the
+    clipped value: all 65536 entries must equal the formula applied to every value."""
+    from lungrt.core.spec import to_gray8
+    from lungrt.data.io import _window_table, _window_unit
+
+    for window in ((0, 65535, False), (5, 4095, True), (100, 100, False), (100, 99, True), (65535, 65535, True),
+                   (0, 0, False), (1200, 3071, False), (1200, 3071, True)):
+        full = to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), window))
+        assert np.array_equal(_window_table.__wrapped__(window), full), window

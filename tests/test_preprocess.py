@@ -130,3 +130,19 @@ def test_native_size_masks_are_unchanged_by_the_banded_resize():
         assert m0.any()
         differ = m0 != m1
         assert np.abs(spec.invert(p0, f.shape)[differ] - 0.5).max(initial=0) <= 1 / 255
+
+
+def test_area_weights_are_each_rows_covered_fractions():
+    """The banded resize's weight table, built for all rows at once, equals the definition row by
+    row (first input index covered, covered fraction of each input index / scale), bit for bit."""
+    from lungrt.core.spec import _area_weights
+
+    for n_in, n_out in ((512, 256), (257, 256), (256, 256), (999, 333), (4021, 256), (2803, 224)):
+        scale = n_in / n_out
+        table = _area_weights.__wrapped__(n_in, n_out)
+        assert len(table) == n_out
+        for j, (first, weights) in enumerate(table):
+            a, b = j * scale, (j + 1) * scale
+            idx = np.arange(int(np.floor(a)), min(int(np.ceil(b)), n_in))
+            assert first == idx[0]
+            assert np.array_equal(weights, ((np.minimum(idx + 1, b) - np.maximum(idx, a)) / scale).astype(np.float32))

@@ -143,14 +143,15 @@ def area_downsize(image: np.ndarray, size: int) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _area_weights(n_in: int, n_out: int) -> tuple[tuple[int, np.ndarray], ...]:
     """Per output index: the first input index it covers and the covered fraction of each input
-    index from there, divided by the scale (so the weights sum to 1)."""
+    index from there, divided by the scale (so the weights sum to 1). All rows at once: built row
+    by row it took 2.2 ms, paid by every image of a height not seen recently (detectors differ)."""
     scale = n_in / n_out
     starts, ends = np.arange(n_out) * scale, np.arange(1, n_out + 1) * scale
-    table = []
-    for a, b in zip(starts, ends):
-        idx = np.arange(int(np.floor(a)), min(int(np.ceil(b)), n_in))
-        table.append((int(idx[0]), ((np.minimum(idx + 1, b) - np.maximum(idx, a)) / scale).astype(np.float32)))
-    return tuple(table)
+    first = np.floor(starts).astype(np.int64)
+    stop = np.minimum(np.ceil(ends).astype(np.int64), n_in)
+    idx = first[:, None] + np.arange(int((stop - first).max()))
+    weights = ((np.minimum(idx + 1, ends[:, None]) - np.maximum(idx, starts[:, None])) / scale).astype(np.float32)
+    return tuple((int(f), w[: n]) for f, w, n in zip(first, weights, (stop - first).tolist()))
 
 
 def to_gray8(pixels: np.ndarray) -> np.ndarray:
