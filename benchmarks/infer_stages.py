@@ -130,7 +130,7 @@ def main() -> None:
         model_ms = 1000 / throughput(runner, batch, seconds=5)
         releases = {"before": unpack_release(args.baseline, tmp / "baseline"), "now": HERE.parent}
         config = {"sets": {n: [str(f) for f in fs] for n, fs in sets.items()}, "probs": probs,
-                  "spec": runner.spec.to_dict(), "qc": runner.info.qc}
+                  "spec": runner.spec.to_dict(), "qc": runner.info.qc, "batch": args.batch}
         rounds = {k: [] for k in releases}
         for r in range(args.rounds):
             for name in (list(releases) if r % 2 == 0 else list(releases)[::-1]):

@@ -27,6 +27,7 @@ from lungrt.backends.select import open_runner
 from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.core.errors import LungrtError
 from lungrt.inference.infer import Measured, collect_inputs, measure
+from lungrt.inference.qc import features_many, thresholds_of
 from lungrt.data.io import MIN_SIDE, XRay, _to_unit, read_xray
 from lungrt.backends.base import Runner
 
@@ -107,9 +108,7 @@ class LungSegmenter:
 
     @property
     def qc(self):
-        from lungrt.inference.qc import QCThresholds
-
-        return QCThresholds.from_dict(self.runner.info.qc)
+        return thresholds_of(self.runner.info.qc)  # parsed once, not for every image
 
     @property
     def model_name(self) -> str:
@@ -167,9 +166,10 @@ class LungSegmenter:
         return xr, self.spec.apply_xray(xr)
 
     def _segment(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
-        probs = self.runner.run(np.stack([tensor for _, tensor in batch]))
-        for (xr, _), p in zip(batch, probs):
-            m = measure(xr, p[0], self.spec, postprocess, self.qc, complete_shape)
+        probs = self.runner.run(np.stack([tensor for _, tensor in batch]))[: len(batch), 0]
+        feats = features_many(probs, self.qc.shape, [xr.shape for xr, _ in batch])  # the batch's shape fits together
+        for (xr, _), p, f in zip(batch, probs, feats):
+            m = measure(xr, p, self.spec, postprocess, self.qc, complete_shape, f)
             yield LungResult(m.mask > 0, m, m.right_px, m.left_px, m.lung_fraction, m.mean_confidence, m.right_mm2,
                              m.left_mm2, xr.path or None, xr.gray8, m.qc, m.qc_features)
 

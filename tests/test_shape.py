@@ -144,3 +144,22 @@ def test_shape_model_travels_from_checkpoint_to_onnx(tiny_checkpoint, tmp_path):
     carried = json.loads(onnx_metadata(onnx)["lungrt.model"])["qc"]["shape_model"]
     assert carried == loaded.info.qc["shape_model"]
     assert QCThresholds.from_dict(json.loads(onnx_metadata(onnx)["lungrt.model"])["qc"]).shape.version == 1
+
+
+def test_a_batch_is_fitted_as_each_of_its_masks_alone():
+    """infer computes a batch's QC together (the shape fits share their array operations): each
+    image's numbers equal its own, one-image computation, whatever its neighbours (a mask with one
+    lung, no pair to fit, among them) and its film's proportions."""
+    from lungrt.inference.qc import features_many
+
+    model = ShapeModel.fit([pair_landmarks(m) for m in _masks(range(40))])
+    masks = _masks(range(100, 106)) + [_lose_lower_half_of_one_lung(_masks([106])[0], 0)]
+    masks[2][:, SIZE // 2:] = 0  # one lung: no pair
+    probs = [_prob(m) for m in masks]
+    shapes = [(512, 512), (600, 480), (512, 512), (400, 640), None, (512, 512), (700, 500)]
+    together = features_many(probs, model, shapes)
+    for p, image_shape, feats in zip(probs, shapes, together):
+        alone = features(p, model, image_shape)
+        assert feats.keys() == alone.keys()
+        assert all(feats[k] == pytest.approx(alone[k], rel=1e-9, abs=1e-12) for k in feats)
+    assert together[2]["shape_distance"] == 99.0 and together[6]["shape_distance"] > together[0]["shape_distance"]

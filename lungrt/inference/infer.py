@@ -36,7 +36,8 @@ from lungrt.data.dicom import screen
 from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
 from lungrt.inference.shape import complete, plausible_fit
 from lungrt.inference.qc import FEATURES as QC_FEATURES
-from lungrt.inference.qc import QCThresholds, features as qc_features, thresholds_of as qc_thresholds_of, verdict as qc_verdict
+from lungrt.inference.qc import QCThresholds, features as qc_features, features_many as qc_features_many
+from lungrt.inference.qc import thresholds_of as qc_thresholds_of, verdict as qc_verdict
 from lungrt.core.progress import progress_bar
 from lungrt.core.spec import PreprocessSpec
 from lungrt.backends.base import Runner
@@ -321,12 +322,21 @@ def _error_row(item: Item, reason: str, runner: Runner) -> dict:
             "model": runner.info.name}
 
 
+def finish_batch(out_dir: Path, entries: list, probs: np.ndarray, runner: Runner | RunnerFacts,
+                 opts: InferOptions) -> list[dict]:
+    """`finish_or_error_row` for one batch's (item, xray) entries and their probabilities; their QC
+    numbers computed together first (the shape fits of a batch cost about what one did)."""
+    qc = qc_thresholds_of(runner.info.qc)
+    feats = qc_features_many([p for p in probs], qc.shape, [xr.shape for _, xr in entries])
+    return [finish_or_error_row(out_dir, item, xr, p, runner, opts, f) for (item, xr), p, f in zip(entries, probs, feats)]
+
+
 def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner | RunnerFacts,
-                        opts: InferOptions) -> dict:
+                        opts: InferOptions, feats: dict | None = None) -> dict:
     """`finish_one`, with a failure that belongs to this input alone (its name, a permission) made
     its error row. A full or read-only disk is everyone's failure: it propagates and stops the run."""
     try:
-        return finish_one(out_dir, item, xray, prob_small, runner, opts)
+        return finish_one(out_dir, item, xray, prob_small, runner, opts, feats)
     except OSError as e:
         if e.errno in FATAL_ERRNOS:
             raise
@@ -357,12 +367,13 @@ class Measured:
 
 
 def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None,
-            complete_shape: bool = False) -> Measured:
+            complete_shape: bool = False, feats: dict | None = None) -> Measured:
     """Network-size probabilities of one X-ray -> its mask, lung areas and QC at the original size:
     the one function infer, the Python API and Ray all use. With `complete_shape`, a mask QC calls
-    an implausible shape gets the lung its shape fit says is missing (`shape.complete`)."""
+    an implausible shape gets the lung its shape fit says is missing (`shape.complete`). `feats`:
+    its QC numbers when already computed with its batch's (`qc.features_many`)."""
     qc = qc or QCThresholds.from_dict(None)
-    feats = qc_features(prob_small, qc.shape, xray.shape)
+    feats = dict(feats) if feats is not None else qc_features(prob_small, qc.shape, xray.shape)
     lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
     h, w = xray.shape
     verdict = qc_verdict(feats, qc)
@@ -383,10 +394,11 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
                     {k: round(v, 5) for k, v in feats.items()}, prob_small, spec, lungs)
 
 
-def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions) -> dict:
+def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions,
+               feats: dict | None = None) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     qc = qc_thresholds_of(runner.info.qc)
-    m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape)
+    m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape, feats)
     files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:
         files["overlay"] = _png(_overlay_with_fit(xray, m, qc))
@@ -571,7 +583,7 @@ def helper_pools(runner: Runner, opts: InferOptions):
         with ProcessPoolExecutor(opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle,)) as pool:
             try:
                 yield (lambda item: pool.submit(_load_without_pixels, item, runner.spec, opts.overlay),
-                       lambda out_dir, item, xr, prob: pool.submit(finish_or_error_row, out_dir, item, xr, prob, facts, opts))
+                       lambda out_dir, entries, probs: pool.submit(finish_batch, out_dir, entries, probs, facts, opts))
             except BrokenProcessPool:
                 raise LungrtError("a helper process died (out of memory?); what is done is kept: rerun with --resume, "
                                   "with fewer --workers or --pool thread") from None
@@ -583,7 +595,7 @@ def helper_pools(runner: Runner, opts: InferOptions):
         with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
                 ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers:
             yield (lambda item: readers.submit(_load, item, runner.spec),
-                   lambda out_dir, item, xr, prob: writers.submit(finish_or_error_row, out_dir, item, xr, prob, runner, opts))
+                   lambda out_dir, entries, probs: writers.submit(finish_batch, out_dir, entries, probs, runner, opts))
     finally:
         cv2.setNumThreads(opencv_threads)
 
@@ -620,24 +632,23 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
         def settle(future: Future) -> None:
             nonlocal ok, failed, flagged
             try:
-                row = future.result()
+                rows = future.result()
             except OSError as e:  # disk full / read-only: keep what is done, stop cleanly
                 fatal.append(e)
                 return
-
-            ok += row["status"] == "ok"
-            failed += row["status"] != "ok"
-            flagged += row["status"] == "ok" and row.get("qc", "ok") != "ok"
-            bar.advance(task)
+            for row in rows:
+                ok += row["status"] == "ok"
+                failed += row["status"] != "ok"
+                flagged += row["status"] == "ok" and row.get("qc", "ok") != "ok"
+                bar.advance(task)
 
         def flush(batch):
             x = np.stack([b[2] for b in batch])
             if len(x) < batch_size:  # pad: every image is computed in a batch of one shape
                 x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
-            probs = runner.run(x)
-            for (item, xr, _, _), p in zip(batch, probs):
-                writes.append(submit_write(out_dir, item, xr, p[0]))
-            while len(writes) > window:
+            probs = runner.run(x)[: len(batch), 0]
+            writes.append(submit_write(out_dir, [(item, xr) for item, xr, _, _ in batch], probs))
+            while len(writes) * batch_size > window:
                 settle(writes.popleft())
 
         fill()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lungrt.inference.shape import ShapeModel, pair_landmarks, shape_features
+from lungrt.inference.shape import ShapeModel, pair_landmarks, shape_features_many
 
 # feature -> (reason when below the low bound, reason when above the high bound); None: not checked
 # Sizes are measured against the lung field's own extent (its 1-99 % box: the rib cage's interior,
@@ -105,12 +105,19 @@ def features(prob_small: np.ndarray, shape: ShapeModel | None = None,
     plausible the mask's pair of lung fields is (`shape.shape_features`). `image_shape`: the (h, w)
     of the image it was computed from, which the network saw squeezed to a square: heights and
     widths are compared in the image's own proportions (a tighter crop is not a squatter lung)."""
-    p = np.asarray(prob_small, np.float32).reshape(prob_small.shape[-2:])
-    m = (p > 0.5).astype(np.uint8)
-    stretch = image_shape[0] / image_shape[1] if image_shape else 1.0
-    feats = _mask_features(p, m, stretch)
+    return features_many([prob_small], shape, [image_shape])[0]
+
+
+def features_many(probs, shape: ShapeModel | None = None,
+                  image_shapes: list[tuple[int, int] | None] | None = None) -> list[dict[str, float]]:
+    """`features` of a batch of probability maps: the shape fits run together (one fit's cost)."""
+    maps = [np.asarray(p, np.float32).reshape(p.shape[-2:]) for p in probs]
+    masks = [(p > 0.5).astype(np.uint8) for p in maps]
+    stretches = [s[0] / s[1] if s else 1.0 for s in (image_shapes or [None] * len(maps))]
+    feats = [_mask_features(p, m, st) for p, m, st in zip(maps, masks, stretches)]
     if shape is not None:
-        feats.update(shape_features(m, shape, stretch)[0])
+        for f, (plausibility, _) in zip(feats, shape_features_many(masks, shape, stretches)):
+            f.update(plausibility)
     return feats
 
 
@@ -322,7 +329,7 @@ def collect_features(runner, pairs, batch_size: int = 8, shape: ShapeModel | Non
         images = [reframe(s.xray.gray8, framing, s.gold) if framing else s.xray.gray8 for s in batch]
         tensors = [runner.spec.apply(im) if framing else s.tensor for im, s in zip(images, batch)]
         probs = runner.run(np.stack(tensors))
-        out += [features(p[0], shape, im.shape) for p, im in zip(probs, images)]
+        out += features_many(probs, shape, [im.shape for im in images])
     return out
 
 
