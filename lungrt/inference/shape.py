@@ -5,13 +5,15 @@ Each lung's outline is resampled to `POINTS_PER_LUNG` landmarks between two anch
 the apex (its highest point) and its lowest point: half along the lateral side, half back up the
 medial side. Both lungs together (patient's right first) make one shape; shapes are aligned by
 translation and scale only (films are upright; the pair's own size is the scale, so the features do
-not depend on the image's framing or resolution) and their principal modes kept up to 98 % of the
-variance. Fitted on the reference masks of the training split (`ShapeModel.fit`), stored with the
-QC thresholds (checkpoint, ONNX metadata, engine sidecar) and versioned.
+not depend on the image's framing or resolution; a prediction's landmarks are taken back to its
+image's proportions first, the network having seen it squeezed to a square) and their principal
+modes kept up to 98 % of the variance. Fitted on the reference masks of the training split
+(`ShapeModel.fit`), stored with the QC thresholds (checkpoint, ONNX metadata, engine sidecar) and
+versioned.
 
-A predicted mask is fitted robustly (`ShapeModel.fit_points`: pose and mode weights by iteratively
-re-weighted least squares, landmarks far from the model's reach down-weighted, a Gaussian prior on
-the modes), which yields: its Mahalanobis distance in shape space, the residual, and the plausible
+Predicted masks are fitted robustly, a batch at once (`ShapeModel.fit_many`: pose and mode weights
+by iteratively re-weighted least squares, landmarks far from the model's reach down-weighted, a
+Gaussian prior on the modes), which yields per mask: its Mahalanobis distance in shape space, the residual, and the plausible
 fit (modes clamped to 3 standard deviations) drawn as two polygons. The Dice between the mask and
 that drawing, `shape_dice`, estimates how much of the mask anatomy would keep: a lung that ends
 halfway down the rib cage, next to a full one, scores low. QC's `implausible_shape` bounds the
