@@ -160,6 +160,12 @@ class ShapeModel:
         return cls(np.asarray(d["mean"], np.float64), np.asarray(d["modes"], np.float64),
                    np.asarray(d["variances"], np.float64), d.get("fitted_on", ""), d["version"])
 
+    @functools.cached_property
+    def _landmark_outer(self) -> np.ndarray:
+        """(K, m*m): per landmark, the sum of its x and y rows' outer products of the modes."""
+        rows = self.modes[:, :, None] * self.modes[:, None, :]
+        return (rows[0::2] + rows[1::2]).reshape(len(self.mean), -1)
+
     def fit_points(self, points: np.ndarray, iterations: int = 8) -> ShapeFit:
         """`fit_many` of one shape."""
         return self.fit_many(points[None], iterations)[0]
@@ -171,7 +177,7 @@ class ShapeModel:
         step together: this runs for every image QC checks, and its cost is the count of small array
         operations (~40 an iteration), not their size, so a batch of 8 costs about what one did."""
         n, k = points.shape[:2]
-        mean, modes = self.mean, self.modes
+        mean, modes, m = self.mean, self.modes, len(self.variances)
         prior = np.diag(NOISE ** 2 / self.variances)
         w = np.ones((n, 1, k))  # row vectors: weighted sums are matrix products
         b = np.zeros((n, len(self.variances)))
@@ -183,9 +189,10 @@ class ShapeModel:
             wdm = dm * w.transpose(0, 2, 1)
             scale = (np.einsum("nkd,nkd->n", wdm, dx) / np.maximum(np.einsum("nkd,nkd->n", wdm, dm), 1e-12))[:, None, None]
             seen = dx / scale  # each observation in the model's frame, about the model's weighted centre
-            weighted = modes * np.repeat(w, 2, axis=2).transpose(0, 2, 1)  # (n, 2K, m)
-            normal = modes.T @ weighted + prior
-            rhs = (seen + (centre_m - mean)).reshape(n, 1, -1) @ weighted
+            # the weighted normal equations: modes' x w x modes as one product with each landmark's
+            # outer products (its x and y rows summed), then the prior
+            normal = (w[:, 0] @ self._landmark_outer).reshape(n, m, m) + prior
+            rhs = ((seen + (centre_m - mean)).reshape(n, 1, -1) * np.repeat(w, 2, axis=2)) @ modes
             b = np.linalg.solve(normal, rhs.transpose(0, 2, 1))[..., 0]
             model = mean + (b @ modes.T).reshape(n, k, 2)
             diff = seen - (model - centre_m)
