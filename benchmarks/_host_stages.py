@@ -78,7 +78,7 @@ def host_stage_ms(files: list[str], probs: np.ndarray, spec, qc, out_dir: Path, 
 def end_to_end(cfg: dict) -> dict:
     """`lungrt infer`'s loop against the bare model, interleaved (this release's endtoend)."""
     from lungrt.backends.select import open_runner
-    from lungrt.benchmark.endtoend import interleaved_ratio
+    from lungrt.benchmark import endtoend
 
     if cfg.get("model"):  # the model's recorded CPU choice (this release's resolver)
         from lungrt.models.checkpoint import resolve_model
@@ -90,9 +90,10 @@ def end_to_end(cfg: dict) -> dict:
     items = infer.collect_inputs([cfg["folder"]])
     chunks = max(1, len(items) // (2 * len(x)))
     pool = {"pool": cfg["pool"]} if cfg.get("pool") else {}  # older releases have threads only
-    with tempfile.TemporaryDirectory() as warm:  # one untimed batch first: imports, pools, caches (older releases' ratio does not)
-        infer.run_infer(runner, items[: len(x)], warm, infer.InferOptions(batch_size=len(x), **pool))
-    return interleaved_ratio(runner, items, x, len(x), passes=2, chunks=chunks, **pool)
+    if not hasattr(endtoend, "_infer_part"):  # an older release's ratio: warm infer up as this one's does itself
+        with tempfile.TemporaryDirectory() as warm:
+            infer.run_infer(runner, items[: len(x)], warm, infer.InferOptions(batch_size=len(x), **pool))
+    return endtoend.interleaved_ratio(runner, items, x, len(x), passes=2, chunks=chunks, **pool)
 
 
 def main() -> None:

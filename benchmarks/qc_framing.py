@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from _common import save_result
+from shape_qc import predictions
 from lungrt.backends.select import open_runner
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.datasets import select_split
@@ -59,8 +60,7 @@ def flagged_by_framing(model: str, films: list[tuple[np.ndarray, np.ndarray]], b
     out = {}
     for name, frame in FRAMINGS.items():
         images = [frame(image, lungs) for image, lungs in films]
-        x = np.stack([runner.spec.apply(im) for im in images])
-        probs = np.concatenate([runner.run(x[i: i + batch]) for i in range(0, len(x), batch)])[:, 0]
+        probs = predictions(runner, images, batch)
         reasons = [flags(features(p, qc.shape, im.shape), qc) for p, im in zip(probs, images)]
         out[name] = {"images": len(images), "flagged": float(np.mean([bool(r) for r in reasons])),
                      "reasons": dict(Counter(reason for r in reasons for reason in r).most_common())}

@@ -573,7 +573,8 @@ def _load_without_pixels(item: Item, spec, keep_pixels: bool):
 
 @contextmanager
 def helper_pools(runner: Runner, opts: InferOptions):
-    """(submit a read, submit a write) for infer's helpers. Threads by default: decoding, resizing,
+    """(submit one image's read, submit one batch's writes: `finish_batch`) for infer's helpers.
+    Threads by default: decoding, resizing,
     PNG and zlib release the GIL for most of their time. With `pool="process"` one pool of
     `workers` processes does both (spawned: nothing of the runner is forked), for machines where
     the GIL-held share of that work (~14 % here, benchmarks/helper_scaling.py) caps threads."""
