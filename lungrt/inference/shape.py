@@ -226,7 +226,7 @@ def shape_features_many(masks: list[np.ndarray], model: ShapeModel,
     fitted in the image's proportions (the fit comes back in the mask's pixels)."""
     points = [pair_landmarks(m) for m in masks]
     paired = [i for i, p in enumerate(points) if p is not None]
-    out: list[tuple[dict[str, float], ShapeFit | None]] = [(dict(NO_PAIR), None)] * len(masks)
+    out: list[tuple[dict[str, float], ShapeFit | None]] = [(dict(NO_PAIR), None) for _ in masks]
     if not paired:
         return out
     stretch = np.array([[1.0, stretches[i]] for i in paired])[:, None, :]
