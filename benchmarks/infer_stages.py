@@ -134,7 +134,8 @@ def main() -> None:
         rounds = {k: [] for k in releases}
         for r in range(args.rounds):
             for name in (list(releases) if r % 2 == 0 else list(releases)[::-1]):
-                rounds[name].append(run_worker(releases[name], {**config, "out": str(tmp / f"out-{name}")}, tmp))
+                out = str(tmp / f"out-{name}-{r}")  # new files, as a fresh infer run writes (not replacements)
+                rounds[name].append(run_worker(releases[name], {**config, "out": out}, tmp))
                 print(name, r, json.dumps({s: {k: round(v, 1) for k, v in row.items()} for s, row in rounds[name][-1].items()}), flush=True)
         for name in releases:
             results["rows"][name] = best_rows(rounds[name])

@@ -99,6 +99,44 @@ def test_rgba_and_palette_become_gray(tmp_path):
     assert np.allclose(read_xray(tmp_path / "pal.png").pixels, 90 / 255, atol=2 / 255)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_gray_png_read_by_libpng_equals_pillows_pixels(tmp_path, dtype):
+    """Plain gray PNGs take libpng (imagecodecs); the pixels, bits and window are Pillow's."""
+    from lungrt.data import io as lio
+
+    raw = np.random.default_rng(1).integers(0, np.iinfo(dtype).max, (61, 83), dtype=dtype)
+    Image.fromarray(raw).save(tmp_path / "x.png", optimize=True)
+    data = (tmp_path / "x.png").read_bytes()
+    assert lio._is_plain_gray_png(data)
+    fast, pillow = read_xray(tmp_path / "x.png"), lio._read_raster(tmp_path / "x.png", data, lio.MAX_PIXELS)
+    assert fast.image.dtype == pillow.image.dtype == dtype and np.array_equal(fast.image, raw)
+    assert np.array_equal(fast.image, pillow.image) and (fast.bits, fast.window) == (pillow.bits, pillow.window)
+
+
+def test_only_plain_gray_pngs_skip_pillow(tmp_path):
+    """Transparency, colour, interlacing and low bit depths stay on Pillow's route."""
+    from lungrt.data.io import _is_plain_gray_png
+
+    gray = np.zeros((20, 30), np.uint8)
+    Image.fromarray(gray).save(tmp_path / "plain.png")
+    Image.fromarray(gray).save(tmp_path / "trns.png", transparency=0)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(gray > 0).save(tmp_path / "one_bit.png")
+    plain = (tmp_path / "plain.png").read_bytes()
+    interlaced = plain[:28] + b"\x01" + plain[29:]  # IHDR's interlace method (routing only: CRC not fixed)
+    assert _is_plain_gray_png(plain) and not _is_plain_gray_png(interlaced)
+    for name in ("trns", "rgb", "one_bit"):
+        assert not _is_plain_gray_png((tmp_path / f"{name}.png").read_bytes()), name
+
+
+def test_png_exif_orientation_is_honoured(tmp_path):
+    """A PNG with an eXIf chunk is not plain: Pillow's route turns it as displayed."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "r.png", exif=exif)
+    assert read_xray(tmp_path / "r.png").shape == (30, 20)
+
+
 @pytest.mark.parametrize("ext", ["jpg", "bmp", "tif"])
 def test_other_raster_formats(tmp_path, ext):
     Image.fromarray(np.full((32, 40), 100, np.uint8)).save(tmp_path / f"x.{ext}")

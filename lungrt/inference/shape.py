@@ -61,26 +61,32 @@ def _spacing(n: int, endpoints: bool) -> np.ndarray:
     return t
 
 
-def _resample(path: np.ndarray, n: int, endpoints: bool) -> np.ndarray:
-    """`n` points evenly spaced by arc length along `path` (with or without its two ends)."""
-    steps = np.zeros(len(path))
-    np.cumsum(np.linalg.norm(np.diff(path, axis=0), axis=1), out=steps[1:])
-    at = _spacing(n, endpoints) * steps[-1]
-    return np.stack([np.interp(at, steps, path[:, 0]), np.interp(at, steps, path[:, 1])], axis=1)
-
-
 def lung_landmarks(contour: np.ndarray, image_left: bool) -> np.ndarray:
     """POINTS_PER_LUNG landmarks of one lung's closed outline: apex -> lateral side -> lowest point
-    -> medial side -> (apex). `image_left`: the lung on the image's left (the patient's right in a
-    PA film), whose lateral side is toward x = 0."""
+    -> medial side -> (apex), each side's points evenly spaced by arc length (the medial side's
+    without its ends). `image_left`: the lung on the image's left (the patient's right in a PA
+    film), whose lateral side is toward x = 0. Both sides are stretches of one arc length around
+    the outline, which starts at the apex, so all the points come from one interpolation."""
     contour = _smooth(contour)
-    apex, base = int(np.argmin(contour[:, 1])), int(np.argmax(contour[:, 1]))
     n = len(contour)
-    one = contour[(apex + np.arange((base - apex) % n + 1)) % n]
-    other = contour[(apex - np.arange((apex - base) % n + 1)) % n]
-    lateral, medial = (one, other) if (one[:, 0].mean() < other[:, 0].mean()) == image_left else (other, one)
+    apex = int(np.argmin(contour[:, 1]))
+    d = (int(np.argmax(contour[:, 1])) - apex) % n  # the lowest point, counted from the apex onward
+    if d == 0:  # a flat outline: every landmark the one point
+        return np.repeat(contour[apex][None], POINTS_PER_LUNG, axis=0)
+    ring = np.roll(contour, -apex, axis=0)
+    ring = np.concatenate([ring, ring[:1]])  # closed: back to the apex, at arc length `total`
+    arc = np.zeros(n + 1)
+    np.cumsum(np.hypot(*np.diff(ring, axis=0).T), out=arc[1:])
+    onward, total = arc[d], arc[n]  # apex -> lowest point onward; the rest of the way round is the other side
     half = POINTS_PER_LUNG // 2
-    return np.concatenate([_resample(lateral, half, True), _resample(medial[::-1], POINTS_PER_LUNG - half, False)])
+    ends, inner = _spacing(half, True), _spacing(POINTS_PER_LUNG - half, False)
+    # the onward side is lateral when its points lie further toward the lateral edge than the other side's
+    onward_x, other_x = ring[: d + 1, 0].mean(), ring[d:, 0].mean()
+    if (onward_x < other_x) == image_left:  # lateral onward from the apex, medial from the base onward
+        at = np.concatenate([ends * onward, onward + inner * (total - onward)])
+    else:  # lateral backward from the apex (the way round), medial backward from the base
+        at = np.concatenate([total - ends * (total - onward), onward - inner * onward])
+    return np.stack([np.interp(at, arc, ring[:, 0]), np.interp(at, arc, ring[:, 1])], axis=1)
 
 
 def pair_landmarks(mask: np.ndarray) -> np.ndarray | None:
