@@ -149,8 +149,12 @@ def test_a_cached_int8_made_without_a_gate_is_gated_before_a_gated_request_gets_
     monkeypatch.setitem(parity.GATES, "int8", parity.Gate(0.0, None))
     assert variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw).path == ungated.path
     assert gated == [ungated.path.name]  # gated now, not trusted
+    checked = []
+    real_load = variants_mod.load_verified
+    monkeypatch.setattr(variants_mod, "load_verified", lambda p: checked.append(Path(p).name) or real_load(p))
     variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw)
     assert len(gated) == 1  # this file passed this gate on these images: remembered
+    assert checked.count(ungated.path.name) == 1  # checked by content once for the request, not per step
     monkeypatch.setitem(parity.GATES, "int8", parity.Gate(1.01, None))  # FAKE: a gate nothing passes
     with pytest.raises(LungrtError, match="cannot pass its gate"):
         variants_mod.make_variant(loaded, "int8", val_pairs=pairs, **kw)

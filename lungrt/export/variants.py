@@ -24,7 +24,7 @@ from lungrt.export.precision import (
     make_int8_fp16, make_int8_openvino, make_int8_ort_cpu, nncf_openvino, node_block, quantizable_nodes, save_int8_ir,
 )
 from lungrt.backends.base import Runner
-from lungrt.backends.integrity import IR_SUFFIX, ContentMismatch, load_verified, remove_artifact
+from lungrt.backends.integrity import IR_SUFFIX, ContentMismatch, VerifiedOnnx, load_verified, remove_artifact
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 
@@ -102,13 +102,18 @@ class _Made:
         return folder / f"{self.stem}.{precision}{suffix}"
 
     def reusable(self, path: Path) -> bool:
-        """A cached variant is used only when its graph hashes to the content hash it records and it
-        was made from these very weights and model metadata (spec, QC thresholds); a file cut short
-        (crash, full disk), corrupted or edited, or another model saved under the name is made again."""
+        return self.verified(path) is not None
+
+    def verified(self, path: Path) -> VerifiedOnnx | None:
+        """A cached variant's contents, checked, when it may be used: its graph hashes to the content
+        hash it records and it was made from these very weights and model metadata (spec, QC
+        thresholds). A file cut short (crash, full disk), corrupted or edited, or another model saved
+        under the name is removed (None): it is made again."""
         if not path.exists():
-            return False
+            return None
         try:
-            meta = load_verified(path).meta  # by content: a corrupted or edited cache file is made again
+            checked = load_verified(path)  # by content: a corrupted or edited cache file is made again
+            meta = checked.meta
             ok = (meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
                   and meta.get("lungrt.export.revision") == EXPORT_REVISION)  # made by an older exporter: remake
         except ContentMismatch as e:
@@ -118,7 +123,8 @@ class _Made:
             ok = False
         if not ok:
             remove_artifact(path)
-        return ok
+            return None
+        return checked
 
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
@@ -155,9 +161,9 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     path = made.file(folder, "int8", calib, recipe.tag + method + (f"-cpu{cpu_tag()}" if recipe.per_cpu else ""),
                      recipe.suffix)
     gate_on = val_pairs[:SENSITIVITY_IMAGES] if val_pairs else None
-    if gate_on and made.reusable(path) and not _passed_before(path, gate_on):
-        _regate_or_remove(loaded, path, gate_on, recipe.open, log)  # cached without this gate (or another one)
-    if not made.reusable(path):
+    # each file is checked by content once per request (its runner checks it again when it opens it)
+    checked = _gated_cache(made, loaded, path, gate_on, recipe.open, log)
+    if checked is None:
         try:
             if recipe.controlled and val_pairs:
                 accuracy_controlled_int8(loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe)
@@ -169,58 +175,64 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
         except LungrtError:
             remove_artifact(path)  # never leave a variant that failed its gate for reuse
             raise
+        checked = load_verified(path)
         if gate_on:
-            _remember_passed(path, gate_on)
+            _remember_passed(path, checked.content_hash, gate_on)
     if not target.startswith("tensorrt"):
-        return Variant("int8", path, int8_notes(path))
+        return Variant("int8", path, int8_notes(checked.meta))
     half = path.with_name(path.name.replace(".int8-", ".int8fp16-"))
-    if gate_on and made.reusable(half) and not _passed_before(half, gate_on):
-        _regate_or_remove(loaded, half, gate_on, OnnxRuntimeRunner, log)
-    if not made.reusable(half):
+    checked_half = _gated_cache(made, loaded, half, gate_on, OnnxRuntimeRunner, log)
+    if checked_half is None:
         make_int8_fp16(path, half)
+        checked_half = load_verified(half)
         if gate_on:
             summary = _gate_summary(loaded, half, gate_on)
             if not apply_gate(summary, GATES["int8"])["passed"]:
                 half.unlink(missing_ok=True)
                 raise LungrtError(f"the INT8+FP16 variant of {path.name} fails the INT8 gate "
                                   f"(agreement {summary['mask_agreement']:.4f})")
-            _remember_passed(half, gate_on)
-    return Variant("int8", half, {**int8_notes(half), "float": "fp16"})
+            _remember_passed(half, checked_half.content_hash, gate_on)
+    return Variant("int8", half, {**int8_notes(checked_half.meta), "float": "fp16"})
 
 
-def _gate_record(path: Path, pairs) -> dict:
+def _gated_cache(made: _Made, loaded, path: Path, gate_on, open_runner, log) -> VerifiedOnnx | None:
+    """The cached INT8 file's checked contents when it may serve this request, else None (removed):
+    with a gate, only a file recorded as having passed this gate on these images, or one that passes
+    it now (a cached INT8 made without a gate, or gated on other images or by another gate)."""
+    checked = made.verified(path)
+    if checked is None or not gate_on or _passed_before(path, checked.content_hash, gate_on):
+        return checked
+    summary = _gate_summary(loaded, path, gate_on, open_runner)
+    if apply_gate(summary, GATES["int8"])["passed"]:
+        _remember_passed(path, checked.content_hash, gate_on)
+        return checked
+    log(f"{path.name} was cached without passing this gate (agreement {summary['mask_agreement']:.4f}); making it again")
+    remove_artifact(path)
+    return None
+
+
+def _gate_record(content_hash: str, pairs) -> dict:
     """What a variant passed: its content, the gate and the images it was gated on."""
     names = hashlib.sha256("\n".join(str(p.image) for p in pairs).encode()).hexdigest()[:16]
-    return {"content_hash": load_verified(path).content_hash, "gate": list(astuple(GATES["int8"])),
-            "images": names}
+    return {"content_hash": content_hash, "gate": list(astuple(GATES["int8"])), "images": names}
 
 
 def _record_file(path: Path) -> Path:
     return path.with_name(path.name + ".gate.json")
 
 
-def _passed_before(path: Path, pairs) -> bool:
-    """Did this very file pass this gate on these images (a cached INT8 made without a gate, or
-    gated on other images or by another gate, is gated again before it is handed out)?"""
+def _passed_before(path: Path, content_hash: str, pairs) -> bool:
+    """Did this very file (by its checked content hash) pass this gate on these images?"""
     try:
-        return json.loads(_record_file(path).read_text()) == _gate_record(path, pairs)
-    except (OSError, ValueError, LungrtError):
+        return json.loads(_record_file(path).read_text()) == _gate_record(content_hash, pairs)
+    except (OSError, ValueError):
         return False
 
 
-def _remember_passed(path: Path, pairs) -> None:
+def _remember_passed(path: Path, content_hash: str, pairs) -> None:
     from lungrt.data.io import atomic_write_bytes
 
-    atomic_write_bytes(_record_file(path), json.dumps(_gate_record(path, pairs)).encode(), durable=False)
-
-
-def _regate_or_remove(loaded, path: Path, pairs, open_runner, log) -> None:
-    summary = _gate_summary(loaded, path, pairs, open_runner)
-    if apply_gate(summary, GATES["int8"])["passed"]:
-        _remember_passed(path, pairs)
-        return
-    log(f"{path.name} was cached without passing this gate (agreement {summary['mask_agreement']:.4f}); making it again")
-    remove_artifact(path)
+    atomic_write_bytes(_record_file(path), json.dumps(_gate_record(content_hash, pairs)).encode(), durable=False)
 
 
 def _gate_summary(loaded, path: Path, pairs, open_runner: Callable[[Path], Runner] = OnnxRuntimeRunner) -> dict:
@@ -228,10 +240,10 @@ def _gate_summary(loaded, path: Path, pairs, open_runner: Callable[[Path], Runne
         return compare(TorchRunner(loaded), cand, pairs, distances=False)["summary"]
 
 
-def int8_notes(path: Path) -> dict:
-    """What an INT8 variant was calibrated on and which blocks (OpenVINO: which layers) were put
-    back in floating point for its gate."""
-    cal = json.loads(load_verified(path).meta.get("lungrt.calibration", "{}"))
+def int8_notes(meta: dict) -> dict:
+    """What an INT8 variant (its checked metadata) was calibrated on and which blocks (OpenVINO:
+    which layers) were put back in floating point for its gate."""
+    cal = json.loads(meta.get("lungrt.calibration", "{}"))
     notes = {"calibration": cal.get("set"), "method": cal.get("method"), "recipe": cal.get("recipe", "portable"),
              "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
     if "int8_layers" in cal:  # an IR's census: INT8 layers, and the float ones (reverted or never quantized)

@@ -327,7 +327,7 @@ def finish_batch(out_dir: Path, entries: list, probs: np.ndarray, runner: Runner
     """`finish_or_error_row` for one batch's (item, xray) entries and their probabilities; their QC
     numbers computed together first (the shape fits of a batch cost about what one did)."""
     qc = qc_thresholds_of(runner.info.qc)
-    feats = qc_features_many([p for p in probs], qc.shape, [xr.shape for _, xr in entries])
+    feats = qc_features_many(probs, qc.shape, [xr.shape for _, xr in entries])
     return [finish_or_error_row(out_dir, item, xr, p, runner, opts, f) for (item, xr), p, f in zip(entries, probs, feats)]
 
 

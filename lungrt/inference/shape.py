@@ -240,7 +240,8 @@ def shape_features_many(masks: list[np.ndarray], model: ShapeModel,
     for i, fit, st in zip(paired, fits, stretch):
         fit.points /= st
         mask = masks[i]
-        drawn, inside = draw(fit.points, mask.shape), (mask > 0).astype(np.uint8)
+        inside = mask if mask.dtype == np.uint8 else mask.astype(np.uint8)  # non-zero = lung: & with 0/1 keeps it
+        drawn = draw(fit.points, mask.shape)
         both = cv2.countNonZero(drawn) + cv2.countNonZero(inside)
         dice = 2.0 * cv2.countNonZero(drawn & inside) / both if both else 0.0
         out[i] = ({"shape_dice": dice, "shape_distance": min(fit.distance, 99.0),
