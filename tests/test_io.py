@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 import zlib
 from pathlib import Path
 
@@ -286,3 +287,21 @@ def test_window_table_equals_the_window_formula_for_every_raw_value():
                    (0, 0, False), (1200, 3071, False), (1200, 3071, True)):
         full = to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), window))
         assert np.array_equal(_window_table.__wrapped__(window), full), window
+
+
+@pytest.mark.parametrize("zlib_ng", [True, False])
+def test_one_bit_mask_png_decodes_to_the_mask(monkeypatch, zlib_ng):
+    """zlib-ng's stream where imagecodecs has it, zlib's otherwise: the same pixels for PNG readers."""
+    import cv2
+    import imagecodecs
+
+    from lungrt.data.io import encode_mask_png1
+
+    monkeypatch.setattr(imagecodecs.ZLIBNG, "available", zlib_ng and imagecodecs.ZLIBNG.available)
+    mask = np.zeros((1203, 997), np.uint8)
+    cv2.ellipse(mask, (300, 600), (200, 450), 0, 0, 360, 255, -1)
+    mask[::97, ::13] = 255  # odd pixels, and a width that is not a multiple of 8
+    data = encode_mask_png1(mask)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), mask)
+    with Image.open(BytesIO(data)) as im:
+        assert im.mode == "1" and np.array_equal(np.array(im.convert("L")), mask)

@@ -146,3 +146,26 @@ def test_area_weights_are_each_rows_covered_fractions():
             idx = np.arange(int(np.floor(a)), min(int(np.ceil(b)), n_in))
             assert first == idx[0]
             assert np.array_equal(weights, ((np.minimum(idx + 1, b) - np.maximum(idx, a)) / scale).astype(np.float32))
+
+
+def test_mask_region_holds_every_lung_pixel_and_clean_up_there_is_the_same():
+    """`lung_fields(..., within=mask_region)` looks for outlines in the box only: nothing of the
+    mask may lie outside it, and the clean mask and areas equal the whole image's."""
+    import cv2
+
+    from lungrt.inference.postprocess import lung_fields
+
+    spec = PreprocessSpec(size=64)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        prob = cv2.GaussianBlur(rng.random((64, 64)).astype(np.float32), (0, 0), rng.uniform(0.7, 4))
+        prob = np.clip((prob - prob.min()) / np.ptp(prob) * rng.uniform(0.4, 1.3), 0, 1).astype(np.float32)
+        shape = (int(rng.integers(40, 700)), int(rng.integers(40, 700)))
+        mask, (rows, cols) = spec.invert_mask(prob, shape), spec.mask_region(prob, shape)
+        outside = mask.copy()
+        outside[rows, cols] = 0
+        assert not outside.any(), shape
+        whole, boxed = lung_fields(mask), lung_fields(mask, within=(rows, cols))
+        assert np.array_equal(whole.mask, boxed.mask)
+        assert (whole.right_px, whole.left_px, whole.split_x) == (boxed.right_px, boxed.left_px, boxed.split_x)
+    assert spec.mask_region(np.zeros((64, 64), np.float32), (300, 200)) == (slice(0, 0), slice(0, 0))

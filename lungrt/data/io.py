@@ -505,21 +505,30 @@ def encode_png(array: np.ndarray) -> bytes:
 def encode_mask_png1(mask: np.ndarray) -> bytes:
     """A 1-bit grayscale PNG of a mask (non-zero = 1, read back as 0/255 by OpenCV and as mode "1"
     by Pillow): an eighth of the bytes to compress. OpenCV's PNG_BILEVEL and Pillow's mode "1" both
-    convert pixel by pixel (7-9 ms for a 5-megapixel mask); np.packbits and zlib's run-length
-    strategy make the same file in ~1.5 ms. Rows are unfiltered (filter byte 0), as PNG allows."""
+    convert pixel by pixel (7-9 ms for a 5-megapixel mask); np.packbits and zlib-ng make the same
+    pixels in ~0.5 ms. Rows are unfiltered (filter byte 0), as PNG allows."""
     h, w = mask.shape
     rows = np.packbits(mask if mask.dtype in (np.uint8, np.bool_) else mask != 0, axis=1)
     raw = np.empty((h, rows.shape[1] + 1), np.uint8)
     raw[:, 0] = 0
     raw[:, 1:] = rows
-    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = packer.compress(raw.tobytes()) + packer.flush()
+    idat = _deflate_fast(raw)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
     return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _deflate_fast(data: np.ndarray) -> bytes:
+    """A zlib stream of `data`, fast: zlib-ng's level 1 (a 5-megapixel mask's 0.7 MB of packed rows
+    in ~0.2 ms, where the system zlib's run-length level 1 took 1.4; the stream is a few KB larger).
+    zlib itself where imagecodecs was built without zlib-ng."""
+    if imagecodecs.ZLIBNG.available:
+        return imagecodecs.zlibng_encode(data, level=1)
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return packer.compress(data.tobytes()) + packer.flush()
 
 
 def write_png(path: str | Path, array: np.ndarray) -> None:

@@ -374,7 +374,7 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
     its QC numbers when already computed with its batch's (`qc.features_many`)."""
     qc = qc or QCThresholds.from_dict(None)
     feats = dict(feats) if feats is not None else qc_features(prob_small, qc.shape, xray.shape)
-    lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), clean=postprocess)
+    lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), postprocess, spec.mask_region(prob_small, xray.shape))
     h, w = xray.shape
     verdict = qc_verdict(feats, qc)
     if complete_shape and qc.shape is not None and "implausible_shape" in verdict.split(";"):

@@ -26,14 +26,18 @@ class LungFields:
         return self.right_px + self.left_px
 
 
-def lung_fields(mask: np.ndarray, clean: bool = True) -> LungFields:
+def lung_fields(mask: np.ndarray, clean: bool = True, within: tuple[slice, slice] | None = None) -> LungFields:
     """Measure a binary mask (bool, or uint8 with non-zero = lung); with `clean`, keep its two largest components with holes filled.
     Each component goes to the side of the image its centroid lies on; lungs that touch (one
-    component across the midline) are split at the mediastinum (`_touching_lungs`)."""
+    component across the midline) are split at the mediastinum (`_touching_lungs`). `within`:
+    (rows, columns) known to hold every lung pixel (`PreprocessSpec.mask_region`): the clean-up
+    looks for outlines there only."""
     u8 = mask if mask.dtype == np.uint8 else (mask != 0).view(np.uint8)  # OpenCV: non-zero is foreground
     if not clean:
         return _touching_lungs(_measure_components(u8))
-    contours, _ = cv2.findContours(u8, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    rows, cols = within or (slice(0, u8.shape[0]), slice(0, u8.shape[1]))
+    region = u8[rows, cols]
+    contours = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(cols.start, rows.start))[0] if region.size else ()
     drawn = np.zeros(u8.shape, np.uint8)
     sides = [0, 0]
     for c in sorted(contours, key=cv2.contourArea, reverse=True)[:2]:
