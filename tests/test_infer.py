@@ -128,7 +128,7 @@ def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_chec
         write_png(d / f"ok_{i}.png", (make_phantom(i, 96).image * 255).astype(np.uint8))
     policies = []
     real_read = infer.read_xray
-    monkeypatch.setattr(infer, "read_xray", lambda p: (policies.append(os.sched_getscheduler(0)), real_read(p))[1])
+    monkeypatch.setattr(infer, "read_xray", lambda p, **kw: (policies.append(os.sched_getscheduler(0)), real_read(p, **kw))[1])
     model = TorchRunner(resolve_model(str(tiny_checkpoint)))
     model.sleeps_when_idle = sleeps
     summary = infer.run_infer(model, infer.collect_inputs([str(d)]), tmp_path / "out", infer.InferOptions(batch_size=2))
@@ -210,6 +210,28 @@ def test_one_bit_masks_hold_the_very_pixels_of_the_eight_bit_ones(tmp_path, tiny
         pa, pb = cv2.imread(str(a), cv2.IMREAD_UNCHANGED), cv2.imread(str(b), cv2.IMREAD_UNCHANGED)
         assert pa.dtype == np.uint8 and np.array_equal(pa, pb) and set(np.unique(pa)) <= {0, 255}
         assert np.array_equal(np.array(Image.open(a).convert("L")), pb)
+
+
+def test_native_dicom_read_reduced_gives_the_masks_of_the_whole_image(tmp_path, tiny_checkpoint):
+    """Without --overlay, infer reduces a native detector DICOM to the network's size while reading
+    it (its megapixels never held); with --overlay it keeps the whole image: same masks and rows."""
+    import cv2
+
+    from lungrt.data.dicom import write_dicom
+
+    rng = np.random.default_rng(4)
+    film = cv2.resize((make_phantom(9, 256).image * 3500 + 300), (1373, 1531), interpolation=cv2.INTER_LINEAR)
+    (tmp_path / "in").mkdir()
+    write_dicom(tmp_path / "in" / "native.dcm", (film + rng.normal(0, 20, film.shape)).clip(0, 4095).astype(np.uint16))
+    outs = {flags: tmp_path / f"out{len(flags)}" for flags in ((), ("--overlay",))}
+    for flags, out in outs.items():
+        res = _infer([tmp_path / "in"], out, tiny_checkpoint, *flags)
+        assert res.exit_code == 0, res.output
+    plain, whole = (_rows(out)["native.dcm"] for out in outs.values())
+    keep = ("status", "width", "height", "right_lung_px", "left_lung_px", "right_lung_mm2", "qc", "mean_confidence")
+    assert {k: plain[k] for k in keep} == {k: whole[k] for k in keep} and plain["width"] == "1373"
+    masks = [(out / plain["mask"]).read_bytes() for out in outs.values()]
+    assert masks[0] == masks[1]
 
 
 def test_process_pool_writes_what_the_thread_pool_writes(mixed_folder, tmp_path, tiny_checkpoint):

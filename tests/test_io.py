@@ -305,3 +305,33 @@ def test_one_bit_mask_png_decodes_to_the_mask(monkeypatch, zlib_ng):
     assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), mask)
     with Image.open(BytesIO(data)) as im:
         assert im.mode == "1" and np.array_equal(np.array(im.convert("L")), mask)
+
+
+def test_native_dicom_reduced_while_read_gives_the_same_network_input(tmp_path):
+    """`read_xray(reduce_for=spec)` (infer without overlays): a native detector file that the spec
+    area-resizes is reduced band by band as it is read; the network input, window and facts are
+    those of the whole image, and the full-size pixels are refused rather than faked. Set high
+    bits, and images the spec resizes otherwise, come back whole."""
+    import cv2
+
+    from lungrt.core.spec import PreprocessSpec
+    from lungrt.data.dicom import write_dicom
+
+    spec = PreprocessSpec(size=128)
+    rng = np.random.default_rng(5)
+    film = cv2.GaussianBlur(rng.random((1531, 1373)), (0, 0), 40)
+    film = ((film - film.min()) / np.ptp(film) * 3000 + 500 + rng.normal(0, 30, film.shape)).clip(0, 4095).astype(np.uint16)
+    dirty = film.copy()
+    dirty[7:9, 40:90] |= 1 << 15
+    cases = {"m2": (film, "MONOCHROME2", True), "m1": (film, "MONOCHROME1", True), "dirty": (dirty, "MONOCHROME2", False),
+             "small": (film[:400, :300], "MONOCHROME2", False)}
+    for name, (pixels, photometric, reduced) in cases.items():
+        path = write_dicom(tmp_path / f"{name}.dcm", pixels, photometric=photometric)
+        whole, part = read_xray(path), read_xray(path, reduce_for=spec)
+        assert (part.reduced_from is not None) == reduced, name
+        assert part.facts() == whole.facts() and part.window == whole.window and part.shape == pixels.shape
+        assert np.array_equal(spec.apply_xray(part), spec.apply_xray(whole)), name
+        if reduced:
+            assert part.image.shape == (128, 128)
+            with pytest.raises(ValueError, match="not kept"):
+                part.gray8

@@ -169,3 +169,23 @@ def test_mask_region_holds_every_lung_pixel_and_clean_up_there_is_the_same():
         assert np.array_equal(whole.mask, boxed.mask)
         assert (whole.right_px, whole.left_px, whole.split_x) == (boxed.right_px, boxed.left_px, boxed.split_x)
     assert spec.mask_region(np.zeros((64, 64), np.float32), (300, 200)) == (slice(0, 0), slice(0, 0))
+
+
+def test_area_downsize_in_bands_of_any_height_is_the_whole_images():
+    from lungrt.core.spec import area_downsize, area_downsize_bands
+
+    rng = np.random.default_rng(8)
+    image = rng.integers(0, 4096, (1111, 733)).astype(np.uint16)
+    whole = area_downsize(image, 64)
+    for heights in ([1] * 1111, [5, 3, 1000, 103], [17] * 65 + [6], [1111]):
+        cuts = np.cumsum([0] + heights)
+        buffer = np.empty((max(heights), 733), np.uint16)  # one array reused for every band, as a reader does
+
+        def bands():
+            for a, b in zip(cuts, cuts[1:]):
+                buffer[: b - a] = image[a:b]
+                yield buffer[: b - a]
+
+        assert np.array_equal(area_downsize_bands(bands(), 1111, 733, 64, np.uint16), whole), heights[:3]
+    with pytest.raises(ValueError, match="not 1111"):
+        area_downsize_bands([image[:1000]], 1111, 733, 64, np.uint16)

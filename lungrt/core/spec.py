@@ -63,10 +63,15 @@ class PreprocessSpec:
 
     def _resize(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape
-        if h * w >= BANDED_AREA_PIXELS and h > 2 * self.size and w > 2 * self.size:
+        if self.resizes_in_bands(h, w):
             return area_downsize(image, self.size)
         interp = cv2.INTER_AREA if (h > self.size or w > self.size) else cv2.INTER_LINEAR
         return cv2.resize(image, (self.size, self.size), interpolation=interp)
+
+    def resizes_in_bands(self, h: int, w: int) -> bool:
+        """Whether an h x w image goes to the network's size by `area_downsize` (then a reader may
+        reduce it band by band while reading: `area_downsize_bands`)."""
+        return h * w >= BANDED_AREA_PIXELS and h > 2 * self.size and w > 2 * self.size
 
     def resize_xray8(self, xray) -> np.ndarray:
         """A decoded X-ray (`lungrt.data.io.XRay`) -> uint8 size x size. A 16-bit image is resized
@@ -155,12 +160,35 @@ def area_downsize(image: np.ndarray, size: int) -> np.ndarray:
     order: an output pixel can differ from OpenCV's by one unit of the input's dtype where the mean
     lies within float rounding of a half (a few pixels of 65536; tests/test_preprocess.py)."""
     h, w = image.shape
+    return area_downsize_bands([image], h, w, size, image.dtype)
+
+
+def area_downsize_bands(bands, h: int, w: int, size: int, dtype) -> np.ndarray:
+    """`area_downsize` of an h x w image given as consecutive bands of rows, top to bottom: a file
+    is reduced while it is read, each band used while it sits in the cache, the whole image never
+    in memory. A band's array may be reused for the next one (the rows still needed are copied).
+    Each output row converts the few input rows it covers to float: they stay in the fastest cache."""
+    weights = _area_weights(h, size)
     rows = np.empty((size, w), np.float32)
-    for j, (first, weights) in enumerate(_area_weights(h, size)):
-        np.dot(weights, image[first: first + len(weights)].astype(np.float32), out=rows[j])
+    carry, carry_start, read, j = np.empty((0, w), dtype), 0, 0, 0  # carry: rows read that a later output row needs
+    for band in bands:
+        band_start, read = read, read + len(band)
+        while j < size and weights[j][0] + len(weights[j][1]) <= read:
+            first, row_weights = weights[j]
+            stop = first + len(row_weights) - band_start
+            src = band[first - band_start: stop] if first >= band_start else \
+                np.concatenate((carry[first - carry_start:], band[:stop]))
+            np.dot(row_weights, src.astype(np.float32), out=rows[j])
+            j += 1
+        keep = weights[j][0] if j < size else read
+        carry = band[keep - band_start:].copy() if keep >= band_start else \
+            np.concatenate((carry[keep - carry_start:], band))
+        carry_start = keep
+    if j < size or read != h:
+        raise ValueError(f"the bands held {read} rows, not {h}")
     out = cv2.resize(rows, (size, size), interpolation=cv2.INTER_AREA)
-    info = np.iinfo(image.dtype) if image.dtype.kind in "ui" else None
-    return np.clip(np.rint(out), info.min, info.max).astype(image.dtype) if info else out.astype(image.dtype)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "ui" else None
+    return np.clip(np.rint(out), info.min, info.max).astype(dtype) if info else out.astype(dtype)
 
 
 @lru_cache(maxsize=64)

@@ -456,11 +456,13 @@ def _mean_confidence(prob_small: np.ndarray, mask: np.ndarray) -> float:
     return round(cv2.mean(small, mask=inside)[0], 6) if cv2.countNonZero(inside) else 0.0
 
 
-def _load(item: Item, spec):
+def _load(item: Item, spec, keep_pixels: bool = True):
+    """(item, X-ray, network input, error). Without `keep_pixels` (no overlay to draw) a native
+    detector DICOM is reduced to the network's size while it is read (`read_xray`'s `reduce_for`)."""
     if item.error:
         return item, None, None, item.error
     try:
-        xr = read_xray(item.source)
+        xr = read_xray(item.source, reduce_for=None if keep_pixels else spec)
         return item, xr, spec.apply_xray(xr), None
     except ImageReadError as e:
         return item, None, None, e.reason
@@ -567,7 +569,7 @@ def _start_helper_process(idle: bool) -> None:
 def _load_without_pixels(item: Item, spec, keep_pixels: bool):
     """`_load` in a helper process: the network input and the X-ray's facts travel back, not its
     megapixels (unless an overlay needs them)."""
-    item, xr, tensor, err = _load(item, spec)
+    item, xr, tensor, err = _load(item, spec, keep_pixels)
     return item, xr if keep_pixels or xr is None else xr.facts(), tensor, err
 
 
@@ -595,7 +597,7 @@ def helper_pools(runner: Runner, opts: InferOptions):
     try:
         with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
                 ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers:
-            yield (lambda item: readers.submit(_load, item, runner.spec),
+            yield (lambda item: readers.submit(_load, item, runner.spec, opts.overlay),
                    lambda out_dir, entries, probs: writers.submit(finish_batch, out_dir, entries, probs, runner, opts))
     finally:
         cv2.setNumThreads(opencv_threads)
