@@ -56,7 +56,9 @@ class XRay:
     8-bit files, raw uint16 plus its `window` for 16-bit integer files, float32 in [0, 1] for the
     rest. Nothing is converted to float at full size on the inference hot path: 8-bit pixels are
     used as they are, 16-bit ones map to 8 bits through a table (a 5-megapixel detector image
-    spent 45 ms in float conversions, more than its PNG decoding)."""
+    spent 45 ms in float conversions, more than its PNG decoding). Read with `reduce_for`, a native
+    detector DICOM's `image` is its raw values already reduced to the network's size
+    (`reduced_from` holds the film's size, which `shape` reports; `pixels` and `gray8` refuse)."""
 
     path: str
     image: np.ndarray
@@ -244,9 +246,9 @@ def _png_chunk_headers(data: bytes):
 
 
 def _read_gray_png(path: Path, data: bytes, max_pixels: int) -> XRay:
-    """libpng through imagecodecs: the same pixels as Pillow's route, without feeding the decoder one
-    chunk at a time from Python and two copies on the way into NumPy (decode stage 2.1 -> 1.9 ms at
-    512 px in benchmarks/infer_stages.py)."""
+    """libpng through imagecodecs (Sub-filtered files through zlib-ng: `_sub_filtered_png`): the
+    same pixels as Pillow's route, without feeding the decoder one chunk at a time from Python and
+    two copies on the way into NumPy (decode stage 2.1 -> 1.9 ms at 512 px with libpng)."""
     width, height = struct.unpack(">II", data[16:24])
     _check_dimensions(path, width, height, max_pixels)
     arr = _sub_filtered_png(data, width, height)
