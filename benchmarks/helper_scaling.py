@@ -64,8 +64,8 @@ PROB = _probability_map()
 
 
 def host_one(path: str) -> int:
-    """What a helper does for one image, bar the model."""
-    xr = read_xray(path)
+    """What a helper does for one image, bar the model (read as infer reads without overlays)."""
+    xr = read_xray(path, reduce_for=SPEC)
     SPEC.apply_xray(xr)
     m = measure(xr, PROB, SPEC, True, None)
     atomic_write_bytes(OUT / (Path(path).stem + ".mask.png"), encode_mask_png1(m.mask), durable=False)
