@@ -380,3 +380,9 @@ def test_native_dicom_reduced_while_read_gives_the_same_network_input(tmp_path):
             assert part.image.shape == (128, 128)
             with pytest.raises(ValueError, match="not kept"):
                 part.gray8
+    from lungrt.data.io import _native_uint16_reduced
+
+    data = (tmp_path / "m2.dcm").read_bytes()
+    (tmp_path / "short.dcm").write_bytes(data[: len(data) - 5000])  # cut after its header was read
+    with pytest.raises(ImageReadError, match="cut short"):
+        _native_uint16_reduced(tmp_path / "short.dcm", len(data) - film.size * 2, *film.shape, 128)

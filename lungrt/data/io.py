@@ -480,11 +480,11 @@ def _native_uint16_reduced(path: Path, offset: int, rows: int, cols: int, size: 
 
     def bands():
         buffer = np.empty((READ_BAND_ROWS, cols), "<u2")
-        with open(path, "rb", buffering=0) as f:
+        with open(path, "rb") as f:  # buffered: readinto fills the band (a band is larger than the buffer: no copy)
             f.seek(offset)
             for top in range(0, rows, READ_BAND_ROWS):
                 band = buffer[: min(READ_BAND_ROWS, rows - top)]
-                if not _read_into(f, memoryview(band).cast("B")):
+                if f.readinto(memoryview(band).cast("B")) != band.nbytes:
                     raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
                 lo, hi, _, _ = cv2.minMaxLoc(band)
                 extremes[:] = min(extremes[0], int(lo)), max(extremes[1], int(hi))
@@ -495,17 +495,6 @@ def _native_uint16_reduced(path: Path, offset: int, rows: int, cols: int, size: 
     except OSError as e:
         raise ImageReadError(path, f"cannot read ({e.strerror or e})") from None
     return small, extremes[0], extremes[1]
-
-
-def _read_into(f, view: memoryview) -> bool:
-    """Fill `view` from `f`; False at the end of the file first."""
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            return False
-        got += n
-    return True
 
 
 def _dicom_spacing(ds) -> tuple[float, float] | None:
