@@ -93,14 +93,16 @@ class LungSegmenter:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, source: PathLike = DEFAULT_MODEL, backend: str = "auto", precision: str | None = None,
-             device: str = "auto") -> "LungSegmenter":
+             device: str = "auto", convention: str | None = None) -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
         folder, an ONNX variant or a TensorRT engine (.plan/.engine).
         `backend`: auto | torch | onnxruntime | openvino | tensorrt | tensorrt-rtx (auto: a file's
         own engine; for weights, CUDA PyTorch on a GPU, else the recorded CPU choice or ONNX Runtime).
         `precision`: fp32 | fp16 | int8 | bf16 (openvino, torch); None: a file's own, else FP32.
+        `convention`: lung-field | whole-lung (None: the model's own; a shipped name: its weights for it).
         A combination that cannot be honoured is refused (LungrtError), never replaced."""
-        return cls(open_runner(source, backend=backend, precision=precision, device=device), str(source))
+        return cls(open_runner(source, backend=backend, precision=precision, device=device, convention=convention),
+                   str(source))
 
     @property
     def spec(self):
@@ -191,6 +193,23 @@ class LungSegmenter:
                 yield one
         else:
             raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or an iterable of them")
+
+    def infer(self, inputs: list[PathLike], out: PathLike, store: bool = False, store_flagged: bool = False,
+              **options) -> dict:
+        """`lungrt infer` into folder `out`: files, folders, globs and DICOMweb study URLs; masks, results.csv,
+        a journal for resume; `options` as `InferOptions` (dicom_seg=True, overlay=True, resume=True, ...).
+        `store`: send this run's SEGs of PACS instances back to the PACS each came from (QC-flagged ones
+        with `store_flagged`). The run's summary, with what was stored where under "stored"."""
+        from lungrt.inference.dicomweb import store_results
+        from lungrt.inference.infer import InferOptions, gather_inputs, run_infer
+        from lungrt.inference.journal import read_records
+
+        opts = InferOptions(**{**options, "dicom_seg": options.get("dicom_seg", False) or store})
+        items, pacs_inputs = gather_inputs([str(i) for i in inputs], out)
+        summary = run_infer(self.runner, items, out, opts)
+        if store:
+            summary["stored"] = store_results(Path(out), pacs_inputs, read_records(Path(out)), store_flagged)
+        return summary
 
     # -- the rest of the pipeline -------------------------------------------------------------
     def export(self, format: str = "onnx", precision: str = "fp32", out: PathLike | None = None,

@@ -135,8 +135,10 @@ def models(size: int = typer.Option(256, help="Input size for the GFLOPs count."
 @app.command()
 def train(
     model: str = typer.Option(DEFAULT_MODEL, help="unet | gsconv-unet | msag-unet"),
-    data: Path = typer.Option(..., help="Dataset folder."),
+    data: List[Path] = typer.Option(..., help="Dataset folder; repeat to train on several (each declares its mask convention)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder for checkpoint, metrics.json, loss curves."),
+    convention: str = typer.Option("", help="Mask convention to learn: lung-field | whole-lung (default: the first --data's). "
+                                            "Lung-field sets can teach a whole-lung model where both agree."),
     epochs: int = typer.Option(50, help="Epochs (papers: 50)."),
     lr: float = typer.Option(1e-4, help="Peak AdamW learning rate (papers: 1e-4), cosine to 0.01x."),
     batch_size: int = typer.Option(8),
@@ -157,8 +159,8 @@ def train(
 
     cfg = TrainConfig(model=model, width=width, size=size, equalization=equalization, epochs=epochs, lr=lr,
                       batch_size=batch_size, seed=seed, limit=limit, device=device, recipe=recipe,
-                      init=init, fit_on=fit_on)
-    result = run_guarded(lambda: run_training(cfg, data, out_dir, resume=resume, log=out.print))
+                      init=init, fit_on=fit_on, convention=convention)
+    result = run_guarded(lambda: run_training(cfg, list(data), out_dir, resume=resume, log=out.print))
     which = "last epoch's validation Dice (seen in training)" if fit_on == "train+val" else "best validation Dice"
     out.print(f"{which} {result['best_val_dice']:.4f}; checkpoint {result['checkpoint']}")
 
@@ -335,7 +337,9 @@ def infer(
     screen: str = typer.Option("flag", "--screen", help="DICOM whose header says not a frontal chest film (modality, body part, lateral view): flag (QC reasons, no areas) | skip (no mask)."),
     mask_bits: int = typer.Option(1, "--mask-bits", help="NAME.mask.png as a 1-bit PNG (default; 0/255 when read by OpenCV) or 8 (8-bit, 0/255)."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also a DICOM Segmentation (NAME.seg.dcm) per DICOM input."),
-    store: bool = typer.Option(False, "--store", help="DICOMweb input: send the DICOM SEGs back to that PACS (STOW-RS); implies --dicom-seg."),
+    store: bool = typer.Option(False, "--store", help="DICOMweb input: send this run's DICOM SEGs of its instances back to the PACS each came from (STOW-RS); implies --dicom-seg. Never a local input's SEG; QC-flagged films' SEGs stay local."),
+    store_flagged: bool = typer.Option(False, "--store-flagged", help="With --store: also send the SEGs of films QC flagged (their SEG's content description names the QC reasons)."),
+    convention: Optional[str] = typer.Option(None, "--convention", help="Mask convention: lung-field (default; heart excluded) | whole-lung (behind the heart included). Picks the shipped weights; a file of the other convention is refused."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."),
     actors: int = typer.Option(1, min=1, help="--ray: inference actors (one runner each)."),
     gpus_per_actor: float = typer.Option(0.0, min=0.0, help="--ray: GPUs reserved per actor."),
@@ -365,14 +369,9 @@ def infer(
     check_json_path(json_path)
 
     def body():
-        local = list(inputs)
-        if pacs:
-            from lungrt.inference.dicomweb import fetch
-            from lungrt.inference.infer import prepare_out_dir
+        from lungrt.inference.infer import gather_inputs
 
-            folder = prepare_out_dir(Path(out_dir))
-            local = [str(fetch(i, folder)) if i in pacs else i for i in inputs]
-        items = collect_inputs(local, out_dir)
+        items, pacs_inputs = gather_inputs(list(inputs), out_dir)
         if not items:
             fail("no supported images found in the inputs")
         if ray is not None:
@@ -380,33 +379,43 @@ def infer(
 
             require_ray()  # fail before any model work when the extra is missing
         with open_runner(model, arch=arch, onnx=onnx, engine=engine, backend=backend, precision=precision,
-                         log=out.print) as runner:
+                         convention=convention, log=out.print) as runner:
             if ray is None:
-                return run_infer(runner, items, out_dir, opts)
+                return run_infer(runner, items, out_dir, opts), pacs_inputs
             args, spec, identity = runner_args_for(runner, model, arch), runner.spec, run_identity(runner, opts)
         return run_infer_ray(args, spec, items, out_dir, opts, address=ray, actors=actors, gpus_per_actor=gpus_per_actor,
-                             identity=identity, qc=runner.info.qc)
+                             identity=identity, qc=runner.info.qc), pacs_inputs
 
-    summary = run_guarded(body)
+    summary, pacs_inputs = run_guarded(body)
     qc = f" ({summary['qc_flagged']} flagged by QC)" if summary.get("qc_flagged") else ""
     if summary.get("screened_out"):
         qc += f", {summary['screened_out']} skipped by header screening"
+    if summary.get("not_radiographs"):
+        qc += f", {summary['not_radiographs']} not radiographs (SEG, SR, ...) skipped"
     run = summary.get("run", {})
     speed = (f"{summary['images_per_second']:.1f} img/s" if summary["ok"] + summary["failed"] else "nothing left to do")
     if len(run.get("invocations", [])) > 1:
         whole = "n/a" if run.get("images_per_second") is None else f"{run['images_per_second']:.1f} img/s"
         speed += f" (whole run: {run['processed']} processed, {run['qc_flagged']} flagged by QC, {whole})"
     out.print(f"{summary['ok']} ok{qc}, {summary['failed']} failed, {summary['skipped_done']} already done; "
-              f"{speed} on {summary['backend']} ({summary['model']}"
+              f"{speed} on {summary['backend']} ({summary['model']}, {summary.get('convention', 'lung-field')}"
               + (f", sha256 {summary['artifact'][:16]}" if summary.get("artifact") else "") + "); "
               f"results: {summary['results_csv']}", highlight=False)
     if store:
-        from lungrt.inference.dicomweb import store_segs
+        from lungrt.inference.dicomweb import store_results
+        from lungrt.inference.journal import read_records
 
-        segs = sorted(Path(out_dir).rglob("*.seg.dcm"))
-        now, before = run_guarded(lambda: store_segs(pacs[0], Path(out_dir), segs))
-        out.print(f"stored {now} DICOM SEG instance{'s' if now != 1 else ''} on the PACS"
-                  + (f" ({before} stored by an earlier run)" if before else ""), highlight=False)
+        stored = run_guarded(lambda: store_results(Path(out_dir), pacs_inputs, read_records(Path(out_dir)), store_flagged))
+        summary["stored"] = stored
+        for pacs in pacs_inputs:
+            n = sum(s["pacs"] == pacs.root for s in stored["stored"])
+            out.print(f"stored {n} DICOM SEG instance{'s' if n != 1 else ''} on {pacs.root} (study {pacs.study})",
+                      highlight=False)
+        if stored["stored_before"]:
+            out.print(f"({stored['stored_before']} stored by an earlier run)", highlight=False)
+        if stored["held_qc_flagged"]:
+            out.print(f"{len(stored['held_qc_flagged'])} SEG(s) of QC-flagged films kept local (--store-flagged sends them)",
+                      highlight=False)
     write_json(json_path, summary)
     if report:
         from lungrt.inference.report import write_report

@@ -18,9 +18,13 @@
 #      Ship with `scripts/ship_weights.py runs/unet-soft2 runs/gsconv-unet-soft2 runs/msag-unet-soft2 --data DATA`.
 #   8. (STAGE8=1, tried on msag-unet, not shipped) stage 7's epochs from stage 6 at 320 px instead: Montgomery
 #      Dice +0.0008 over stage 7, Shenzhen +0.0001, mean HD95 equal, for 1.8x the training time per epoch.
+#   9. the shipped whole-lung weights (STAGE9=1): stage 7's weights fine-tuned to the whole-lung convention on
+#      cxr-covid-v7 (split by patient) with cxr-mc-sz as partial labels (lungrt.training.train.partial_label_weights),
+#      robust recipe, lr 3e-4, train split, best epoch by cxr-covid-v7 validation Dice. Ship with
+#      `scripts/ship_weights.py runs/msag-unet-whole runs/unet-whole runs/gsconv-unet-whole --data COVID_DATA`.
 # Stages 1-3 train on the train split only and validation picks the checkpoint; stages 4-8 fit train+val.
 # Every run is resumable: rerun this script after an interruption and it continues where it stopped.
-# Usage: scripts/train_shipped.sh [DATA] [RUNS]
+# Usage: scripts/train_shipped.sh [DATA] [RUNS]   (COVID_DATA: the whole-lung set, default ../shared/data/cxr-covid-v7)
 set -euo pipefail
 DATA=${1:-../shared/data/cxr-mc-sz}
 RUNS=${2:-runs}
@@ -66,4 +70,13 @@ if [ "${STAGE7:-1}" = 1 ]; then  # the shipped weights: stage 6 continued, from 
 fi
 if [ "${STAGE8:-0}" = 1 ]; then  # stage 7 at 320 px, from stage 6's run folders (tried, not shipped)
   fine_tune -soft -soft320 "${STAGE8_SPECS:-msag-unet:16:14 unet:16:16 gsconv-unet:12:10}" "${robust[@]}" --size 320 --lr 1e-4 --fit-on train+val
+fi
+if [ "${STAGE9:-0}" = 1 ]; then  # whole-lung, from the shipped lung-field weights
+  COVID_DATA=${COVID_DATA:-../shared/data/cxr-covid-v7}
+  for spec in ${STAGE9_SPECS:-msag-unet:16:20 unet:16:20 gsconv-unet:12:14}; do
+    IFS=: read -r name width epochs <<< "$spec"
+    "$LUNGRT" train --model "$name" --width "$width" --out "$RUNS/$name-whole" --init "$name" --epochs "$epochs" \
+      --data "$COVID_DATA" --data "$DATA" --convention whole-lung --size 256 --lr 3e-4 --batch-size 8 --seed 0 \
+      --recipe robust --resume
+  done
 fi

@@ -38,14 +38,23 @@ TORCH_FAST_PATHS = {
 
 def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str = "auto", precision: str | None = None,
                 device: str = "auto", arch: str | None = None, onnx: str | Path | None = None,
-                engine: str | Path | None = None, options: Sequence[str] = (), log=log_.info) -> Runner:
+                engine: str | Path | None = None, options: Sequence[str] = (), convention: str | None = None,
+                log=log_.info) -> Runner:
     """The runner for `source` (or `onnx` / `engine`, as the CLI names them) on `backend` in
     `precision` (None: the file's own; for weights, the recorded CPU choice or FP32) on `device`.
 
     A file runs as it is: an ONNX file on ONNX Runtime or OpenVINO (bf16: OpenVINO's mode on an
     FP32 graph), an OpenVINO IR (.xml, OpenVINO's INT8) on OpenVINO, a plan on its TensorRT flavour. Weights run on PyTorch, or on the ONNX variant
-    made for the backend asked. Whatever cannot be honoured is refused (LungrtError; missing
+    made for the backend asked. `convention` (None: any) picks a shipped name's weights for that mask
+    convention and refuses a file of the other. Whatever cannot be honoured is refused (LungrtError; missing
     software or hardware: BackendUnavailable), never replaced by something else."""
+    if convention is not None:
+        from lungrt.core.spec import check_convention
+
+        try:
+            check_convention(convention)
+        except ValueError as e:
+            raise LungrtError(str(e)) from None
     if backend not in BACKENDS:
         raise LungrtError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
     if precision is not None and precision not in RUNNER_PRECISIONS:
@@ -61,17 +70,20 @@ def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str 
     if options and (artifact is not None or backend not in ("auto", "torch")):
         raise LungrtError(f"runner options {', '.join(options)} are PyTorch's; they need weights on --backend torch")
     if artifact is None:
-        runner = _open_weights(source, backend, precision, device, arch, tuple(options), log)
+        runner = _open_weights(source, backend, precision, device, arch, tuple(options), log, convention)
     elif engine is not None or str(artifact).endswith(ENGINE_SUFFIXES):
         runner = _open_engine(Path(artifact), backend, device)
     else:
         runner = _open_onnx(Path(artifact), backend, precision, device)
-    return _honoured(runner, backend, precision, device, str(artifact if artifact is not None else source))
+    return _honoured(runner, backend, precision, device, str(artifact if artifact is not None else source), convention)
 
 
-def _honoured(runner: Runner, backend: str, precision: str | None, device: str, named: str) -> Runner:
+def _honoured(runner: Runner, backend: str, precision: str | None, device: str, named: str,
+              convention: str | None = None) -> Runner:
     """`runner` if it is what was asked, else closed and refused in one line."""
     wrong = []
+    if convention is not None and runner.spec.convention != convention:
+        wrong.append(f"mask convention {runner.spec.convention}, not {convention}")
     if backend != "auto" and runner.backend != backend:
         wrong.append(f"backend {runner.backend}, not {backend}")
     if precision is not None and runner.precision != precision:
@@ -125,13 +137,14 @@ def _openvino(path: Path, precision: str) -> Runner:
 
 
 def _open_weights(source, backend: str, precision: str | None, device: str, arch: str | None, options: tuple,
-                  log) -> Runner:
+                  log, convention: str | None = None) -> Runner:
     from lungrt.models.checkpoint import resolve_model
 
     if backend in ("tensorrt", "tensorrt-rtx"):
         raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
                           "then pass the plan (--engine PLAN)")
-    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or DEFAULT_MODEL, arch=arch)
+    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or DEFAULT_MODEL, arch=arch,
+                                                                           convention=convention)
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise BackendUnavailable(f"device {device}: no CUDA device here")

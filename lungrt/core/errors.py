@@ -18,6 +18,12 @@ class ImageReadError(LungrtError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class NotARadiograph(ImageReadError):
+    """A DICOM instance that holds no radiograph to segment (a SEG, SR, presentation state, key
+    object selection, ...): a study received whole holds them beside its films. Skipped with its
+    reason, never counted as a failure."""
+
+
 class CheckpointError(LungrtError):
     """Weights or checkpoint metadata that cannot be loaded into a model."""
 

@@ -17,6 +17,21 @@ import numpy as np
 
 EQUALIZATIONS = ("none", "histogram", "clahe")
 
+# What a "lung" mask means. Two conventions of annotators, which contradict each other as one target:
+CONVENTIONS = {
+    "lung-field": "the visible lung fields; the lung behind the heart and below the diaphragm's dome left out "
+                  "(JSRT/SCR, Montgomery, Shenzhen)",
+    "whole-lung": "the whole lung, behind the heart and where disease made it opaque, down to the diaphragm "
+                  "(cxr-covid-v7)",
+}
+DEFAULT_CONVENTION = "lung-field"  # what every model before the conventions were named was trained on
+
+
+def check_convention(name: str) -> str:
+    if name not in CONVENTIONS:
+        raise ValueError(f"mask convention must be one of {', '.join(CONVENTIONS)}, got {name!r}")
+    return name
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -26,8 +41,12 @@ class PreprocessSpec:
     clahe_tiles: int = 8
     mean: float = 0.5
     std: float = 0.25
+    # the mask convention the model segments: travels with the spec (checkpoint, ONNX metadata, engine sidecar,
+    # the artifact's digest), so a deployed file cannot be taken for the other convention
+    convention: str = DEFAULT_CONVENTION
 
     def __post_init__(self):
+        check_convention(self.convention)
         if self.equalization not in EQUALIZATIONS:
             raise ValueError(f"equalization must be one of {EQUALIZATIONS}, got {self.equalization!r}")
         if self.size % 16 or not 32 <= self.size <= 2048:

@@ -1,12 +1,19 @@
 """Datasets: discover image/mask pairs, split them deterministically, load them for training.
 
 Layouts understood: `DIR/images/NAME.ext` + `DIR/masks/NAME.ext` (mask stems may end in `_mask`),
-and `NAME.ext` + `NAME_mask.ext` side by side anywhere under DIR.
+and `NAME.ext` + `NAME_mask.ext` side by side anywhere under DIR. A `DIR/metadata.csv` with `file` and
+`patient` columns makes the split go by patient (several films of one patient never straddle splits).
+
+Every dataset has a mask convention (`lungrt.core.spec.CONVENTIONS`): declared in `DIR/lungrt-dataset.json`
+(`{"convention": "whole-lung"}`), known by the folder's name for the sets lungrt was built on, or given by the
+caller; `dataset_convention` says which, or None when nothing declares it.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import re
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -18,22 +25,59 @@ import numpy as np
 
 from lungrt.core.errors import DatasetError, ImageReadError
 from lungrt.data.io import is_supported, read_mask, read_xray
-from lungrt.core.spec import PreprocessSpec
+from lungrt.core.spec import PreprocessSpec, check_convention
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (4, 3, 3)  # the papers' 4:3:3
 MASK_SUFFIXES = ("_mask", "_masks", "_seg", "_label")
+DATASET_FILE = "lungrt-dataset.json"
+METADATA_FILE = "metadata.csv"
+# the public sets lungrt was built on, by folder name (their READMEs say which convention they draw)
+KNOWN_CONVENTIONS = {"cxr-mc-sz": "lung-field", "cxr-covid-v7": "whole-lung"}
 
 
 @dataclass(frozen=True)
 class Pair:
-    name: str  # image stem; the patient/file identity used for splitting
+    name: str  # image stem
     image: Path
     mask: Path
+    patient: str = ""  # from metadata.csv: the unit of splitting (else the file name is)
+    origin: str = ""  # the dataset's own source label, when its file names carry none
 
     @property
     def source(self) -> str:
-        return source_of(self.name)
+        return self.origin or source_of(self.name)
+
+    @property
+    def unit(self) -> str:
+        return self.patient or self.name
+
+
+def dataset_convention(root: str | Path, declared: str | None = None) -> str | None:
+    """The mask convention of a dataset folder: `declared` (a caller's flag), else its lungrt-dataset.json,
+    else its folder's name among the known sets; None when nothing says."""
+    if declared:
+        return check_convention(declared)
+    root = Path(root)
+    card = root / DATASET_FILE
+    if card.is_file():
+        try:
+            return check_convention(json.loads(card.read_text())["convention"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise DatasetError(f"{card}: no valid \"convention\" ({e})") from None
+    return KNOWN_CONVENTIONS.get(root.resolve().name)
+
+
+def _patients(root: Path) -> dict[str, str]:
+    """image stem -> patient id from DIR/metadata.csv (`file`, `patient` columns), if present."""
+    meta = root / METADATA_FILE
+    if not meta.is_file():
+        return {}
+    with open(meta, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"file", "patient"} <= set(rows[0]):
+        return {}
+    return {Path(r["file"]).stem: str(r["patient"]).strip() for r in rows if str(r["patient"]).strip()}
 
 
 @dataclass
@@ -79,7 +123,10 @@ def discover_pairs(root: str | Path) -> Discovery:
                 masks[str(p.parent / base)] = p
             else:
                 images[str(p.parent / p.stem)] = p
-    pairs = [Pair(Path(k).name, images[k], masks[k]) for k in sorted(images) if k in masks]
+    patients = _patients(root)
+    origin = root.resolve().name.upper() if patients else ""  # hash-like names carry no source prefix
+    pairs = [Pair(Path(k).name, images[k], masks[k], patients.get(Path(k).name, ""), origin)
+             for k in sorted(images) if k in masks]
     return Discovery(
         pairs=pairs,
         unmatched_images=[images[k] for k in sorted(images) if k not in masks],
@@ -92,27 +139,29 @@ def _unit_hash(seed: int, name: str) -> str:
 
 
 def split_pairs(pairs: list[Pair], seed: int = 0, ratios=DEFAULT_RATIOS) -> dict[str, list[Pair]]:
-    """Deterministic split by seed and file-name hash, stratified by source prefix.
+    """Deterministic split by seed and unit hash (the patient where metadata names one, else the
+    file), stratified by source prefix.
 
-    Within each source the pairs are ordered by hash and cut by the ratios, so the result does not
-    depend on listing order and every source with >= 3 files appears in every split.
+    Within each source the units are ordered by hash and cut by the ratios, so the result does not
+    depend on listing order, every source with >= 3 units appears in every split, and all films of
+    one patient land in the same split.
     """
     total = float(sum(ratios))
     out: dict[str, list[Pair]] = {s: [] for s in SPLITS}
-    by_source: dict[str, list[Pair]] = defaultdict(list)
+    by_source: dict[str, dict[str, list[Pair]]] = defaultdict(lambda: defaultdict(list))
     for p in pairs:
-        by_source[p.source].append(p)
-    for group in by_source.values():
-        group = sorted(group, key=lambda p: _unit_hash(seed, p.name))
+        by_source[p.source][p.unit].append(p)
+    for units in by_source.values():
+        group = sorted(units, key=lambda u: _unit_hash(seed, u))
         n = len(group)
         n_train = int(round(n * ratios[0] / total))
         n_val = int(round(n * ratios[1] / total))
         if n >= 3:  # keep every source in every split
             n_train = min(max(n_train, 1), n - 2)
             n_val = min(max(n_val, 1), n - n_train - 1)
-        out["train"] += group[:n_train]
-        out["val"] += group[n_train : n_train + n_val]
-        out["test"] += group[n_train + n_val :]
+        for split, chosen in (("train", group[:n_train]), ("val", group[n_train: n_train + n_val]),
+                              ("test", group[n_train + n_val:])):
+            out[split] += [p for u in chosen for p in units[u]]
     for s in SPLITS:
         out[s].sort(key=lambda p: p.name)
     return out
@@ -200,6 +249,36 @@ def check_dataset(root: str | Path, seed: int = 0) -> dict:
             for s, v in splits.items()
         },
     }
+
+
+# where the known sets come from and under which terms (their READMEs); metadata.csv's `license` column adds per-film terms
+KNOWN_SOURCES = {
+    "cxr-mc-sz": "Montgomery County + Shenzhen chest X-ray sets (U.S. National Library of Medicine; Shenzhen No.3 "
+                 "People's Hospital): not to be redistributed",
+    "cxr-covid-v7": "ieee8023 COVID-19 chest X-ray collection (Cohen et al. 2020) with V7 Labs' lung polygons (CC BY 4.0)",
+}
+
+
+def data_card(roots: list[Path], seed: int = 0) -> list[dict]:
+    """What a model was trained on, for its weights' metadata: per set its name, source and terms, mask
+    convention, how it was split (by patient or by file) and how many films (and patients) each split holds."""
+    card = []
+    for root in roots:
+        root = Path(root)
+        pairs = discover_pairs(root).pairs
+        splits = split_pairs(pairs, seed)
+        licenses = Counter()
+        meta = root / METADATA_FILE
+        if meta.is_file():
+            with open(meta, newline="") as f:
+                licenses = Counter((r.get("license") or "").strip() or "not stated" for r in csv.DictReader(f))
+        card.append({
+            "set": root.resolve().name, "source": KNOWN_SOURCES.get(root.resolve().name, str(root)),
+            "convention": dataset_convention(root), "split_by": "patient" if any(p.patient for p in pairs) else "file",
+            "seed": seed, "licenses": dict(licenses.most_common()),
+            "splits": {s: {"films": len(v), "patients": len({p.unit for p in v})} for s, v in splits.items()},
+        })
+    return card
 
 
 GATE_IMAGES = 48  # validation images that gate builds and CPU choices

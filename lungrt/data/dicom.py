@@ -110,6 +110,14 @@ def screen(facts: dict | None) -> list[str]:
     return reasons
 
 
+def seg_refusal(facts: dict | None) -> list[str]:
+    """Why a film gets no lung SEG: what `screen` flags, and a header that does not name a chest film's
+    modality at all (a secondary capture or a bare data set of unknown origin: a mask, never a SEG)."""
+    if not facts:
+        return ["no_dicom_header"]
+    return screen(facts) or ([] if facts.get("modality") in CHEST_MODALITIES else ["no_chest_modality_stated"])
+
+
 def write_dicom(path, pixels, syntax: str = "explicit-le", *, modality: str = "DX", body_part: str | None = "CHEST",
                 view: str | None = "PA", spacing_mm: tuple[float, float] | None = (0.2, 0.2), bits_stored: int = 12,
                 study_uid: str | None = None, series_uid: str | None = None, photometric: str = "MONOCHROME2") -> str:

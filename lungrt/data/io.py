@@ -21,7 +21,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lungrt.core.errors import ImageReadError
+from lungrt.core.errors import ImageReadError, NotARadiograph
 from lungrt.core.spec import PreprocessSpec, area_downsize_bands, to_gray8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -158,8 +158,25 @@ def is_dicom(path: Path) -> bool:
 
 
 def _has_dicom_magic(head: bytes) -> bool:
-    """DICOM Part 10: a 128-byte preamble, then 'DICM' (files need no extension)."""
-    return head[128:132] == b"DICM"
+    """DICOM Part 10: a 128-byte preamble, then 'DICM' (files need no extension); or a bare data
+    set without preamble and File Meta, as older archives keep them (`_looks_like_bare_dataset`)."""
+    return head[128:132] == b"DICM" or _looks_like_bare_dataset(head)
+
+
+_EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
+                 b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
+                 b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+
+
+def _looks_like_bare_dataset(head: bytes) -> bool:
+    """A little-endian data set starting at byte 0 with a group 0008 element (SOP Class, Specific
+    Character Set, ...) in explicit VR (a known VR next) or implicit VR (a small even length next)."""
+    if len(head) < 8 or head[:2] != b"\x08\x00" or struct.unpack_from("<H", head, 2)[0] > 0x0100:
+        return False
+    if head[4:6] in _EXPLICIT_VRS:
+        return True
+    length = struct.unpack_from("<I", head, 4)[0]
+    return length < 1024 and length % 2 == 0
 
 
 def is_supported(path: Path) -> bool:
@@ -365,20 +382,12 @@ def _to_unit(arr: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSpec | None = None) -> XRay:
-    import pydicom
-
     from lungrt.data.dicom import decoding_plugin, header_facts, missing_decoder
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)  # pixel data read below, once, without copies
-    except (PermissionError, FileNotFoundError, IsADirectoryError):
-        raise  # read_xray names these
-    except InvalidDicomError as e:
-        raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
-    except Exception as e:  # pydicom raises many kinds on truncated headers
-        raise ImageReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
+    ds = read_dicom_dataset(path, defer_size=_DEFER_BYTES)  # pixel data read below, once, without copies
+    if not_image := not_a_radiograph(ds):
+        raise NotARadiograph(path, not_image)
     if "PixelData" not in ds:
         if _PIXEL_DATA_TAG in path.read_bytes():  # the tag is there but pydicom stopped before it
             raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
@@ -389,8 +398,8 @@ def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSp
         raise ImageReadError(path, "DICOM is cut short (truncated inside its pixel data)")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     _check_dimensions(path, cols, rows, max_pixels)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageReadError(path, "multi-frame DICOM is not a single radiograph")
+    if (frames := int(ds.get("NumberOfFrames", 1) or 1)) > 1:  # cine, volumes: a study may hold them beside its films
+        raise NotARadiograph(path, f"not a radiograph: multi-frame DICOM ({frames} frames); skipped")
     if tsyntax is not None and (missing := missing_decoder(tsyntax)):
         raise ImageReadError(path, missing)
     identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
@@ -438,6 +447,65 @@ def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSp
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         values = 1.0 - values
     return XRay(str(path), values, _dicom_spacing(ds), stored, header=header)
+
+
+# SOP classes that hold no radiograph: segmentation/registration, structured reports, presentation
+# states, encapsulated documents, key object selection, raw data, waveforms
+NOT_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66": "a segmentation, registration or other derived non-image object",
+    "1.2.840.10008.5.1.4.1.1.88.": "a structured report",
+    "1.2.840.10008.5.1.4.1.1.11.": "a presentation state",
+    "1.2.840.10008.5.1.4.1.1.104.": "an encapsulated document",
+    "1.2.840.10008.5.1.4.1.1.9.": "a waveform",
+    "1.2.840.10008.5.1.4.1.1.481.": "a radiotherapy object",
+}
+
+
+def not_a_radiograph(ds) -> str:
+    """Why a DICOM data set is not a radiograph to segment, by its SOP Class ('' when it may be one)."""
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    for prefix, what in NOT_IMAGE_SOP_CLASSES.items():
+        if sop_class.startswith(prefix):
+            return f"not a radiograph: {what} (SOP Class {sop_class}); skipped"
+    return ""
+
+
+def read_dicom_dataset(path: str | Path, **kwargs):
+    """pydicom's data set of `path`, also for a file without preamble and File Meta (read when it parses as
+    DICOM, the transfer syntax inferred as pydicom does); ImageReadError with the reason otherwise."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        try:
+            return pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            ds = pydicom.dcmread(path, force=True, **kwargs)
+            if "SOPClassUID" not in ds and "Rows" not in ds:
+                raise InvalidDicomError("neither a Part-10 header nor a data set with an SOP Class or image size")
+            _infer_transfer_syntax(ds)
+            return ds
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # read_xray names these
+    except InvalidDicomError as e:
+        raise ImageReadError(path, f"not a valid DICOM file ({e})") from None
+    except Exception as e:  # pydicom raises many kinds on truncated headers
+        raise ImageReadError(path, f"corrupt DICOM ({type(e).__name__}: {e})") from None
+
+
+def _infer_transfer_syntax(ds) -> None:
+    """A bare data set read with force: the transfer syntax it was parsed in, so its pixels decode."""
+    from pydicom import uid
+    from pydicom.dataset import FileMetaDataset
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit = ds.original_encoding[0] if getattr(ds, "original_encoding", None) else True
+        little = ds.original_encoding[1] if getattr(ds, "original_encoding", None) else True
+        meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                  uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+    ds.file_meta = meta
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -505,7 +573,7 @@ def _dicom_spacing(ds) -> tuple[float, float] | None:
                 r, c = float(v[0]), float(v[1])
             except (TypeError, ValueError):
                 continue
-            if r > 0 and c > 0:
+            if r > 0 and c > 0 and np.isfinite(r) and np.isfinite(c):  # NaN\NaN, 0\0 and negatives are no spacing
                 return (r, c)
     return None
 

@@ -4,7 +4,12 @@ Binary, at the source image's geometry, referencing the source SOP instance (and
 series and study: the SEG joins the source's study as a new series). One segment per lung, the
 patient's right lung and left lung (SNOMED CT "Right lung structure" / "Left lung structure"), as
 the areas in results.csv were measured; a side with no pixels has no segment. The algorithm
-identification names lungrt, the model and the content hash of the weights or artifact that ran.
+identification names lungrt, the model and the content hash of the weights or artifact that ran; the
+series description names the mask convention, and a film that QC flagged says so in the content description.
+
+Projection radiographs (CR/DX without a frame of reference) get no Pixel Measures: the SEG shares the source's
+pixel grid by reference, the spacing is the source's to give, and a 2-D Pixel Measures item without a
+slice thickness is what highdicom's own reader refuses (a copied 0\\0 or NaN spacing was invalid besides).
 """
 
 from __future__ import annotations
@@ -23,15 +28,31 @@ LEFT_LUNG = ("44029006", "SCT", "Left lung structure")
 _SERIES_ROOT = "lungrt-seg-series"
 
 
-def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artifact: str | None) -> bytes:
+CONVENTION_WORDS = {"lung-field": "lung fields", "whole-lung": "whole lungs"}
+
+
+def _source_for_seg(source: str | Path):
+    """The source's header as highdicom should see it: without spacing or a slice thickness when it has
+    no frame of reference (a projection radiograph; see the module's docstring)."""
+    from lungrt.data.io import read_dicom_dataset
+
+    src = read_dicom_dataset(source, stop_before_pixels=True)
+    if "FrameOfReferenceUID" not in src:
+        for keyword in ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"):
+            if keyword in src:
+                delattr(src, keyword)
+    return src
+
+
+def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artifact: str | None,
+                       convention: str = "lung-field", qc: str = "ok") -> bytes:
     """Part-10 bytes of the SEG for `source` (a DICOM file) from `labels` (0 background, 1 the
-    patient's right lung, 2 the left, at the source's size)."""
+    patient's right lung, 2 the left, at the source's size); `qc`: the film's QC verdict."""
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    src = pydicom.dcmread(source, stop_before_pixels=True)
+    src = _source_for_seg(source)
     if labels.shape != (int(src.Rows), int(src.Columns)):
         raise ValueError(f"mask {labels.shape} is not the source's {int(src.Rows)}x{int(src.Columns)}")
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -52,12 +73,15 @@ def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artif
     seg = hd.seg.Segmentation(
         source_images=[src], pixel_array=remapped, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SeriesInstanceUID), model]),
+        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SeriesInstanceUID), model]
+                                         + ([convention] if convention != "lung-field" else [])),
         series_number=9000,
         sop_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SOPInstanceUID), model, artifact or ""]),
         instance_number=int(src.get("InstanceNumber", 1) or 1), manufacturer="lungrt",
         manufacturer_model_name=model[:64], software_versions=__version__, device_serial_number="lungrt",
-        series_description=f"lungrt {model} lung fields"[:64])
+        series_description=f"lungrt {model} {CONVENTION_WORDS.get(convention, convention)}"[:64],
+        content_label="LUNGS", content_description=("QC ok" if qc == "ok" else f"QC flagged: {qc}")[:64],
+        content_creator_name="lungrt")
     if "FrameOfReferenceUID" not in src:
         # General Image module, type 2C without a frame of reference (projection radiographs): the
         # SEG shares the source's pixel grid, so its orientation too (empty when the source has none)

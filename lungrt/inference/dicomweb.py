@@ -1,21 +1,24 @@
 """A PACS as input and output over DICOMweb (dicomweb-client): `lungrt infer URL --store`.
 
 An input `http(s)://HOST/ROOT/studies/STUDY[/series/SERIES]` is listed with QIDO-RS and its
-instances fetched with WADO-RS into `OUT/.lungrt-dicomweb/STUDY/SERIES/SOP.dcm`, where the usual
-pipeline reads them like local files (one fetched before is not fetched again, so `--resume`
-compares them like any input). `--store` sends the run's DICOM SEG instances back with STOW-RS, checks
-that the PACS then lists each (QIDO-RS), and records each stored one in
-`OUT/.lungrt-records/stored.txt`, so a resumed run stores only the rest.
+instances fetched with WADO-RS into `OUT/.lungrt-dicomweb/PACS/STUDY/SERIES/SOP.dcm` (PACS: its host and
+port), where the usual pipeline reads them like local files (one fetched before is not fetched again, so
+`--resume` compares them like any input); their outputs go to `OUT/pacs_PACS/STUDY/SERIES/SOP.*`, beside
+local inputs' own. `--store` (`store_results`) sends back with STOW-RS exactly the SEGs that this run's
+journal lists for instances fetched from a PACS, each to the PACS it came from and only into the study it
+came from; films QC flagged only when asked. It checks that the PACS then lists each (QIDO-RS) and records
+each stored one in `OUT/.lungrt-records/stored.txt`, so a resumed run stores only the rest.
 """
 
 from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from lungrt.core.errors import LungrtError, one_line
-from lungrt.data.io import atomic_write_bytes
+from lungrt.data.io import NOT_IMAGE_SOP_CLASSES, atomic_write_bytes
 
 FETCHED = ".lungrt-dicomweb"
 STORED = "stored.txt"
@@ -24,6 +27,39 @@ _URL = re.compile(r"^(?P<root>https?://.+?)/studies/(?P<study>[0-9.]+)(?:/series
 
 def is_dicomweb_url(text: str) -> bool:
     return bool(_URL.match(text))
+
+
+@dataclass(frozen=True)
+class PacsInput:
+    """A DICOMweb input of a run: where it came from and where its instances and outputs live."""
+
+    url: str  # as given
+    root: str  # the DICOMweb root the SEGs go back to
+    study: str  # the one study they may go into
+    folder: Path  # its fetched instances: OUT/.lungrt-dicomweb/PACS/STUDY
+    label: str  # its outputs' folder under OUT: pacs_PACS
+
+    def holds(self, rel: Path) -> bool:
+        """Whether an output stem belongs to this input."""
+        return rel.parts[:2] == (self.label, self.study)
+
+
+def pacs_tag(root: str) -> str:
+    """A PACS's DICOMweb root as a folder name: host and port (and path when the root has one)."""
+    text = re.sub(r"^https?://", "", root).strip("/")
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text)
+
+
+def fetch_inputs(urls: list[str], out_dir: Path) -> list[PacsInput]:
+    """Every DICOMweb input fetched (`fetch`), with its origin for storing back."""
+    found = []
+    for url in urls:
+        m = _URL.match(url)
+        if not m:
+            raise LungrtError(f"{url}: not a DICOMweb study or series URL (…/studies/UID[/series/UID])")
+        tag = pacs_tag(m["root"])
+        found.append(PacsInput(url, m["root"], m["study"], fetch(url, out_dir), f"pacs_{tag}"))
+    return found
 
 
 def _client(root: str):
@@ -59,7 +95,7 @@ def fetch(url: str, out_dir: Path) -> Path:
         raise _failure(url, "listing its instances", e) from None
     if not found:
         raise LungrtError(f"{url}: the PACS lists no instances there")
-    folder = out_dir / FETCHED / study
+    folder = out_dir / FETCHED / pacs_tag(m["root"]) / study
     for entry in found:
         series_uid, sop = entry["0020000E"]["Value"][0], entry["00080018"]["Value"][0]
         if _not_an_image(entry):  # the study's SEGs (lungrt's own, stored back), reports, presentation states
@@ -77,15 +113,10 @@ def fetch(url: str, out_dir: Path) -> Path:
     return folder
 
 
-# SOP classes without a radiograph to segment: segmentation/registration, structured reports,
-# presentation states, encapsulated documents, key object selection
-NOT_IMAGES = ("1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.",
-              "1.2.840.10008.5.1.4.1.1.104.")
-
-
 def _not_an_image(entry: dict) -> bool:
+    """The same SOP classes that a local folder's reader skips (`lungrt.data.io.not_a_radiograph`)."""
     sop_class = (entry.get("00080016", {}).get("Value") or [""])[0]
-    return sop_class.startswith(NOT_IMAGES)
+    return sop_class.startswith(tuple(NOT_IMAGE_SOP_CLASSES))
 
 
 def _refusal(response) -> str:
@@ -107,30 +138,66 @@ def _not_listed(client, ds) -> str:
     return "" if found else "acknowledged by STOW-RS, yet QIDO-RS does not list it"
 
 
-def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[int, int]:
-    """STOW-RS every SEG not stored before; (stored now, stored earlier). One failure stops it with
-    one line; what was stored is recorded first, so `--resume --store` sends only the rest."""
+def store_results(out_dir: Path, pacs_inputs: list[PacsInput], records: dict[str, dict],
+                  include_flagged: bool = False) -> dict:
+    """STOW-RS this run's SEGs (`records`: the journal, by output stem) of instances fetched from a PACS, each
+    to the PACS and study it came from. A film QC flagged is held back unless `include_flagged`; a SEG
+    whose study is not its source's is refused. The answer lists what went where."""
+    import pydicom
+
+    result = {"stored": [], "stored_before": 0, "held_qc_flagged": [], "not_stored": []}
+    for pacs in pacs_inputs:
+        segs = []
+        for rel, row in sorted(records.items()):
+            if not pacs.holds(Path(rel)) or row.get("status") != "ok":
+                continue
+            seg = str(row.get("dicom_seg") or "")
+            if not seg.endswith(".seg.dcm"):
+                if seg:
+                    result["not_stored"].append({"output": rel, "why": seg})
+                continue
+            if row.get("qc", "ok") != "ok" and not include_flagged:
+                result["held_qc_flagged"].append({"output": rel, "qc": row["qc"]})
+                continue
+            segs.append(out_dir / seg)
+        for path in segs:
+            study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+            if study != pacs.study:
+                raise LungrtError(f"{path}: its study {study} is not {pacs.study}, fetched from {pacs.root}; "
+                                  "not stored")
+        stored, before = store_segs(pacs.root, out_dir, segs)
+        result["stored"] += [{"pacs": pacs.root, "study": pacs.study, "file": str(p.relative_to(out_dir))}
+                             for p in stored]
+        result["stored_before"] += before
+    return result
+
+
+def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[list[Path], int]:
+    """STOW-RS to `root_url` every SEG not stored there before; (stored now, how many earlier). One failure
+    stops it with one line; what was stored is recorded first, so `--resume --store` sends only the rest."""
     import pydicom
 
     m = _URL.match(root_url)
-    client = _client(m["root"] if m else root_url)
+    root = m["root"] if m else root_url
+    client = _client(root)
     record = out_dir / ".lungrt-records" / STORED
-    done = set(record.read_text().split()) if record.exists() else set()
-    now = 0
+    done = {tuple(line.split(" ", 1)) for line in record.read_text().splitlines()} if record.exists() else set()
+    now: list[Path] = []
     for path in seg_paths:
         ds = pydicom.dcmread(path)
-        if ds.SOPInstanceUID in done:
+        if (ds.SOPInstanceUID, root) in done:
             continue
-        what = f"storing {path.name} (STOW-RS; {now} stored now, the rest after a rerun with --resume --store)"
+        what = f"storing {path.name} (STOW-RS; {len(now)} stored now, the rest after a rerun with --resume --store)"
         try:
             response = client.store_instances([ds])
         except Exception as e:
-            raise _failure(root_url, what, e) from None
+            raise _failure(root, what, e) from None
         refused = _refusal(response) or _not_listed(client, ds)
         if refused:
-            raise LungrtError(f"{root_url}: {what}: the PACS refused it ({refused})")
+            raise LungrtError(f"{root}: {what}: the PACS refused it ({refused})")
+        record.parent.mkdir(parents=True, exist_ok=True)
         with open(record, "a") as f:
-            f.write(ds.SOPInstanceUID + "\n")
-        done.add(ds.SOPInstanceUID)
-        now += 1
-    return now, len(seg_paths) - now
+            f.write(f"{ds.SOPInstanceUID} {root}\n")
+        done.add((ds.SOPInstanceUID, root))
+        now.append(path)
+    return now, len(seg_paths) - len(now)

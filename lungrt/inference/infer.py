@@ -28,11 +28,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungrt.core.errors import ImageReadError, LungrtError, one_line
-from lungrt.data.io import TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, encode_mask_png1, is_special_file, is_supported, read_xray, sync_filesystem
+from lungrt.core.errors import ImageReadError, LungrtError, NotARadiograph, one_line
+from lungrt.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, encode_mask_png1, is_special_file, is_supported, read_xray, sync_filesystem
 from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
 from lungrt.core.plots import overlay
-from lungrt.data.dicom import screen
+from lungrt.data.dicom import screen, seg_refusal
 from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
 from lungrt.inference.shape import complete, plausible_fit
 from lungrt.inference.qc import FEATURES as QC_FEATURES
@@ -47,7 +47,7 @@ EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 CSV_FIELDS = ["path", "width", "height", "status", "error", "qc", "lung_fraction", "right_lung_px", "left_lung_px",
               "right_lung_mm2", "left_lung_mm2", "mean_confidence", *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
-              "backend", "model", "mask", "dicom_seg"]
+              "backend", "model", "mask", "dicom_seg", "note"]
 
 
 @dataclass(frozen=True)
@@ -202,15 +202,46 @@ def collect_inputs(inputs: list[str], out_dir: str | Path | None = None) -> list
     items, taken = [], set()
     for source, _, error in found.values():
         rel = _safe_rel(Path(os.path.abspath(source)).relative_to(root))
-        rel = rel.with_name(rel.name.removesuffix(source.suffix)) if source.suffix and not error.startswith("unreadable") else rel
+        if _image_suffix(source) and not error.startswith("unreadable"):  # CR.1.2.840.99.5457.1 keeps its UID whole
+            rel = rel.with_name(rel.name.removesuffix(source.suffix))
         if rel in taken:  # a.png beside a.dcm, or names made equal by sanitising
-            alt = rel.with_name(f"{rel.name}_{source.suffix.lstrip('.')}") if source.suffix else rel
+            alt = rel.with_name(f"{rel.name}_{source.suffix.lstrip('.')}") if _image_suffix(source) else rel
             if alt in taken or alt == rel:
                 alt = rel.with_name(f"{rel.name}_{hashlib.sha1(os.fsencode(source)).hexdigest()[:8]}")
             rel = alt
         taken.add(rel)
         items.append(Item(source, rel, error))
     return sorted(items, key=lambda it: str(it.rel))
+
+
+def gather_inputs(inputs: list[str], out_dir: str | Path) -> tuple[list[Item], list]:
+    """(items, PACS inputs) of a run's inputs: DICOMweb URLs fetched into the output folder
+    (`dicomweb.fetch_inputs`), local files, folders and globs as they are (`collect_with_pacs`)."""
+    from lungrt.inference.dicomweb import fetch_inputs, is_dicomweb_url
+
+    urls = [i for i in inputs if is_dicomweb_url(i)]
+    pacs_inputs = fetch_inputs(urls, prepare_out_dir(Path(out_dir))) if urls else []
+    return collect_with_pacs([i for i in inputs if i not in urls], pacs_inputs, out_dir), pacs_inputs
+
+
+def collect_with_pacs(local: list[str], pacs_inputs: list, out_dir: str | Path) -> list[Item]:
+    """Local inputs as `collect_inputs` names them, and each PACS input's fetched instances under
+    `pacs_HOST_PORT/STUDY/SERIES/SOP` (`dicomweb.PacsInput`): the two never share an output folder."""
+    items = collect_inputs(local, out_dir) if local else []
+    taken = {it.rel.parts[0] for it in items if it.rel.parts}
+    for pacs in pacs_inputs:
+        if pacs.label in taken:
+            raise LungrtError(f"a local input's outputs would share {pacs.label}/ with {pacs.url}'s; rename it or "
+                              "run the PACS input with an --out of its own")
+        items += [Item(it.source, Path(pacs.label) / pacs.study / it.rel.relative_to(it.rel.parts[0]), it.error)
+                  for it in collect_inputs([str(pacs.folder)], out_dir)]
+    return sorted(items, key=lambda it: str(it.rel))
+
+
+def _image_suffix(path: Path) -> str:
+    """The file's suffix when it names an image format ('' for none, and for the dots inside a UID)."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES else ""
 
 
 def outputs_for(out_dir: Path, item: Item, opts: InferOptions, seg: bool = False) -> dict[str, Path]:
@@ -310,10 +341,14 @@ def screened_out(xray, opts: InferOptions) -> list[str]:
     return screen(getattr(xray, "header", None)) if opts.screen == "skip" else []
 
 
-def _skipped_row(item: Item, xray, reasons: list[str], runner: Runner) -> dict:
-    h, w = xray.shape
+class NotImage(str):
+    """`_load`'s reason for an input that holds no radiograph (a SEG, SR, presentation state): skipped, not failed."""
+
+
+def _skipped_row(item: Item, xray, reasons: list[str], runner: Runner, note: str = "") -> dict:
+    h, w = xray.shape if xray is not None else ("", "")
     return {"path": display_path(item.source), "width": w, "height": h, "status": "skipped", "error": "",
-            "qc": ";".join(reasons), "backend": runner.describe(), "model": runner.info.name, "sizes": {},
+            "qc": ";".join(reasons), "note": note, "backend": runner.describe(), "model": runner.info.name, "sizes": {},
             "source_stat": source_stat(item.file)}
 
 
@@ -341,6 +376,8 @@ def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray,
         if e.errno in FATAL_ERRNOS:
             raise
         return _write_record(out_dir, item, _error_row(item, f"could not write its outputs ({e.strerror})", runner))
+    except Exception as e:  # measuring or encoding one input failed: its row says why, the run goes on
+        return _write_record(out_dir, item, _error_row(item, f"{type(e).__name__}: {e}", runner))
 
 
 @dataclass
@@ -407,14 +444,9 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
     dicom = getattr(xray, "header", None) is not None
     seg_note = ""
     if opts.dicom_seg and dicom:
-        labels = side_labels(m.fields)
-        if labels.any():
-            from lungrt.inference.dicom_seg import segmentation_bytes
-
-            artifact = getattr(runner, "content_hash", None) or getattr(runner, "weights_id", None)
-            files["seg"] = segmentation_bytes(item.file, labels, runner.info.name, artifact)
-        else:
-            seg_note = "empty mask: no SEG"
+        seg, seg_note = _segmentation_or_why_not(item, xray, m, runner)
+        if seg is not None:
+            files["seg"] = seg
     paths = outputs_for(out_dir, item, opts, seg="seg" in files)
     for kind, data in files.items():
         atomic_write_bytes(paths[kind], data, durable=False)
@@ -430,6 +462,25 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         "dicom": dicom, "dicom_seg": str(paths["seg"].relative_to(out_dir)) if "seg" in paths else seg_note,
     }
     return _write_record(out_dir, item, row)
+
+
+def _segmentation_or_why_not(item: Item, xray, m: Measured, runner) -> tuple[bytes | None, str]:
+    """(the DICOM SEG's bytes, '') or (None, why this film has none): no lung SEG for a film that header
+    screening says is not a frontal chest, none for an empty mask; a SEG that cannot be made (a header
+    highdicom refuses) leaves the mask and the row as they are, with the reason."""
+    reasons = seg_refusal(getattr(xray, "header", None))
+    if reasons:
+        return None, f"no SEG: header screening ({';'.join(reasons)})"
+    labels = side_labels(m.fields)
+    if not labels.any():
+        return None, "no SEG: empty mask"
+    from lungrt.inference.dicom_seg import segmentation_bytes
+
+    artifact = getattr(runner, "content_hash", None) or getattr(runner, "weights_id", None)
+    try:
+        return segmentation_bytes(item.file, labels, runner.info.name, artifact, runner.spec.convention, m.qc), ""
+    except Exception as e:  # one film's header must never stop the run: its mask stands, its row says why
+        return None, f"no SEG: {one_line(f'{type(e).__name__}: {e}', 200)}"
 
 
 def _overlay_with_fit(xray, m: Measured, qc: QCThresholds) -> np.ndarray:
@@ -464,6 +515,8 @@ def _load(item: Item, spec, keep_pixels: bool = True):
     try:
         xr = read_xray(item.source, reduce_for=None if keep_pixels else spec)
         return item, xr, spec.apply_xray(xr), None
+    except NotARadiograph as e:
+        return item, None, None, NotImage(e.reason)
     except ImageReadError as e:
         return item, None, None, e.reason
     except Exception as e:  # one bad file must never stop the run
@@ -614,7 +667,7 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     todo = todo_items(out_dir, items, opts, run_identity(runner, opts))
     skipped = len(items) - len(todo)
     batch_size = effective_batch(opts, items, runner)
-    ok = failed = flagged = screened = 0
+    ok = failed = flagged = screened = not_images = 0
     stopped = False
     window = max(batch_size * 3, opts.workers * 2)
     fatal: list[OSError] = []
@@ -658,6 +711,15 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
         while pending and not fatal:
             item, xr, tensor, err = pending.popleft().result()
             fill()
+            if isinstance(err, NotImage):
+                try:
+                    _write_record(out_dir, item, _skipped_row(item, None, ["not_a_radiograph"], runner, err))
+                except OSError as e:
+                    fatal.append(e)
+                    break
+                not_images += 1
+                bar.advance(task)
+                continue
             if err is not None:
                 try:
                     _write_record(out_dir, item, _error_row(item, err, runner))
@@ -694,9 +756,10 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
     csv_path = write_results_csv(out_dir, items)
     elapsed = time.perf_counter() - t0
     summary = {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed,
-               "qc_flagged": flagged, "screened_out": screened,
+               "qc_flagged": flagged, "screened_out": screened, "not_radiographs": not_images,
                "stopped_early": stopped, "seconds": elapsed,
                "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
                "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name,
+               "convention": runner.spec.convention,
                "artifact": runner.content_hash or runner.weights_id}
     return write_summary(out_dir, summary)

@@ -23,7 +23,7 @@ from lungrt.core.errors import CheckpointError
 from lungrt.data.io import temp_path_for
 from lungrt.models import REGISTRY, build_model
 from lungrt.core.modelinfo import ModelInfo  # noqa: F401  (re-exported: where checkpoints' callers look for it)
-from lungrt.core.spec import PreprocessSpec
+from lungrt.core.spec import DEFAULT_CONVENTION, PreprocessSpec, check_convention
 
 META_KEY = "lungrt"
 MAX_WIDTH = 256
@@ -129,17 +129,21 @@ def load_bare_weights(path: str | Path, arch: str, width: int = 16, spec: Prepro
     return LoadedModel(model.eval(), ModelInfo(arch, width, spec or PreprocessSpec(), source=str(path)))
 
 
-def shipped_checkpoint(name: str) -> Path | None:
-    p = resources.files("lungrt") / "weights" / f"{name}.safetensors"
+def shipped_checkpoint(name: str, convention: str | None = None) -> Path | None:
+    """The shipped weights of a registry model for a mask convention: `NAME.safetensors` segments lung
+    fields (the default convention), `NAME.whole-lung.safetensors` whole lungs."""
+    suffix = "" if (convention or DEFAULT_CONVENTION) == DEFAULT_CONVENTION else f".{check_convention(convention)}"
+    p = resources.files("lungrt") / "weights" / f"{name}{suffix}.safetensors"
     return Path(str(p)) if p.is_file() else None
 
 
-def resolve_model(ref: str, arch: str | None = None, width: int = 16) -> LoadedModel:
-    """A registry name (shipped weights), a lungrt checkpoint, or bare weights with --arch."""
+def resolve_model(ref: str, arch: str | None = None, width: int = 16, convention: str | None = None) -> LoadedModel:
+    """A registry name (shipped weights, for `convention`), a lungrt checkpoint, or bare weights with --arch."""
     if ref in REGISTRY and not Path(ref).exists():
-        ckpt = shipped_checkpoint(ref)
+        ckpt = shipped_checkpoint(ref, convention)
         if ckpt is None:
-            raise CheckpointError(ref, "no shipped weights for this model in the installed package")
+            raise CheckpointError(ref, f"no shipped {convention or DEFAULT_CONVENTION} weights for this model "
+                                       "in the installed package")
         return load_checkpoint(ckpt)
     path = Path(ref)
     if path.is_dir() and (path / "model.safetensors").exists():  # a training run folder

@@ -1,5 +1,9 @@
 """Training: Dice + BCE, AdamW with cosine decay to 0.01x, anatomically sensible augmentation,
-best checkpoint by validation Dice, resumable, seeded."""
+best checkpoint by validation Dice, resumable, seeded.
+
+A model learns one mask convention (`lungrt.core.spec.CONVENTIONS`). Several datasets may feed it: one of
+another convention teaches only what both conventions agree on (`partial_label_weights`), and validation
+uses the sets of the model's own convention."""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 
 from lungrt.data.abnormalities import paint_training
 from lungrt.models.checkpoint import ModelInfo, resolve_model, save_checkpoint
-from lungrt.data.datasets import fingerprint, load_arrays, select_split
+from lungrt.core.errors import DatasetError
+from lungrt.data.datasets import data_card, dataset_convention, fingerprint, load_arrays, select_split
 from lungrt.evaluation.metrics import dice_batch
 from lungrt.models import build_model
 from lungrt.core.spec import PreprocessSpec, to_gray8
@@ -53,6 +58,7 @@ class TrainConfig:
     # both (75% more images for the shipped weights) and keep the last epoch, since validation is no
     # longer held out; its Dice is still logged, as a fit curve. The test split is never used.
     fit_on: str = "train"
+    convention: str = ""  # the mask convention to learn; "" = the (first) dataset's
 
 
 def bf16_autocast_supported() -> bool:
@@ -85,12 +91,53 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits).flatten(1)
-    t = target.flatten(1)
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE + soft Dice; `weight` (0/1 per pixel) leaves out the pixels a label does not decide."""
+    if weight is None:
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    else:
+        bce = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+        bce = bce / weight.sum().clamp_min(1)
+        w = weight.flatten(1)
+        p, t = torch.sigmoid(logits).flatten(1) * w, target.flatten(1) * w
     dice = (2 * (p * t).sum(1) + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
     return bce + (1 - dice).mean()
+
+
+def partial_label_weights(shares: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Per-pixel weights (N, S, S) for lung-field masks teaching a whole-lung model: the field is lung in
+    both conventions, and what lies outside the convex hull of both lungs is not lung in either; inside the
+    hull (behind the heart, between the domes) the field mask says nothing about the whole lung: weight 0."""
+    weights = np.ones_like(shares, dtype=np.float32)
+    kernel = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    for i, share in enumerate(shares):
+        lung = (share > 0.5).astype(np.uint8)
+        points = cv2.findNonZero(lung)
+        if points is None:
+            continue
+        hull = cv2.fillConvexPoly(np.zeros_like(lung), cv2.convexHull(points), 1)
+        unsure = cv2.dilate(hull, kernel).astype(bool) & (share < 0.5)
+        weights[i][unsure] = 0.0
+    return weights
+
+
+def _training_sets(data_dirs: list[Path], cfg: "TrainConfig", log) -> tuple[str, list[tuple[Path, str]]]:
+    """(the convention to learn, [(dataset, its convention)]); refuses what cannot teach that convention."""
+    sets = []
+    for root in data_dirs:
+        conv = dataset_convention(root)
+        if conv is None:
+            conv = cfg.convention or "lung-field"
+            log(f"{root}: no mask convention declared (lungrt-dataset.json); taken as {conv}")
+        sets.append((Path(root), conv))
+    target = cfg.convention or sets[0][1]
+    for root, conv in sets:
+        if conv != target and not (conv, target) == ("lung-field", "whole-lung"):
+            raise DatasetError(f"{root}: {conv} masks cannot teach a {target} model (they draw more lung than it)")
+    if not any(conv == target for _, conv in sets):
+        raise DatasetError(f"no dataset of the {target} convention to validate on")
+    return target, sets
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,24 +235,37 @@ def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, 
     return np.concatenate(out)
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, resume: bool = False,
           log=logging.getLogger(__name__).info) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    spec = PreprocessSpec(size=cfg.size, equalization=cfg.equalization)
     if cfg.fit_on not in FIT_ON:
         raise ValueError(f"fit_on must be one of {FIT_ON}, got {cfg.fit_on!r}")
-    train_pairs = select_split(data_dir, "train", cfg.seed)
-    val_pairs = select_split(data_dir, "val", cfg.seed)
-    if cfg.limit:
-        train_pairs, val_pairs = train_pairs[: cfg.limit], val_pairs[: max(2, cfg.limit // 2)]
-    if cfg.fit_on == "train+val":
-        train_pairs = train_pairs + val_pairs
+    data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+    convention, sets = _training_sets(data_dirs, cfg, log)
+    spec = PreprocessSpec(size=cfg.size, equalization=cfg.equalization, convention=convention)
+    parts, val_pairs, all_pairs = [], [], []
+    for root, conv in sets:
+        tr, va = select_split(root, "train", cfg.seed), select_split(root, "val", cfg.seed)
+        if cfg.limit:
+            tr, va = tr[: cfg.limit], va[: max(2, cfg.limit // 2)]
+        if cfg.fit_on == "train+val":
+            tr = tr + va
+        parts.append((tr, conv))
+        all_pairs += tr + va  # (with train+val, va twice: the fingerprint the shipped weights carry)
+        if conv == convention:
+            val_pairs += va
+    train_pairs = [p for tr, _ in parts for p in tr]
     with progress_bar() as bar:
         task = bar.add_task("loading X-rays", total=len(train_pairs) + len(val_pairs))
-        tr_img, tr_mask = load_arrays(train_pairs, spec, lambda: bar.advance(task), equalize=cfg.recipe != "robust")
+        loaded = [load_arrays(tr, spec, lambda: bar.advance(task), equalize=cfg.recipe != "robust") for tr, _ in parts]
         va_img, va_mask = load_arrays(val_pairs, spec, lambda: bar.advance(task))
+    tr_img = np.concatenate([im for im, _ in loaded])
+    tr_mask = np.concatenate([m for _, m in loaded])
+    tr_weight = np.concatenate([partial_label_weights(m) if conv != convention else np.ones_like(m)
+                                for (_, m), (_, conv) in zip(loaded, parts)])
+    partial = any(conv != convention for _, conv in parts)
     va_x = spec.normalize(va_img)[:, None]
 
     device = resolve_device(cfg.device)
@@ -243,8 +303,10 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     gen = torch.Generator().manual_seed(cfg.seed)
     if gen_state is not None:  # resume continues the same augmentation stream
         gen.set_state(gen_state)
-    info = ModelInfo(cfg.model, cfg.width, spec, fingerprint(train_pairs + val_pairs),
-                     training={**asdict(cfg), "device": device, "autocast": str(amp_dtype) if use_amp else "off"})
+    info = ModelInfo(cfg.model, cfg.width, spec, fingerprint(all_pairs),
+                     training={**asdict(cfg), "convention": convention, "device": device,
+                               "autocast": str(amp_dtype) if use_amp else "off",
+                               "data": data_card([root for root, _ in sets], cfg.seed)})
 
     shown = "val Dice (seen)" if cfg.fit_on == "train+val" else "best val Dice"
     with progress_bar() as bar:
@@ -258,7 +320,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
             for i in range(0, len(order), cfg.batch_size):
                 idx = np.sort(order[i : i + cfg.batch_size])
                 x = torch.from_numpy(tr_img[idx])[:, None].to(device)
-                y = torch.from_numpy(tr_mask[idx])[:, None].to(device)
+                y = torch.from_numpy(np.stack([tr_mask[idx], tr_weight[idx]], 1)).to(device)  # share, weight
                 if cfg.augment and cfg.recipe == "robust":
                     x, y = augment_robust(x.cpu(), y.cpu(), spec, gen, cfg.abnormality_p)
                     x, y = x.to(device), y.to(device)
@@ -267,7 +329,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
                 x = ((x - spec.mean) / spec.std).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev_type, dtype=amp_dtype, enabled=use_amp):
                     logits = model(x)
-                loss = dice_bce_loss(logits.float(), y)
+                # partial labels: warped weights stay 0/1 by rounding; without them the loss is the one shipped before
+                loss = dice_bce_loss(logits.float(), y[:, :1], (y[:, 1:] > 0.5).float() if partial else None)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
