@@ -80,9 +80,19 @@ def engine_checks(plan) -> list[tuple[str, bool, str]]:
     flavour and exact version, and the GPU (present, compute capability among its targets)."""
     from pathlib import Path
 
+    from lungrt.backends.integrity import IR_SUFFIX, load_verified
     from lungrt.backends.tensorrt.engine import FLAVOURS, gpu_environment, import_flavour, read_plan_metadata, runtime_reasons
     from lungrt.core.errors import LungrtError
 
+    if Path(plan).suffix in (IR_SUFFIX, ".onnx"):  # not a plan: say what it is, and whether its content checks out
+        kind = "OpenVINO IR" if Path(plan).suffix == IR_SUFFIX else "ONNX file"
+        try:
+            digest = load_verified(plan).content_hash
+        except LungrtError as e:
+            return [(kind, False, str(e))]
+        return [(kind, True, f"content sha256 {digest[:16]} matches (graph, weights and lungrt metadata)"),
+                ("TensorRT plan", False, f"an {kind} runs on the CPU engines (`lungrt infer --onnx {plan}`), "
+                                         "not as a TensorRT plan")]
     try:
         meta = read_plan_metadata(Path(plan))
     except LungrtError as e:
@@ -91,7 +101,7 @@ def engine_checks(plan) -> list[tuple[str, bool, str]]:
     built = f"{meta.get('flavour')} {meta.get('tensorrt')}, " + (f"targets {', '.join(meta['targets'])}" if meta.get("targets")
                                                                    else f"GPU {meta.get('gpu')}")
     checks = [("plan and sidecar", True, f"{meta['model']['name']} {meta['precision']}, plan sha256 {meta['plan_hash'][:16]} "
-                                         f"matches; built with {built}")]
+                                         f"and sidecar digest match; built with {built}")]
     try:
         installed = import_flavour(flavour).__version__
     except LungrtError as e:

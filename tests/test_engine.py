@@ -250,3 +250,65 @@ def test_real_engine_runs_and_passes_parity(tmp_path, tiny_checkpoint, phantom_d
     res = r.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--variant", precision, "--engine", str(plan),
                          "--data", str(phantom_dir), "--split", "all"])
     assert res.exit_code == 0, res.output
+
+
+def _edit_metadata(path: Path, key: str, edit) -> None:
+    """Change one lungrt metadata entry of an ONNX file in place, as a hand (or a script) would."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = edit(p.value)
+    onnx.save(model, str(path))
+
+
+def test_edited_onnx_metadata_is_refused_in_one_line(tmp_path, tiny_checkpoint):
+    """The digest covers the metadata that decides preprocessing and QC, not only graph and weights:
+    an ONNX file whose spec `mean` was edited from 0.5 to 0.9 no longer opens, whatever the hash it carries."""
+    import shutil
+
+    onnx_path = tmp_path / "m.onnx"
+    shutil.copy(make_variant(load_checkpoint(tiny_checkpoint), "fp32", folder=tmp_path / "v").path, onnx_path)
+    _edit_metadata(onnx_path, "lungrt.core.spec", lambda v: json.dumps({**json.loads(v), "mean": 0.9}))
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "x.png").write_bytes(b"")
+    res = CliRunner().invoke(app, ["infer", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--onnx", str(onnx_path)])
+    assert res.exit_code == 2 and "lungrt metadata" in res.output and "Traceback" not in res.output, res.output
+    shutil.copy(make_variant(load_checkpoint(tiny_checkpoint), "fp32", folder=tmp_path / "v").path, onnx_path)
+    _edit_metadata(onnx_path, "lungrt.model", lambda v: v.replace('"qc": {', '"qc": {"edited": 1, ', 1))
+    with pytest.raises(ContentMismatch, match="lungrt metadata"):
+        from lungrt.backends.integrity import load_verified_onnx
+
+        load_verified_onnx(onnx_path)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: {**m, "model": {**m["model"], "preprocess": {**m["model"]["preprocess"], "mean": 0.9}}},
+    lambda m: {**m, "model": {**m["model"], "qc": {"loosened": True}}},
+    lambda m: {**m, "precision": "fp32"},
+])
+def test_an_edited_sidecar_is_refused_by_doctor_runner_and_build(tmp_path, fp16_onnx, edit):
+    build_engine(fp16_onnx, tmp_path, builder=RecordingFakeBuilder(), log=lambda *a: None)
+    plan = next(tmp_path.glob("*.plan"))
+    sidecar = metadata_path(plan)
+    sidecar.write_text(json.dumps(edit(json.loads(sidecar.read_text())), indent=2))
+    with pytest.raises(ContentMismatch, match="does not match the digest"):
+        check_plan_usable(plan, "10.99.0", {"gpu": "FAKE GPU", "compute_capability": "9.0"})
+    res = CliRunner().invoke(app, ["doctor", "--engine", str(plan)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "plan and sidecar: NO" in text and "does not match the digest" in text
+    said = []
+    builder = RecordingFakeBuilder()
+    build_engine(fp16_onnx, tmp_path, builder=builder, log=said.append)
+    assert len(builder.calls) == 1 and not any("up to date" in s for s in said)  # rebuilt, not trusted
+    check_plan_usable(plan, "10.99.0", {"gpu": "FAKE GPU", "compute_capability": "9.0"})
+
+
+def test_doctor_knows_an_openvino_ir_is_not_a_plan(tmp_path):
+    xml = tmp_path / "m.int8.xml"
+    xml.write_text("<net/>")
+    (tmp_path / "m.int8.bin").write_bytes(b"\0")
+    res = CliRunner().invoke(app, ["doctor", "--engine", str(xml)])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 1 and "OpenVINO IR: NO" in text and "records no lungrt content hash" in text

@@ -1,10 +1,13 @@
 """Artifacts checked by content before they run.
 
-Every ONNX file lungrt writes carries, in its own metadata, the SHA-256 of its graph (nodes and
-initializers, i.e. the weights' bytes; the metadata itself is outside what is hashed). Every
-OpenVINO IR (.xml + .bin: the INT8 that NNCF makes for OpenVINO) carries in its rt_info the
-SHA-256 of both files' bytes, taken with that one value zeroed. Every engine's sidecar carries the
-SHA-256 of its plan file. Opening either recomputes the hash (about
+One digest covers everything that can change a mask. Every ONNX file lungrt writes carries, in its own
+metadata, the SHA-256 of its graph (nodes and initializers, i.e. the weights' bytes) and of every other
+metadata entry (the model card with its QC thresholds and reference weights' hash, the preprocessing spec
+with its mask convention, the precision, the calibration), keys sorted: an edited `mean` or QC bound is an
+edited file. Every OpenVINO IR (.xml + .bin: the INT8 that NNCF makes for OpenVINO) carries in its rt_info
+the SHA-256 of both files' bytes (lungrt's metadata is in the .xml), taken with that one value zeroed. Every
+engine's sidecar carries the SHA-256 of its plan file and a digest of the plan's hash with every other
+sidecar entry (`sidecar_digest`). Opening either recomputes the hash (about
 20 ms for an 8 MB graph): a cached file that fails is made again, a file a user named is refused
 in one line. A hash is what parity, build and infer record, so each mask can be matched to the
 artifact that was verified.
@@ -33,8 +36,24 @@ class ContentMismatch(LungrtError):
 
 
 def graph_hash(model) -> str:
-    """SHA-256 of an ONNX model's graph (deterministic protobuf bytes), metadata excluded."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    """SHA-256 of an ONNX model's graph (deterministic protobuf bytes) and of its metadata entries (keys
+    sorted, the recorded hash itself left out): canonical, so the same network and card give the same digest."""
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for key, value in sorted((p.key, p.value) for p in model.metadata_props if p.key != CONTENT_KEY):
+        h.update(b"\x00" + key.encode() + b"\x00" + value.encode())
+    return h.hexdigest()
+
+
+SIDECAR_DIGEST = "sidecar_digest"
+# what a sidecar may hold that decides nothing about a mask (where and when it was built, how long it took)
+SIDECAR_NOTES = ("onnx", "build_seconds", "built_at")
+
+
+def sidecar_digest(meta: dict) -> str:
+    """SHA-256 of an engine sidecar's entries (the plan's hash among them), canonical JSON, without the
+    digest itself and the build notes: the spec, QC bounds, precision, model card and profile it records."""
+    kept = {k: v for k, v in meta.items() if k != SIDECAR_DIGEST and k not in SIDECAR_NOTES}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def seal(model) -> str:
@@ -132,8 +151,9 @@ def load_verified_onnx(path: str | Path) -> VerifiedOnnx:
         raise ContentMismatch(f"{path}: records no content hash (not written by this lungrt, or edited); "
                               "make it again with `lungrt export` or `lungrt build`")
     if graph_hash(model) != recorded:
-        raise ContentMismatch(f"{path}: its graph or weights do not match the content hash it records "
-                              "(corrupted or edited); make it again with `lungrt export` or `lungrt build`")
+        raise ContentMismatch(f"{path}: its graph, weights or lungrt metadata (spec, QC, precision) do not match the "
+                              "content hash it records (corrupted or edited); make it again with `lungrt export` or "
+                              "`lungrt build`")
     return VerifiedOnnx(data, meta, recorded)
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import (InferOptions, Item, _error_row, _load, _skipped_row, _write_record, finish_one,
-                    prepare_out_dir, remove_partial_writes, screened_out, todo_items, write_results_csv)
+from lungrt.inference.infer import (InferOptions, Item, NotImage, _error_row, _load, _skipped_row, _write_record,
+                                   finish_or_error_row, prepare_out_dir, remove_partial_writes, screened_out, todo_items, write_results_csv)
 from lungrt.inference.journal import lock_out_dir, write_summary
 from lungrt.data.io import XRay
 from lungrt.core.spec import PreprocessSpec
@@ -82,9 +82,9 @@ def _read(row: dict, spec_json: str) -> dict:
     _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"]), row["known_error"]), spec)
     if err is not None:
         s = spec.size
-        return {**row, "error": err, "tensor": np.zeros((1, s, s), np.float32), "image": np.zeros((1, 1), np.uint8),
-                "spacing": np.zeros(2, np.float64), "bits": 0, "header": "{}"}
-    return {**row, "error": "", "tensor": tensor, "image": xr.gray8,  # one dtype for every row; all the writer needs
+        return {**row, "error": str(err), "not_image": isinstance(err, NotImage), "tensor": np.zeros((1, s, s), np.float32),
+                "image": np.zeros((1, 1), np.uint8), "spacing": np.zeros(2, np.float64), "bits": 0, "header": "{}"}
+    return {**row, "error": "", "not_image": False, "tensor": tensor, "image": xr.gray8,  # one dtype for every row; all the writer needs
             "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits,
             "header": json.dumps(xr.header or {})}
 
@@ -130,7 +130,9 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
     spec = PreprocessSpec.from_json(spec_json)
     view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json), artifact)
     options = InferOptions(**opts)
-    if row["error"]:
+    if row.get("not_image"):  # a SEG, SR, multi-frame...: skipped, as on one machine
+        rec = _write_record(Path(out_dir), item, _skipped_row(item, None, ["not_a_radiograph"], view, str(row["error"])))
+    elif row["error"]:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
     else:
         sp = tuple(float(v) for v in row["spacing"])
@@ -139,7 +141,7 @@ def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "
         if reasons := screened_out(xr, options):
             rec = _write_record(Path(out_dir), item, _skipped_row(item, xr, reasons, view))
         else:
-            rec = finish_one(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
+            rec = finish_or_error_row(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
     return {"status": rec["status"], "qc": str(rec.get("qc") or "")}
 
 

@@ -30,7 +30,8 @@ from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
 from lungrt.data.io import atomic_write_bytes
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME
-from lungrt.backends.integrity import CONTENT_KEY, ContentMismatch, file_sha256, load_verified_onnx
+from lungrt.backends.integrity import (CONTENT_KEY, SIDECAR_DIGEST, ContentMismatch, file_sha256, load_verified_onnx,
+                                      sidecar_digest)
 
 log_ = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
     wanted = {"onnx_hash": meta_onnx[CONTENT_KEY], "batch_profile": [batch.min, batch.opt, batch.max], **env}
     if plan.exists() and metadata_path(plan).exists() and not rebuild:
         existing = _read_metadata(plan)
-        if not stale_reasons(existing, wanted) and existing.get("plan_hash") == file_sha256(plan):
+        if not stale_reasons(existing, wanted) and existing.get("plan_hash") == file_sha256(plan) \
+                and existing.get(SIDECAR_DIGEST) == sidecar_digest(existing):
             log(f"{plan} is up to date; nothing to build")
             return existing
     size = json.loads(meta_onnx["lungrt.core.spec"])["size"]
@@ -291,6 +293,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
         "build_seconds": round(time.time() - t0, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    meta[SIDECAR_DIGEST] = sidecar_digest(meta)
     atomic_write_bytes(plan, data)
     atomic_write_bytes(metadata_path(plan), json.dumps(meta, indent=2).encode())
     where = f"for {target_tag(env['targets'])}" if env.get("targets") else f"on {env.get('gpu')}"
@@ -359,6 +362,10 @@ def read_plan_metadata(plan: Path) -> dict:
     if file_sha256(plan) != meta["plan_hash"]:
         raise ContentMismatch(f"{plan}: its bytes do not match the plan hash in {metadata_path(plan).name} (corrupted, "
                               f"or another build's file); rebuild it with {rebuild_command(meta)}")
+    if meta.get(SIDECAR_DIGEST) != sidecar_digest(meta):
+        raise ContentMismatch(f"{plan}: {metadata_path(plan).name} does not match the digest it records (its spec, QC "
+                              f"bounds or precision were edited, or an older lungrt wrote it); rebuild it with "
+                              f"{rebuild_command(meta)}")
     return meta
 
 
