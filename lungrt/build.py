@@ -33,7 +33,7 @@ from lungrt.export.precision import PRECISIONS
 from lungrt.backends.base import Runner
 from lungrt.backends.pytorch import TorchRunner
 from lungrt.backends.select import open_runner, record_cpu_choice
-from lungrt.export.variants import make_variant
+from lungrt.export.variants import INT8_SEARCH_MINUTES, make_variant
 
 log_ = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "openvino", "cpu")
@@ -55,9 +55,10 @@ class Built:
 
 def run_build(model: str | None, onnx: Path | None, precision: str, backend: str, target: str | None, calib: Path | None,
               method: str | None, data: Path | None, batch: str, workspace: float, out_dir: Path, rebuild: bool,
-              arch: str | None = None, log=log_.info) -> dict:
+              arch: str | None = None, log=log_.info, search_minutes: float = INT8_SEARCH_MINUTES) -> dict:
     """`lungrt build`: a file (`onnx`) compiled for TensorRT, one precision, `--precision auto` on a
-    backend, or every CPU engine (`backend="cpu"`); each verified. Returns what was built (or chosen)."""
+    backend, or every CPU engine (`backend="cpu"`); each verified. Returns what was built (or chosen).
+    `search_minutes` bounds each INT8 search (NNCF's accuracy control, the block search)."""
     from lungrt.backends.tensorrt.engine import parse_targets
     from lungrt.models.checkpoint import resolve_model
 
@@ -71,10 +72,12 @@ def run_build(model: str | None, onnx: Path | None, precision: str, backend: str
         return {"backend": b.backend, "precision": b.precision, "path": str(b.path), "census": b.notes["engine"]["dtype_census"]}
     loaded = resolve_model(model or DEFAULT_MODEL, arch=arch)
     if precision == "auto" and be == "cpu":
-        return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=log)
+        return build_cpu_auto(loaded, out_dir, calib, method, data, profile, log=log, search_minutes=search_minutes)
     if precision == "auto":
-        return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log)
-    b = build_and_verify(loaded, precision, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log)
+        return build_auto(loaded, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log,
+                          search_minutes=search_minutes)
+    b = build_and_verify(loaded, precision, be, out_dir, calib, method, data, profile, workspace, rebuild, targets, log=log,
+                         search_minutes=search_minutes)
     return {"backend": b.backend, "precision": b.precision, "path": str(b.path),
             "census": b.notes.get("engine", {}).get("dtype_census")}
 
@@ -95,10 +98,10 @@ def choose_backend(backend: str, log=log_.info) -> str:
 
 def build_one(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, calib: Path | None, method: str,
               val_pairs, batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info,
-              cache_dir: Path | None = None) -> Built:
+              cache_dir: Path | None = None, search_minutes: float = INT8_SEARCH_MINUTES) -> Built:
     on_trt = backend in FLAVOURS
     variant = make_variant(loaded, precision, folder=out_dir, calib_dir=calib, method=method, val_pairs=val_pairs,
-                           log=log, target="tensorrt" if on_trt else backend,
+                           log=log, target="tensorrt" if on_trt else backend, search_minutes=search_minutes,
                            **({"cache_dir": cache_dir} if cache_dir else {}))
     if not on_trt:
         return Built(backend, precision, variant.path, variant.notes, variant.path)
@@ -124,8 +127,8 @@ def open_for_verification(b: Built, log=log_.info) -> tuple[Runner, str]:
         return open_runner(b.onnx, backend="onnxruntime", precision=b.precision), "compiled ONNX graph on onnxruntime"
 
 
-def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info) -> dict:
-    """Parity of what was built against PyTorch FP32, on `pairs` (labelled)."""
+def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info, where: str = "") -> dict:
+    """Parity of what was built against PyTorch FP32, on `pairs` (labelled; `where`: what they are)."""
     runner, what = open_for_verification(b, log)
     with runner:
         result = compare(TorchRunner(loaded), runner, pairs)
@@ -135,31 +138,35 @@ def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info) -> dict:
     checked = result["candidate_identity"]
     out = {"checked": what, "images": summary["images"], "parity": summary, "gate": gate, "runner": checked}
     log(f"verified {b.path.name} ({what}, sha256 {checked['content_hash'][:16]}): mask agreement "
-        f"{summary['mask_agreement']:.5f} on {summary['images']} images, {'passes' if gate['passed'] else 'FAILS'} "
-        f"the {b.precision} gate")
+        f"{summary['mask_agreement']:.5f} on {where or str(summary['images']) + ' images'}, "
+        f"{'passes' if gate['passed'] else 'FAILS'} the {b.precision} gate")
     return out
 
 
+PHANTOMS = "synthetic phantoms"
+
+
 def gating_pairs(data: Path | None, spec_size: int, folder: Path):
-    """Validation pairs of `data`, or 16 generated phantoms (said so in the report) in `folder`."""
+    """(validation pairs of `data`, or 16 generated phantoms in `folder`; what they are, for every gate line:
+    "48 X-rays from DIR (validation split)" or "16 synthetic phantoms (no --data)")."""
     val = validation_pairs(data)
     if val is not None:
-        return val, str(data)
+        return val, f"{len(val)} X-rays from {data} (validation split)"
     phantoms = write_phantom_dataset(folder, 16, size=spec_size, seed=77)
-    return discover_pairs(phantoms).pairs, "16 synthetic phantoms"
+    return discover_pairs(phantoms).pairs, f"16 {PHANTOMS} (no --data: drawings, not X-rays)"
 
 
 def build_and_verify(loaded: LoadedModel, precision: str, backend: str, out_dir: Path, calib: Path | None, method: str,
                      data: Path | None, batch: BatchProfile, workspace: float, rebuild: bool, targets=None,
-                     log=log_.info) -> Built:
+                     log=log_.info, search_minutes: float = INT8_SEARCH_MINUTES) -> Built:
     """`lungrt build --precision fp32|fp16|int8`: build, then check what was built."""
     with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
         t0 = time.perf_counter()
         pairs, where = gating_pairs(data, loaded.spec.size, Path(tmp))
         b = build_one(loaded, precision, backend, out_dir, calib, method, pairs if precision == "int8" else None,
-                      batch, workspace, rebuild, targets, log)
+                      batch, workspace, rebuild, targets, log, search_minutes=search_minutes)
         t1 = time.perf_counter()
-        b.verification = {**verify(b, loaded, pairs, log), "images_from": where}
+        b.verification = {**verify(b, loaded, pairs, log, where), "images_from": where}
         _log_times(log, t1 - t0, time.perf_counter() - t1)
     return _passed_or_raise(b, loaded)
 
@@ -192,7 +199,7 @@ def build_from_onnx(onnx: Path, backend: str, out_dir: Path, model: str | None, 
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
         pairs, where = gating_pairs(data, loaded.spec.size, Path(tmp))
-        b.verification = {**verify(b, loaded, pairs, log), "images_from": where}
+        b.verification = {**verify(b, loaded, pairs, log, where), "images_from": where}
     _log_times(log, t1 - t0, time.perf_counter() - t1)
     return _passed_or_raise(b, loaded)
 
@@ -270,7 +277,8 @@ def _write_build_report(b: Built, loaded: LoadedModel) -> None:
 
 
 def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | None, method: str, data: Path | None,
-               batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info) -> dict:
+               batch: BatchProfile, workspace: float, rebuild: bool, targets=None, log=log_.info,
+               search_minutes: float = INT8_SEARCH_MINUTES) -> dict:
     """Every candidate precision, gated and (where it can run) timed; the fastest passing wins (`fastest_faithful`)."""
     x = reference_inputs(loaded.spec, batch.opt)
     with tempfile.TemporaryDirectory(prefix="lungrt-gate-") as tmp:
@@ -278,11 +286,12 @@ def build_auto(loaded: LoadedModel, backend: str, out_dir: Path, calib: Path | N
         opened = []
         for precision in PRECISIONS:
             log(f"candidate {precision}: building")
-            b = build_one(loaded, precision, backend, out_dir, calib, method, val, batch, workspace, rebuild, targets, log)
+            b = build_one(loaded, precision, backend, out_dir, calib, method, val, batch, workspace, rebuild, targets, log,
+                          search_minutes=search_minutes)
             runner, what = open_for_verification(b, log)
             opened.append(({"precision": precision, "path": str(b.path), "checked": what, "notes": b.notes}, runner,
                            what == "engine"))
-        _gate_all_then_time(loaded, opened, val, x, log)
+        _gate_all_then_time(loaded, opened, val, x, log, where)
         candidates = [row for row, _, _ in opened]
     passing = [c for c in candidates if c["gate"]["passed"]]
     if not passing:
@@ -313,12 +322,12 @@ def _candidate(row: dict) -> str:
     return f"{row['backend']} {row['precision']}" if "backend" in row else row["precision"]
 
 
-def _gate(loaded: LoadedModel, runner: Runner, val, row: dict, log=log_.info) -> None:
+def _gate(loaded: LoadedModel, runner: Runner, val, row: dict, log=log_.info, where: str = "") -> None:
     """One `--precision auto` candidate's parity against PyTorch FP32 on `val` and its gate, into `row`."""
     summary = compare(TorchRunner(loaded), runner, val)["summary"]
     gate = apply_gate(summary, GATES[row["precision"]])
     summary.pop("worst", None)
-    log(f"candidate {_candidate(row)}: agreement {summary['mask_agreement']:.5f}, "
+    log(f"candidate {_candidate(row)}: agreement {summary['mask_agreement']:.5f} on {where or 'the gating images'}, "
         f"{'passes' if gate['passed'] else 'FAILS'} its gate")
     row.update(runner=runner.identity(), gate=gate, parity=summary, img_per_s=None)
 
@@ -340,12 +349,13 @@ def _time_in_turn(timed: list[tuple[dict, Runner]], x, log=log_.info) -> None:
         log(f"candidate {_candidate(row)}: {row['img_per_s']:.1f} img/s at batch {len(x)} (median of {TIMING_ROUNDS} rounds)")
 
 
-def _gate_all_then_time(loaded: LoadedModel, opened: list[tuple[dict, Runner, bool]], val, x, log=log_.info) -> None:
+def _gate_all_then_time(loaded: LoadedModel, opened: list[tuple[dict, Runner, bool]], val, x, log=log_.info,
+                        where: str = "") -> None:
     """Gate every opened candidate (row, runner, whether it can be timed here), then time the ones
     that pass and can be timed, in turn, each result into its row; closes every runner."""
     try:
         for row, runner, _ in opened:
-            _gate(loaded, runner, val, row, log)
+            _gate(loaded, runner, val, row, log, where)
         timed = [(row, runner) for row, runner, timeable in opened if timeable and row["gate"]["passed"]]
         if timed:
             _time_in_turn(timed, x, log)
@@ -362,7 +372,7 @@ def _write_auto_report(report: dict, stem: Path) -> dict:
 
 
 def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, method: str, data: Path | None,
-                   batch: BatchProfile, log=log_.info) -> dict:
+                   batch: BatchProfile, log=log_.info, search_minutes: float = INT8_SEARCH_MINUTES) -> dict:
     """`lungrt build --backend cpu --precision auto`: every CPU engine x precision here, each gated
     against PyTorch FP32 and timed at the profile's batch; the fastest that passes (`fastest_faithful`) is recorded for
     these weights on this CPU (infer, demo and the API use it from then on)."""
@@ -374,7 +384,8 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
             row = {"backend": backend, "precision": precision}
             try:
                 variant = make_variant(loaded, "fp32" if precision == "bf16" else precision, folder=out_dir, calib_dir=calib,
-                                       method=method, val_pairs=val if precision == "int8" else None, log=log, target=backend)
+                                       method=method, val_pairs=val if precision == "int8" else None, log=log, target=backend,
+                                       search_minutes=search_minutes)
                 runner = open_runner(variant.path, backend=backend, precision=precision)
             except BackendUnavailable as e:
                 log(f"candidate {backend} {precision}: skipped ({e})")
@@ -387,7 +398,7 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
             row.update(path=str(variant.path), checked="as deployed", notes=variant.notes)
             candidates.append(row)
             opened.append((row, runner, True))
-        _gate_all_then_time(loaded, opened, val, x, log)
+        _gate_all_then_time(loaded, opened, val, x, log, where)
     passing = [c for c in candidates if c.get("gate", {}).get("passed")]
     if not passing:
         raise LungrtError("no CPU configuration passed its parity gate; see the log above")
@@ -396,6 +407,12 @@ def build_cpu_auto(loaded: LoadedModel, out_dir: Path, calib: Path | None, metho
               "validation": where, "candidates": candidates, "choice": f"{choice['backend']} {choice['precision']}",
               "rule": f"{FASTEST_RULE}, timed here", "path": choice["path"]}
     _write_auto_report(report, out_dir / f"{loaded.info.name}-auto-cpu")
+    if data is None:  # a choice gated on drawings must never decide what runs on real films
+        report["record"] = None
+        report["not_recorded"] = ("not recorded for infer: gated on synthetic phantoms only; rerun with --data DIR "
+                                  "(labelled X-rays) to record a choice")
+        log(report["not_recorded"])
+        return report
     report["record"] = str(record_cpu_choice(loaded, {**{k: choice[k] for k in ("backend", "precision", "path", "img_per_s")},
                                                       "content_hash": choice["runner"]["content_hash"],
                                                       "mask_agreement": choice["parity"]["mask_agreement"],

@@ -586,11 +586,12 @@ def build(
     target: Optional[str] = typer.Option(None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
     method: Optional[str] = typer.Option(None, help="INT8 calibration: entropy | minmax | percentile (default: each engine's own: entropy for TensorRT, minmax for ONNX Runtime's CPU INT8; OpenVINO's is NNCF's)."),
-    data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates and verifies the build (default: generated phantoms)."),
+    data: Optional[Path] = typer.Option(None, help="Labelled dataset whose validation split gates and verifies the build (default: 16 generated phantoms: drawings, said so in every gate line; a CPU choice gated on them is not recorded for infer)."),
     batch: str = typer.Option("1,8,16", help="Optimization profile MIN,OPT,MAX batch."),
     workspace: float = typer.Option(4.0, help="TensorRT workspace limit in GiB."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where engines and variants go (default: $LUNGRT_CACHE/engines, printed)."),
     rebuild_stale: bool = typer.Option(False, "--rebuild", "--rebuild-stale", help="Rebuild even when the engine is up to date (--rebuild-stale: the older name)."),
+    search_minutes: float = typer.Option(10.0, "--search-minutes", min=0.1, help="Bound on each INT8 search (NNCF's accuracy control on OpenVINO, the block search elsewhere): it prints a line per step and gives up past this. Expect 1-10 min on 2 cores when INT8 misses its gate at first."),
 ):
     """Compile the model for deployment and verify it: a strongly typed TensorRT engine (standard
     TensorRT on its GPU, or TensorRT-RTX ahead of time for RTX GPUs), else the ONNX Runtime variant.
@@ -605,7 +606,7 @@ def build(
 
     def body():
         return run_build(model, onnx, precision, backend, target, calib, method, data, batch, workspace, out_dir,
-                         rebuild_stale, arch, log=out.print)
+                         rebuild_stale, arch, log=out.print, search_minutes=search_minutes)
 
     result = run_guarded(body)
     if "choice" in result:

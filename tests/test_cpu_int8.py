@@ -304,3 +304,35 @@ def test_demo_explains_a_recorded_choice_that_misses_its_gate_on_phantoms(tiny_c
     assert "0.99855 on 48 images from DATA" in note and "--backend openvino --variant int8" in note
     assert recorded_choice_note(loaded, FakeRunner("openvino/cpu/int8"), passed) is None
     assert recorded_choice_note(loaded, FakeRunner("onnxruntime/cpu/fp32"), failed) is None  # not the recorded one
+
+
+def test_a_cpu_choice_gated_only_on_phantoms_is_never_recorded(tmp_path, tiny_checkpoint, monkeypatch):
+    """Without --data the gate runs on drawings: every gate line says so, and the choice is not what infer will use."""
+    from lungrt.backends import select
+
+    monkeypatch.chdir(tmp_path)
+    record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
+    before = record.read_bytes() if record.exists() else None  # another test may have recorded one with --data
+    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
+                              "--out", "b"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    gate_lines = [line for line in res.output.splitlines() if line.startswith("candidate") and "agreement" in line]
+    assert gate_lines and all("16 synthetic phantoms" in line for line in gate_lines), gate_lines
+    assert "not recorded for infer: gated on synthetic phantoms only" in text
+    assert (record.read_bytes() if record.exists() else None) == before
+
+
+def test_the_int8_search_says_each_step_and_stops_at_its_bound():
+    from lungrt.core.errors import LungrtError
+    from lungrt.export.variants import SearchBound
+
+    said = []
+    bound = SearchBound("INT8 block search", minutes=0.0005, log=said.append)  # 30 ms
+    bound.step(" (1 operations in float)")
+    assert said and "step 1 (1 operations in float)" in said[0] and "left" in said[0]
+    import time
+
+    time.sleep(0.05)
+    with pytest.raises(LungrtError, match="stopped at its bound .* after 1 steps"):
+        bound.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
 
 SENSITIVITY_IMAGES = 32  # validation images used by the INT8 exclusion search
+# the INT8 searches (NNCF's accuracy control, the block search) stop here: on 2 cores NNCF's ran 9+ minutes in silence
+INT8_SEARCH_MINUTES = 10.0
 # the accuracy control aims this far inside the INT8 gate on its images (at most half the room the
 # FP32 graph leaves), so the file it makes passes the gate with a margin
 CONTROL_MARGIN = 0.005
@@ -129,14 +132,16 @@ class _Made:
 
 def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
                  method: str | None = None, val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "portable") -> Variant:
+                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "portable",
+                 search_minutes: float = INT8_SEARCH_MINUTES) -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
     INT8, calibration set, method and recipe) are unchanged.
 
     `target` picks the INT8 recipe (TARGET_RECIPES): the portable Q/DQ graph; "onnxruntime" and
     "openvino" their CPU forms; "tensorrt" the portable graph with FP16 for everything that is not
     INT8 (`make_int8_fp16`). With `val_pairs`, INT8 is gated on them by the runner that will
-    execute it, leaving the most sensitive blocks in float until it passes."""
+    execute it, leaving the most sensitive blocks in float until it passes; that search says each step and
+    stops after `search_minutes` (then no INT8 variant is kept)."""
     if precision not in PRECISIONS:
         raise LungrtError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if target not in TARGET_RECIPES:
@@ -166,12 +171,13 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     if checked is None:
         try:
             if recipe.controlled and val_pairs:
-                accuracy_controlled_int8(loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe)
+                accuracy_controlled_int8(loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe,
+                                         search_minutes)
             else:
                 recipe.quantize(fp32, path, calib, method, cache_dir=cache_dir)
                 if val_pairs:
                     search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir,
-                                           log, recipe)
+                                           log, recipe, search_minutes)
         except LungrtError:
             remove_artifact(path)  # never leave a variant that failed its gate for reuse
             raise
@@ -251,8 +257,24 @@ def int8_notes(meta: dict) -> dict:
     return notes
 
 
+class SearchBound:
+    """The INT8 searches' clock: a line per step with the time spent and left; a LungrtError past the bound."""
+
+    def __init__(self, what: str, minutes: float, log):
+        self.what, self.limit, self.log, self.steps, self.t0 = what, minutes * 60.0, log, 0, time.monotonic()
+
+    def step(self, detail: str = "") -> None:
+        self.steps += 1
+        spent = time.monotonic() - self.t0
+        if spent > self.limit:
+            raise LungrtError(f"{self.what} stopped at its bound of {self.limit / 60:g} min after {self.steps - 1} "
+                              "steps (--search-minutes); no INT8 variant kept")
+        self.log(f"  {self.what}: step {self.steps}{detail}, {spent:.0f} s spent, at most {self.limit - spent:.0f} s left")
+
+
 def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=logging.getLogger(__name__).info,
-                             recipe: Int8Recipe = INT8_RECIPES["openvino"]) -> list[str]:
+                             recipe: Int8Recipe = INT8_RECIPES["openvino"],
+                             search_minutes: float = INT8_SEARCH_MINUTES) -> list[str]:
     """OpenVINO's INT8 under lungrt's gate: the whole graph quantized by NNCF, and if that fails
     the gate on `pairs`, NNCF's `quantize_with_accuracy_control` scoring each candidate with the
     gate's own score (`GateScore`, on OpenVINO, as it will run) and reverting the quantized
@@ -269,8 +291,10 @@ def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=l
     with recipe.open(fp32) as float_graph:  # the score the drop is measured from
         initial = score(float_graph.run)
     target = gate.min_agreement + min(CONTROL_MARGIN, max(initial - gate.min_agreement, 0.0) / 2)
+    bound = SearchBound("NNCF accuracy control (one step: every gating image on one candidate)", search_minutes, log)
 
     def scored(compiled, indices) -> float:
+        bound.step(f" ({len(pairs)} images)")
         return score(lambda x: next(iter(compiled(x).values())), indices)
 
     model = nncf_openvino(fp32, calib, validation=(scored, len(score), max(initial - target, 0.0)))
@@ -285,7 +309,8 @@ def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=l
 
 
 def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
-                           log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"]) -> list[str]:
+                           log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"],
+                           search_minutes: float = INT8_SEARCH_MINUTES) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`
     (the ONNX Q/DQ recipes; OpenVINO's uses NNCF's own search, `accuracy_controlled_int8`).
 
@@ -301,7 +326,10 @@ def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs,
         return []
     log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f})")
 
+    bound = SearchBound("INT8 block search", search_minutes, log)
+
     def gated(exclude: list[str]) -> dict:
+        bound.step(f" ({len(exclude)} operations in float)")
         recipe.quantize(fp32, path, calib, method, exclude=exclude, cache_dir=cache_dir)
         return _gate_summary(loaded, path, pairs, recipe.open)
 
