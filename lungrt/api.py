@@ -50,6 +50,16 @@ class LungResult:
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray, for overlays
     qc: str = "ok"  # "ok", or ";"-separated reasons to look at this mask (see lungrt.inference.qc)
     qc_features: dict = field(default_factory=dict)
+    error: str = ""  # an input that could not be segmented: the one-line reason (as infer's error rows); no mask
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @classmethod
+    def failed(cls, path: str | None, reason: str) -> "LungResult":
+        """The result of an input that could not be read: no mask, no measurements, the reason."""
+        return cls(np.zeros((0, 0), bool), None, None, None, 0.0, 0.0, path=path, qc="error", error=reason)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -130,31 +140,49 @@ class LungSegmenter:
 
     # -- prediction ---------------------------------------------------------------------------
     def predict(self, x, batch_size: int = 8, postprocess: bool = True, stream: bool = False, workers: int = 2,
-                complete_shape: bool = False):
-        """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one `LungResult`;
-        a folder, a glob, or any iterable of paths/arrays (a list, a generator) -> their results in
-        input order: a list, or with `stream=True` a generator that yields them batch by batch
-        while reading ahead through a bounded window (`workers` threads, at most a few batches of
-        decoded images in memory), as `lungrt infer` does: folders of any size in flat memory.
+                complete_shape: bool = False, errors: str = "result"):
+        """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one `LungResult`
+        (an unreadable one raises LungrtError); a folder, a glob, or any iterable of paths/arrays (a list,
+        a generator) -> their results in input order: a list, or with `stream=True` a generator that yields
+        them batch by batch while reading ahead through a bounded window (`workers` threads, at most a few
+        batches of decoded images in memory), as `lungrt infer` does: folders of any size in flat memory.
+        No result is ever lost: `errors="result"` (default) gives an unreadable input a result of its own
+        (`.ok` False, `.error` the reason, as infer's error rows); `errors="raise"` hands over every good
+        result first, then raises `PredictErrors` (its `.results` hold them all). A source (a generator)
+        that raises has everything before it segmented and yielded, then its exception re-raised.
         `complete_shape`: as infer's --complete-shape (off by default; the README has its gate)."""
+        if errors not in ("result", "raise"):
+            raise LungrtError(f"predict: errors={errors!r}; use 'result' or 'raise'")
         single = isinstance(x, np.ndarray) or (isinstance(x, (str, Path)) and Path(x).is_file())
         results = self._stream(x, batch_size, postprocess, workers, complete_shape)
         if single:
             first = next(results)
             results.close()  # ends the reader pool
+            if not first.ok:
+                raise LungrtError(first.error)
             return first
-        return results if stream else list(results)
+        if errors == "raise":
+            results = _raise_after(results)
+        return results if stream else _listed(results)
 
     def _stream(self, x, batch_size: int, postprocess: bool, workers: int, complete_shape: bool) -> Iterator[LungResult]:
         from concurrent.futures import ThreadPoolExecutor
 
         window = max(2 * batch_size, workers)
+        source_error: BaseException | None = None
         with ThreadPoolExecutor(max(1, workers), "lungrt-read") as pool:
             pending: deque = deque()
             sources = iter(self._sources(x))
-            batch: list[tuple[XRay, np.ndarray]] = []
+            batch: list = []
             while True:
-                for src in itertools.islice(sources, window - len(pending)):
+                while source_error is None and len(pending) < window:
+                    try:
+                        src = next(sources)
+                    except StopIteration:
+                        break
+                    except Exception as e:  # the caller's source failed: what came before it is still handed over
+                        source_error = e
+                        break
                     pending.append(pool.submit(self._prepared, src))
                 if not pending:
                     break
@@ -162,12 +190,26 @@ class LungSegmenter:
                 if len(batch) == batch_size or not pending:  # nothing pending after a refill: the last batch
                     yield from self._segment(batch, postprocess, complete_shape)
                     batch = []
+        if source_error is not None:
+            raise source_error
 
-    def _prepared(self, source) -> tuple[XRay, np.ndarray]:
-        xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
-        return xr, self.spec.apply_xray(xr)
+    def _prepared(self, source) -> tuple[XRay, np.ndarray] | LungResult:
+        """(X-ray, network input), or the failed result of a source that cannot be read."""
+        try:
+            xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
+            return xr, self.spec.apply_xray(xr)
+        except LungrtError as e:
+            return LungResult.failed(None if isinstance(source, np.ndarray) else str(source), str(e))
+        except Exception as e:  # one bad input never stops the others
+            return LungResult.failed(None if isinstance(source, np.ndarray) else str(source), f"{type(e).__name__}: {e}")
 
     def _segment(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
+        good = [b for b in batch if not isinstance(b, LungResult)]
+        done = iter(self._segment_good(good, postprocess, complete_shape) if good else ())
+        for b in batch:  # input order, failures in their place
+            yield b if isinstance(b, LungResult) else next(done)
+
+    def _segment_good(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
         probs = self.runner.run(np.stack([tensor for _, tensor in batch]))[: len(batch), 0]
         feats = features_many(probs, self.qc.shape, [xr.shape for xr, _ in batch])  # the batch's shape fits together
         for (xr, _), p, f in zip(batch, probs, feats):
@@ -263,6 +305,41 @@ class LungSegmenter:
         out["torch_fp32_img_per_s"] = throughput(reference, x, seconds)
         out["vs_torch_eager_fp32"] = out["img_per_s"] / out["torch_fp32_img_per_s"]
         return out
+
+
+class PredictErrors(LungrtError):
+    """`predict(..., errors="raise")`: some inputs could not be read; raised after every result was handed over."""
+
+    def __init__(self, results: list[LungResult]):
+        self.results = results
+        self.errors = [r for r in results if not r.ok]
+        first = self.errors[0]
+        super().__init__(f"{len(self.errors)} of {len(results)} inputs could not be segmented; first: {first.error}")
+
+
+def _raise_after(results: Iterator[LungResult]) -> Iterator[LungResult]:
+    """The good results as they come; then PredictErrors if any input failed."""
+    seen: list[LungResult] = []
+    for r in results:
+        seen.append(r)
+        if r.ok:
+            yield r
+    if any(not r.ok for r in seen):
+        raise PredictErrors(seen)
+
+
+def _listed(results: Iterator[LungResult]) -> list[LungResult]:
+    """`list(results)`; a raise after good results (errors="raise", a failing source) keeps them on the exception."""
+    got: list[LungResult] = []
+    try:
+        for r in results:
+            got.append(r)
+    except PredictErrors:
+        raise
+    except Exception as e:
+        e.results = got  # type: ignore[attr-defined]  # what was segmented before the source failed
+        raise
+    return got
 
 
 def array_xray(a: np.ndarray) -> XRay:

@@ -157,3 +157,39 @@ def test_streaming_memory_stays_flat_with_the_number_of_inputs(tiny_checkpoint):
     # holding every input would add at least 24 more images (94 MB); thread timing moves the peak
     # by a few images of the read-ahead window either way
     assert large - small < 0.5 * (32 - 8) * image.nbytes, (small, large)
+
+
+def test_one_unreadable_file_in_a_folder_loses_no_result(tmp_path, tiny_checkpoint):
+    from lungrt.api import PredictErrors
+
+    for i in range(3):
+        write_png(tmp_path / f"good{i}.png", (make_phantom(70 + i, 96).image * 255).astype(np.uint8))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
+    results = seg.predict(tmp_path, batch_size=2)
+    assert [Path(r.path).name for r in results] == ["bad.png", "good0.png", "good1.png", "good2.png"]
+    assert not results[0].ok and "bad.png" in results[0].error and results[0].mask.size == 0
+    assert all(r.ok and r.mask.shape == (96, 96) for r in results[1:])
+    handed = []
+    with pytest.raises(PredictErrors) as e:
+        for r in seg.predict(tmp_path, batch_size=2, stream=True, errors="raise"):
+            handed.append(r)
+    assert len(handed) == 3 and len(e.value.results) == 4 and len(e.value.errors) == 1
+
+
+def test_a_failing_source_still_hands_over_what_came_before(tiny_checkpoint):
+    seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
+
+    def films():
+        for i in range(4):
+            yield (make_phantom(80 + i, 96).image * 255).astype(np.uint8)
+        raise ConnectionError("the PACS went away at item 5")
+
+    got = []
+    with pytest.raises(ConnectionError, match="item 5"):
+        for r in seg.predict(films(), batch_size=3, stream=True):
+            got.append(r)
+    assert len(got) == 4 and all(r.ok for r in got)
+    with pytest.raises(ConnectionError) as e:
+        seg.predict(films(), batch_size=3)
+    assert len(e.value.results) == 4
