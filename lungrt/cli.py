@@ -193,12 +193,14 @@ def evaluate_cmd(
     postprocess: bool = typer.Option(False, "--postprocess", help="Score after infer's clean-up (two largest components, holes filled)."),
     robustness: bool = typer.Option(False, "--robustness", help="Instead: Dice with synthetic consolidation/haze/effusion painted inside the gold lung field, and consolidation spilling past its edge, per severity."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write means (and per-image rows) as JSON."),
+    convention: Optional[str] = typer.Option(None, "--convention", help="lung-field | whole-lung: shipped names load their weights for it (default: lung-field); a file of the other is refused."),
 ):
-    """All metrics per image at native resolution; a Table-1-style comparison for several models."""
+    """All metrics per image at native resolution (Dice, recall: the share of the true lung inside the mask,
+    HD95, ...); a Table-1-style comparison for several models. Warns when the data's mask convention is not the model's."""
     if robustness:
         return _robustness_cmd(model, onnx, arch, data, split, seed, out_dir, json_path)
     from lungrt.data.datasets import select_split
-    from lungrt.evaluation.evaluate import behind_heart_line, evaluate, write_per_image_csv
+    from lungrt.evaluation.evaluate import behind_heart_line, convention_warning, evaluate, write_per_image_csv
     from lungrt.core.plots import prediction_grid
     from lungrt.backends.select import open_runner
 
@@ -207,8 +209,11 @@ def evaluate_cmd(
         refs = [None] if onnx else model
         results = []
         for ref in refs:
-            with open_runner(ref, onnx=onnx, arch=arch, backend="auto" if onnx else "torch") as runner:
+            with open_runner(ref, onnx=onnx, arch=arch, backend="auto" if onnx else "torch", convention=convention) as runner:
+                if warning := convention_warning(runner, data):
+                    Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
                 res = evaluate(runner, pairs, batch_size=batch_size, keep=4, postprocess=postprocess)
+                res["convention"] = runner.spec.convention
             label = Path(onnx).name if onnx else ref
             if out_dir:
                 stem = Path(label).stem if label.endswith((".onnx", ".xml", ".safetensors")) else Path(label).name

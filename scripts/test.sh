@@ -4,12 +4,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-# system tools the DICOM tests use: dciodvfy (dicom3tools) validates DICOM SEG, Orthanc is a real PACS.
+# system tools the tests use: dciodvfy (dicom3tools) validates DICOM SEG, Orthanc is a real PACS, Chromium renders the report.
 # Installed when missing and this is a root Debian/Ubuntu (CI); elsewhere those tests skip with the command.
 need=()
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v chromium >/dev/null || need+=(chromium)  # the report's escaping, rendered by a real browser
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } \
     >/dev/null 2>&1 || echo "test.sh: could not install ${need[*]}; the tests that need them skip" >&2

@@ -141,3 +141,49 @@ def test_report_failures_are_one_line(run_dir, tmp_path, monkeypatch):
     empty.mkdir()
     res = CliRunner().invoke(app, ["report", str(empty)])
     assert res.exit_code == 2 and "no lungrt journal" in " ".join(res.output.split())
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory, tiny_checkpoint):
+    """Input names that try to end the page's script: the table must still hold every row."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    src = tmp / "in"
+    for i, name in enumerate(["<!--<script>.png", "</script><b>x.png", "a&amp;b.png", "plain.png"]):
+        write_png(src / name, (make_phantom(i, 96).image * 255).astype(np.uint8))
+    out = tmp / "out"
+    res = CliRunner().invoke(app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint),
+                                   "--backend", "torch", "--report"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@needs_chromium
+def test_names_that_would_end_the_script_do_not_empty_the_table(hostile_run):
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (hostile_run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = dom[dom.index("<tbody>"):dom.index("</tbody>")]
+    assert body.count("<tr") == 4, body[:2000]
+    assert "&lt;!--&lt;script&gt;.png" in body or "&lt;!--&lt;script>.png" in body
+
+
+def test_report_reads_nothing_a_hand_edited_csv_points_outside_the_run(hostile_run, tmp_path):
+    secret = tmp_path / "elsewhere.png"
+    write_png(secret, (make_phantom(9, 96).image * 255).astype(np.uint8))
+    rows = _rows(hostile_run)
+    rows[0]["path"] = str(secret)  # a source this run never read
+    rows[1]["mask"] = "../../" + str(secret)  # a mask outside the output folder
+    with open(hostile_run / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    page = write_report(hostile_run).read_text()
+    assert page.count("data:image/jpeg;base64,") == 2  # only the two untouched rows get a thumbnail
+
+
+def test_one_list_of_result_columns():
+    from lungrt.inference.report import TABLE_COLUMNS
+
+    assert set(TABLE_COLUMNS) <= set(CSV_FIELDS)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    promised = set(re.findall(r"`(qc_[a-z_]+)`", readme))
+    assert promised and promised <= set(CSV_FIELDS), promised - set(CSV_FIELDS)

@@ -80,6 +80,21 @@ def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int =
             "examples": kept, "worst": worst}
 
 
+def convention_warning(runner: Runner, data) -> str | None:
+    """One line when the data's masks and the model draw different lungs (`lungrt.core.spec.CONVENTIONS`):
+    then Dice measures the convention as much as the model."""
+    from lungrt.data.datasets import dataset_convention
+
+    theirs, ours = dataset_convention(data), runner.spec.convention
+    if theirs is None:
+        return (f"{data}: its mask convention is not declared (lungrt-dataset.json); the model segments {ours}: "
+                "compare only if the masks do too")
+    if theirs != ours:
+        return (f"{data} draws {theirs} masks, the model segments {ours}: the scores measure the difference of "
+                f"convention as much as the model (use --convention {theirs} or a {theirs} model)")
+    return None
+
+
 HABIT_SHARE = 0.02  # of the gold lung area: above it, gold and prediction disagree behind the heart
 
 

@@ -45,9 +45,14 @@ from lungrt.backends.base import Runner
 EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 # a full, over-quota, read-only or failing disk stops the run (every later write would fail too)
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
+# the one list of result columns: results.csv writes them, the report shows a subset (REPORT_COLUMNS), the README
+# names them (a test holds the three together). qc_shape_dice / qc_shape_residual: reported, not checked
 CSV_FIELDS = ["path", "width", "height", "status", "error", "qc", "lung_fraction", "right_lung_px", "left_lung_px",
               "right_lung_mm2", "left_lung_mm2", "mean_confidence", *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
-              "backend", "model", "mask", "dicom_seg", "note"]
+              "qc_shape_dice", "qc_shape_residual", "backend", "model", "mask", "dicom_seg", "note"]
+REPORT_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left_lung_px", "mean_confidence",
+                  "qc_shape_dice", "qc_shape_distance", "qc_lr_balance", "qc_uncertain_fraction", "width", "height",
+                  "error", "dicom_seg", "note"]
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,23 @@ import numpy as np
 from lungrt.core.errors import LungrtError, one_line
 from lungrt.inference.journal import read_records, records_folder
 from lungrt.core.plots import figure
+from lungrt.inference.infer import REPORT_COLUMNS
 
 log_ = logging.getLogger(__name__)
 MAX_THUMBS = 240
 THUMB_PX = 180
-TABLE_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left_lung_px", "mean_confidence",
-                 "qc_shape_dice", "qc_shape_distance", "qc_lr_balance", "qc_uncertain_fraction", "width", "height", "error"]
+TABLE_COLUMNS = REPORT_COLUMNS  # a subset of results.csv's own columns (lungrt.inference.infer.CSV_FIELDS)
+
+
+def script_json(value) -> str:
+    """JSON to embed in a <script> element: every <, > and & as a \\u escape, so no file name (`<!--`,
+    `</script>`, `<script>`) can end the element or switch the HTML parser into another state."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    root, real = folder.resolve(), path.resolve()
+    return real == root or root in real.parents
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -94,15 +105,21 @@ def _distributions(rows: list[dict]) -> str:
     return _png_b64(fig)
 
 
-def _thumbnail(out_dir: Path, row: dict) -> str | None:
-    """A small overlay (red outline of the mask on the X-ray) as a base64 JPEG."""
+def _thumbnail(out_dir: Path, row: dict, run_sources: set[str]) -> str | None:
+    """A small overlay (red outline of the mask on the X-ray) as a base64 JPEG: only of an input this run's
+    journal names and a mask inside the output folder (a hand-edited results.csv reaches nothing else)."""
     from lungrt.data.io import read_xray
 
+    if row.get("path") not in run_sources:
+        return None
+    mask_path = out_dir / str(row.get("mask") or "")
+    if not row.get("mask") or not _inside(out_dir, mask_path):
+        return None
     try:
         gray = read_xray(row["path"]).gray8
     except Exception:
         return None
-    mask = cv2.imread(str(out_dir / row["mask"]), cv2.IMREAD_GRAYSCALE) if row.get("mask") else None
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
     scale = THUMB_PX / max(gray.shape)
     size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
     rgb = cv2.cvtColor(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
@@ -135,8 +152,9 @@ def write_report(out_dir: str | Path) -> Path:
     models = sorted({r.get("model", "") for r in rows if r.get("model")})
     backends = sorted({r.get("backend", "") for r in rows if r.get("backend")})
     cards = []
+    run_sources = {str(r.get("path")) for r in read_records(out_dir).values() if r.get("status") == "ok"}
     for r in _ordered_for_thumbs(rows):
-        thumb = _thumbnail(out_dir, r) if r["status"] == "ok" else None
+        thumb = _thumbnail(out_dir, r, run_sources) if r["status"] == "ok" else None
         reason = {"ok": r.get("qc", ""), "skipped": f"skipped by header screening: {r.get('qc', '')}"}.get(
             r["status"], f"failed: {r.get('error', '')}")
         kind = "failed" if r["status"] != "ok" else ("flagged" if reason != "ok" else "ok")
@@ -155,7 +173,7 @@ def write_report(out_dir: str | Path) -> Path:
         dist=_distributions(rows) if n_ok else "",
         shown=len(cards), max_thumbs=MAX_THUMBS,
         cards="\n".join(cards),
-        columns=json.dumps(TABLE_COLUMNS), data=json.dumps(table).replace("</", "<\\/"),
+        columns=script_json(TABLE_COLUMNS), data=script_json(table),
     )
     path = out_dir / "report.html"
     from lungrt.data.io import atomic_write_bytes
