@@ -517,7 +517,7 @@ def bench(
     size: Optional[int] = typer.Option(None, help="Input size (must match the model's spec)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     warmup: int = typer.Option(2, min=0),
-    iters: int = typer.Option(5, min=1, help="Timed calls per configuration per round."),
+    iters: int = typer.Option(10, min=1, help="Timed calls per configuration per round (ratios are of medians: 3 x 10 calls hold a median steady on a shared machine)."),
     rounds: int = typer.Option(3, min=1, help="Interleaved rounds over all configurations."),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder; a labelled dataset also gates INT8 on its "
                                                     "validation split (default: synthetic phantoms, INT8 not gated)."),
@@ -550,7 +550,7 @@ def bench(
     table = Table(title=f"{result['model']} @ {result['input_size']}px, {rounds} rounds x {iters} calls\n"
                         f"{hw['gpu'] or hw['cpu']} ({hw['cpu_count']} cores; {' '.join(hw.get('cpu_flags') or [hw['torch_cpu_capability']])})")
     # fits an 80-column terminal: short names, the columns people compare; the JSON keeps everything
-    for col in ("backend", "prec", "batch", "img/s", "min-max", "p50 ms", "p99 ms", "x eager"):
+    for col in ("backend", "prec", "batch", "img/s", "min-max", "p50 ms", "p99 ms", "x eager"):  # x eager: of medians
         table.add_column(col, justify="left" if col in ("backend", "prec") else "right", no_wrap=True)
     notes = []
     for r in result["rows"]:
@@ -571,6 +571,8 @@ def bench(
                                                             else "calibrated on phantoms and NOT gated (pass --calib DATASET)"))
     for note in dict.fromkeys(notes):
         out.print(note, highlight=False)
+    for warning in result.get("warnings", []):
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     write_json(json_path, result)
     if plot:
         plot_bench(result, plot)

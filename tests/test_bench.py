@@ -139,3 +139,15 @@ def test_pipeline_cost_excludes_the_model(tmp_path, tiny_checkpoint, phantom_dir
     assert BusyRunner.calls == 1  # only the replay's one batch
     print("pipeline core-ms", cost)
     assert 0 < cost < 50  # counting the model would add 2 batches x 0.2 s / 8 images = 50 ms per image
+
+
+def test_bench_warns_when_eager_spreads_as_on_a_loaded_machine():
+    from types import SimpleNamespace
+
+    from lungrt.benchmark.bench import loaded_machine_warnings
+
+    quiet = SimpleNamespace(latencies=[0.100, 0.101, 0.099, 0.102, 0.100, 0.098, 0.101, 0.100, 0.099, 0.103])
+    busy = SimpleNamespace(latencies=[0.100, 0.31, 0.099, 0.25, 0.100, 0.41, 0.101, 0.18, 0.099, 0.33])
+    assert loaded_machine_warnings({8: quiet}) == []
+    said = loaded_machine_warnings({1: quiet, 8: busy})
+    assert len(said) == 1 and said[0].startswith("batch 8:") and "loaded" in said[0]

@@ -129,7 +129,8 @@ def open_config(loaded, backend: str, variant: str, device: str, variant_path) -
 
 
 def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int], size: int | None = None,
-              warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu", variant_path=None, log=logging.getLogger(__name__).info) -> dict:
+              warmup: int = 2, iters: int = 10, rounds: int = 3, device: str = "cpu", variant_path=None,
+              log=logging.getLogger(__name__).info) -> dict:
     import torch
 
     spec = loaded.spec
@@ -206,12 +207,31 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
             "pct_of_peak": _pct_of_peak(hw["gpu"], c.variant, gflops * ips) if device.startswith("cuda") else None,
         }
         b = base.get(c.batch)
-        row["vs_torch_eager_fp32"] = ips / (c.batch * len(b.latencies) / sum(b.latencies)) if b else None
+        # medians: one call slowed by another process moves a mean of 15 calls by a third, a median not at all
+        row["img_per_s_median"] = float(c.batch / np.median(lat))
+        row["vs_torch_eager_fp32"] = float(np.median(b.latencies) / np.median(lat)) if b else None
         rows.append(row)
     for c in live:
         c.runner.close()
     return {"model": loaded.info.name, "input_size": size, "device": device, "hardware": hw,
-            "warmup": warmup, "iters": iters, "rounds": rounds, "rows": rows}
+            "warmup": warmup, "iters": iters, "rounds": rounds, "rows": rows, "warnings": loaded_machine_warnings(base)}
+
+
+EAGER_SPREAD_LIMIT = 0.25  # (p90 - p10) / median of PyTorch eager's calls; a quiet 2-core VM stays under 0.1
+
+
+def loaded_machine_warnings(base: dict) -> list[str]:
+    """One line per batch size whose PyTorch eager calls spread so widely that the machine was busy: eager
+    (many threads, long calls) collapses first, so every "x eager" ratio of that batch reads too high."""
+    out = []
+    for batch, c in sorted(base.items()):
+        lat = np.array(c.latencies)
+        spread = float((np.percentile(lat, 90) - np.percentile(lat, 10)) / np.median(lat))
+        if spread > EAGER_SPREAD_LIMIT:
+            out.append(f"batch {batch}: PyTorch eager's calls spread {spread:.0%} (p10-p90 of the median): the machine "
+                       "was loaded while timing; its 'x eager' ratios overstate the speed-up. Rerun with nothing else "
+                       "running.")
+    return out
 
 
 def _pct_of_peak(gpu: str | None, variant: str, gflops_s: float) -> float | None:
