@@ -3,6 +3,11 @@ and their QC thresholds (fitted on the training split, checked on validation: lu
 
     .venv/bin/python scripts/ship_weights.py runs/unet runs/gsconv-unet runs/msag-unet --data ../shared/data/cxr-mc-sz
     .venv/bin/python scripts/ship_weights.py unet gsconv-unet msag-unet --data ../shared/data/cxr-mc-sz --qc-only
+    .venv/bin/python scripts/ship_weights.py runs/msag-unet-whole2 --data ../shared/data/cxr-covid-v7   # whole lung
+
+Weights of the default mask convention (lung-field) go to `lungrt/weights/NAME.safetensors`, whole-lung weights to
+`NAME.whole-lung.safetensors` (`lungrt.models.checkpoint.shipped_checkpoint`); `--data` must be of the weights'
+convention. The data card (sets, sources, licenses, splits) the training wrote travels in the metadata.
 
 `--qc-only` re-fits the QC thresholds of weights already shipped (named by model) and leaves the
 weights and their metrics as they are.
@@ -18,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lungrt.models.checkpoint import load_checkpoint, save_checkpoint
-from lungrt.data.datasets import select_split
+from lungrt.core.spec import DEFAULT_CONVENTION
+from lungrt.models.checkpoint import load_checkpoint, save_checkpoint, shipped_checkpoint
+from lungrt.data.datasets import dataset_convention, select_split
 from lungrt.evaluation.evaluate import evaluate
 from lungrt.inference.qc import fit_for_model
 from lungrt.backends.pytorch import TorchRunner
@@ -35,19 +41,23 @@ def main() -> None:
     args = ap.parse_args()
     if args.qc_only:
         for name in args.runs:
-            refit_qc(WEIGHTS / f"{name}.safetensors", args.data)
+            refit_qc(Path(str(shipped_checkpoint(str(name)))), args.data)
         return
     test = select_split(args.data, "test")
     for run in args.runs:
         loaded = load_checkpoint(run / "model.safetensors")
-        dest = WEIGHTS / f"{loaded.info.name}.safetensors"
+        convention = loaded.spec.convention
+        if dataset_convention(args.data) != convention:
+            raise SystemExit(f"{args.data} is not {convention} data: the test metrics and QC would measure the other convention")
+        dest = WEIGHTS / (f"{loaded.info.name}.safetensors" if convention == DEFAULT_CONVENTION
+                          else f"{loaded.info.name}.{convention}.safetensors")
         save_checkpoint(dest, loaded.model, loaded.info, dtype=torch.float16)
         shipped = load_checkpoint(dest)
         with TorchRunner(shipped) as r:
             mean = evaluate(r, test)["mean"]
         shipped.info.metrics = {**loaded.info.metrics, "test_split_native": mean, "test_images": len(test)}
-        print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, IoU {mean['iou']:.4f}, "
-              f"accuracy {mean['accuracy']:.4f}")
+        print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, recall {mean['recall']:.4f}, "
+              f"IoU {mean['iou']:.4f}, accuracy {mean['accuracy']:.4f}")
         refit_qc(dest, args.data, shipped)
 
 

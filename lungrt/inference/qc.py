@@ -38,6 +38,10 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     # lungs end below in the narrow costophrenic tips and the heart's notch; a lung field as wide at
     # its lowest tenth as at its widest row is upside down, or its bases are cut off by the film's edge
     "base_width": (None, "wide_base"),
+    # a mask that stops short of the lung (opacified bases, the lung behind the heart): the network still gives
+    # the lung it leaves out a fading, sub-threshold probability; this is that probability mass (0.05 < p < 0.5)
+    # per pixel of the mask. A clean film's mask ends in a sharp edge (little mass); one cut short by disease not
+    "missed_mass": (None, "stops_short"),
     # the statistical shape model's verdict (lungrt.inference.shape), when the model carries one: a
     # pair of lung fields far from every plausible pair (Mahalanobis distance; scale-free, unlike the
     # Dice against the plausible fit, which is reported but falls with the lungs' size in pixels)
@@ -126,12 +130,15 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
     area = cv2.countNonZero(m)
     if area == 0:
         return {"box_fill": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
-                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "aspect": 0.0, "base_width": 0.0}
+                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "aspect": 0.0, "base_width": 0.0,
+                "missed_mass": 1.0}
     sizes = component_sizes(m)
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
     balance = float(two.min() / two.max()) if len(two) == 2 else 0.0
     uncertain = float(cv2.countNonZero(cv2.compare(p, 0.1, cv2.CMP_GT) & cv2.compare(p, 0.9, cv2.CMP_LT))) / area
+    below = cv2.compare(p, 0.05, cv2.CMP_GT) & cv2.compare(p, 0.5, cv2.CMP_LE)
+    missed = float(cv2.sumElems(cv2.multiply(p, below.astype(np.float32) / 255.0))[0]) / area
     inner = cv2.countNonZero(m[2:-2, 2:-2])
     # the mask's pixel coordinates summarised by their row and column counts: the same percentiles
     # and means as over np.nonzero's coordinates, without sorting every lung pixel
@@ -152,6 +159,7 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
         "centroid_y": float(np.dot(rows_w, np.arange(h)) / area) / h,
         "aspect": (height + 1) / (width + 1) * stretch,
         "base_width": float(rows_w[bottom - tenth + 1:bottom + 1].mean()) / max(float(rows_w[top:bottom + 1].max()), 1.0),
+        "missed_mass": missed,
     }
 
 
@@ -346,16 +354,38 @@ def fit_shape_model(pairs, size: int) -> ShapeModel:
     return ShapeModel.fit(shapes, f"{len(shapes)} training-split reference masks at {size} px")
 
 
-def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05) -> QCThresholds:
+def well_segmented(runner, pairs, min_recall: float = 0.7, batch_size: int = 8) -> list:
+    """The pairs whose prediction holds at least `min_recall` of the reference lung (at the network's size): the
+    clean films a false-alarm budget is about. A mask that misses more is what QC must flag, not a false alarm."""
+    from lungrt.evaluation.evaluate import batched, load_samples
+
+    kept = []
+    for batch in batched(list(zip(pairs, load_samples(pairs, runner.spec))), batch_size):
+        probs = runner.run(np.stack([s.tensor for _, s in batch]))
+        for (pair, s), p in zip(batch, probs):
+            size = runner.spec.size
+            gold = cv2.resize(s.gold.astype(np.uint8), (size, size), interpolation=cv2.INTER_AREA) > 0
+            pred = p.reshape(size, size) > 0.5
+            if gold.sum() and (pred & gold).sum() / gold.sum() >= min_recall:
+                kept.append(pair)
+    return kept
+
+
+def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05, min_recall: float | None = 0.7) -> QCThresholds:
     """Thresholds for this model: the shape model from the training split's reference masks, the
-    bounds fitted on its training-split predictions and checked on validation, re-framed too."""
+    bounds fitted on its training-split predictions and checked on validation, re-framed too. With
+    `min_recall`, the validation films whose masks miss more of the lung are left out of the false-alarm
+    budget (they are what the flags are for)."""
+    if min_recall is not None:
+        val_pairs = well_segmented(runner, val_pairs, min_recall)
     shape = fit_shape_model(train_pairs, runner.spec.size)
     train = collect_features(runner, train_pairs, shape=shape)
     val = {"as it comes": collect_features(runner, val_pairs, shape=shape)}
     for how in REFRAMINGS:
         val[how] = collect_features(runner, val_pairs, shape=shape, framing=how)
-    fitted = fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val_pairs)} "
-                                                f"validation images as they come and {', '.join(REFRAMINGS)}; target "
-                                                f"false-alarm rate {target:.0%} in each")
+    clean = f" well-segmented (recall >= {min_recall:g})" if min_recall is not None else ""
+    fitted = fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val_pairs)}"
+                                                f"{clean} validation images as they come and {', '.join(REFRAMINGS)}; "
+                                                f"target false-alarm rate {target:.0%} in each")
     fitted.shape = shape
     return fitted
