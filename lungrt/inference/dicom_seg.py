@@ -81,7 +81,7 @@ def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artif
         manufacturer_model_name=model[:64], software_versions=__version__, device_serial_number="lungrt",
         series_description=f"lungrt {model} {CONVENTION_WORDS.get(convention, convention)}"[:64],
         content_label="LUNGS", content_description=("QC ok" if qc == "ok" else f"QC flagged: {qc}")[:64],
-        content_creator_name="lungrt")
+        content_creator_name="lungrt^")
     if "FrameOfReferenceUID" not in src:
         # General Image module, type 2C without a frame of reference (projection radiographs): the
         # SEG shares the source's pixel grid, so its orientation too (empty when the source has none)
