@@ -69,7 +69,7 @@ def host_stage_ms(files: list[str], probs: np.ndarray, spec, qc, out_dir: Path, 
         spec.apply_xray(xr)
         clock.append(time.process_time())
         if i % batch == 0:  # the batch's QC, charged to its first image's mask-and-measure
-            feats = batch_qc(probs[i: i + batch], qc, shapes[i: i + batch])
+            feats = batch_qc(probs[i : i + batch], qc, shapes[i : i + batch])
         given = [feats[i % batch]] if feats[i % batch] is not None else []
         m = infer.measure(xr, p, spec, True, qc, *([False, *given] if given else []))
         clock.append(time.process_time())
@@ -115,8 +115,10 @@ def main() -> None:
     spec, qc = PreprocessSpec.from_dict(cfg["spec"]), QCThresholds.from_dict(cfg["qc"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    rows = {name: host_stage_ms(files, np.load(cfg["probs"][name]), spec, qc, out, cfg.get("batch", 8))
-            for name, files in cfg["sets"].items()}
+    rows = {
+        name: host_stage_ms(files, np.load(cfg["probs"][name]), spec, qc, out, cfg.get("batch", 8))
+        for name, files in cfg["sets"].items()
+    }
     print(json.dumps(rows))
 
 

@@ -17,9 +17,15 @@ from lungrt.export.onnx import set_metadata
 from lungrt.export.precision import CalibrationSet, _finish_int8, _save
 
 
-def make_int8_nncf(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "nncf",
-                   exclude: list[str] | None = None, cache_dir: str | Path | None = None,
-                   preset: str = "performance") -> dict:
+def make_int8_nncf(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib: CalibrationSet,
+    method: str = "nncf",
+    exclude: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    preset: str = "performance",
+) -> dict:
     """INT8 for OpenVINO by NNCF post-training quantization. Preset "performance" (symmetric) is
     the form OpenVINO's AMX INT8 kernels run fastest (the asymmetric "mixed" measured 2x slower
     there); "mixed" is the fallback where the symmetric form fails the gate (OpenVINO's non-AMX
@@ -34,22 +40,42 @@ def make_int8_nncf(fp32_path: str | Path, out_path: str | Path, calib: Calibrati
         meta = {p.key: p.value for p in model.metadata_props}
         name = model.graph.input[0].name
         data = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))], lambda x: {name: x})
-        q = nncf.quantize(model, data, preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU,
-                          subset_size=len(calib.inputs),
-                          ignored_scope=nncf.IgnoredScope(names=list(exclude or []), validate=False))
+        q = nncf.quantize(
+            model,
+            data,
+            preset=nncf.QuantizationPreset(preset),
+            target_device=nncf.TargetDevice.CPU,
+            subset_size=len(calib.inputs),
+            ignored_scope=nncf.IgnoredScope(names=list(exclude or []), validate=False),
+        )
     _finish_int8(q, meta, out_path, calib, "nncf" if preset == "performance" else f"nncf-{preset}", exclude, "openvino")
     return {"path": str(out_path), "excluded": list(exclude or [])}
 
 
-def make_int8_nncf_mixed(fp32_path, out_path, calib: CalibrationSet, method: str = "nncf", exclude=None, cache_dir=None) -> dict:
+def make_int8_nncf_mixed(
+    fp32_path, out_path, calib: CalibrationSet, method: str = "nncf", exclude=None, cache_dir=None
+) -> dict:
     return make_int8_nncf(fp32_path, out_path, calib, method, exclude, cache_dir, preset="mixed")
 
 
 # Ops that move or pick values without computing new ones: a quantizer NNCF places for a layer can
 # sit above them (before the MaxPool that feeds a Conv), so floating that layer's input walks up
 # through them.
-_TRANSPARENT = {"MaxPool", "Relu", "Reshape", "Transpose", "Resize", "Concat", "Flatten", "Squeeze", "Unsqueeze",
-                "Identity", "Slice", "Pad", "AveragePool"}
+_TRANSPARENT = {
+    "MaxPool",
+    "Relu",
+    "Reshape",
+    "Transpose",
+    "Resize",
+    "Concat",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Slice",
+    "Pad",
+    "AveragePool",
+}
 
 
 def dequantize_nodes(quantized: onnx.ModelProto, fp32: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -151,8 +177,13 @@ def _drop_unread(g) -> None:
         g.initializer.remove(init)
 
 
-def save_derived_int8(whole: onnx.ModelProto, fp32: onnx.ModelProto, exclude: list[str], out_path: str | Path,
-                      floated: list[str] | None = None) -> None:
+def save_derived_int8(
+    whole: onnx.ModelProto,
+    fp32: onnx.ModelProto,
+    exclude: list[str],
+    out_path: str | Path,
+    floated: list[str] | None = None,
+) -> None:
     """`dequantize_nodes` of a whole-graph INT8 variant (the nodes `floated`, by default the
     excluded ones), saved with its exclusions recorded."""
     model = dequantize_nodes(whole, fp32, floated if floated is not None else exclude)

@@ -51,9 +51,16 @@ def profile_openvino(path: Path, x: np.ndarray, runs: int, hint: str) -> dict[st
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": hint, "PERF_COUNT": True, "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(os.cpu_count() or 1)})
+    compiled = core.compile_model(
+        core.read_model(str(path)),
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": hint,
+            "PERF_COUNT": True,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": str(os.cpu_count() or 1),
+        },
+    )
     request = compiled.create_infer_request()
     for _ in range(2):
         request.infer({0: x})
@@ -81,10 +88,12 @@ def main() -> None:
     fp32 = make_variant(loaded, "fp32").path
     gate = validation_pairs(args.calib) if args.calib else None
     int8 = make_variant(loaded, "int8", calib_dir=args.calib, val_pairs=gate, target="openvino").path
-    configs = {"onnxruntime fp32": lambda: profile_onnxruntime(fp32, x, args.runs),
-               "openvino fp32": lambda: profile_openvino(fp32, x, args.runs, "f32"),
-               "openvino bf16": lambda: profile_openvino(fp32, x, args.runs, "bf16"),
-               "openvino int8 (NNCF)": lambda: profile_openvino(int8, x, args.runs, "f32")}
+    configs = {
+        "onnxruntime fp32": lambda: profile_onnxruntime(fp32, x, args.runs),
+        "openvino fp32": lambda: profile_openvino(fp32, x, args.runs, "f32"),
+        "openvino bf16": lambda: profile_openvino(fp32, x, args.runs, "bf16"),
+        "openvino int8 (NNCF)": lambda: profile_openvino(int8, x, args.runs, "f32"),
+    }
     out = {"hardware": cpu_identity(), "model": args.model, "batch": args.batch, "configs": {}}
     for name, run in configs.items():
         try:

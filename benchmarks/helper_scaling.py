@@ -55,8 +55,8 @@ def _probability_map() -> np.ndarray:
     """Two smooth lung-shaped blobs at the network's size: a fixed stand-in for the model's output."""
     prob = np.zeros((SPEC.size, SPEC.size), np.float32)
     s = SPEC.size
-    prob[int(0.16 * s): int(0.74 * s), int(0.12 * s): int(0.43 * s)] = 1
-    prob[:, s // 2:] = prob[:, : s // 2][:, ::-1]
+    prob[int(0.16 * s) : int(0.74 * s), int(0.12 * s) : int(0.43 * s)] = 1
+    prob[:, s // 2 :] = prob[:, : s // 2][:, ::-1]
     return cv2.GaussianBlur(prob, (0, 0), s / 40)
 
 
@@ -75,28 +75,36 @@ def host_one(path: str) -> int:
 def host_scaling(files: list[str], repeat: int) -> dict:
     _single_threaded_opencv()
     kinds = {"thread": ThreadPoolExecutor, "process": ProcessPoolExecutor}
-    pools = {(k, n): (kinds[k](n) if k == "thread" else kinds[k](n, initializer=_single_threaded_opencv))
-             for k in kinds for n in (1, 2)}
+    pools = {
+        (k, n): (kinds[k](n) if k == "thread" else kinds[k](n, initializer=_single_threaded_opencv))
+        for k in kinds
+        for n in (1, 2)
+    }
     for pool in pools.values():
         list(pool.map(host_one, files[:4]))  # start the processes, warm the caches
     best: dict = {}
     for r in range(repeat):
-        for key, pool in (list(pools.items()) if r % 2 == 0 else list(pools.items())[::-1]):
+        for key, pool in list(pools.items()) if r % 2 == 0 else list(pools.items())[::-1]:
             t0 = time.perf_counter()
             list(pool.map(host_one, files))
             best[key] = min(best.get(key, float("inf")), time.perf_counter() - t0)
             print(f"host work, {key[1]} {key[0]}(s): {len(files) / (time.perf_counter() - t0):.1f} img/s", flush=True)
     for pool in pools.values():
         pool.shutdown()
-    rate = {f"{ {'thread': 'threads', 'process': 'processes'}[k]}_{n}": len(files) / v for (k, n), v in best.items()}
+    rate = {f"{ {'thread': 'threads', 'process': 'processes'}[k] }_{n}": len(files) / v for (k, n), v in best.items()}
     efficiency = rate["processes_2"] / (2 * rate["processes_1"])
     gil_share = 2 * efficiency * rate["processes_1"] / rate["threads_2"] - 1
-    return {"images_per_s": {k: round(v, 1) for k, v in rate.items()},
-            "core_ms_per_image_one_process": round(1000 / rate["processes_1"], 2),
-            "speedup_2_over_1": {"threads": round(rate["threads_2"] / rate["threads_1"], 2),
-                                 "processes": round(rate["processes_2"] / rate["processes_1"], 2)},
-            "two_core_efficiency": round(efficiency, 3), "gil_share": round(gil_share, 3),
-            "thread_cap_cores": round(1 / gil_share, 1) if gil_share > 0 else None}
+    return {
+        "images_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "core_ms_per_image_one_process": round(1000 / rate["processes_1"], 2),
+        "speedup_2_over_1": {
+            "threads": round(rate["threads_2"] / rate["threads_1"], 2),
+            "processes": round(rate["processes_2"] / rate["processes_1"], 2),
+        },
+        "two_core_efficiency": round(efficiency, 3),
+        "gil_share": round(gil_share, 3),
+        "thread_cap_cores": round(1 / gil_share, 1) if gil_share > 0 else None,
+    }
 
 
 def infer_scaling(tmp: Path, repeat: int) -> dict:
@@ -109,15 +117,31 @@ def infer_scaling(tmp: Path, repeat: int) -> dict:
     best: dict[str, float] = {}
     configs = [(pool, workers) for pool in ("thread", "process") for workers in (1, 2)]
     for r in range(repeat):
-        for pool, workers in (configs if r % 2 == 0 else configs[::-1]):
+        for pool, workers in configs if r % 2 == 0 else configs[::-1]:
             key, summary = f"{pool}_{workers}", tmp / "summary.json"
-            subprocess.run([*lungrt, "--out", str(tmp / f"o{key}_{r}"), *common, "--workers", str(workers), "--pool", pool,
-                            "--json", str(summary)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    *lungrt,
+                    "--out",
+                    str(tmp / f"o{key}_{r}"),
+                    *common,
+                    "--workers",
+                    str(workers),
+                    "--pool",
+                    pool,
+                    "--json",
+                    str(summary),
+                ],
+                check=True,
+                capture_output=True,
+            )
             rate = json.loads(summary.read_text())["images_per_second"]
             best[key] = max(best.get(key, 0.0), rate)
             print(f"infer --pool {pool} --workers {workers}: {rate:.1f} img/s", flush=True)
-    return {"images_per_s": {k: round(v, 1) for k, v in best.items()},
-            "speedup_2_over_1": {pool: round(best[f"{pool}_2"] / best[f"{pool}_1"], 2) for pool in ("thread", "process")}}
+    return {
+        "images_per_s": {k: round(v, 1) for k, v in best.items()},
+        "speedup_2_over_1": {pool: round(best[f"{pool}_2"] / best[f"{pool}_1"], 2) for pool in ("thread", "process")},
+    }
 
 
 def main() -> None:
@@ -137,8 +161,14 @@ def main() -> None:
         files = sorted(str(p) for p in (tmp / "in").glob("*.dcm"))
         host = host_scaling(files, args.repeat)
         infer = infer_scaling(tmp, args.repeat)
-    result = {**cpu_identity(), "images": args.images, "megapixels": 5.38, "host_work": host, "infer": infer,
-              "command": f"benchmarks/helper_scaling.py --images {args.images} --repeat {args.repeat}"}
+    result = {
+        **cpu_identity(),
+        "images": args.images,
+        "megapixels": 5.38,
+        "host_work": host,
+        "infer": infer,
+        "command": f"benchmarks/helper_scaling.py --images {args.images} --repeat {args.repeat}",
+    }
     save_result("helper_scaling", result)
 
 

@@ -81,8 +81,14 @@ def run_worker(pythonpath: Path, config: dict, tmp: Path) -> dict:
     cfg = tmp / f"cfg-{os.getpid()}-{len(list(tmp.glob('cfg-*')))}.json"
     cfg.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    done = subprocess.run([sys.executable, str(HERE / "_host_stages.py"), str(cfg)], env=env, cwd=tmp,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_host_stages.py"), str(cfg)],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"{pythonpath}: {done.stderr.strip().splitlines()[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -90,7 +96,9 @@ def run_worker(pythonpath: Path, config: dict, tmp: Path) -> dict:
 
 def unpack_release(rev: str, folder: Path) -> Path:
     """The `lungrt` package of git revision `rev`, unpacked under `folder` (weights and all)."""
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", rev, "lungrt"], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", rev, "lungrt"], capture_output=True, check=True
+    ).stdout
     folder.mkdir()
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
@@ -107,41 +115,73 @@ def main() -> None:
     ap.add_argument("--model", default="msag-unet")
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of both releases; the least per stage is shown")
-    ap.add_argument("--baseline", default="a79fb87", help="git revision to compare with (default: the release the issue measured)")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="alternating rounds of both releases; the least per stage is shown"
+    )
+    ap.add_argument(
+        "--baseline", default="a79fb87", help="git revision to compare with (default: the release the issue measured)"
+    )
     args = ap.parse_args()
     loaded = resolve_model(args.model)
     fp32 = make_variant(loaded, "fp32").path
     runner = open_runner(fp32, backend="openvino", precision="fp32")
     sources = [p.image for p in discover_pairs(args.data).pairs][:: max(1, 704 // args.images)][: args.images]
-    results = {"hardware": cpu_identity(), "model": args.model, "backend": runner.describe(), "batch": args.batch,
-               "baseline": args.baseline, "rounds": args.rounds, "rows": {}, "end_to_end": {}}
+    results = {
+        "hardware": cpu_identity(),
+        "model": args.model,
+        "backend": runner.describe(),
+        "batch": args.batch,
+        "baseline": args.baseline,
+        "rounds": args.rounds,
+        "rows": {},
+        "end_to_end": {},
+    }
     with tempfile.TemporaryDirectory(prefix="lungrt-stages-") as tmp:
         tmp = Path(tmp)
         native = native_copies(sources, tmp)
-        sets = {"512 PNG (shared)": [f.resolve() for f in sources], "native 16-bit PNG": native["png16"], "native DICOM": native["dicom"]}
+        sets = {
+            "512 PNG (shared)": [f.resolve() for f in sources],
+            "native 16-bit PNG": native["png16"],
+            "native DICOM": native["dicom"],
+        }
         probs = {}
         for name, files in sets.items():  # the model's output, once, shared by both releases' workers
             x = np.stack([runner.spec.apply_xray(read_xray(f)) for f in files])
             probs[name] = str(tmp / f"probs-{len(probs)}.npy")
-            np.save(probs[name], np.concatenate([runner.run(x[i: i + args.batch]) for i in range(0, len(x), args.batch)])[:, 0])
+            np.save(
+                probs[name],
+                np.concatenate([runner.run(x[i : i + args.batch]) for i in range(0, len(x), args.batch)])[:, 0],
+            )
         batch = x[: args.batch]
         np.save(tmp / "batch.npy", batch)
         model_ms = 1000 / throughput(runner, batch, seconds=5)
         releases = {"before": unpack_release(args.baseline, tmp / "baseline"), "now": HERE.parent}
-        config = {"sets": {n: [str(f) for f in fs] for n, fs in sets.items()}, "probs": probs,
-                  "spec": runner.spec.to_dict(), "qc": runner.info.qc, "batch": args.batch}
+        config = {
+            "sets": {n: [str(f) for f in fs] for n, fs in sets.items()},
+            "probs": probs,
+            "spec": runner.spec.to_dict(),
+            "qc": runner.info.qc,
+            "batch": args.batch,
+        }
         rounds = {k: [] for k in releases}
         for r in range(args.rounds):
-            for name in (list(releases) if r % 2 == 0 else list(releases)[::-1]):
+            for name in list(releases) if r % 2 == 0 else list(releases)[::-1]:
                 out = str(tmp / f"out-{name}-{r}")  # new files, as a fresh infer run writes (not replacements)
                 rounds[name].append(run_worker(releases[name], {**config, "out": out}, tmp))
-                print(name, r, json.dumps({s: {k: round(v, 1) for k, v in row.items()} for s, row in rounds[name][-1].items()}), flush=True)
+                print(
+                    name,
+                    r,
+                    json.dumps({s: {k: round(v, 1) for k, v in row.items()} for s, row in rounds[name][-1].items()}),
+                    flush=True,
+                )
         for name in releases:
             results["rows"][name] = best_rows(rounds[name])
         e2e = {"folder": str(tmp / "dicom"), "onnx": str(fp32), "batch_input": str(tmp / "batch.npy")}
-        for key, release, extra in (("before, OpenVINO FP32", "before", {}), ("now, OpenVINO FP32", "now", {}),
-                                    ("now, recorded CPU choice", "now", {"model": args.model})):
+        for key, release, extra in (
+            ("before, OpenVINO FP32", "before", {}),
+            ("now, OpenVINO FP32", "now", {}),
+            ("now, recorded CPU choice", "now", {"model": args.model}),
+        ):
             results["end_to_end"][key] = run_worker(releases[release], {"end_to_end": {**e2e, **extra}}, tmp)
             print(key, results["end_to_end"][key], flush=True)
     results["model_ms"] = model_ms
@@ -152,19 +192,33 @@ def main() -> None:
 
 def print_tables(results: dict) -> None:
     hw = results["hardware"]
-    print(f"\n{results['model']} on {results['backend']} (model {results['model_ms']:.1f} ms per image at batch "
-          f"{results['batch']}); {hw['cpu']} ({' '.join(hw['cpu_flags'])}); host core-ms per image, least of "
-          f"{results['rounds']} alternating rounds; before = {results['baseline']}:\n")
-    print("| input | MP | " + " | ".join(f"{s} (before -> now)" for s in STAGES) + " | all but the model, before -> now |")
+    print(
+        f"\n{results['model']} on {results['backend']} (model {results['model_ms']:.1f} ms per image at batch "
+        f"{results['batch']}); {hw['cpu']} ({' '.join(hw['cpu_flags'])}); host core-ms per image, least of "
+        f"{results['rounds']} alternating rounds; before = {results['baseline']}:\n"
+    )
+    print(
+        "| input | MP | " + " | ".join(f"{s} (before -> now)" for s in STAGES) + " | all but the model, before -> now |"
+    )
     print("|---|---|" + "---|" * (len(STAGES) + 1))
     before, now = results["rows"]["before"], results["rows"]["now"]
     for name in now:
         b, n = before[name], now[name]
-        print(f"| {name} | {n['megapixels']:.1f} | " + " | ".join(f"{b[s]:.1f} -> {n[s]:.1f}" for s in STAGES)
-              + f" | **{sum(b[s] for s in STAGES):.1f} -> {sum(n[s] for s in STAGES):.1f}** |")
-    print("\n| native DICOM, end to end | runner | end-to-end img/s | bare model img/s | ratio |\n|---|---|---|---|---|")
+        print(
+            f"| {name} | {n['megapixels']:.1f} | "
+            + " | ".join(f"{b[s]:.1f} -> {n[s]:.1f}" for s in STAGES)
+            + f" | **{sum(b[s] for s in STAGES):.1f} -> {sum(n[s] for s in STAGES):.1f}** |"
+        )
+    print(
+        "\n| native DICOM, end to end | runner | end-to-end img/s | bare model img/s | ratio |\n|---|---|---|---|---|"
+    )
     for key, e in results["end_to_end"].items():
-        print(f"| {key} | {e['backend']} | {e['end_to_end_img_per_s']:.1f} | {e['bare_model_img_per_s']:.1f} | **{e['ratio']:.2f}** |")
+        print(
+            (
+                f"| {key} | {e['backend']} | {e['end_to_end_img_per_s']:.1f} | "
+                f"{e['bare_model_img_per_s']:.1f} | **{e['ratio']:.2f}** |"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="msag-unet")
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--max-drop", type=float, default=0.005, help="agreement the search may lose against the FP32 graph")
+    ap.add_argument(
+        "--max-drop", type=float, default=0.005, help="agreement the search may lose against the FP32 graph"
+    )
     ap.add_argument("--gate-images", type=int, default=32)
     ap.add_argument("--preset", default="mixed", choices=("mixed", "performance"))
     args = ap.parse_args()
@@ -70,12 +72,13 @@ def main() -> None:
     with third_party_logs("nncf"):
         import nncf
 
-        calibration = nncf.Dataset([calib.inputs[i: i + 1] for i in range(len(calib.inputs))])
+        calibration = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))])
         validation = nncf.Dataset(list(range(len(inputs))))
         preset = nncf.QuantizationPreset(args.preset)
         t0 = time.perf_counter()
-        whole = nncf.quantize(model, calibration, preset=preset, target_device=nncf.TargetDevice.CPU,
-                              subset_size=len(calib.inputs))
+        whole = nncf.quantize(
+            model, calibration, preset=preset, target_device=nncf.TargetDevice.CPU, subset_size=len(calib.inputs)
+        )
         t_whole = time.perf_counter() - t0
 
         def metric(compiled, indices) -> float:
@@ -83,14 +86,24 @@ def main() -> None:
 
         t0 = time.perf_counter()
         controlled = nncf.quantize_with_accuracy_control(
-            core.read_model(str(fp32)), calibration, validation, metric, max_drop=args.max_drop,
-            drop_type=nncf.DropType.ABSOLUTE, preset=preset, target_device=nncf.TargetDevice.CPU,
-            subset_size=len(calib.inputs))
+            core.read_model(str(fp32)),
+            calibration,
+            validation,
+            metric,
+            max_drop=args.max_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            preset=preset,
+            target_device=nncf.TargetDevice.CPU,
+            subset_size=len(calib.inputs),
+        )
         t_search = time.perf_counter() - t0
     bf16 = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY"}
-    candidates = {"OpenVINO fp32": (core.read_model(str(fp32)), f32), "OpenVINO bf16": (core.read_model(str(fp32)), bf16),
-                  f"NNCF INT8, whole graph ({args.preset})": (whole, f32),
-                  f"NNCF INT8, accuracy control (max drop {args.max_drop})": (controlled, f32)}
+    candidates = {
+        "OpenVINO fp32": (core.read_model(str(fp32)), f32),
+        "OpenVINO bf16": (core.read_model(str(fp32)), bf16),
+        f"NNCF INT8, whole graph ({args.preset})": (whole, f32),
+        f"NNCF INT8, accuracy control (max drop {args.max_drop})": (controlled, f32),
+    }
     compiled = {}
     for name, (m, config) in candidates.items():
         try:
@@ -102,24 +115,44 @@ def main() -> None:
     timed = {**compiled, "PyTorch eager fp32": lambda x: {0: eager.run(x)}}
     speeds = {k: [] for k in timed}
     for r in range(3):  # interleaved rounds: this VM drifts
-        for name in (list(timed) if r % 2 == 0 else list(timed)[::-1]):
+        for name in list(timed) if r % 2 == 0 else list(timed)[::-1]:
             speeds[name].append(img_per_s(timed[name], batch))
-    fake_quantizes = {k: sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops())
-                      for k, m in (("whole", whole), ("controlled", controlled))}
-    rows = {name: {"agreement": agreement(c, inputs, reference) if name in compiled else 1.0,
-                   "img_per_s": float(np.median(speeds[name]))} for name, c in timed.items()}
+    fake_quantizes = {
+        k: sum(op.get_type_name() == "FakeQuantize" for op in m.get_ops())
+        for k, m in (("whole", whole), ("controlled", controlled))
+    }
+    rows = {
+        name: {
+            "agreement": agreement(c, inputs, reference) if name in compiled else 1.0,
+            "img_per_s": float(np.median(speeds[name])),
+        }
+        for name, c in timed.items()
+    }
     base, eager_rate = rows["OpenVINO fp32"]["img_per_s"], rows["PyTorch eager fp32"]["img_per_s"]
-    result = {**cpu_identity(), "model": args.model, "gate_images": len(inputs), "preset": args.preset,
-              "max_drop": args.max_drop, "quantize_s": round(t_whole, 1), "accuracy_control_s": round(t_search, 1),
-              "fake_quantize_ops": fake_quantizes, "rows": rows}
+    result = {
+        **cpu_identity(),
+        "model": args.model,
+        "gate_images": len(inputs),
+        "preset": args.preset,
+        "max_drop": args.max_drop,
+        "quantize_s": round(t_whole, 1),
+        "accuracy_control_s": round(t_search, 1),
+        "fake_quantize_ops": fake_quantizes,
+        "rows": rows,
+    }
     save_result(f"int8_accuracy_control_{args.model}", result, echo=False)
-    print(f"\n{args.model} on {result['cpu']} ({' '.join(result['cpu_flags'])}); batch 8, median of 3 interleaved rounds; "
-          f"agreement with PyTorch FP32 on {len(inputs)} validation images; FakeQuantize ops whole graph "
-          f"{fake_quantizes['whole']}, after accuracy control {fake_quantizes['controlled']}; search {t_search:.0f} s\n")
+    print(
+        f"\n{args.model} on {result['cpu']} ({' '.join(result['cpu_flags'])}); "
+        "batch 8, median of 3 interleaved rounds; "
+        f"agreement with PyTorch FP32 on {len(inputs)} validation images; FakeQuantize ops whole graph "
+        f"{fake_quantizes['whole']}, after accuracy control {fake_quantizes['controlled']}; search {t_search:.0f} s\n"
+    )
     print("| configuration | agreement | img/s | vs OpenVINO fp32 | vs PyTorch eager |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['agreement']:.5f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base:.2f}x | "
-              f"{r['img_per_s'] / eager_rate:.1f}x |")
+        print(
+            f"| {name} | {r['agreement']:.5f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base:.2f}x | "
+            f"{r['img_per_s'] / eager_rate:.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ RESULTS = Path(__file__).parent / "results"
 
 class Compiled:
     def __init__(self, core, path: Path, hint: str):
-        self.model = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+        self.model = core.compile_model(
+            str(path), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        )
         self.request = self.model.create_infer_request()
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -78,8 +80,10 @@ def main() -> None:
     reference = TorchRunner(loaded)
     inputs = [loaded.spec.apply_xray(read_xray(p.image))[None] for p in pairs]
     truth = [reference.run(t)[0, 0] > 0.5 for t in inputs]
-    agreement = {name: float(np.mean([((c.run(np.repeat(t, 8, 0))[0, 0] > 0.5) == m).mean() for t, m in zip(inputs, truth)]))
-                 for name, c in compiled.items()}
+    agreement = {
+        name: float(np.mean([((c.run(np.repeat(t, 8, 0))[0, 0] > 0.5) == m).mean() for t, m in zip(inputs, truth)]))
+        for name, c in compiled.items()
+    }
     x = reference_inputs(loaded.spec, 8)
     speeds = {name: [] for name in compiled}
     for _ in range(args.rounds):  # interleaved: the machine's noise hits every configuration alike
@@ -87,12 +91,25 @@ def main() -> None:
             c.run(x)
             speeds[name].append(img_per_s(c, x, 3.0))
     base = statistics.median(speeds["OV fp32"])
-    rows = [{"config": n, "img_per_s": round(statistics.median(s), 1), "vs_ov_fp32": round(statistics.median(s) / base, 2),
-             "agreement": round(agreement[n], 5)} for n, s in speeds.items()]
+    rows = [
+        {
+            "config": n,
+            "img_per_s": round(statistics.median(s), 1),
+            "vs_ov_fp32": round(statistics.median(s) / base, 2),
+            "agreement": round(agreement[n], 5),
+        }
+        for n, s in speeds.items()
+    ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"int8_bf16_mix_{args.model}.json").write_text(json.dumps({"model": args.model, "hardware": cpu_identity(),
-                                                                         "rows": rows}, indent=1))
-    print(f"\n{args.model}, batch 8, {', '.join(cpu_identity()['cpu_flags'])}; median of {args.rounds} interleaved rounds\n")
+    (RESULTS / f"int8_bf16_mix_{args.model}.json").write_text(
+        json.dumps({"model": args.model, "hardware": cpu_identity(), "rows": rows}, indent=1)
+    )
+    print(
+        (
+            f"\n{args.model}, batch 8, {', '.join(cpu_identity()['cpu_flags'])}; "
+            f"median of {args.rounds} interleaved rounds\n"
+        )
+    )
     print("| configuration | img/s | x OV fp32 | agreement with PyTorch FP32 |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['img_per_s']} | {r['vs_ov_fp32']} | {r['agreement']:.5f} |")

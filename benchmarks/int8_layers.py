@@ -68,10 +68,23 @@ def main() -> None:
     assert not any(n.op_type == "QuantizeLinear" for n in everything.graph.node)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"int8_layers_{args.model}-cpu{cpu_tag()}.json"
-    out.write_text(json.dumps({"model": args.model, "hardware": cpu_identity(), "preset": preset, "images": len(pairs),
-                               "whole_graph": {k: v[0] for k, v in whole.items()}, "rows": rows}, indent=2))
-    print(f"\n{args.model}, NNCF {preset} (whole graph {base:.4f}), {len(pairs)} validation images, "
-          f"{', '.join(cpu_identity()['cpu_flags'])}\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "hardware": cpu_identity(),
+                "preset": preset,
+                "images": len(pairs),
+                "whole_graph": {k: v[0] for k, v in whole.items()},
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"\n{args.model}, NNCF {preset} (whole graph {base:.4f}), {len(pairs)} validation images, "
+        f"{', '.join(cpu_identity()['cpu_flags'])}\n"
+    )
     print("| layer | op | agreement gained when only it is float |")
     print("|---|---|---|")
     for r in rows[:10]:

@@ -44,8 +44,10 @@ def main() -> None:
     ap.add_argument("--models", default="unet,gsconv-unet,msag-unet")
     ap.add_argument("--compare", default="", help="other weights, one per model, same order")
     args = ap.parse_args()
-    files = sorted((p for p in args.data.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")),
-                   key=lambda p: (len(p.stem), p.stem))  # 2.png before 10.png
+    files = sorted(
+        (p for p in args.data.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm")),
+        key=lambda p: (len(p.stem), p.stem),
+    )  # 2.png before 10.png
     if not files:
         raise SystemExit(f"{args.data}: no X-rays found")
     sets = {"shipped": args.models.split(",")}
@@ -67,19 +69,31 @@ def main() -> None:
             masks[name] = [r.mask for r in results]
             balance = [min(r.right_lung_px, r.left_lung_px) / max(1, r.right_lung_px, r.left_lung_px) for r in results]
             reasons = Counter(x for r in results if r.qc != "ok" for x in r.qc.split(";"))
-            rows[name] = {"flagged": sum(r.qc != "ok" for r in results) / len(files) if fitted else None,
-                          "reasons": dict(reasons) if fitted else {},
-                          "mean_balance": float(np.mean(balance)), "lopsided_below_0.6": int(np.sum(np.array(balance) < 0.6))}
+            rows[name] = {
+                "flagged": sum(r.qc != "ok" for r in results) / len(files) if fitted else None,
+                "reasons": dict(reasons) if fitted else {},
+                "mean_balance": float(np.mean(balance)),
+                "lopsided_below_0.6": int(np.sum(np.array(balance) < 0.6)),
+            }
             overlay_sheet(files, results, RESULTS / f"other_hospital_{name}.png")
-        agree = {f"{a}|{b}": float(np.mean([dice_batch(x[None], y[None])[0] for x, y in zip(masks[a], masks[b])]))
-                 for a, b in itertools.combinations(masks, 2)}
+        agree = {
+            f"{a}|{b}": float(np.mean([dice_batch(x[None], y[None])[0] for x, y in zip(masks[a], masks[b])]))
+            for a, b in itertools.combinations(masks, 2)
+        }
         report["sets"][label] = {"models": rows, "pairwise_dice": agree}
         print(f"\n{label}: {len(files)} X-rays from {args.data}")
-        print("| model | QC flagged | reasons | mean right/left balance | pairs with balance < 0.6 |\n|---|---|---|---|---|")
+        print(
+            (
+                "| model | QC flagged | reasons | mean right/left balance | pairs "
+                "with balance < 0.6 |\n|---|---|---|---|---|"
+            )
+        )
         for name, r in rows.items():
             flagged = "- (no fitted thresholds)" if r["flagged"] is None else f"{r['flagged']:.0%}"
-            print(f"| {name} | {flagged} | {', '.join(f'{k} {v}' for k, v in sorted(r['reasons'].items()))} | "
-                  f"{r['mean_balance']:.3f} | {r['lopsided_below_0.6']} |")
+            print(
+                f"| {name} | {flagged} | {', '.join(f'{k} {v}' for k, v in sorted(r['reasons'].items()))} | "
+                f"{r['mean_balance']:.3f} | {r['lopsided_below_0.6']} |"
+            )
         print("mean pairwise Dice between models: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items()))
     (RESULTS / "other_hospital.json").write_text(json.dumps(report, indent=2))
 

@@ -33,8 +33,16 @@ def corruptions(img: np.ndarray, gold: np.ndarray, rng: np.random.Generator):
     """(name, image, gold) for each corruption of one X-ray (float image in [0, 1])."""
     h, w = img.shape
     yield "clean", img, gold
-    yield "dense opacity, whole lung", paint_benchmark(img, gold, "consolidation", "severe", int(rng.integers(1 << 30))), gold
-    yield "lobe white-out (lower part of one lung)", paint_benchmark(img, gold, "lobe", "severe", int(rng.integers(1 << 30))), gold
+    yield (
+        "dense opacity, whole lung",
+        paint_benchmark(img, gold, "consolidation", "severe", int(rng.integers(1 << 30))),
+        gold,
+    )
+    yield (
+        "lobe white-out (lower part of one lung)",
+        paint_benchmark(img, gold, "lobe", "severe", int(rng.integers(1 << 30))),
+        gold,
+    )
     yield "heavy noise", np.clip(img + rng.normal(0, 0.3, img.shape), 0, 1).astype(np.float32), gold
     yield "wrong exposure (burned out)", np.clip((img - 0.6) * 4, 0, 1).astype(np.float32), gold
     yield "rotated 90 degrees", np.rot90(img).copy(), np.rot90(gold).copy()
@@ -51,8 +59,16 @@ def _not_a_chest(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     small = rng.random((8, 8)).astype(np.float32)
     base = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     for _ in range(6):
-        cv2.ellipse(base, (int(rng.integers(w)), int(rng.integers(h))), (int(rng.integers(10, w // 4)), int(rng.integers(10, h // 4))),
-                    float(rng.uniform(0, 180)), 0, 360, float(rng.uniform(0.6, 1.0)), -1)
+        cv2.ellipse(
+            base,
+            (int(rng.integers(w)), int(rng.integers(h))),
+            (int(rng.integers(10, w // 4)), int(rng.integers(10, h // 4))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            float(rng.uniform(0.6, 1.0)),
+            -1,
+        )
     return np.clip(base, 0, 1)
 
 
@@ -82,20 +98,32 @@ def main() -> None:
             for name, vals in rows.items():
                 flagged = np.array([f for f, _ in vals])
                 dice = np.array([d for _, d in vals])
-                table.append({"corruption": name, "images": len(vals), "flagged": float(flagged.mean()),
-                              "dice_unflagged": float(dice[~flagged].mean()) if (~flagged).any() else None,
-                              "dice_flagged": float(dice[flagged].mean()) if flagged.any() else None,
-                              "unflagged_below_0.9": int(((dice < 0.9) & ~flagged).sum())})
-            bounds = {k: v for k, v in thresholds.to_dict().items() if k != "shape_model"}  # the shape model: in the weights
+                table.append(
+                    {
+                        "corruption": name,
+                        "images": len(vals),
+                        "flagged": float(flagged.mean()),
+                        "dice_unflagged": float(dice[~flagged].mean()) if (~flagged).any() else None,
+                        "dice_flagged": float(dice[flagged].mean()) if flagged.any() else None,
+                        "unflagged_below_0.9": int(((dice < 0.9) & ~flagged).sum()),
+                    }
+                )
+            bounds = {
+                k: v for k, v in thresholds.to_dict().items() if k != "shape_model"
+            }  # the shape model: in the weights
             report[model] = {"thresholds": bounds, "rows": table}
-        print(f"\n{model}: QC thresholds {thresholds.fitted_on} (validation false alarms "
-              f"{thresholds.false_alarm_val if thresholds.false_alarm_val is None else f'{thresholds.false_alarm_val:.1%}'})\n")
+        print(
+            f"\n{model}: QC thresholds {thresholds.fitted_on} (validation false alarms "
+            f"{'n/a' if thresholds.false_alarm_val is None else f'{thresholds.false_alarm_val:.1%}'})\n"
+        )
         print("| corruption | images | flagged | Dice of unflagged | unflagged with Dice < 0.9 | Dice of flagged |")
         print("|---|---|---|---|---|---|")
         for r in table:
             fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-            print(f"| {r['corruption']} | {r['images']} | {r['flagged']:.1%} | {fmt(r['dice_unflagged'])} | "
-                  f"{r['unflagged_below_0.9']} | {fmt(r['dice_flagged'])} |")
+            print(
+                f"| {r['corruption']} | {r['images']} | {r['flagged']:.1%} | {fmt(r['dice_unflagged'])} | "
+                f"{r['unflagged_below_0.9']} | {fmt(r['dice_flagged'])} |"
+            )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "qc_corruptions.json").write_text(json.dumps(report, indent=2))
 

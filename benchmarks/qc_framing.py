@@ -62,8 +62,11 @@ def flagged_by_framing(model: str, films: list[tuple[np.ndarray, np.ndarray]], b
         images = [frame(image, lungs) for image, lungs in films]
         probs = predictions(runner, images, batch)
         reasons = [flags(features(p, qc.shape, im.shape), qc) for p, im in zip(probs, images)]
-        out[name] = {"images": len(images), "flagged": float(np.mean([bool(r) for r in reasons])),
-                     "reasons": dict(Counter(reason for r in reasons for reason in r).most_common())}
+        out[name] = {
+            "images": len(images),
+            "flagged": float(np.mean([bool(r) for r in reasons])),
+            "reasons": dict(Counter(reason for r in reasons for reason in r).most_common()),
+        }
     return out
 
 

@@ -30,10 +30,14 @@ def caught(rows, verdicts) -> dict:
     short = [v for r, v in zip(rows, verdicts) if r["recall"] < MISSES]
     clean = [v for r, v in zip(rows, verdicts) if r["recall"] >= MISSES]
     worst = [v for _, v in sorted(zip([r["dice"] for r in rows], verdicts), key=lambda t: t[0])[:10]]
-    return {"stops_short_images": len(short), "stops_short_flagged": sum(bool(v) for v in short),
-            "clean_images": len(clean), "clean_flagged": sum(bool(v) for v in clean),
-            "worst10_flagged": sum(bool(v) for v in worst),
-            "flag_reasons_on_short": sorted({f for v in short for f in v})}
+    return {
+        "stops_short_images": len(short),
+        "stops_short_flagged": sum(bool(v) for v in short),
+        "clean_images": len(clean),
+        "clean_flagged": sum(bool(v) for v in clean),
+        "worst10_flagged": sum(bool(v) for v in worst),
+        "flag_reasons_on_short": sorted({f for v in short for f in v}),
+    }
 
 
 def main() -> None:
@@ -52,10 +56,14 @@ def main() -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     result = {
         "command": "benchmarks/qc_stops_short.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
-        "date": time.strftime("%Y-%m-%d"), "model": runner.info.name, "convention": runner.spec.convention,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": runner.info.name,
+        "convention": runner.spec.convention,
         "data": f"{args.data.name} {args.split} split ({len(pairs)} films)",
         "cpu": next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?"),
-        "recall_below": MISSES, "qc_fitted_on": qc.fitted_on, "validation_false_alarm_worst_framing": qc.false_alarm_val,
+        "recall_below": MISSES,
+        "qc_fitted_on": qc.fitted_on,
+        "validation_false_alarm_worst_framing": qc.false_alarm_val,
         "missed_mass_bound": qc.bounds.get("missed_mass"),
         "with_stops_short": caught(rows, [flags(f, qc) for f in feats]),
         "without_stops_short": caught(rows, [flags(f, without) for f in feats]),

@@ -39,26 +39,58 @@ def main() -> None:
         loaded = resolve_model(name)
         for precision in ("fp32", "fp16", "int8"):
             t0 = time.time()
-            b = build_and_verify(loaded, precision, "tensorrt-rtx", folder, args.data, "entropy", args.data,
-                                 BatchProfile(1, 8, 16), 4.0, False, targets, log=lambda *a: None)
+            b = build_and_verify(
+                loaded,
+                precision,
+                "tensorrt-rtx",
+                folder,
+                args.data,
+                "entropy",
+                args.data,
+                BatchProfile(1, 8, 16),
+                4.0,
+                False,
+                targets,
+                log=lambda *a: None,
+            )
             meta = b.notes["engine"]
             v = b.verification
-            rows.append({"model": name, "precision": precision, "targets": meta["targets"],
-                         "tensorrt_rtx": meta["tensorrt"], "build_seconds": meta["build_seconds"],
-                         "total_seconds": round(time.time() - t0, 1), "engine_mib": meta["engine_bytes"] / 2**20,
-                         "census": meta["dtype_census"], "checked": v["checked"], "images": v["images"],
-                         "agreement": v["parity"]["mask_agreement"], "gate": v["gate"]["passed"],
-                         "excluded_blocks": b.notes.get("excluded_blocks")})
+            rows.append(
+                {
+                    "model": name,
+                    "precision": precision,
+                    "targets": meta["targets"],
+                    "tensorrt_rtx": meta["tensorrt"],
+                    "build_seconds": meta["build_seconds"],
+                    "total_seconds": round(time.time() - t0, 1),
+                    "engine_mib": meta["engine_bytes"] / 2**20,
+                    "census": meta["dtype_census"],
+                    "checked": v["checked"],
+                    "images": v["images"],
+                    "agreement": v["parity"]["mask_agreement"],
+                    "gate": v["gate"]["passed"],
+                    "excluded_blocks": b.notes.get("excluded_blocks"),
+                }
+            )
             print(f"{name} {precision}: {meta['build_seconds']} s, {meta['engine_bytes'] / 2**20:.1f} MiB", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "rtx_builds.json").write_text(json.dumps(rows, indent=2))
-    print(f"\nTensorRT-RTX {rows[0]['tensorrt_rtx']}, targets {', '.join(rows[0]['targets'])}, batch profile 1-8-16, "
-          f"checked on {rows[0]['images']} {'validation images' if args.data else 'phantoms'}\n")
-    print("| model | precision | build s | engine MiB | compute dtypes of the compiled graph | checked | mask agreement | gate |")
+    print(
+        f"\nTensorRT-RTX {rows[0]['tensorrt_rtx']}, targets {', '.join(rows[0]['targets'])}, batch profile 1-8-16, "
+        f"checked on {rows[0]['images']} {'validation images' if args.data else 'phantoms'}\n"
+    )
+    print(
+        (
+            "| model | precision | build s | engine MiB | compute dtypes of "
+            "the compiled graph | checked | mask agreement | gate |"
+        )
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['precision']} | {r['build_seconds']:.1f} | {r['engine_mib']:.1f} | "
-              f"{census_text(r['census'])} | {r['checked']} | {r['agreement']:.5f} | {'pass' if r['gate'] else 'FAIL'} |")
+        print(
+            f"| {r['model']} | {r['precision']} | {r['build_seconds']:.1f} | {r['engine_mib']:.1f} | "
+            f"{census_text(r['census'])} | {r['checked']} | {r['agreement']:.5f} | {'pass' if r['gate'] else 'FAIL'} |"
+        )
 
 
 if __name__ == "__main__":

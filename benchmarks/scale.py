@@ -45,8 +45,9 @@ def tree(root: Path, n: int, sources: list[Path]) -> Path:
 def measured(cmd: list[str]) -> dict:
     """Run `cmd`; its own CPU seconds, peak RSS and wall time (os.wait4: this child only)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
-                            "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) not in (0, 3):
@@ -58,8 +59,12 @@ def tiny_model(folder: Path) -> Path:
     from lungrt.training.train import TrainConfig, train
 
     data = write_phantom_dataset(folder / "train", count=8, size=64, seed=3)
-    train(TrainConfig(model="unet", width=4, size=64, epochs=1, batch_size=4, seed=0, augment=False), data,
-          folder / "run", log=lambda *a: None)
+    train(
+        TrainConfig(model="unet", width=4, size=64, epochs=1, batch_size=4, seed=0, augment=False),
+        data,
+        folder / "run",
+        log=lambda *a: None,
+    )
     return folder / "run" / "model.safetensors"
 
 
@@ -86,8 +91,17 @@ def main() -> None:
             print(f"{n} inputs: {runs[n]}", flush=True)
         fixed = runs[50]["cpu_s"]
         per_image = {n: (runs[n]["cpu_s"] - fixed) / (n - 50) for n in (args.small, args.large)}
-        resume = measured([*lungrt, "infer", str(tmp / f"in{args.large}"), "--out", str(tmp / f"out{args.large}"),
-                           *common, "--resume"])
+        resume = measured(
+            [
+                *lungrt,
+                "infer",
+                str(tmp / f"in{args.large}"),
+                "--out",
+                str(tmp / f"out{args.large}"),
+                *common,
+                "--resume",
+            ]
+        )
         report = measured([*lungrt, "report", str(tmp / f"out{args.large}")])
         report_mb = (tmp / f"out{args.large}" / "report.html").stat().st_size / 2**20
         shutil.rmtree(tmp / f"in{args.small}")
@@ -110,7 +124,9 @@ def main() -> None:
         "resume_s_per_1000_on_complete_output": round(1000 * resume["wall_s"] / args.large, 3),
         "resume_wall_s": round(resume["wall_s"], 2),
         f"listing_s_{args.listing}": round(listing_s, 2),
-        "report_s": round(report["wall_s"], 2), "report_mb": round(report_mb, 2), "report_rows": args.large,
+        "report_s": round(report["wall_s"], 2),
+        "report_mb": round(report_mb, 2),
+        "report_rows": args.large,
         "command": f"benchmarks/scale.py --small {args.small} --large {args.large} --listing {args.listing}",
     }
     save_result("scale", result)

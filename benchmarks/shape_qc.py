@@ -35,13 +35,17 @@ from lungrt.inference.infer import measure
 from lungrt.inference.qc import REFRAMINGS, QCThresholds, reframe
 from lungrt.inference.shape import plausible_fit
 
-CASES = {"clean": None, "dense opacity, whole lung (severe)": ("consolidation", "severe"),
-         "lobe white-out (moderate)": ("lobe", "moderate"), "lobe white-out (severe)": ("lobe", "severe")}
+CASES = {
+    "clean": None,
+    "dense opacity, whole lung (severe)": ("consolidation", "severe"),
+    "lobe white-out (moderate)": ("lobe", "moderate"),
+    "lobe white-out (severe)": ("lobe", "severe"),
+}
 
 
 def predictions(runner, images: list[np.ndarray], batch: int = 8) -> np.ndarray:
     x = np.stack([runner.spec.apply(XRay("", im).gray8) for im in images])
-    return np.concatenate([runner.run(x[i: i + batch]) for i in range(0, len(x), batch)])[:, 0]
+    return np.concatenate([runner.run(x[i : i + batch]) for i in range(0, len(x), batch)])[:, 0]
 
 
 def score(pred: np.ndarray, gold: np.ndarray) -> tuple[float, float]:
@@ -79,48 +83,82 @@ def main() -> None:
     worst = []
     for i, pair in enumerate(test):
         xr, gold = read_xray(pair.image), read_mask(pair.mask)
-        images = [xr.pixels if kind is None else paint_benchmark(xr.pixels, gold, *kind, seed=i) for kind in CASES.values()]
+        images = [
+            xr.pixels if kind is None else paint_benchmark(xr.pixels, gold, *kind, seed=i) for kind in CASES.values()
+        ]
         for (name, image), prob in zip(zip(CASES, images), predictions(runner, images)):
             plain = measure(XRay("", image), prob, runner.spec, True, qc)
             completed = measure(XRay("", image), prob, runner.spec, True, qc, complete_shape=True)
             dice, hd95 = score(plain.mask, gold)
             dice_c, hd95_c = score(completed.mask, gold)
-            rows[name].append({"dice": dice, "hd95": hd95, "dice_completed": dice_c, "hd95_completed": hd95_c,
-                               "estimated": plain.qc_features["shape_dice"], "distance": plain.qc_features["shape_distance"],
-                               "flagged": plain.qc != "ok", "implausible": "implausible_shape" in plain.qc.split(";")})
+            rows[name].append(
+                {
+                    "dice": dice,
+                    "hd95": hd95,
+                    "dice_completed": dice_c,
+                    "hd95_completed": hd95_c,
+                    "estimated": plain.qc_features["shape_dice"],
+                    "distance": plain.qc_features["shape_distance"],
+                    "flagged": plain.qc != "ok",
+                    "implausible": "implausible_shape" in plain.qc.split(";"),
+                }
+            )
             worst.append((dice, name, pair, image, plain.mask, gold, prob))
     val_rows = {}
     for framing in (None, *REFRAMINGS):
         flagged = implausible = 0
         for start in range(0, len(val), 16):
-            chunk = [(read_xray(p.image).gray8, read_mask(p.mask)) for p in val[start: start + 16]]
+            chunk = [(read_xray(p.image).gray8, read_mask(p.mask)) for p in val[start : start + 16]]
             chunk = [reframe(im, framing, gold) if framing else im for im, gold in chunk]
             for im, prob in zip(chunk, predictions(runner, [im.astype(np.float32) / 255 for im in chunk])):
                 verdict = measure(XRay("", im), prob, runner.spec, True, qc).qc.split(";")
                 flagged += verdict != ["ok"]
                 implausible += "implausible_shape" in verdict
-        val_rows[framing or "as it comes"] = {"images": len(val), "flagged": flagged / len(val), "implausible_shape": implausible / len(val)}
-    result = {**cpu_identity(), "model": args.model, "backend": runner.describe(), "qc_fitted_on": qc.fitted_on,
-              "shape_model": qc.shape.fitted_on, "modes": len(qc.shape.variances), "test": {}, "validation": val_rows}
+        val_rows[framing or "as it comes"] = {
+            "images": len(val),
+            "flagged": flagged / len(val),
+            "implausible_shape": implausible / len(val),
+        }
+    result = {
+        **cpu_identity(),
+        "model": args.model,
+        "backend": runner.describe(),
+        "qc_fitted_on": qc.fitted_on,
+        "shape_model": qc.shape.fitted_on,
+        "modes": len(qc.shape.variances),
+        "test": {},
+        "validation": val_rows,
+    }
     for name, r in rows.items():
         dice, est = np.array([x["dice"] for x in r]), np.array([x["estimated"] for x in r])
         flagged, implausible = np.array([x["flagged"] for x in r]), np.array([x["implausible"] for x in r])
         low = dice < 0.9
         result["test"][name] = {
-            "images": len(r), "flagged": flagged.mean(), "implausible_shape": implausible.mean(),
-            "dice": dice.mean(), "dice_unflagged": dice[~flagged].mean() if (~flagged).any() else None,
-            "true_dice_below_0.9": int(low.sum()), "of_those_flagged": float(flagged[low].mean()) if low.any() else None,
+            "images": len(r),
+            "flagged": flagged.mean(),
+            "implausible_shape": implausible.mean(),
+            "dice": dice.mean(),
+            "dice_unflagged": dice[~flagged].mean() if (~flagged).any() else None,
+            "true_dice_below_0.9": int(low.sum()),
+            "of_those_flagged": float(flagged[low].mean()) if low.any() else None,
             "correlation_estimated_true": float(np.corrcoef(est, dice)[0, 1]) if est.std() and dice.std() else None,
             "hd95": float(np.nanmean([x["hd95"] for x in r])),
             "dice_completed": float(np.mean([x["dice_completed"] for x in r])),
             "hd95_completed": float(np.nanmean([x["hd95_completed"] for x in r])),
-            "completed_images": int(implausible.sum())}
+            "completed_images": int(implausible.sum()),
+        }
     save_result("shape_qc", result)
     if args.pictures:
         args.pictures.mkdir(parents=True, exist_ok=True)
         for k, (dice, name, pair, image, mask, gold, prob) in enumerate(sorted(worst, key=lambda w: w[0])[:8]):
-            picture(args.pictures / f"worst{k}-{pair.name}-{name.split(' (')[0].replace(' ', '_').replace(',', '')}.png",
-                    image, mask, gold, prob, qc)
+            picture(
+                args.pictures / f"worst{k}-{pair.name}-{name.split(' (')[0].replace(' ', '_').replace(',', '')}.png",
+                image,
+                mask,
+                gold,
+                prob,
+                qc,
+            )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ print(n)
 
 def peak_rss_mb(folder: Path, model: str, backend: str) -> tuple[float, float, int]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder), model, backend], stdout=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(folder), model, backend],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the streaming run over {folder} failed")
@@ -62,10 +65,15 @@ def main() -> None:
             rss, wall, done = peak_rss_mb(folder, args.model, args.backend)
             rows[n] = {"peak_rss_mb": round(rss, 1), "wall_s": round(wall, 1), "results": done}
             print(n, rows[n], flush=True)
-    result = {**cpu_identity(), "model": args.model, "backend": args.backend, "megapixels": 5.38,
-              "runs": {str(k): v for k, v in rows.items()},
-              "rss_ratio_large_over_small": round(rows[args.large]["peak_rss_mb"] / rows[args.small]["peak_rss_mb"], 3),
-              "command": f"benchmarks/stream_memory.py --small {args.small} --large {args.large} --model {args.model}"}
+    result = {
+        **cpu_identity(),
+        "model": args.model,
+        "backend": args.backend,
+        "megapixels": 5.38,
+        "runs": {str(k): v for k, v in rows.items()},
+        "rss_ratio_large_over_small": round(rows[args.large]["peak_rss_mb"] / rows[args.small]["peak_rss_mb"], 3),
+        "command": f"benchmarks/stream_memory.py --small {args.small} --large {args.large} --model {args.model}",
+    }
     save_result("stream_memory", result)
 
 

@@ -8,6 +8,7 @@ Importing lungrt is cheap and changes no global state; the API loads its pieces 
 """
 
 from lungrt._version import __version__
+
 __all__ = ["LungSegmenter", "LungResult", "__version__"]
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-import itertools
 from collections import deque
 from typing import Iterable, Iterator
 
@@ -41,7 +40,7 @@ class LungResult:
     mask: np.ndarray  # bool (H, W)
     measured: Measured = field(repr=False)  # the network-size probabilities and what was measured on them
     right_lung_px: int | None  # the patient's right lung (the image's left side in a PA view); None when the
-    left_lung_px: int | None   # DICOM header says it is not a frontal chest film (qc names why)
+    left_lung_px: int | None  # DICOM header says it is not a frontal chest film (qc names why)
     lung_fraction: float
     mean_confidence: float
     right_lung_mm2: float | None = None  # when the file gives the pixel spacing (DICOM)
@@ -102,8 +101,14 @@ class LungSegmenter:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, source: PathLike = DEFAULT_MODEL, backend: str = "auto", precision: str | None = None,
-             device: str = "auto", convention: str | None = None) -> "LungSegmenter":
+    def load(
+        cls,
+        source: PathLike = DEFAULT_MODEL,
+        backend: str = "auto",
+        precision: str | None = None,
+        device: str = "auto",
+        convention: str | None = None,
+    ) -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
         folder, an ONNX variant or a TensorRT engine (.plan/.engine).
         `backend`: auto | torch | onnxruntime | openvino | tensorrt | tensorrt-rtx (auto: a file's
@@ -111,8 +116,9 @@ class LungSegmenter:
         `precision`: fp32 | fp16 | int8 | bf16 (openvino, torch); None: a file's own, else FP32.
         `convention`: lung-field | whole-lung (None: the model's own; a shipped name: its weights for it).
         A combination that cannot be honoured is refused (LungrtError), never replaced."""
-        return cls(open_runner(source, backend=backend, precision=precision, device=device, convention=convention),
-                   str(source))
+        return cls(
+            open_runner(source, backend=backend, precision=precision, device=device, convention=convention), str(source)
+        )
 
     @property
     def spec(self):
@@ -139,8 +145,16 @@ class LungSegmenter:
         self.close()
 
     # -- prediction ---------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 8, postprocess: bool = True, stream: bool = False, workers: int = 2,
-                complete_shape: bool = False, errors: str = "result"):
+    def predict(
+        self,
+        x,
+        batch_size: int = 8,
+        postprocess: bool = True,
+        stream: bool = False,
+        workers: int = 2,
+        complete_shape: bool = False,
+        errors: str = "result",
+    ):
         """A path, or a numpy array (H, W) of any integer, float or bool dtype -> one `LungResult`
         (an unreadable one raises LungrtError); a folder, a glob, or any iterable of paths/arrays (a list,
         a generator) -> their results in input order: a list, or with `stream=True` a generator that yields
@@ -165,7 +179,9 @@ class LungSegmenter:
             results = _raise_after(results)
         return results if stream else _listed(results)
 
-    def _stream(self, x, batch_size: int, postprocess: bool, workers: int, complete_shape: bool) -> Iterator[LungResult]:
+    def _stream(
+        self, x, batch_size: int, postprocess: bool, workers: int, complete_shape: bool
+    ) -> Iterator[LungResult]:
         from concurrent.futures import ThreadPoolExecutor
 
         window = max(2 * batch_size, workers)
@@ -201,7 +217,9 @@ class LungSegmenter:
         except LungrtError as e:
             return LungResult.failed(None if isinstance(source, np.ndarray) else str(source), str(e))
         except Exception as e:  # one bad input never stops the others
-            return LungResult.failed(None if isinstance(source, np.ndarray) else str(source), f"{type(e).__name__}: {e}")
+            return LungResult.failed(
+                None if isinstance(source, np.ndarray) else str(source), f"{type(e).__name__}: {e}"
+            )
 
     def _segment(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
         good = [b for b in batch if not isinstance(b, LungResult)]
@@ -214,8 +232,20 @@ class LungSegmenter:
         feats = features_many(probs, self.qc.shape, [xr.shape for xr, _ in batch])  # the batch's shape fits together
         for (xr, _), p, f in zip(batch, probs, feats):
             m = measure(xr, p, self.spec, postprocess, self.qc, complete_shape, f)
-            yield LungResult(m.mask > 0, m, m.right_px, m.left_px, m.lung_fraction, m.mean_confidence, m.right_mm2,
-                             m.left_mm2, xr.path or None, xr.gray8, m.qc, m.qc_features)
+            yield LungResult(
+                m.mask > 0,
+                m,
+                m.right_px,
+                m.left_px,
+                m.lung_fraction,
+                m.mean_confidence,
+                m.right_mm2,
+                m.left_mm2,
+                xr.path or None,
+                xr.gray8,
+                m.qc,
+                m.qc_features,
+            )
 
     def _sources(self, x) -> Iterator:
         """Paths and arrays, one per image, from what `predict` was given (checked as they come)."""
@@ -230,14 +260,19 @@ class LungSegmenter:
         elif isinstance(x, Iterable) and not isinstance(x, (bytes, dict)):
             for one in x:
                 if not isinstance(one, (np.ndarray, str, Path)):
-                    raise LungrtError(f"predict: an iterable must hold paths or 2-D arrays, not {type(one).__name__} "
-                                      "(for an image given as nested lists, pass np.asarray(...))")
+                    raise LungrtError(
+                        f"predict: an iterable must hold paths or 2-D arrays, not {type(one).__name__} "
+                        "(for an image given as nested lists, pass np.asarray(...))"
+                    )
                 yield one
         else:
-            raise LungrtError(f"predict: cannot read a {type(x).__name__}; give a path, an array or an iterable of them")
+            raise LungrtError(
+                f"predict: cannot read a {type(x).__name__}; give a path, an array or an iterable of them"
+            )
 
-    def infer(self, inputs: list[PathLike], out: PathLike, store: bool = False, store_flagged: bool = False,
-              **options) -> dict:
+    def infer(
+        self, inputs: list[PathLike], out: PathLike, store: bool = False, store_flagged: bool = False, **options
+    ) -> dict:
         """`lungrt infer` into folder `out`: files, folders, globs and DICOMweb study URLs; masks, results.csv,
         a journal for resume; `options` as `InferOptions` (dicom_seg=True, overlay=True, resume=True, ...).
         `store`: send this run's SEGs of PACS instances back to the PACS each came from (QC-flagged ones
@@ -254,9 +289,16 @@ class LungSegmenter:
         return summary
 
     # -- the rest of the pipeline -------------------------------------------------------------
-    def export(self, format: str = "onnx", precision: str = "fp32", out: PathLike | None = None,
-               calib: PathLike | None = None, backend: str = "auto", targets: str | None = None,
-               data: PathLike | None = None) -> Path:
+    def export(
+        self,
+        format: str = "onnx",
+        precision: str = "fp32",
+        out: PathLike | None = None,
+        calib: PathLike | None = None,
+        backend: str = "auto",
+        targets: str | None = None,
+        data: PathLike | None = None,
+    ) -> Path:
         """`format="onnx"`: the precision variant (FP32/FP16/INT8 Q/DQ) as ONNX. `format="engine"`:
         a verified TensorRT engine (`backend` auto | tensorrt | tensorrt-rtx; `targets` e.g.
         "sm86" for TensorRT-RTX). INT8 is calibrated on `calib` (a dataset: its train split).
@@ -276,8 +318,19 @@ class LungSegmenter:
         be = choose_backend(backend)
         if be == "onnxruntime":
             raise LungrtError("no TensorRT flavour can build here; install lungrt[rtx] (RTX GPUs) or lungrt[trt]")
-        b = build_and_verify(loaded, precision, be, folder, Path(calib) if calib else None, None,
-                             Path(data) if data else None, BatchProfile(), 4.0, False, parse_targets(targets))
+        b = build_and_verify(
+            loaded,
+            precision,
+            be,
+            folder,
+            Path(calib) if calib else None,
+            None,
+            Path(data) if data else None,
+            BatchProfile(),
+            4.0,
+            False,
+            parse_targets(targets),
+        )
         return b.path
 
     def evaluate(self, data: PathLike, split: str = "test", postprocess: bool = False) -> dict:

@@ -48,15 +48,22 @@ def recorded_choice_note(loaded, runner, gate: dict) -> str | None:
     choice = recorded_cpu_choice(loaded, log=lambda *_: None)
     if gate["passed"] or not choice or runner.describe() != f"{choice['backend']}/cpu/{choice['precision']}":
         return None
-    when = (f" (mask agreement {choice['mask_agreement']:.5f} on {choice['gate_images']} images from {choice['gate_data']})"
-            if "mask_agreement" in choice else "")
-    return (f"{choice['backend']} {choice['precision']} passed its gate when `lungrt build --backend cpu --precision auto` "
-            f"recorded it{when}; these phantoms are drawings, and {choice['precision']} moves "
-            f"uncertain pixels. On real X-rays: `lungrt parity --model {loaded.info.name} --backend {choice['backend']} "
-            f"--variant {choice['precision']} --data DATASET`.")
+    when = (
+        f" (mask agreement {choice['mask_agreement']:.5f} on {choice['gate_images']} images from {choice['gate_data']})"
+        if "mask_agreement" in choice
+        else ""
+    )
+    return (
+        f"{choice['backend']} {choice['precision']} passed its gate when `lungrt build --backend cpu --precision auto` "
+        f"recorded it{when}; these phantoms are drawings, and {choice['precision']} moves "
+        f"uncertain pixels. On real X-rays: `lungrt parity --model {loaded.info.name} --backend {choice['backend']} "
+        f"--variant {choice['precision']} --data DATASET`."
+    )
 
 
-def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=logging.getLogger(__name__).info) -> dict:
+def run_demo(
+    out_dir: str | Path, model: str, count: int = 12, size: int = 320, log=logging.getLogger(__name__).info
+) -> dict:
     out_dir = Path(out_dir)
     data = write_phantom_dataset(out_dir / "data", count, size=size, seed=2024, sources=("DEMO",), chest=True)
     pairs = discover_pairs(data).pairs
@@ -65,8 +72,9 @@ def run_demo(out_dir: str | Path, model: str, count: int = 12, size: int = 320, 
     with open_runner(model, log=log) as runner:
         report["backend"] = runner.describe()
         log(f"[1/3] infer: {len(pairs)} phantom X-rays with {loaded.info.name} on {runner.describe()}")
-        summary = run_infer(runner, collect_inputs([str(data / "images")]), out_dir / "masks",
-                            InferOptions(batch_size=4, overlay=True))
+        summary = run_infer(
+            runner, collect_inputs([str(data / "images")]), out_dir / "masks", InferOptions(batch_size=4, overlay=True)
+        )
         report["infer"] = summary
         log(f"[2/3] parity: {runner.describe()} vs torch/cpu/fp32")
         reference = TorchRunner(loaded)

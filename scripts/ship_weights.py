@@ -48,16 +48,23 @@ def main() -> None:
         loaded = load_checkpoint(run / "model.safetensors")
         convention = loaded.spec.convention
         if dataset_convention(args.data) != convention:
-            raise SystemExit(f"{args.data} is not {convention} data: the test metrics and QC would measure the other convention")
-        dest = WEIGHTS / (f"{loaded.info.name}.safetensors" if convention == DEFAULT_CONVENTION
-                          else f"{loaded.info.name}.{convention}.safetensors")
+            raise SystemExit(
+                f"{args.data} is not {convention} data: the test metrics and QC would measure the other convention"
+            )
+        dest = WEIGHTS / (
+            f"{loaded.info.name}.safetensors"
+            if convention == DEFAULT_CONVENTION
+            else f"{loaded.info.name}.{convention}.safetensors"
+        )
         save_checkpoint(dest, loaded.model, loaded.info, dtype=torch.float16)
         shipped = load_checkpoint(dest)
         with TorchRunner(shipped) as r:
             mean = evaluate(r, test)["mean"]
         shipped.info.metrics = {**loaded.info.metrics, "test_split_native": mean, "test_images": len(test)}
-        print(f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, recall {mean['recall']:.4f}, "
-              f"IoU {mean['iou']:.4f}, accuracy {mean['accuracy']:.4f}")
+        print(
+            f"{dest}: {dest.stat().st_size / 1e6:.1f} MB, test Dice {mean['dice']:.4f}, recall {mean['recall']:.4f}, "
+            f"IoU {mean['iou']:.4f}, accuracy {mean['accuracy']:.4f}"
+        )
         refit_qc(dest, args.data, shipped)
 
 

@@ -15,6 +15,9 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } \
     >/dev/null 2>&1 || echo "test.sh: could not install ${need[*]}; the tests that need them skip" >&2
 fi
+# style first: ruff's lint and format check (line length 120, pyproject's [tool.ruff]); a failure fails the run
+.venv/bin/ruff check lungrt tests benchmarks scripts && .venv/bin/ruff format --check lungrt tests benchmarks scripts \
+  || { echo "test.sh: ruff found style errors (fix: .venv/bin/ruff format . && .venv/bin/ruff check --fix .)" >&2; exit 1; }
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

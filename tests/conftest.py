@@ -9,7 +9,8 @@ import pytest
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-mc-sz"
 
 needs_real_data = pytest.mark.skipif(
-    not (REAL_DATA / "images").is_dir(), reason=f"real X-rays not present at {REAL_DATA} (restricted data, never in the repo)"
+    not (REAL_DATA / "images").is_dir(),
+    reason=f"real X-rays not present at {REAL_DATA} (restricted data, never in the repo)",
 )
 
 
@@ -81,5 +82,7 @@ def gate_forcing_a_search(loaded, pairs, target: str, folder: Path, calib_dir=No
     best = V._gate_summary(loaded, probe, pairs, recipe.open)["mask_agreement"]
     float_graph = V._gate_summary(loaded, fp32, pairs, recipe.open)["mask_agreement"]
     if best >= float_graph:
-        pytest.skip(f"INT8 agrees {best:.5f}, as well as the FP32 graph ({float_graph:.5f}) on this CPU: nothing to search")
+        pytest.skip(
+            f"INT8 agrees {best:.5f}, as well as the FP32 graph ({float_graph:.5f}) on this CPU: nothing to search"
+        )
     return parity.Gate((best + float_graph) / 2, None)

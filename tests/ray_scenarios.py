@@ -77,8 +77,22 @@ def scenario_local(ckpt: str, src: Path, work: Path) -> dict:
 
 
 def driver_cmd(ckpt: str, src: str, out: Path, address: str) -> list[str]:
-    return [sys.executable, "-m", "lungrt.cli", "infer", src, "--out", str(out), "--model", ckpt, *BATCH,
-            "--ray", address, "--json", str(out) + ".summary.json"]
+    return [
+        sys.executable,
+        "-m",
+        "lungrt.cli",
+        "infer",
+        src,
+        "--out",
+        str(out),
+        "--model",
+        ckpt,
+        *BATCH,
+        "--ray",
+        address,
+        "--json",
+        str(out) + ".summary.json",
+    ]
 
 
 def scenario_cluster(ckpt: str, src: Path, work: Path) -> dict:
@@ -89,8 +103,9 @@ def scenario_cluster(ckpt: str, src: Path, work: Path) -> dict:
     cluster.wait_for_nodes()
     facts: dict = {"address": cluster.address}
     try:
-        facts["undisturbed"] = cli([str(src), "--out", str(work / "cluster"), "--model", ckpt, *BATCH, "--ray",
-                                    cluster.address])
+        facts["undisturbed"] = cli(
+            [str(src), "--out", str(work / "cluster"), "--model", ckpt, *BATCH, "--ray", cluster.address]
+        )
         facts["nodes"], facts["listening"] = node_addresses(), listening_addresses()
         facts["node_killed"] = _kill_a_worker_node(cluster, workers[0], ckpt, src, work / "node_killed")
         facts["driver_killed"] = _kill_the_driver(cluster.address, ckpt, src, work / "driver_killed")
@@ -126,16 +141,21 @@ def _kill_a_worker_node(cluster, node, ckpt: str, src: Path, out: Path) -> dict:
 
 def _kill_the_driver(address: str, ckpt: str, src: Path, out: Path) -> dict:
     """A driver process SIGKILLed mid-run; `--resume` (from this process, another driver) finishes."""
-    proc = subprocess.Popen(driver_cmd(ckpt, str(src), out, address), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        driver_cmd(ckpt, str(src), out, address), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_records(out, 4, alive=lambda: proc.poll() is None)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: the cluster and its workers stay up
     proc.wait()
     done = settle(out)
     res = cli(driver_cmd(ckpt, str(src), out, address)[4:] + ["--resume"])
     summary = json.loads(Path(str(out) + ".summary.json").read_text())
-    return {"done_before_resume": done, "exit_code": res["exit_code"], "stderr": res["output"],
-            "summary": {k: summary[k] for k in ("ok", "failed", "skipped_done")}}
+    return {
+        "done_before_resume": done,
+        "exit_code": res["exit_code"],
+        "stderr": res["output"],
+        "summary": {k: summary[k] for k in ("ok", "failed", "skipped_done")},
+    }
 
 
 def _relative_paths(address: str, ckpt: str, src: Path, work: Path) -> dict:
@@ -148,9 +168,12 @@ def _relative_paths(address: str, ckpt: str, src: Path, work: Path) -> dict:
     finally:
         os.chdir(here)
     summary = json.loads((work / "relative.summary.json").read_text())
-    return {"exit_codes": [first["exit_code"], again["exit_code"]], "stderr": first["output"] + again["output"],
-            "resumed": {k: summary[k] for k in ("ok", "failed", "skipped_done")},
-            "stats_recorded": all(r.get("source_stat") for r in read_records(work / "relative").values())}
+    return {
+        "exit_codes": [first["exit_code"], again["exit_code"]],
+        "stderr": first["output"] + again["output"],
+        "resumed": {k: summary[k] for k in ("ok", "failed", "skipped_done")},
+        "stats_recorded": all(r.get("source_stat") for r in read_records(work / "relative").values()),
+    }
 
 
 if __name__ == "__main__":

@@ -54,11 +54,15 @@ def write_edited_copies(folder: Path) -> dict[str, Path]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         edit(ds)
         path = folder / name
-        ds.save_as(path, enforce_file_format=getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta)
+        ds.save_as(
+            path, enforce_file_format=getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta
+        )
         return path
 
     def private_sequence(ds):
-        ds.private_block(0x0099, "LUNGRT TEST", create=True).add_new(0x01, "SQ", Sequence([Dataset() for _ in range(10_000)]))
+        ds.private_block(0x0099, "LUNGRT TEST", create=True).add_new(
+            0x01, "SQ", Sequence([Dataset() for _ in range(10_000)])
+        )
         for item in ds[0x00991001].value[:50]:
             item.PatientComments = "x"
 

@@ -67,8 +67,11 @@ def test_training_paint_sometimes_reaches_past_the_lung_edge(phantom):
 
     image, mask = phantom
     far = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)) == 0  # beyond any feathered edge
-    past = [np.count_nonzero((paint_training(image, mask, np.random.default_rng(s)) - image > 0.02) & far)
-            > 0.05 * mask.sum() for s in range(40)]
+    past = [
+        np.count_nonzero((paint_training(image, mask, np.random.default_rng(s)) - image > 0.02) & far)
+        > 0.05 * mask.sum()
+        for s in range(40)
+    ]
     assert 3 <= sum(past) < 30  # the spill kind, a quarter of draws; the other kinds stay inside
 
 
@@ -79,10 +82,25 @@ def test_eval_robustness_scores_every_kind_and_severity_against_the_clean_image(
 
     from lungrt.cli import app
 
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_checkpoint), "--data", str(phantom_dir), "--split", "all",
-                                   "--robustness", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_checkpoint),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "all",
+            "--robustness",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    (label, result), = json.loads((tmp_path / "r.json").read_text())["results"].items()
+    ((label, result),) = json.loads((tmp_path / "r.json").read_text())["results"].items()
     rows = {(r["kind"], r["severity"]): r for r in result["rows"]}
     assert set(rows) == {("clean", "none")} | {(k, s) for k in KINDS for s in SEVERITIES}
     clean = rows[("clean", "none")]["dice"]

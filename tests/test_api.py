@@ -84,7 +84,7 @@ def test_bad_inputs_are_clear_errors(tiny_checkpoint):
 
 def test_readme_python_example_runs(tmp_path, empty_cwd):
     text = README.read_text()
-    section = text[text.index("## Python API"):]
+    section = text[text.index("## Python API") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
@@ -92,16 +92,19 @@ def test_readme_python_example_runs(tmp_path, empty_cwd):
     assert not list(empty_cwd.iterdir())
 
 
-@pytest.mark.parametrize("array, reason", [
-    (np.zeros((0, 0), np.uint8), "too small"),
-    (np.zeros((0, 5), np.uint16), "too small"),
-    (np.zeros((1, 1), np.float32), "too small"),
-    (np.zeros((4, 4), np.uint8), "too small"),
-    (np.zeros((64, 64), bool), "looks like a mask"),
-    (np.zeros((64, 64), np.complex64), "not a gray image"),
-    (np.array([[object()] * 20] * 20), "not a gray image"),
-    (np.zeros((64, 64, 3), np.uint8), "must be 2-D"),
-])
+@pytest.mark.parametrize(
+    "array, reason",
+    [
+        (np.zeros((0, 0), np.uint8), "too small"),
+        (np.zeros((0, 5), np.uint16), "too small"),
+        (np.zeros((1, 1), np.float32), "too small"),
+        (np.zeros((4, 4), np.uint8), "too small"),
+        (np.zeros((64, 64), bool), "looks like a mask"),
+        (np.zeros((64, 64), np.complex64), "not a gray image"),
+        (np.array([[object()] * 20] * 20), "not a gray image"),
+        (np.zeros((64, 64, 3), np.uint8), "must be 2-D"),
+    ],
+)
 def test_predict_refuses_what_the_cli_refuses_in_one_line(tiny_checkpoint, array, reason):
     seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
     with pytest.raises(LungrtError, match=reason) as e:

@@ -13,22 +13,60 @@ from lungrt.cli import app
 from lungrt.export.onnx import reference_inputs
 from lungrt.backends.pytorch import TorchRunner
 
-ROW_KEYS = {"backend", "variant", "batch", "runner", "img_per_s", "img_per_s_min", "img_per_s_max", "latency_ms_p50",
-            "latency_ms_p90", "latency_ms_p99", "peak_rss_mb", "peak_cuda_mb", "gflops_per_image",
-            "achieved_gflops_per_s", "pct_of_peak", "vs_torch_eager_fp32"}
+ROW_KEYS = {
+    "backend",
+    "variant",
+    "batch",
+    "runner",
+    "img_per_s",
+    "img_per_s_min",
+    "img_per_s_max",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "peak_rss_mb",
+    "peak_cuda_mb",
+    "gflops_per_image",
+    "achieved_gflops_per_s",
+    "pct_of_peak",
+    "vs_torch_eager_fp32",
+}
 
 
 def test_bench_runs_and_writes_documented_json_and_png(tmp_path, tiny_checkpoint):
-    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--backends", "torch,torch-cl,onnxruntime",
-                                   "--variants", "fp32,int8", "--batch-sizes", "1,2", "--iters", "2", "--rounds", "2",
-                                   "--warmup", "1", "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_checkpoint),
+            "--backends",
+            "torch,torch-cl,onnxruntime",
+            "--variants",
+            "fp32,int8",
+            "--batch-sizes",
+            "1,2",
+            "--iters",
+            "2",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--plot",
+            str(tmp_path / "b.png"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "b.json").read_text())
     assert {"model", "input_size", "device", "hardware", "warmup", "iters", "rounds", "rows"} <= set(out)
     rows = [r for r in out["rows"] if "img_per_s" in r]
     assert {(r["backend"], r["variant"], r["batch"]) for r in rows} == {
-        (b, v, n) for b, v in (("torch", "fp32"), ("torch-cl", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
-        for n in (1, 2)}
+        (b, v, n)
+        for b, v in (("torch", "fp32"), ("torch-cl", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+        for n in (1, 2)
+    }
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
     # the ratio column is this row's speed over the eager row's of the same batch, from the same run
@@ -46,9 +84,28 @@ def test_bench_measures_what_the_runner_costs(tmp_path, tiny_checkpoint, monkeyp
 
     real = OnnxRuntimeRunner.run
     monkeypatch.setattr(OnnxRuntimeRunner, "run", lambda self, x: (time.sleep(0.06), real(self, x))[1])
-    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--backends", "onnxruntime",
-                                   "--variants", "fp32", "--batch-sizes", "2", "--iters", "3", "--rounds", "2",
-                                   "--warmup", "1", "--json", str(tmp_path / "b.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_checkpoint),
+            "--backends",
+            "onnxruntime",
+            "--variants",
+            "fp32",
+            "--batch-sizes",
+            "2",
+            "--iters",
+            "3",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     slow = next(r for r in rows if r["backend"] == "onnxruntime")
@@ -62,9 +119,28 @@ def test_bench_reports_a_broken_backend_as_an_error_and_a_missing_one_as_a_skip(
         raise RuntimeError("session refused the graph")
 
     monkeypatch.setattr(OnnxRuntimeRunner, "__init__", broken)
-    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_checkpoint), "--backends", "onnxruntime,tensorrt",
-                                   "--variants", "fp32", "--batch-sizes", "1", "--iters", "1", "--rounds", "1",
-                                   "--warmup", "0", "--json", str(tmp_path / "b.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_checkpoint),
+            "--backends",
+            "onnxruntime,tensorrt",
+            "--variants",
+            "fp32",
+            "--batch-sizes",
+            "1",
+            "--iters",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 1 and "session refused the graph" in " ".join(res.output.split())
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert "error" in next(r for r in rows if r["backend"] == "onnxruntime")

@@ -84,20 +84,72 @@ def test_models_table():
 
 def test_train_then_eval_writes_run_files(phantom_dir, tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--model", "unet", "--data", str(phantom_dir), "--out", str(run),
-                              "--epochs", "2", "--size", "64", "--width", "4", "--lr", "3e-3"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "unet",
+            "--data",
+            str(phantom_dir),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--size",
+            "64",
+            "--width",
+            "4",
+            "--lr",
+            "3e-3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for f in ("model.safetensors", "metrics.json", "loss_curves.png", "resume.pt"):
         assert (run / f).exists(), f
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 2
-    res = runner.invoke(app, ["train", "--model", "unet", "--data", str(phantom_dir), "--out", str(run),
-                              "--epochs", "3", "--size", "64", "--width", "4", "--lr", "3e-3", "--resume"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "unet",
+            "--data",
+            str(phantom_dir),
+            "--out",
+            str(run),
+            "--epochs",
+            "3",
+            "--size",
+            "64",
+            "--width",
+            "4",
+            "--lr",
+            "3e-3",
+            "--resume",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "resumed" in res.output
     assert len(json.loads((run / "metrics.json").read_text())["history"]) == 3
-    res = runner.invoke(app, ["eval", "--model", str(run), "--model", str(run / "model.safetensors"),
-                              "--data", str(phantom_dir), "--split", "test", "--out", str(tmp_path / "ev"),
-                              "--json", str(tmp_path / "ev.json")])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(run),
+            "--model",
+            str(run / "model.safetensors"),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "ev"),
+            "--json",
+            str(tmp_path / "ev.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "Dice" in res.output
     ev = json.loads((tmp_path / "ev.json").read_text())
@@ -159,7 +211,9 @@ def test_data_check_on_the_real_xrays(tmp_path):
 def test_export_command_writes_checked_onnx(tmp_path, tiny_checkpoint):
     from lungrt.backends.base import onnx_metadata
 
-    res = runner.invoke(app, ["export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "fp16"])
+    res = runner.invoke(
+        app, ["export", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "m.onnx"), "--precision", "fp16"]
+    )
     assert res.exit_code == 0, res.output
     meta = onnx_metadata(tmp_path / "m.onnx")
     assert meta["lungrt.export.precision"] == "fp16" and json.loads(meta["lungrt.model"])["name"] == "unet"
@@ -170,8 +224,9 @@ def test_fit_on_train_and_val_keeps_the_last_epoch_and_never_the_test_split(phan
     from lungrt.models.checkpoint import load_checkpoint
     from lungrt.training.train import TrainConfig, train
 
-    cfg = TrainConfig(model="unet", width=4, size=64, epochs=3, lr=3e-3, batch_size=4, seed=0, augment=False,
-                      fit_on="train+val")
+    cfg = TrainConfig(
+        model="unet", width=4, size=64, epochs=3, lr=3e-3, batch_size=4, seed=0, augment=False, fit_on="train+val"
+    )
     result = train(cfg, phantom_dir, tmp_path / "run", log=lambda *a: None)
     n_train, n_val = (len(select_split(phantom_dir, s, 0)) for s in ("train", "val"))
     assert result["fit_images"] == n_train + n_val < len(select_split(phantom_dir, "all", 0))

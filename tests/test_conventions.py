@@ -129,15 +129,43 @@ def test_infer_records_and_the_seg_names_the_convention(tmp_path, tiny_checkpoin
     whole = _whole_lung_copy(tiny_checkpoint, tmp_path)
     (tmp_path / "in").mkdir()
     write_dicom(tmp_path / "in" / "cxr.dcm", (make_phantom(3, 128).image * 4000).astype(np.uint16))
-    res = CliRunner().invoke(app, ["infer", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(whole),
-                                   "--backend", "torch", "--dicom-seg", "--convention", "whole-lung",
-                                   "--json", str(tmp_path / "s.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(whole),
+            "--backend",
+            "torch",
+            "--dicom-seg",
+            "--convention",
+            "whole-lung",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s.json").read_text())["convention"] == "whole-lung"
     seg = pydicom.dcmread(next((tmp_path / "out").rglob("*.seg.dcm")))
     assert seg.SeriesDescription.endswith("whole lungs")
-    refused = CliRunner().invoke(app, ["infer", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--model",
-                                       str(whole), "--backend", "torch", "--convention", "lung-field"])
+    refused = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--model",
+            str(whole),
+            "--backend",
+            "torch",
+            "--convention",
+            "lung-field",
+        ],
+    )
     assert refused.exit_code == 2 and "mask convention whole-lung, not lung-field" in refused.output
 
 

@@ -23,9 +23,12 @@ pytest.importorskip("openvino")
 ROOT = Path(__file__).resolve().parents[1]
 # cap -> (the lscpu flag it needs, PyTorch's matching ATen capability)
 CAPS = {"AVX2": ("avx2", "avx2"), "AVX512_CORE_VNNI": ("avx512_vnni", "avx512")}
-KERNEL_DEPENDENT = ["tests/test_cpu_int8.py", "tests/test_openvino.py",
-                    # PyTorch masks of native-size films through the banded resize vs OpenCV's
-                    "tests/test_preprocess.py::test_native_size_masks_are_unchanged_by_the_banded_resize"]
+KERNEL_DEPENDENT = [
+    "tests/test_cpu_int8.py",
+    "tests/test_openvino.py",
+    # PyTorch masks of native-size films through the banded resize vs OpenCV's
+    "tests/test_preprocess.py::test_native_size_masks_are_unchanged_by_the_banded_resize",
+]
 
 
 @pytest.mark.slow
@@ -39,7 +42,13 @@ def test_kernel_dependent_tests_pass_under_an_emulated_instruction_set(cap):
         # the native run is already this class's INT8 (VNNI, no AMX); the AVX2 run covers a CPU without bf16
         pytest.skip("this CPU is of that class already (AVX-512 VNNI, no AMX): the native run covers it")
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cap, "ATEN_CPU_CAPABILITY": aten}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_DEPENDENT],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *KERNEL_DEPENDENT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1], proc.stdout[-1000:]

@@ -45,8 +45,16 @@ def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 def test_onnxruntime_int8_is_asymmetric_uint8_with_float_conv_transpose(tmp_path, tiny_checkpoint, phantom_dir):
     loaded = load_checkpoint(tiny_checkpoint)
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, method="minmax",
-                                  cache_dir=tmp_path, target="onnxruntime", log=lambda *a: None)
+    v = variants_mod.make_variant(
+        loaded,
+        "int8",
+        folder=tmp_path,
+        calib_dir=phantom_dir,
+        method="minmax",
+        cache_dir=tmp_path,
+        target="onnxruntime",
+        log=lambda *a: None,
+    )
     assert ".int8-ortcpu-minmax-" in v.path.name and v.notes["recipe"] == "onnxruntime"
     m = onnx.load(str(v.path))
     quant = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
@@ -72,8 +80,16 @@ def test_openvino_int8_is_an_nncf_ir_gated_on_openvino(tmp_path, tiny_checkpoint
 
     loaded = load_checkpoint(tiny_checkpoint)
     pairs = discover_pairs(phantom_dir).pairs[:6]
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
-                                  cache_dir=tmp_path, target="openvino", log=lambda *a: None)
+    v = variants_mod.make_variant(
+        loaded,
+        "int8",
+        folder=tmp_path,
+        calib_dir=phantom_dir,
+        val_pairs=pairs,
+        cache_dir=tmp_path,
+        target="openvino",
+        log=lambda *a: None,
+    )
     assert v.path.suffix == ".xml" and v.path.with_suffix(".bin").is_file() and ".int8-nncf-" in v.path.name
     assert v.notes["recipe"] == "openvino" and v.notes["method"] == "nncf"
     meta = load_verified(v.path).meta
@@ -84,7 +100,12 @@ def test_openvino_int8_is_an_nncf_ir_gated_on_openvino(tmp_path, tiny_checkpoint
     fake_quantizes = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
     # INT8 where the gate allows it: the census in the notes is what the graph holds
     assert v.notes["int8_layers"] + len(v.notes["float_layers"]) == len(
-        [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "ConvolutionBackpropData", "MatMul")])
+        [
+            op
+            for op in model.get_ordered_ops()
+            if op.get_type_name() in ("Convolution", "ConvolutionBackpropData", "MatMul")
+        ]
+    )
     assert (fake_quantizes > 0) == (v.notes["int8_layers"] > 0)
     with OpenVinoRunner(v.path) as r:
         assert r.describe() == "openvino/cpu/int8"
@@ -92,8 +113,9 @@ def test_openvino_int8_is_an_nncf_ir_gated_on_openvino(tmp_path, tiny_checkpoint
     assert parity.apply_gate(summary, parity.GATES["int8"])["passed"]
 
 
-def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(tmp_path, tiny_checkpoint, phantom_dir,
-                                                                        monkeypatch):
+def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(
+    tmp_path, tiny_checkpoint, phantom_dir, monkeypatch
+):
     """A gate whole-graph INT8 misses on this CPU (FAKE: set between what INT8 and FP32 reach here):
     NNCF's accuracy control, scored by lungrt's gate on OpenVINO, puts layers back in float until
     the IR passes; every verdict is OpenVINO's, and PyTorch FP32 runs once for all of them."""
@@ -117,8 +139,16 @@ def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(tmp_path
     monkeypatch.setattr(TorchRunner, "run", counting_run)
     parity._REFERENCE_CACHE.clear()
     lines = []
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, val_pairs=pairs,
-                                  cache_dir=tmp_path, target="openvino", log=lines.append)
+    v = variants_mod.make_variant(
+        loaded,
+        "int8",
+        folder=tmp_path,
+        calib_dir=phantom_dir,
+        val_pairs=pairs,
+        cache_dir=tmp_path,
+        target="openvino",
+        log=lines.append,
+    )
     assert any("accuracy control" in line for line in lines)
     assert v.notes["excluded_layers"] and set(v.notes["excluded_layers"]) <= set(v.notes["float_layers"])
     assert len(used) == 2 and all(u is variants_mod.INT8_RECIPES["openvino"].open for u in used)  # whole, then result
@@ -129,8 +159,9 @@ def test_openvino_accuracy_control_reverts_layers_until_the_gate_passes(tmp_path
         assert parity.apply_gate(parity.compare(TorchRunner(loaded), r, pairs)["summary"], gate)["passed"]
 
 
-def test_a_cached_int8_made_without_a_gate_is_gated_before_a_gated_request_gets_it(tmp_path, tiny_checkpoint,
-                                                                                   phantom_dir, monkeypatch):
+def test_a_cached_int8_made_without_a_gate_is_gated_before_a_gated_request_gets_it(
+    tmp_path, tiny_checkpoint, phantom_dir, monkeypatch
+):
     """`lungrt bench --calib` and the build ask for a gated INT8; a file of the same name cached by an
     ungated call must not be handed out as gated: it is gated once, then remembered by content."""
     gated = []
@@ -163,7 +194,9 @@ def test_a_cached_int8_made_without_a_gate_is_gated_before_a_gated_request_gets_
 
 def test_a_truncated_calibration_cache_is_computed_again(tmp_path, tiny_checkpoint, phantom_dir, caplog):
     loaded = load_checkpoint(tiny_checkpoint)
-    kw = dict(calib_dir=phantom_dir, method="minmax", cache_dir=tmp_path / "cal", target="onnxruntime", log=lambda *a: None)
+    kw = dict(
+        calib_dir=phantom_dir, method="minmax", cache_dir=tmp_path / "cal", target="onnxruntime", log=lambda *a: None
+    )
     first = variants_mod.make_variant(loaded, "int8", folder=tmp_path / "a", **kw)
     (cache,) = (tmp_path / "cal").glob("*-ortcpu-minmax.json")
     whole = cache.read_bytes()
@@ -206,8 +239,14 @@ def test_choice_among_equally_fast_candidates_is_the_most_faithful():
     assert fastest_faithful([fp32])["name"] == "fp32"
 
 
-THIRD_PARTY_CHATTER = ("INFO:nncf", "Statistics collection", "Fast Bias correction", "Collecting tensor data",
-                       "Finding optimal threshold", "[I] ")  # INFO: warnings may still be said
+THIRD_PARTY_CHATTER = (
+    "INFO:nncf",
+    "Statistics collection",
+    "Fast Bias correction",
+    "Collecting tensor data",
+    "Finding optimal threshold",
+    "[I] ",
+)  # INFO: warnings may still be said
 
 
 def assert_quiet(*texts: str) -> None:
@@ -215,13 +254,32 @@ def assert_quiet(*texts: str) -> None:
     assert not noise, noise[:5]
 
 
-def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp_path, tiny_checkpoint, phantom_dir,
-                                                                             monkeypatch, capfd):
+def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(
+    tmp_path, tiny_checkpoint, phantom_dir, monkeypatch, capfd
+):
     from lungrt.backends import select
 
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
-                              "--data", str(phantom_dir), "--calib", str(phantom_dir), "--method", "entropy", "--out", "b"])
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "cpu",
+            "--precision",
+            "auto",
+            "--data",
+            str(phantom_dir),
+            "--calib",
+            str(phantom_dir),
+            "--method",
+            "entropy",
+            "--out",
+            "b",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert_quiet(res.output, *capfd.readouterr())  # NNCF, ONNX Runtime's calibration: nothing on the terminal
     report = json.loads((tmp_path / "b" / "unet-auto-cpu.json").read_text())
@@ -231,17 +289,27 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
     if not native_bf16():  # no AVX-512 BF16 / AMX here, or oneDNN capped below them (tests/test_cpu_caps.py)
         assert "no native bf16" in by[("openvino", "bf16")]["skipped"]
     timed = [c for c in report["candidates"] if "img_per_s" in c]
-    assert {(c["backend"], c["precision"]) for c in timed} >= {("onnxruntime", "fp32"), ("openvino", "fp32"),
-                                                                 ("onnxruntime", "int8"), ("openvino", "int8")}
+    assert {(c["backend"], c["precision"]) for c in timed} >= {
+        ("onnxruntime", "fp32"),
+        ("openvino", "fp32"),
+        ("onnxruntime", "int8"),
+        ("openvino", "int8"),
+    }
     passing = [c for c in timed if c["gate"]["passed"]]
     top = max(c["img_per_s"] for c in passing)
     # the rule: the fastest, or within 10 % of it the most faithful (equal agreement: the faster)
-    best = max((c for c in passing if c["img_per_s"] >= 0.90 * top), key=lambda c: (c["parity"]["mask_agreement"], c["img_per_s"]))
+    best = max(
+        (c for c in passing if c["img_per_s"] >= 0.90 * top),
+        key=lambda c: (c["parity"]["mask_agreement"], c["img_per_s"]),
+    )
     assert report["choice"] == f"{best['backend']} {best['precision']}"
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
     recorded = json.loads(record.read_text())
     assert recorded["path"] == str(Path(best["path"]).resolve())
-    assert recorded["mask_agreement"] == best["parity"]["mask_agreement"] and recorded["gate_images"] == report["validation_images"]
+    assert (
+        recorded["mask_agreement"] == best["parity"]["mask_agreement"]
+        and recorded["gate_images"] == report["validation_images"]
+    )
     from lungrt.core.hardware import cpu_identity
 
     assert recorded["hardware"] == cpu_identity() and recorded["content_hash"] == best["runner"]["content_hash"]
@@ -266,8 +334,21 @@ def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(tmp
 
 
 def test_infer_refuses_an_int8_it_would_have_to_make_ungated(tmp_path, tiny_checkpoint, phantom_dir):
-    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--model",
-                              str(tiny_checkpoint), "--backend", "openvino", "--precision", "int8"])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(phantom_dir / "images"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "openvino",
+            "--precision",
+            "int8",
+        ],
+    )
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "calibration set and a parity gate" in text and "Traceback" not in text
     assert not (tmp_path / "o" / "results.csv").exists()
@@ -297,8 +378,18 @@ def test_demo_explains_a_recorded_choice_that_misses_its_gate_on_phantoms(tiny_c
             return self.described
 
     loaded = load_checkpoint(tiny_checkpoint)
-    select.record_cpu_choice(loaded, {"backend": "openvino", "precision": "int8", "path": str(tiny_checkpoint),
-                                      "img_per_s": 300.0, "mask_agreement": 0.99855, "gate_images": 48, "gate_data": "DATA"})
+    select.record_cpu_choice(
+        loaded,
+        {
+            "backend": "openvino",
+            "precision": "int8",
+            "path": str(tiny_checkpoint),
+            "img_per_s": 300.0,
+            "mask_agreement": 0.99855,
+            "gate_images": 48,
+            "gate_data": "DATA",
+        },
+    )
     failed, passed = {"passed": False}, {"passed": True}
     note = recorded_choice_note(loaded, FakeRunner("openvino/cpu/int8"), failed)
     assert "0.99855 on 48 images from DATA" in note and "--backend openvino --variant int8" in note
@@ -313,8 +404,9 @@ def test_a_cpu_choice_gated_only_on_phantoms_is_never_recorded(tmp_path, tiny_ch
     monkeypatch.chdir(tmp_path)
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
     before = record.read_bytes() if record.exists() else None  # another test may have recorded one with --data
-    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto",
-                              "--out", "b"])
+    res = runner.invoke(
+        app, ["build", "--model", str(tiny_checkpoint), "--backend", "cpu", "--precision", "auto", "--out", "b"]
+    )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     gate_lines = [line for line in res.output.splitlines() if line.startswith("candidate") and "agreement" in line]

@@ -34,8 +34,11 @@ def test_not_a_folder(tmp_path):
 
 
 def _pairs(n_a, n_b):
-    return [Pair(f"{src}_{i:04d}", Path(f"{src}{i}.png"), Path(f"m{src}{i}.png"))
-            for src, n in (("MCUCXR", n_a), ("CHNCXR", n_b)) for i in range(n)]
+    return [
+        Pair(f"{src}_{i:04d}", Path(f"{src}{i}.png"), Path(f"m{src}{i}.png"))
+        for src, n in (("MCUCXR", n_a), ("CHNCXR", n_b))
+        for i in range(n)
+    ]
 
 
 def test_split_is_433_stratified_and_order_independent():

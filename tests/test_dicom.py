@@ -34,8 +34,10 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def _infer(src: Path, out: Path, ckpt: Path, *extra: str):
-    res = runner.invoke(app, ["infer", str(src), "--out", str(out), "--model", str(ckpt), "--backend", "torch",
-                              "--batch-size", "4", *extra])
+    res = runner.invoke(
+        app,
+        ["infer", str(src), "--out", str(out), "--model", str(ckpt), "--backend", "torch", "--batch-size", "4", *extra],
+    )
     assert res.exit_code in (0, 3), res.output
     return res
 
@@ -83,8 +85,13 @@ HEADERS = {
     "hand": dict(modality="DX", body_part="HAND", view="PA"),
     "lateral": dict(modality="DX", body_part="CHEST", view="LL"),
 }
-EXPECTED = {"pa_chest": [], "cr_no_body_part": [], "ct_slice": ["not_chest_modality", "not_chest_body_part"],
-            "hand": ["not_chest_body_part"], "lateral": ["lateral_view"]}
+EXPECTED = {
+    "pa_chest": [],
+    "cr_no_body_part": [],
+    "ct_slice": ["not_chest_modality", "not_chest_body_part"],
+    "hand": ["not_chest_body_part"],
+    "lateral": ["lateral_view"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +111,7 @@ def test_header_screening_flags_and_leaves_areas_empty(header_folder, tmp_path, 
         got = [q for q in r["qc"].split(";") if q in ("not_chest_modality", "not_chest_body_part", "lateral_view")]
         assert got == reasons, (name, r["qc"])
         measured = [r[k] for k in ("right_lung_px", "left_lung_px", "right_lung_mm2", "left_lung_mm2")]
-        assert (all(v == "" for v in measured) if reasons else all(v != "" for v in measured)), (name, measured)
+        assert all(v == "" for v in measured) if reasons else all(v != "" for v in measured), (name, measured)
 
 
 def test_header_screening_can_skip_and_resume_keeps_them_done(header_folder, tmp_path, tiny_checkpoint):
@@ -120,8 +127,19 @@ def test_header_screening_can_skip_and_resume_keeps_them_done(header_folder, tmp
 
 
 def test_bad_screen_choice_is_refused(header_folder, tmp_path, tiny_checkpoint):
-    res = runner.invoke(app, ["infer", str(header_folder), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint),
-                              "--screen", "maybe"])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(header_folder),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_checkpoint),
+            "--screen",
+            "maybe",
+        ],
+    )
     assert res.exit_code == 2 and "flag or skip" in res.output
 
 

@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
-from lungrt.backends.tensorrt.engine import BatchProfile, build_engine, check_plan_usable, gpu_environment, metadata_path
+from lungrt.backends.tensorrt.engine import (
+    BatchProfile,
+    build_engine,
+    check_plan_usable,
+    gpu_environment,
+    metadata_path,
+)
 from lungrt.backends.integrity import ContentMismatch
 from lungrt.core.errors import LungrtError
 from lungrt.export.variants import make_variant
@@ -59,7 +65,12 @@ def test_builder_is_asked_for_a_strongly_typed_profiled_build(tmp_path, fp16_onn
     saved = json.loads(metadata_path(plan).read_text())
     assert saved["plan"] == plan.name and saved["engine_bytes"] == plan.stat().st_size
     assert saved["precision"] == "fp16" and saved["batch_profile"] == [2, 4, 8]
-    assert (saved["flavour"], saved["tensorrt"], saved["gpu"], saved["compute_capability"]) == ("tensorrt", "10.99.0", "FAKE GPU", "9.0")
+    assert (saved["flavour"], saved["tensorrt"], saved["gpu"], saved["compute_capability"]) == (
+        "tensorrt",
+        "10.99.0",
+        "FAKE GPU",
+        "9.0",
+    )
     assert saved["model"]["name"] == "unet" and saved["model"]["preprocess"]["size"] == 64
     assert saved["onnx"] == str(fp16_onnx.resolve()) and len(saved["onnx_hash"]) == 64
     assert saved["plan_hash"] == hashlib.sha256(plan.read_bytes()).hexdigest()
@@ -83,11 +94,14 @@ def test_up_to_date_engine_is_a_no_op_and_timing_cache_is_per_version(tmp_path, 
 GPU_90 = {"gpu": "FAKE GPU", "compute_capability": "9.0"}
 
 
-@pytest.mark.parametrize("version, gpu, needle", [
-    ("10.99.0", {"gpu": "Other GPU", "compute_capability": "9.0"}, "GPU"),
-    ("9.0", GPU_90, "installed 9.0"),
-    ("10.99.0", {"gpu": "FAKE GPU", "compute_capability": "8.6"}, "compute capability"),
-])
+@pytest.mark.parametrize(
+    "version, gpu, needle",
+    [
+        ("10.99.0", {"gpu": "Other GPU", "compute_capability": "9.0"}, "GPU"),
+        ("9.0", GPU_90, "installed 9.0"),
+        ("10.99.0", {"gpu": "FAKE GPU", "compute_capability": "8.6"}, "compute capability"),
+    ],
+)
 def test_stale_engines_are_refused_with_rebuild_advice(tmp_path, fp16_onnx, version, gpu, needle):
     fake = RecordingFakeBuilder()
     build_engine(fp16_onnx, tmp_path, builder=fake, log=lambda *a: None)
@@ -176,9 +190,13 @@ def parse_pbtxt(text: str) -> dict:
 
 
 def test_triton_repository_config_parses_back(tmp_path, fp16_onnx):
-    build_engine(fp16_onnx, tmp_path / "eng", BatchProfile(1, 8, 32), builder=RecordingFakeBuilder(), log=lambda *a: None)
+    build_engine(
+        fp16_onnx, tmp_path / "eng", BatchProfile(1, 8, 32), builder=RecordingFakeBuilder(), log=lambda *a: None
+    )
     plan = next((tmp_path / "eng").glob("*.plan"))
-    res = CliRunner().invoke(app, ["package", "--engine", str(plan), "--triton", str(tmp_path / "repo"), "--name", "lungs"])
+    res = CliRunner().invoke(
+        app, ["package", "--engine", str(plan), "--triton", str(tmp_path / "repo"), "--name", "lungs"]
+    )
     assert res.exit_code == 0, res.output
     cfg = parse_pbtxt((tmp_path / "repo" / "lungs" / "config.pbtxt").read_text())
     assert (tmp_path / "repo" / "lungs" / "1" / "model.plan").read_bytes() == plan.read_bytes()
@@ -200,15 +218,29 @@ def test_package_without_metadata_is_one_line_error(tmp_path):
 
 @pytest.mark.skipif(TRT_OK, reason="checks the behaviour without a GPU for standard TensorRT")
 def test_standard_tensorrt_without_gpu_fails_clearly(tmp_path, tiny_checkpoint):
-    res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["build", "--model", str(tiny_checkpoint), "--backend", "tensorrt", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2
     assert "--backend tensorrt" in res.output and ("lungrt[trt]" in res.output or "no NVIDIA GPU" in res.output)
     assert not list(tmp_path.glob("*.plan"))
 
 
 def test_onnxruntime_backend_builds_the_variant_and_verifies_it(tmp_path, tiny_checkpoint):
-    res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend",
-                                   "onnxruntime", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--precision",
+            "fp16",
+            "--backend",
+            "onnxruntime",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "verified" in text and "passes the fp16 gate" in text
@@ -218,8 +250,24 @@ def test_onnxruntime_backend_builds_the_variant_and_verifies_it(tmp_path, tiny_c
 
 
 def test_precision_auto_on_onnxruntime_picks_a_passing_variant(tmp_path, tiny_checkpoint, phantom_dir):
-    res = CliRunner().invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "auto", "--backend", "onnxruntime",
-                                   "--data", str(phantom_dir), "--calib", str(phantom_dir), "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--precision",
+            "auto",
+            "--backend",
+            "onnxruntime",
+            "--data",
+            str(phantom_dir),
+            "--calib",
+            str(phantom_dir),
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "unet-auto-onnxruntime.json").read_text())
     assert {c["precision"] for c in report["candidates"]} == {"fp32", "fp16", "int8"}
@@ -232,6 +280,7 @@ def test_precision_auto_on_onnxruntime_picks_a_passing_variant(tmp_path, tiny_ch
 
 # -- real TensorRT engines run on a GPU (skipped here: no GPU on this machine) ----------------------
 
+
 @pytest.mark.tensorrt
 @pytest.mark.skipif(gpu_environment() is None, reason="running TensorRT engines needs an NVIDIA GPU; none here")
 @pytest.mark.parametrize("backend", ["tensorrt", "tensorrt-rtx"])
@@ -241,14 +290,45 @@ def test_real_engine_runs_and_passes_parity(tmp_path, tiny_checkpoint, phantom_d
     if not ok:
         pytest.skip(why)
     r = CliRunner()
-    res = r.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", precision, "--backend", backend,
-                         "--target", "sm" + gpu_environment()["compute_capability"].replace(".", ""),
-                         "--calib", str(phantom_dir), "--batch", "1,4,8", "--out", str(tmp_path)])
+    res = r.invoke(
+        app,
+        [
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--precision",
+            precision,
+            "--backend",
+            backend,
+            "--target",
+            "sm" + gpu_environment()["compute_capability"].replace(".", ""),
+            "--calib",
+            str(phantom_dir),
+            "--batch",
+            "1,4,8",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "(engine)" in res.output  # verified by running the engine itself, not the ONNX stand-in
     plan = next(tmp_path.glob("*.plan"))
-    res = r.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--variant", precision, "--engine", str(plan),
-                         "--data", str(phantom_dir), "--split", "all"])
+    res = r.invoke(
+        app,
+        [
+            "parity",
+            "--model",
+            str(tiny_checkpoint),
+            "--variant",
+            precision,
+            "--engine",
+            str(plan),
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "all",
+        ],
+    )
     assert res.exit_code == 0, res.output
 
 
@@ -273,7 +353,9 @@ def test_edited_onnx_metadata_is_refused_in_one_line(tmp_path, tiny_checkpoint):
     _edit_metadata(onnx_path, "lungrt.core.spec", lambda v: json.dumps({**json.loads(v), "mean": 0.9}))
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "x.png").write_bytes(b"")
-    res = CliRunner().invoke(app, ["infer", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--onnx", str(onnx_path)])
+    res = CliRunner().invoke(
+        app, ["infer", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--onnx", str(onnx_path)]
+    )
     assert res.exit_code == 2 and "lungrt metadata" in res.output and "Traceback" not in res.output, res.output
     shutil.copy(make_variant(load_checkpoint(tiny_checkpoint), "fp32", folder=tmp_path / "v").path, onnx_path)
     _edit_metadata(onnx_path, "lungrt.model", lambda v: v.replace('"qc": {', '"qc": {"edited": 1, ', 1))
@@ -283,11 +365,14 @@ def test_edited_onnx_metadata_is_refused_in_one_line(tmp_path, tiny_checkpoint):
         load_verified_onnx(onnx_path)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: {**m, "model": {**m["model"], "preprocess": {**m["model"]["preprocess"], "mean": 0.9}}},
-    lambda m: {**m, "model": {**m["model"], "qc": {"loosened": True}}},
-    lambda m: {**m, "precision": "fp32"},
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: {**m, "model": {**m["model"], "preprocess": {**m["model"]["preprocess"], "mean": 0.9}}},
+        lambda m: {**m, "model": {**m["model"], "qc": {"loosened": True}}},
+        lambda m: {**m, "precision": "fp32"},
+    ],
+)
 def test_an_edited_sidecar_is_refused_by_doctor_runner_and_build(tmp_path, fp16_onnx, edit):
     build_engine(fp16_onnx, tmp_path, builder=RecordingFakeBuilder(), log=lambda *a: None)
     plan = next(tmp_path.glob("*.plan"))

@@ -66,7 +66,10 @@ def test_fp16_graph_has_fp32_io_and_keeps_sensitive_ops_fp32(tmp_path):
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert m.graph.input[0].type.tensor_type.elem_type == f32
     assert m.graph.output[0].type.tensor_type.elem_type == f32
-    types = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)
+    }
     inits = {i.name: i.data_type for i in m.graph.initializer}
     kept = [n for n in m.graph.node if n.op_type in FP16_KEEP_FP32_OPS]
     assert {n.op_type for n in kept} >= {"Softmax", "LayerNormalization"}
@@ -157,8 +160,15 @@ def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_c
     pairs = discover_pairs(phantom_dir).pairs[:6]
     gate = gate_forcing_a_search(loaded, pairs, "portable", tmp_path / "probe", method="minmax")
     monkeypatch.setitem(parity.GATES, "int8", gate)
-    v = variants_mod.make_variant(loaded, "int8", folder=tmp_path, method="minmax", val_pairs=pairs,
-                                  cache_dir=tmp_path / "cal", log=lambda *a: None)
+    v = variants_mod.make_variant(
+        loaded,
+        "int8",
+        folder=tmp_path,
+        method="minmax",
+        val_pairs=pairs,
+        cache_dir=tmp_path / "cal",
+        log=lambda *a: None,
+    )
     excluded = v.notes["excluded_blocks"]
     assert excluded, "a gate full INT8 misses must exclude something"
     meta = json.loads(onnx_metadata(v.path)["lungrt.calibration"])

@@ -49,9 +49,29 @@ def test_sigkill_of_infer_leaves_no_helper_behind(tmp_path, tiny_checkpoint):
     for i in range(400):
         write_png(images / f"x{i:03d}.png", (make_phantom(i % 20, 256).image * 255).astype(np.uint8))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "lungrt.cli", "infer", str(images), "--out", str(out), "--model",
-                             str(tiny_checkpoint), "--backend", "torch", "--pool", "process", "--workers", "2",
-                             "--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lungrt.cli",
+            "infer",
+            str(images),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--pool",
+            "process",
+            "--workers",
+            "2",
+            "--batch-size",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline, helpers = time.time() + 120, set()
     while time.time() < deadline and (len(helpers) < 2 or not list(out.rglob("*.mask.png"))):
         helpers |= _children(proc.pid)
@@ -63,6 +83,8 @@ def test_sigkill_of_infer_leaves_no_helper_behind(tmp_path, tiny_checkpoint):
     deadline = time.time() + 30
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in helpers):
         time.sleep(0.2)
-    alive = {p for p in helpers if Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()}
+    alive = {
+        p for p in helpers if Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()
+    }
     assert not alive, f"helpers outlived their run: {alive}"
     assert not _holding(str(out), helpers)

@@ -47,8 +47,22 @@ def mixed_folder(tmp_path):
 
 
 def _infer(inputs, out, ckpt, *extra):
-    return runner.invoke(app, ["infer", *map(str, inputs), "--out", str(out), "--model", str(ckpt),
-                               "--backend", "torch", "--batch-size", "2", *extra])
+    return runner.invoke(
+        app,
+        [
+            "infer",
+            *map(str, inputs),
+            "--out",
+            str(out),
+            "--model",
+            str(ckpt),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "2",
+            *extra,
+        ],
+    )
 
 
 def test_mixed_folder_rows_sizes_and_exit_code(mixed_folder, tmp_path, tiny_checkpoint):
@@ -92,8 +106,13 @@ def test_outputs_stay_inside_for_odd_names(tmp_path, tiny_checkpoint):
     assert written and all(out in p.parents for p in written)
     # folder listing and globs skip dotfiles; named explicitly, they are processed, safely renamed
     assert len(_rows(out)) == 6
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name not in (".lungrt-records", ".lungrt-lock")
-                and ".lungrt-records" not in p.parts]
+    assert not [
+        p
+        for p in out.rglob("*")
+        if p.name.startswith(".")
+        and p.name not in (".lungrt-records", ".lungrt-lock")
+        and ".lungrt-records" not in p.parts
+    ]
 
 
 def test_missing_input_is_one_line_error(tmp_path, tiny_checkpoint):
@@ -128,7 +147,9 @@ def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_chec
         write_png(d / f"ok_{i}.png", (make_phantom(i, 96).image * 255).astype(np.uint8))
     policies = []
     real_read = infer.read_xray
-    monkeypatch.setattr(infer, "read_xray", lambda p, **kw: (policies.append(os.sched_getscheduler(0)), real_read(p, **kw))[1])
+    monkeypatch.setattr(
+        infer, "read_xray", lambda p, **kw: (policies.append(os.sched_getscheduler(0)), real_read(p, **kw))[1]
+    )
     model = TorchRunner(resolve_model(str(tiny_checkpoint)))
     model.sleeps_when_idle = sleeps
     summary = infer.run_infer(model, infer.collect_inputs([str(d)]), tmp_path / "out", infer.InferOptions(batch_size=2))
@@ -138,8 +159,11 @@ def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_chec
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"
+    }
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint):
@@ -147,8 +171,22 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_checkpoint)
     for i in range(40):
         write_png(d / f"img_{i:03d}.png", (make_phantom(100 + i, 160).image * 255).astype(np.uint8))
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    cmd = [sys.executable, "-m", "lungrt.cli", "infer", str(d), "--model", str(tiny_checkpoint),
-           "--backend", "torch", "--batch-size", "2", "--workers", "1", "--overlay"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lungrt.cli",
+        "infer",
+        str(d),
+        "--model",
+        str(tiny_checkpoint),
+        "--backend",
+        "torch",
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+        "--overlay",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=False, env=env, capture_output=True, timeout=300)
     killed = tmp_path / "killed"
@@ -200,8 +238,21 @@ def test_one_bit_masks_hold_the_very_pixels_of_the_eight_bit_ones(tmp_path, tiny
         write_png(src / f"x{i}.png", (make_phantom(70 + i, 301 + 17 * i, 257).image * 255).astype(np.uint8))
     one, eight = tmp_path / "one", tmp_path / "eight"
     for out, bits in ((one, "1"), (eight, "8")):
-        res = runner.invoke(app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint), "--backend",
-                                  "torch", "--mask-bits", bits])
+        res = runner.invoke(
+            app,
+            [
+                "infer",
+                str(src),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_checkpoint),
+                "--backend",
+                "torch",
+                "--mask-bits",
+                bits,
+            ],
+        )
         assert res.exit_code == 0, res.output
     for i in range(3):
         a, b = (out / "in" / f"x{i}.mask.png" for out in (one, eight))
@@ -245,16 +296,26 @@ def test_process_pool_writes_what_the_thread_pool_writes(mixed_folder, tmp_path,
         assert res.exit_code == 3, res.output
     keep = ("status", "error", "width", "height", "right_lung_px", "left_lung_px", "right_lung_mm2", "qc", "mask")
     thread_rows, process_rows = _rows(outs["thread"]), _rows(outs["process"])
-    assert {k: {f: r[f] for f in keep} for k, r in process_rows.items()} == \
-        {k: {f: r[f] for f in keep} for k, r in thread_rows.items()}
+    assert {k: {f: r[f] for f in keep} for k, r in process_rows.items()} == {
+        k: {f: r[f] for f in keep} for k, r in thread_rows.items()
+    }
     written = sorted(p.relative_to(outs["thread"]) for p in outs["thread"].rglob("*.png"))
     assert len(written) == 10  # 5 readable inputs: a mask and an overlay each
     for rel in written:
         assert (outs["process"] / rel).read_bytes() == (outs["thread"] / rel).read_bytes(), rel
     assert len(list((outs["process"] / ".lungrt-records").glob("*.jsonl"))) >= 2  # the helpers' own journals
     summary = tmp_path / "again.json"
-    again = _infer([mixed_folder], outs["process"], tiny_checkpoint, "--overlay", "--pool", "process", "--resume",
-                   "--json", str(summary))
+    again = _infer(
+        [mixed_folder],
+        outs["process"],
+        tiny_checkpoint,
+        "--overlay",
+        "--pool",
+        "process",
+        "--resume",
+        "--json",
+        str(summary),
+    )
     assert again.exit_code == 3, again.output
     assert json.loads(summary.read_text())["skipped_done"] == 5
     assert _infer([mixed_folder], tmp_path / "bad", tiny_checkpoint, "--pool", "fork").exit_code == 2

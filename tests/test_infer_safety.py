@@ -36,8 +36,22 @@ def _csv(out: Path) -> list[dict]:
 
 
 def _infer(inputs, out, ckpt, *extra):
-    return runner.invoke(app, ["infer", *map(str, inputs), "--out", str(out), "--model", str(ckpt),
-                               "--backend", "torch", "--batch-size", "2", *extra])
+    return runner.invoke(
+        app,
+        [
+            "infer",
+            *map(str, inputs),
+            "--out",
+            str(out),
+            "--model",
+            str(ckpt),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "2",
+            *extra,
+        ],
+    )
 
 
 def _one_line(text: str) -> str:
@@ -190,8 +204,21 @@ def test_batch_size_is_clamped_to_the_number_of_inputs(tmp_path, tiny_checkpoint
     seen = []
     real = TorchRunner.run
     monkeypatch.setattr(TorchRunner, "run", lambda self, x: seen.append(len(x)) or real(self, x))
-    res = runner.invoke(app, ["infer", str(_png(tmp_path / "p.png")), "--out", str(tmp_path / "o"), "--model",
-                              str(tiny_checkpoint), "--backend", "torch", "--batch-size", "256"])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(_png(tmp_path / "p.png")),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "256",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert seen == [1]
 
@@ -201,8 +228,16 @@ def test_derived_onnx_goes_to_the_cache_and_is_verified(tmp_path, tiny_checkpoin
     cache = tmp_path / "cache"
     monkeypatch.setenv("LUNGRT_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    args = ["infer", str(_png(tmp_path / "p.png")), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint),
-            "--backend", "onnxruntime"]
+    args = [
+        "infer",
+        str(_png(tmp_path / "p.png")),
+        "--out",
+        str(tmp_path / "o"),
+        "--model",
+        str(tiny_checkpoint),
+        "--backend",
+        "onnxruntime",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     assert not (tmp_path / "engines").exists()
     (variant,) = cache.rglob("*.fp32.onnx")
@@ -249,8 +284,9 @@ def test_out_that_is_a_file_is_one_line(tmp_path, tiny_checkpoint):
 
 def test_garbage_onnx_is_one_line(tmp_path):
     (tmp_path / "g.onnx").write_bytes(b"garbage")
-    res = runner.invoke(app, ["infer", str(_png(tmp_path / "p.png")), "--out", str(tmp_path / "o"), "--onnx",
-                              str(tmp_path / "g.onnx")])
+    res = runner.invoke(
+        app, ["infer", str(_png(tmp_path / "p.png")), "--out", str(tmp_path / "o"), "--onnx", str(tmp_path / "g.onnx")]
+    )
     assert res.exit_code == 2 and "g.onnx" in res.output and "Traceback" not in res.output
 
 
@@ -358,8 +394,21 @@ def test_out_inside_the_input_folder_does_not_segment_its_own_masks(tmp_path, ti
 
 
 def test_fp16_on_cpu_torch_is_refused(tmp_path, tiny_checkpoint):
-    res = runner.invoke(app, ["infer", str(_png(tmp_path / "p.png")), "--out", str(tmp_path / "o"), "--model",
-                              str(tiny_checkpoint), "--backend", "torch", "--precision", "fp16"])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(_png(tmp_path / "p.png")),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--precision",
+            "fp16",
+        ],
+    )
     assert res.exit_code == 2 and "fp16" in res.output
 
 
@@ -429,8 +478,25 @@ def test_fifos_never_hang_and_get_rows(tmp_path, tiny_checkpoint):
     direct = tmp_path / "direct.png"
     os.mkfifo(direct)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lungrt.cli", "infer", str(folder), str(direct), "--out", str(out),
-                           "--model", str(tiny_checkpoint), "--backend", "torch"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lungrt.cli",
+            "infer",
+            str(folder),
+            str(direct),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stdout + proc.stderr
     rows = {Path(r["path"]).name: r for r in _csv(out)}
     assert rows["ok.png"]["status"] == "ok"
@@ -456,6 +522,7 @@ def test_error_cells_are_one_line(tmp_path, tiny_checkpoint, monkeypatch):
 
 def test_results_are_synced_on_their_own_filesystem_only(tmp_path, tiny_checkpoint, monkeypatch):
     """os.sync flushes every filesystem of the host (a shared server's too); infer syncs its output's."""
+
     def host_wide_sync():
         raise AssertionError("os.sync called")
 
@@ -475,7 +542,9 @@ def test_summary_covers_the_whole_run_across_resumes(half_done, tiny_checkpoint)
     files = sorted(folder.glob("p*.png"))  # the same inputs, so the same output names as the first invocation
     assert _infer(files, out, tiny_checkpoint, "--resume").exit_code == 0  # the other two
     res = _infer(files, out, tiny_checkpoint, "--resume")  # nothing left
-    assert res.exit_code == 0 and "nothing left to do" in _one_line(res.output) and "4 processed" in _one_line(res.output)
+    assert (
+        res.exit_code == 0 and "nothing left to do" in _one_line(res.output) and "4 processed" in _one_line(res.output)
+    )
     run = json.loads((records_folder(out) / "summary.json").read_text())["run"]
     assert [i["ok"] for i in run["invocations"]] == [2, 2, 0] and run["processed"] == 4
     assert run["images_per_second"] == pytest.approx(4 / run["seconds"])

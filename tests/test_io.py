@@ -26,8 +26,16 @@ def _png_header_only(path, width, height):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
-def make_dicom(path, pixels: np.ndarray, photometric="MONOCHROME2", slope=1.0, intercept=0.0,
-               window=None, spacing=(0.2, 0.25), syntax=ExplicitVRLittleEndian):
+def make_dicom(
+    path,
+    pixels: np.ndarray,
+    photometric="MONOCHROME2",
+    slope=1.0,
+    intercept=0.0,
+    window=None,
+    spacing=(0.2, 0.25),
+    syntax=ExplicitVRLittleEndian,
+):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -96,7 +104,9 @@ def test_rgba_and_palette_become_gray(tmp_path):
     xr = read_xray(tmp_path / "rgba.png")
     assert xr.shape == (30, 30)
     assert np.allclose(xr.pixels[:10], 0) and np.allclose(xr.pixels[10:], 200 / 255, atol=1 / 255)
-    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "pal.png")
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        tmp_path / "pal.png"
+    )
     assert np.allclose(read_xray(tmp_path / "pal.png").pixels, 90 / 255, atol=2 / 255)
 
 
@@ -116,11 +126,17 @@ def test_gray_png_read_by_libpng_equals_pillows_pixels(tmp_path, dtype):
 
 def _png_of_rows(rows: np.ndarray, width: int, depth: int) -> bytes:
     """A gray PNG from its filtered rows (filter byte first), zlib-compressed as one IDAT."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, rows.shape[0], depth, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes())) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes()))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
@@ -139,7 +155,9 @@ def test_sub_filtered_pngs_decode_to_libpngs_pixels(tmp_path, dtype):
     fast = _sub_filtered_png(data, 45, 67)
     assert fast is not None and fast.dtype == dtype and np.array_equal(fast, image)
     assert np.array_equal(read_xray(_write(tmp_path / "cv.png", data)).image, image)
-    rows = np.frombuffer(zlib.decompress(data[data.index(b"IDAT") + 4: -12]), np.uint8).reshape(67, -1).copy()  # one IDAT
+    rows = (
+        np.frombuffer(zlib.decompress(data[data.index(b"IDAT") + 4 : -12]), np.uint8).reshape(67, -1).copy()
+    )  # one IDAT
     rows[30, 0] = 2  # Up: a valid file whose pixels differ from row 30 on
     mixed = _png_of_rows(rows, 45, 8 * np.dtype(dtype).itemsize)
     assert _sub_filtered_png(mixed, 45, 67) is None
@@ -293,7 +311,9 @@ def test_16_bit_images_decode_to_the_same_gray8_without_full_size_float_work(tmp
         path = tmp_path / "x.png"
         cv2.imwrite(str(path), raw)
     else:
-        path = make_dicom(tmp_path / "x.dcm", raw, photometric="MONOCHROME1" if kind == "dicom-mono1" else "MONOCHROME2")
+        path = make_dicom(
+            tmp_path / "x.dcm", raw, photometric="MONOCHROME1" if kind == "dicom-mono1" else "MONOCHROME2"
+        )
     xr = read_xray(path)
     assert xr.image.dtype == np.uint16 and xr.shape == raw.shape
     unit = (raw.astype(np.float64) - raw.min()) / (raw.max() - raw.min())
@@ -328,8 +348,16 @@ def test_window_table_equals_the_window_formula_for_every_raw_value():
     from lungrt.core.spec import to_gray8
     from lungrt.data.io import _window_table, _window_unit
 
-    for window in ((0, 65535, False), (5, 4095, True), (100, 100, False), (100, 99, True), (65535, 65535, True),
-                   (0, 0, False), (1200, 3071, False), (1200, 3071, True)):
+    for window in (
+        (0, 65535, False),
+        (5, 4095, True),
+        (100, 100, False),
+        (100, 99, True),
+        (65535, 65535, True),
+        (0, 0, False),
+        (1200, 3071, False),
+        (1200, 3071, True),
+    ):
         full = to_gray8(_window_unit(np.arange(65536, dtype=np.uint16), window))
         assert np.array_equal(_window_table.__wrapped__(window), full), window
 
@@ -365,11 +393,19 @@ def test_native_dicom_reduced_while_read_gives_the_same_network_input(tmp_path):
     spec = PreprocessSpec(size=128)
     rng = np.random.default_rng(5)
     film = cv2.GaussianBlur(rng.random((1531, 1373)), (0, 0), 40)
-    film = ((film - film.min()) / np.ptp(film) * 3000 + 500 + rng.normal(0, 30, film.shape)).clip(0, 4095).astype(np.uint16)
+    film = (
+        ((film - film.min()) / np.ptp(film) * 3000 + 500 + rng.normal(0, 30, film.shape))
+        .clip(0, 4095)
+        .astype(np.uint16)
+    )
     dirty = film.copy()
     dirty[7:9, 40:90] |= 1 << 15
-    cases = {"m2": (film, "MONOCHROME2", True), "m1": (film, "MONOCHROME1", True), "dirty": (dirty, "MONOCHROME2", False),
-             "small": (film[:400, :300], "MONOCHROME2", False)}
+    cases = {
+        "m2": (film, "MONOCHROME2", True),
+        "m1": (film, "MONOCHROME1", True),
+        "dirty": (dirty, "MONOCHROME2", False),
+        "small": (film[:400, :300], "MONOCHROME2", False),
+    }
     for name, (pixels, photometric, reduced) in cases.items():
         path = write_dicom(tmp_path / f"{name}.dcm", pixels, photometric=photometric)
         whole, part = read_xray(path), read_xray(path, reduce_for=spec)

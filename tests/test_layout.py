@@ -74,7 +74,11 @@ def test_cycle_check_finds_a_cycle():
 
 
 def test_runner_contract_knows_no_backend_by_name():
-    assert not import_graph()["lungrt.backends.base"] & {"lungrt.backends.tensorrt.runner", "lungrt.export.variants", "lungrt.backends.select"}
+    assert not import_graph()["lungrt.backends.base"] & {
+        "lungrt.backends.tensorrt.runner",
+        "lungrt.export.variants",
+        "lungrt.backends.select",
+    }
 
 
 def test_importing_every_module_changes_no_global_state():
@@ -105,7 +109,11 @@ def test_library_code_does_not_print():
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                 offenders.append(f"{f.name}:{node.lineno}")
-            if isinstance(node, ast.arg) is False and isinstance(node, ast.Name) and node.id == "print" and isinstance(
-                    getattr(node, "ctx", None), ast.Load):
+            if (
+                isinstance(node, ast.arg) is False
+                and isinstance(node, ast.Name)
+                and node.id == "print"
+                and isinstance(getattr(node, "ctx", None), ast.Load)
+            ):
                 offenders.append(f"{f.name}:{node.lineno} (print as a default)")
     assert not offenders, offenders

@@ -81,8 +81,10 @@ def test_evaluation_splits_its_means_by_the_behind_heart_disagreement():
     gold = _two_lungs()
     pred = gold.copy()
     pred[50:90, 60:75] = False
-    rows = [{"name": "a", **segmentation_metrics(gold, gold), **behind_heart(gold, gold)},
-            {"name": "b", **segmentation_metrics(pred, gold), **behind_heart(pred, gold)}]
+    rows = [
+        {"name": "a", **segmentation_metrics(gold, gold), **behind_heart(gold, gold)},
+        {"name": "b", **segmentation_metrics(pred, gold), **behind_heart(pred, gold)},
+    ]
     split = by_behind_heart(rows)
     assert split["differ"]["images"] == 1 and split["rest"]["images"] == 1
     assert split["rest"]["dice"] == 1.0 and split["differ"]["dice"] < 0.95

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from lungrt.models.checkpoint import ModelInfo, load_bare_weights, load_checkpoint, read_info, resolve_model, save_checkpoint
+from lungrt.models.checkpoint import (
+    ModelInfo,
+    load_bare_weights,
+    load_checkpoint,
+    read_info,
+    resolve_model,
+    save_checkpoint,
+)
 from lungrt.core.errors import CheckpointError
 from lungrt.models import REGISTRY, build_model, count_parameters, gflops_per_image
 from lungrt.core.spec import PreprocessSpec
@@ -63,7 +70,9 @@ def test_augmentation_moves_image_and_mask_together():
 
 
 def _info(name="unet"):
-    return ModelInfo(name, WIDTH, PreprocessSpec(size=64, equalization="clahe"), data_fingerprint="abc", metrics={"dice": 0.5})
+    return ModelInfo(
+        name, WIDTH, PreprocessSpec(size=64, equalization="clahe"), data_fingerprint="abc", metrics={"dice": 0.5}
+    )
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

@@ -32,12 +32,40 @@ def test_openvino_fp32_matches_onnxruntime(fp32_onnx, tiny_checkpoint):
 
 
 def test_parity_gate_on_openvino(tiny_checkpoint, phantom_dir):
-    res = runner.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--backend", "openvino", "--variant", "fp32",
-                              "--data", str(phantom_dir), "--split", "all"])
+    res = runner.invoke(
+        app,
+        [
+            "parity",
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "openvino",
+            "--variant",
+            "fp32",
+            "--data",
+            str(phantom_dir),
+            "--split",
+            "all",
+        ],
+    )
     assert res.exit_code == 0 and "PASS" in res.output, res.output
     if native_bf16():
-        res = runner.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--backend", "openvino", "--variant", "bf16",
-                                  "--data", str(phantom_dir), "--split", "all"])
+        res = runner.invoke(
+            app,
+            [
+                "parity",
+                "--model",
+                str(tiny_checkpoint),
+                "--backend",
+                "openvino",
+                "--variant",
+                "bf16",
+                "--data",
+                str(phantom_dir),
+                "--split",
+                "all",
+            ],
+        )
         assert "openvino/cpu/bf16" in " ".join(res.output.split()), res.output
 
 
@@ -45,15 +73,28 @@ def test_infer_on_openvino_gives_the_same_masks_as_onnxruntime(tmp_path, tiny_ch
     outs = {}
     for backend in ("onnxruntime", "openvino"):
         out = tmp_path / backend
-        res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(out), "--model", str(tiny_checkpoint),
-                                  "--backend", backend])
+        res = runner.invoke(
+            app,
+            [
+                "infer",
+                str(phantom_dir / "images"),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_checkpoint),
+                "--backend",
+                backend,
+            ],
+        )
         assert res.exit_code == 0, res.output
         with open(out / "results.csv") as f:
             outs[backend] = {r["path"]: r for r in csv.DictReader(f)}
     assert outs["openvino"].keys() == outs["onnxruntime"].keys()
     assert all(r["backend"] == "openvino/cpu/fp32" for r in outs["openvino"].values())
-    diff = [abs(float(outs["openvino"][k]["lung_fraction"]) - float(outs["onnxruntime"][k]["lung_fraction"]))
-            for k in outs["onnxruntime"]]
+    diff = [
+        abs(float(outs["openvino"][k]["lung_fraction"]) - float(outs["onnxruntime"][k]["lung_fraction"]))
+        for k in outs["onnxruntime"]
+    ]
     assert max(diff) < 1e-3
 
 

@@ -26,8 +26,10 @@ from lungrt.data.phantoms import make_phantom
 
 runner = CliRunner()
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-pytestmark = pytest.mark.skipif(not (shutil.which("Orthanc") and DICOMWEB_PLUGIN.exists()),
-                                reason="Orthanc not installed: apt-get install orthanc orthanc-dicomweb")
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("Orthanc") and DICOMWEB_PLUGIN.exists()),
+    reason="Orthanc not installed: apt-get install orthanc orthanc-dicomweb",
+)
 
 
 # a PACS that refuses some instances: SEGs of patient REFUSE-SEG (a failing STOW-RS, for real)
@@ -59,14 +61,23 @@ def _orthanc(tmp_path_factory):
     pytest.importorskip("dicomweb_client", reason="pip install 'lungrt[dicom]'")
     home = tmp_path_factory.mktemp("orthanc")
     port = _free_port()
-    config = {"Name": "lungrt-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
-              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [str(DICOMWEB_PLUGIN)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "LuaScripts": [str(home / "refuse.lua")]}
+    config = {
+        "Name": "lungrt-test",
+        "StorageDirectory": str(home / "db"),
+        "IndexDirectory": str(home / "db"),
+        "HttpPort": port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "LuaScripts": [str(home / "refuse.lua")],
+    }
     (home / "orthanc.json").write_text(json.dumps(config))
     (home / "refuse.lua").write_text(REFUSE_SEGS)
-    proc = subprocess.Popen(["Orthanc", str(home / "orthanc.json")], stdout=subprocess.DEVNULL,
-                            stderr=open(home / "orthanc.log", "w"))
+    proc = subprocess.Popen(
+        ["Orthanc", str(home / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=open(home / "orthanc.log", "w")
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -93,14 +104,20 @@ def _upload_study(base: str, folder: Path, n: int = 3, patient: str | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         path = folder / f"cxr_{i}.dcm"
-        write_dicom(path, (make_phantom(40 + i, 128).image * 4000).astype(np.uint16), "rle" if i else "explicit-le",
-                    study_uid=study, series_uid=series)
+        write_dicom(
+            path,
+            (make_phantom(40 + i, 128).image * 4000).astype(np.uint16),
+            "rle" if i else "explicit-le",
+            study_uid=study,
+            series_uid=series,
+        )
         if patient:
             ds = pydicom.dcmread(path)
             ds.PatientID = patient
             ds.save_as(path)
-        req = urllib.request.Request(f"{base}/instances", data=path.read_bytes(), method="POST",
-                                     headers={"Content-Type": "application/dicom"})
+        req = urllib.request.Request(
+            f"{base}/instances", data=path.read_bytes(), method="POST", headers={"Content-Type": "application/dicom"}
+        )
         assert json.loads(urllib.request.urlopen(req, timeout=30).read())["Status"] == "Success"
     return study
 
@@ -126,8 +143,10 @@ def test_a_study_from_the_pacs_comes_back_as_dicom_seg(orthanc, tmp_path, tiny_c
     client = DICOMwebClient(url=f"{orthanc}/dicom-web")
     segs = client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "SEG"})
     assert len(segs) == 3
-    sources = {e["00080018"]["Value"][0] for e in client.search_for_instances(
-        study_instance_uid=study, search_filters={"Modality": "DX"})}
+    sources = {
+        e["00080018"]["Value"][0]
+        for e in client.search_for_instances(study_instance_uid=study, search_filters={"Modality": "DX"})
+    }
     for entry in segs:
         seg = client.retrieve_instance(study, entry["0020000E"]["Value"][0], entry["00080018"]["Value"][0])
         source = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
@@ -180,8 +199,10 @@ def _seg_patients(base: str) -> list[str]:
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url=f"{base}/dicom-web")
-    return sorted(e["00100020"]["Value"][0] for e in client.search_for_instances(search_filters={"Modality": "SEG"},
-                                                                                   fields=["PatientID"]))
+    return sorted(
+        e["00100020"]["Value"][0]
+        for e in client.search_for_instances(search_filters={"Modality": "SEG"}, fields=["PatientID"])
+    )
 
 
 def test_each_seg_goes_back_to_its_own_pacs_and_never_a_local_ones(orthanc, orthanc2, tmp_path, tiny_checkpoint):
@@ -197,8 +218,19 @@ def test_each_seg_goes_back_to_its_own_pacs_and_never_a_local_ones(orthanc, orth
     shutil.copy(chest_cr(), local / "real_chest_cr.dcm")
     before_a, before_b = _seg_patients(orthanc), _seg_patients(orthanc2)
     out = tmp_path / "out"
-    res = _infer(f"{orthanc}/dicom-web/studies/{study_a}", f"{orthanc2}/dicom-web/studies/{study_b}", str(local),
-                 "--out", str(out), "--model", str(tiny_checkpoint), "--backend", "torch", "--store", "--store-flagged")
+    res = _infer(
+        f"{orthanc}/dicom-web/studies/{study_a}",
+        f"{orthanc2}/dicom-web/studies/{study_b}",
+        str(local),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--backend",
+        "torch",
+        "--store",
+        "--store-flagged",
+    )
     assert res.exit_code == 0, res.output
     assert _seg_patients(orthanc) == sorted(before_a + ["PACS-A"] * 2)
     assert _seg_patients(orthanc2) == sorted(before_b + ["PACS-B"])
@@ -224,8 +256,9 @@ def _study_with_derived_objects(base: str, folder: Path) -> str:
         ds.StudyInstanceUID, ds.PatientID = study, "HAS-DERIVED"
         buf = folder / f"derived_{path.name}"
         ds.save_as(buf, enforce_file_format=True)
-        req = urllib.request.Request(f"{base}/instances", data=buf.read_bytes(), method="POST",
-                                     headers={"Content-Type": "application/dicom"})
+        req = urllib.request.Request(
+            f"{base}/instances", data=buf.read_bytes(), method="POST", headers={"Content-Type": "application/dicom"}
+        )
         assert json.loads(urllib.request.urlopen(req, timeout=30).read())["Status"] == "Success"
     return study
 
@@ -237,7 +270,9 @@ def test_a_study_that_already_holds_a_seg_and_an_sr_runs_clean(orthanc, tmp_path
     received = tmp_path / "received"
     received.mkdir()
     ids = json.loads(urllib.request.urlopen(f"{orthanc}/tools/lookup", data=study.encode(), timeout=30).read())
-    for instance in json.loads(urllib.request.urlopen(f"{orthanc}/studies/{ids[0]['ID']}/instances", timeout=30).read()):
+    for instance in json.loads(
+        urllib.request.urlopen(f"{orthanc}/studies/{ids[0]['ID']}/instances", timeout=30).read()
+    ):
         data = urllib.request.urlopen(f"{orthanc}/instances/{instance['ID']}/file", timeout=30).read()
         (received / f"{instance['MainDicomTags']['SOPInstanceUID']}").write_bytes(data)  # storescp-like: no suffix
     common = ["--model", str(tiny_checkpoint), "--backend", "torch", "--dicom-seg"]

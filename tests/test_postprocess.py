@@ -114,12 +114,12 @@ def test_phantom_lungs_grown_together_keep_both_sides():
         separate = lung_fields((make_phantom(seed, 256).mask > 0).astype(np.uint8) * 255)
         truth = separate.mask  # the two lungs
         cols = np.flatnonzero(separate.mask.any(axis=0))
-        gap = cols[np.flatnonzero(np.diff(cols) > 1)[0]: np.flatnonzero(np.diff(cols) > 1)[0] + 2]
+        gap = cols[np.flatnonzero(np.diff(cols) > 1)[0] : np.flatnonzero(np.diff(cols) > 1)[0] + 2]
         merged = truth.copy()  # opacified lung joins them across the mediastinum: a band 12 rows high
-        rows = np.flatnonzero(truth[:, : gap[0] + 1].any(axis=1) & truth[:, gap[1]:].any(axis=1))  # both lungs
+        rows = np.flatnonzero(truth[:, : gap[0] + 1].any(axis=1) & truth[:, gap[1] :].any(axis=1))  # both lungs
         mid = int(np.median(rows))
         in_row = np.flatnonzero(truth[mid])
-        merged[mid - 6: mid + 6, in_row[0]: in_row[-1] + 1] = 255
+        merged[mid - 6 : mid + 6, in_row[0] : in_row[-1] + 1] = 255
         assert cv2.connectedComponents(merged)[0] == 2, seed
         f = lung_fields(merged)
         assert f.right_px > 0 and f.left_px > 0, seed

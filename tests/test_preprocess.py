@@ -82,8 +82,9 @@ def test_xrays_are_preprocessed_from_their_raw_pixels_the_same_way_everywhere(tm
     assert diff.max() <= 1 and diff.mean() < 0.5
 
 
-@pytest.mark.parametrize("dtype, shape, size", [(np.uint16, (2991, 2390), 256), (np.uint8, (2049, 1537), 256),
-                                                (np.uint16, (1733, 2311), 64)])
+@pytest.mark.parametrize(
+    "dtype, shape, size", [(np.uint16, (2991, 2390), 256), (np.uint8, (2049, 1537), 256), (np.uint16, (1733, 2311), 64)]
+)
 def test_banded_area_downsize_is_opencvs_inter_area(dtype, shape, size):
     """Native-size images take the banded area resize: OpenCV's INTER_AREA weights in another
     summation order, so at most one unit apart, and only where the mean sits on a rounding half."""
@@ -121,8 +122,17 @@ def test_native_size_masks_are_unchanged_by_the_banded_resize():
         films.append(XRay(f"film{seed}", np.clip(raw, 0, 4095).astype(np.uint16), bits=16, window=(0, 4095, False)))
     with open_runner(resolve_model("unet"), backend="torch", precision="fp32", log=lambda *a: None) as runner:
         spec = runner.spec
-        opencv = np.stack([spec.normalize(spec.equalize8(f.to_gray8(cv2.resize(
-            f.image, (spec.size, spec.size), interpolation=cv2.INTER_AREA))).astype(np.float32) / 255)[None] for f in films])
+        opencv = np.stack(
+            [
+                spec.normalize(
+                    spec.equalize8(
+                        f.to_gray8(cv2.resize(f.image, (spec.size, spec.size), interpolation=cv2.INTER_AREA))
+                    ).astype(np.float32)
+                    / 255
+                )[None]
+                for f in films
+            ]
+        )
         banded = np.stack([spec.apply_xray(f) for f in films])
         before, after = runner.run(opencv)[:, 0], runner.run(banded)[:, 0]
     for f, p0, p1 in zip(films, before, after):

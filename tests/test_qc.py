@@ -3,17 +3,37 @@
 import numpy as np
 import pytest
 
-from lungrt.inference.qc import (FEATURES, MARGINS, QCThresholds, _bounds_at, component_sizes, fit_thresholds, flagged_share,
-                                 flags)
+from lungrt.inference.qc import (
+    FEATURES,
+    MARGINS,
+    QCThresholds,
+    _bounds_at,
+    component_sizes,
+    fit_thresholds,
+    flagged_share,
+    flags,
+)
 
 
 def _normal(rng: np.random.Generator, n: int) -> list[dict[str, float]]:
     """Feature rows like a model's predictions on normal X-rays (a lung never touches the border)."""
-    base = {"box_fill": 0.6, "lr_balance": 0.8, "components": 2.0, "uncertain_fraction": 0.1, "confidence": 0.97,
-            "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.45, "aspect": 0.85, "base_width": 0.47}
+    base = {
+        "box_fill": 0.6,
+        "lr_balance": 0.8,
+        "components": 2.0,
+        "uncertain_fraction": 0.1,
+        "confidence": 0.97,
+        "border_fraction": 0.0,
+        "centroid_x": 0.5,
+        "centroid_y": 0.45,
+        "aspect": 0.85,
+        "base_width": 0.47,
+    }
     rows = []
     for _ in range(n):
-        row = {k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()}
+        row = {
+            k: v + (rng.normal(0, 0.02) if k not in ("components", "border_fraction") else 0.0) for k, v in base.items()
+        }
         row["base_width"] = 0.47 - rng.normal(0, 0.04)
         rows.append(row)
     shape_rng = np.random.default_rng(n)  # the shape model's numbers, drawn apart (the other draws stay as they were)
@@ -98,7 +118,9 @@ def test_no_margin_is_wider_than_validation_needs():
         train, val = _normal(rng, 300), _normal(rng, 100)
         for row in val[: rng.integers(3, 9)]:
             name = rng.choice(["centroid_x", "centroid_y", "lr_balance", "aspect", "confidence", "box_fill"])
-            row[name] += -rng.uniform(0.02, 0.1) if name == "confidence" else rng.choice([-1, 1]) * rng.uniform(0.03, 0.12)
+            row[name] += (
+                -rng.uniform(0.02, 0.1) if name == "confidence" else rng.choice([-1, 1]) * rng.uniform(0.03, 0.12)
+            )
             if rng.random() < 0.5:
                 other = rng.choice(["centroid_y", "base_width", "aspect"])
                 row[other] += rng.choice([-1, 1]) * rng.uniform(0.03, 0.1)
@@ -107,7 +129,10 @@ def test_no_margin_is_wider_than_validation_needs():
         for name, margin in fitted.margin.items():
             if margin:
                 narrower = {**fitted.margin, name: MARGINS[MARGINS.index(margin) - 1]}
-                assert flagged_share(val, QCThresholds(_bounds_at(train, narrower), "", None, narrower)) > 0.05, (seed, name)
+                assert flagged_share(val, QCThresholds(_bounds_at(train, narrower), "", None, narrower)) > 0.05, (
+                    seed,
+                    name,
+                )
 
 
 def test_base_width_measures_how_wide_the_lowest_tenth_of_the_lung_field_is():
@@ -123,8 +148,16 @@ def test_base_width_measures_how_wide_the_lowest_tenth_of_the_lung_field_is():
     boxy = np.zeros_like(upright)
     for side in (-1, 1):
         x0 = 100 + side * 15
-        outline = [(x0, 40), (x0 + side * 8, 24), (x0 + side * 30, 18), (x0 + side * 52, 32), (x0 + side * 70, 150),
-                   (x0 + side * 72, 180), (x0 + side * 45, 140), (x0, 130)]
+        outline = [
+            (x0, 40),
+            (x0 + side * 8, 24),
+            (x0 + side * 30, 18),
+            (x0 + side * 52, 32),
+            (x0 + side * 70, 150),
+            (x0 + side * 72, 180),
+            (x0 + side * 45, 140),
+            (x0, 130),
+        ]
         cv2.fillPoly(upright, [np.array(outline, np.int32)], 1.0)
         cv2.rectangle(boxy, (x0, 30), (x0 + side * 65, 175), 1.0, -1)
     assert features(upright)["base_width"] < 0.3
@@ -173,11 +206,17 @@ def test_sizes_are_measured_against_the_lung_field_not_the_image():
     cv2.ellipse(film, (140, 200), (55, 120), 0, 0, 360, 1.0, -1)
     cv2.ellipse(film, (265, 205), (50, 110), 0, 0, 360, 1.0, -1)
     cv2.circle(film, (205, 330), 14, 1.0, -1)  # a fragment: ~1.5 % of the mask
-    framings = {"as drawn": film, "tight": film[60:355, 75:325], "padded": np.pad(film, 150),
-                "padded below": np.pad(film, ((0, 200), (0, 0))),
-                "smaller": cv2.resize(film, (240, 240), interpolation=cv2.INTER_AREA)}
-    feats = {name: features(cv2.resize(f, (256, 256), interpolation=cv2.INTER_LINEAR), image_shape=f.shape)
-             for name, f in framings.items()}  # the network sees every framing squeezed to its square
+    framings = {
+        "as drawn": film,
+        "tight": film[60:355, 75:325],
+        "padded": np.pad(film, 150),
+        "padded below": np.pad(film, ((0, 200), (0, 0))),
+        "smaller": cv2.resize(film, (240, 240), interpolation=cv2.INTER_AREA),
+    }
+    feats = {
+        name: features(cv2.resize(f, (256, 256), interpolation=cv2.INTER_LINEAR), image_shape=f.shape)
+        for name, f in framings.items()
+    }  # the network sees every framing squeezed to its square
     for name, f in feats.items():
         assert f["box_fill"] == pytest.approx(feats["as drawn"]["box_fill"], rel=0.03), name
         assert f["aspect"] == pytest.approx(feats["as drawn"]["aspect"], rel=0.03), name

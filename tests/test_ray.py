@@ -28,16 +28,19 @@ SCENARIOS = Path(__file__).with_name("ray_scenarios.py")
 # In the namespace, lo also carries a documentation-range address with the default route: the
 # address Ray would pick for itself if nothing kept it on 127.0.0.1 (it reaches nothing: there is
 # no other interface).
-LOOPBACK_ONLY = "ip link set lo up && exec \"$@\""
-WITH_DECOY = ("ip link set lo up && ip addr add 198.51.100.7/32 dev lo && ip route add default dev lo src 198.51.100.7"
-              " && exec \"$@\"")
+LOOPBACK_ONLY = 'ip link set lo up && exec "$@"'
+WITH_DECOY = (
+    "ip link set lo up && ip addr add 198.51.100.7/32 dev lo && ip route add default dev lo src 198.51.100.7"
+    ' && exec "$@"'
+)
 
 
 def _sealed_namespace_or_skip() -> None:
     if not (shutil.which("unshare") and shutil.which("ip") and shutil.which("ss")):
         pytest.skip("needs unshare (util-linux), ip and ss (iproute2): apt-get install util-linux iproute2")
-    probe = subprocess.run(["unshare", "--net", "--", "sh", "-c", WITH_DECOY + " && true", "sh", "true"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "--net", "--", "sh", "-c", WITH_DECOY + " && true", "sh", "true"], capture_output=True, text=True
+    )
     if probe.returncode:
         pytest.skip(f"cannot make a private network namespace (needs root or CAP_SYS_ADMIN): {probe.stderr.strip()}")
 
@@ -45,8 +48,27 @@ def _sealed_namespace_or_skip() -> None:
 def run_scenario(name: str, ckpt: Path, src: Path, work: Path, setup: str, timeout: int = 240) -> dict:
     _sealed_namespace_or_skip()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    res = subprocess.run(["unshare", "--net", "--", "sh", "-c", setup, "sh", sys.executable, str(SCENARIOS), name,
-                          str(ckpt), str(src), str(work)], env=env, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            setup,
+            "sh",
+            sys.executable,
+            str(SCENARIOS),
+            name,
+            str(ckpt),
+            str(src),
+            str(work),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads((work / f"{name}.json").read_text())
 
@@ -60,13 +82,18 @@ def _folder(d: Path, n: int, broken: bool = True) -> Path:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"}
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and ".lungrt-records" not in p.parts and p.name != ".lungrt-lock"
+    }
 
 
 def _single_machine(src: Path, out: Path, ckpt: Path, *extra: str) -> dict[str, bytes]:
-    res = runner.invoke(app, ["infer", str(src), "--out", str(out), "--model", str(ckpt), "--backend", "torch",
-                              "--batch-size", "2", *extra])
+    res = runner.invoke(
+        app,
+        ["infer", str(src), "--out", str(out), "--model", str(ckpt), "--backend", "torch", "--batch-size", "2", *extra],
+    )
     assert res.exit_code in (0, 3), res.output
     return _outputs(out)
 
@@ -151,7 +178,9 @@ def test_ray_without_extra_is_one_line_error(tmp_path, tiny_checkpoint, monkeypa
 
     src = _folder(tmp_path / "in", 1, broken=False)
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    res = runner.invoke(app, ["infer", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--ray", "local"])
+    res = runner.invoke(
+        app, ["infer", str(src), "--out", str(tmp_path / "o"), "--model", str(tiny_checkpoint), "--ray", "local"]
+    )
     assert res.exit_code == 2 and "lungrt[ray]" in res.output
 
 
@@ -169,9 +198,16 @@ def test_a_worker_in_another_folder_records_what_resume_compares(tmp_path, tiny_
     monkeypatch.chdir(tmp_path)
     (item,) = collect_inputs(["in"])
     spec = resolve_model(str(tiny_checkpoint)).spec
-    row = _read({"source": str(item.source), "abs": os.path.abspath(item.source), "rel": str(item.rel),
-                 "known_error": ""}, spec.to_json())
-    row = {**row, "prob": np.full((1, spec.size, spec.size), 0.9, np.float32)[0], "runner": "torch/cpu/fp32", "model": "unet"}
+    row = _read(
+        {"source": str(item.source), "abs": os.path.abspath(item.source), "rel": str(item.rel), "known_error": ""},
+        spec.to_json(),
+    )
+    row = {
+        **row,
+        "prob": np.full((1, spec.size, spec.size), 0.9, np.float32)[0],
+        "runner": "torch/cpu/fp32",
+        "model": "unet",
+    }
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # the worker's own folder: "in/x_000.png" does not resolve here
     assert _write(row, str(tmp_path / "out"), spec.to_json(), {})["status"] == "ok"

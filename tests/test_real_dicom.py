@@ -29,9 +29,27 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def corpus_run(corpus, tmp_path_factory, tiny_checkpoint):
     out = tmp_path_factory.mktemp("real-dicom-out")
-    res = runner.invoke(app, ["infer", str(corpus), "--out", str(out), "--dicom-seg", "--model", str(tiny_checkpoint),
-                              "--backend", "torch", "--batch-size", "4"])
-    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))} if (out / "results.csv").exists() else {}
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(corpus),
+            "--out",
+            str(out),
+            "--dicom-seg",
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "4",
+        ],
+    )
+    rows = (
+        {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))}
+        if (out / "results.csv").exists()
+        else {}
+    )
     return res, out, rows
 
 
@@ -65,8 +83,12 @@ def test_a_seg_only_for_films_the_header_calls_frontal_chests(corpus_run):
         row = rows[name]
         assert row["status"] == "ok" and row["mask"], row  # the mask is written (and flagged) ...
         assert row["dicom_seg"].startswith("no SEG: header screening"), row  # ... the lung SEG is not
-    assert all(rows[n].get("dicom_seg", "").endswith(".seg.dcm") or rows[n]["status"] != "ok"
-               or rows[n]["dicom_seg"].startswith("no SEG") for n in rows)
+    assert all(
+        rows[n].get("dicom_seg", "").endswith(".seg.dcm")
+        or rows[n]["status"] != "ok"
+        or rows[n]["dicom_seg"].startswith("no SEG")
+        for n in rows
+    )
 
 
 def test_real_archive_quirks(corpus_run):
@@ -102,7 +124,9 @@ def test_every_seg_reads_back_with_highdicom_as_the_mask(corpus_run):
         labels = [seg.get_segment_description(n).SegmentLabel for n in seg.get_segment_numbers()]
         assert labels == ["Right lung structure", "Left lung structure"], (path.name, labels)
         frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
-        assert np.array_equal(frames.max(axis=0) > 0, read_mask(str(path).replace(".seg.dcm", ".mask.png")) > 0), path.name
+        assert np.array_equal(frames.max(axis=0) > 0, read_mask(str(path).replace(".seg.dcm", ".mask.png")) > 0), (
+            path.name
+        )
         assert seg.ContentDescription.startswith(("QC ok", "QC flagged: ")) and "lung" in seg.SeriesDescription
 
 
@@ -113,16 +137,35 @@ def test_dcmqi_cannot_take_a_projection_radiograph_seg_by_design(corpus_run, tmp
     if not Path(tool).exists():
         pytest.skip("pip install dcmqi")
     seg = _segs(corpus_run[1])[0]
-    res = subprocess.run([tool, "--inputDICOM", str(seg), "--outputDirectory", str(tmp_path), "-t", "nrrd"],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [tool, "--inputDICOM", str(seg), "--outputDirectory", str(tmp_path), "-t", "nrrd"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "Plane Orientation (Patient) is missing" in res.stdout + res.stderr
     assert not list(tmp_path.iterdir())
 
 
 def test_resume_after_damaged_files_finishes(corpus, corpus_run, tiny_checkpoint):
     _, out, rows = corpus_run
-    res = runner.invoke(app, ["infer", str(corpus), "--out", str(out), "--dicom-seg", "--model", str(tiny_checkpoint),
-                              "--backend", "torch", "--batch-size", "4", "--resume"])
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(corpus),
+            "--out",
+            str(out),
+            "--dicom-seg",
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--batch-size",
+            "4",
+            "--resume",
+        ],
+    )
     assert "Traceback" not in res.output and res.exit_code == 3, res.output[-2000:]
     done = sum(r["status"] in ("ok", "skipped") for r in rows.values())
     assert f"{done} already done" in res.output
@@ -137,9 +180,13 @@ def test_a_seg_that_cannot_be_encoded_keeps_the_mask_and_the_run(corpus, tmp_pat
 
     monkeypatch.setattr(dicom_seg, "segmentation_bytes", refuse)
     films = [str(corpus / "real" / "RG1_UNCR.dcm"), str(corpus / "edited" / "spacing_valid.dcm")]
-    res = runner.invoke(app, ["infer", *films, "--out", str(tmp_path), "--dicom-seg", "--model", str(tiny_checkpoint),
-                              "--backend", "torch"])
+    res = runner.invoke(
+        app,
+        ["infer", *films, "--out", str(tmp_path), "--dicom-seg", "--model", str(tiny_checkpoint), "--backend", "torch"],
+    )
     assert res.exit_code == 0 and "2 ok" in res.output, res.output
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert all(r["status"] == "ok" and r["dicom_seg"] == "no SEG: ValueError: Cannot encode non-finite floats" for r in rows)
+    assert all(
+        r["status"] == "ok" and r["dicom_seg"] == "no SEG: ValueError: Cannot encode non-finite floats" for r in rows
+    )
     assert len(list(tmp_path.rglob("*.mask.png"))) == 2 and not list(tmp_path.rglob("*.seg.dcm"))

@@ -32,8 +32,9 @@ def run_dir(tmp_path_factory, tiny_checkpoint):
     write_png(src / "noise.png", (np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8))  # no chest at all
     (src / "broken.png").write_bytes(b"not a png")
     out = tmp / "out"
-    res = CliRunner().invoke(app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint),
-                                   "--backend", "torch", "--report"])
+    res = CliRunner().invoke(
+        app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint), "--backend", "torch", "--report"]
+    )
     assert res.exit_code == 3, res.output
     return out
 
@@ -70,9 +71,19 @@ def _big_run(folder: Path, n: int) -> Path:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for i in range(n):
-            w.writerow({"path": f"/data/x{i:06d}.png", "status": "ok", "qc": "ok" if i % 50 else "unbalanced",
-                        "lung_fraction": f"{rng.uniform(0.1, 0.4):.4f}", "right_lung_px": int(rng.integers(1000, 9000)),
-                        "left_lung_px": int(rng.integers(1000, 9000)), "width": 512, "height": 512, "mask": ""})
+            w.writerow(
+                {
+                    "path": f"/data/x{i:06d}.png",
+                    "status": "ok",
+                    "qc": "ok" if i % 50 else "unbalanced",
+                    "lung_fraction": f"{rng.uniform(0.1, 0.4):.4f}",
+                    "right_lung_px": int(rng.integers(1000, 9000)),
+                    "left_lung_px": int(rng.integers(1000, 9000)),
+                    "width": 512,
+                    "height": 512,
+                    "mask": "",
+                }
+            )
     return folder
 
 
@@ -88,24 +99,43 @@ def test_hundred_thousand_rows_stay_usable(tmp_path):
 
 @needs_chromium
 def test_chromium_renders_table_and_flagged_first(run_dir, tmp_path):
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (run_dir / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
-    body = dom[dom.index("<tbody>"):dom.index("</tbody>")]
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (run_dir / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    body = dom[dom.index("<tbody>") : dom.index("</tbody>")]
     trs = re.findall(r'<tr class="(\w*)">', body)
     assert len(trs) == len(_rows(run_dir))  # the script ran and rendered every row
     assert trs[0] == "flag" and "page 1 of 1" in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
-                    f"--screenshot={shot}", (run_dir / "report.html").as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1200,900",
+            f"--screenshot={shot}",
+            (run_dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.stat().st_size > 10_000
 
 
 @needs_chromium
 def test_chromium_pages_a_hundred_thousand_rows(tmp_path):
     path = write_report(_big_run(tmp_path / "big", 100_000))
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
-                         capture_output=True, text=True, timeout=180).stdout
-    body = dom[dom.index("<tbody>"):dom.index("</tbody>")]
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    body = dom[dom.index("<tbody>") : dom.index("</tbody>")]
     assert body.count("<tr") == 100 and "100000 rows, page 1 of 1000" in dom
 
 
@@ -151,17 +181,22 @@ def hostile_run(tmp_path_factory, tiny_checkpoint):
     for i, name in enumerate(["<!--<script>.png", "</script><b>x.png", "a&amp;b.png", "plain.png"]):
         write_png(src / name, (make_phantom(i, 96).image * 255).astype(np.uint8))
     out = tmp / "out"
-    res = CliRunner().invoke(app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint),
-                                   "--backend", "torch", "--report"])
+    res = CliRunner().invoke(
+        app, ["infer", str(src), "--out", str(out), "--model", str(tiny_checkpoint), "--backend", "torch", "--report"]
+    )
     assert res.exit_code == 0, res.output
     return out
 
 
 @needs_chromium
 def test_names_that_would_end_the_script_do_not_empty_the_table(hostile_run):
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
-                          (hostile_run / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
-    body = dom[dom.index("<tbody>"):dom.index("</tbody>")]
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (hostile_run / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    body = dom[dom.index("<tbody>") : dom.index("</tbody>")]
     assert body.count("<tr") == 4, body[:2000]
     assert "&lt;!--&lt;script&gt;.png" in body or "&lt;!--&lt;script>.png" in body
 

@@ -30,16 +30,32 @@ DEVICES = ("auto", "cpu", "cuda")
 def files(tmp_path_factory, tiny_checkpoint, phantom_dir):
     folder = tmp_path_factory.mktemp("resolver")
     loaded = load_checkpoint(tiny_checkpoint)
-    made = {p: make_variant(loaded, p, folder=folder, calib_dir=phantom_dir if p == "int8" else None, cache_dir=folder,
-                            target="onnxruntime", log=lambda *a: None).path for p in ("fp32", "fp16", "int8")}
-    ir = make_variant(loaded, "int8", folder=folder, calib_dir=phantom_dir, cache_dir=folder, target="openvino",
-                      log=lambda *a: None).path  # OpenVINO's INT8: an IR (whole graph: no gate asked here)
+    made = {
+        p: make_variant(
+            loaded,
+            p,
+            folder=folder,
+            calib_dir=phantom_dir if p == "int8" else None,
+            cache_dir=folder,
+            target="onnxruntime",
+            log=lambda *a: None,
+        ).path
+        for p in ("fp32", "fp16", "int8")
+    }
+    ir = make_variant(
+        loaded, "int8", folder=folder, calib_dir=phantom_dir, cache_dir=folder, target="openvino", log=lambda *a: None
+    ).path  # OpenVINO's INT8: an IR (whole graph: no gate asked here)
     from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine
 
-    meta = build_engine(made["fp16"], folder, BatchProfile(1, 2, 4), builder=PolygraphyBuilder("tensorrt-rtx"),
-                        log=lambda *a: None)  # a real TensorRT-RTX plan, built ahead of time
-    return {"weights": tiny_checkpoint, **{f"{p}.onnx": path for p, path in made.items()}, "int8.xml": ir,
-            "plan": folder / meta["plan"]}
+    meta = build_engine(
+        made["fp16"], folder, BatchProfile(1, 2, 4), builder=PolygraphyBuilder("tensorrt-rtx"), log=lambda *a: None
+    )  # a real TensorRT-RTX plan, built ahead of time
+    return {
+        "weights": tiny_checkpoint,
+        **{f"{p}.onnx": path for p, path in made.items()},
+        "int8.xml": ir,
+        "plan": folder / meta["plan"],
+    }
 
 
 def _ground_truth(r) -> tuple[str, str, str]:
@@ -49,7 +65,9 @@ def _ground_truth(r) -> tuple[str, str, str]:
     if r.backend.startswith("tensorrt"):
         return json.loads(r.path.with_name(r.path.name + ".json").read_text())["flavour"], r.precision, "cuda"
     if isinstance(r, TorchRunner):
-        dtype = {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[None if r.dtype is None else str(r.dtype)]
+        dtype = {None: "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[
+            None if r.dtype is None else str(r.dtype)
+        ]
         return "torch", dtype, str(next(r.model.parameters()).device)
     if r.path.suffix == ".xml":  # an IR: what OpenVINO's own reader finds in it
         import openvino as ov
@@ -105,8 +123,23 @@ def test_parity_runs_the_backend_and_precision_it_names(files, tiny_checkpoint, 
     """The README's item: --onnx with --backend openvino --variant bf16 ran ONNX Runtime FP32 and said PASS."""
     from lungrt.backends.openvino import native_bf16
 
-    args = ["parity", "--model", str(tiny_checkpoint), "--onnx", str(files["fp32.onnx"]), "--backend", "openvino",
-            "--variant", "bf16", "--data", str(phantom_dir), "--split", "all", "--limit", "4"]
+    args = [
+        "parity",
+        "--model",
+        str(tiny_checkpoint),
+        "--onnx",
+        str(files["fp32.onnx"]),
+        "--backend",
+        "openvino",
+        "--variant",
+        "bf16",
+        "--data",
+        str(phantom_dir),
+        "--split",
+        "all",
+        "--limit",
+        "4",
+    ]
     res = runner.invoke(app, args)
     text = " ".join(res.output.split())
     if native_bf16():
@@ -114,12 +147,28 @@ def test_parity_runs_the_backend_and_precision_it_names(files, tiny_checkpoint, 
         assert load_verified_onnx(files["fp32.onnx"]).content_hash in text  # what it verified, by content
     else:
         assert res.exit_code == 2 and "no native bf16" in text
-    res = runner.invoke(app, ["parity", "--model", str(tiny_checkpoint), "--onnx", str(files["fp32.onnx"]), "--variant",
-                              "int8", "--data", str(phantom_dir), "--limit", "2"])
+    res = runner.invoke(
+        app,
+        [
+            "parity",
+            "--model",
+            str(tiny_checkpoint),
+            "--onnx",
+            str(files["fp32.onnx"]),
+            "--variant",
+            "int8",
+            "--data",
+            str(phantom_dir),
+            "--limit",
+            "2",
+        ],
+    )
     assert res.exit_code == 2 and "not int8" in " ".join(res.output.split()) and "Traceback" not in res.output
     # without --model, the reference is the weights the file records; a checkpoint it cannot find is asked for
     res = runner.invoke(app, ["parity", "--onnx", str(files["fp32.onnx"]), "--data", str(phantom_dir), "--limit", "2"])
-    assert res.exit_code == 2 and "pass the checkpoint it was exported from with --model" in " ".join(res.output.split())
+    assert res.exit_code == 2 and "pass the checkpoint it was exported from with --model" in " ".join(
+        res.output.split()
+    )
 
 
 def _flip_signs(path, nbytes: int = 8192) -> None:
@@ -136,8 +185,9 @@ def _flip_signs(path, nbytes: int = 8192) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_a_corrupted_cached_variant_is_made_again_and_a_users_file_is_refused(tmp_path, tiny_checkpoint, phantom_dir,
-                                                                               monkeypatch):
+def test_a_corrupted_cached_variant_is_made_again_and_a_users_file_is_refused(
+    tmp_path, tiny_checkpoint, phantom_dir, monkeypatch
+):
     monkeypatch.setenv("LUNGRT_CACHE", str(tmp_path / "cache"))
     loaded = load_checkpoint(tiny_checkpoint)
     with open_runner(tiny_checkpoint, backend="onnxruntime", precision="fp32") as r:
@@ -147,7 +197,9 @@ def test_a_corrupted_cached_variant_is_made_again_and_a_users_file_is_refused(tm
     _flip_signs(cached)
     with pytest.raises(ContentMismatch, match="do not match the content hash"):
         open_runner(onnx=cached)  # a file named by the user: refused in one line
-    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--onnx", str(cached)])
+    res = runner.invoke(
+        app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--onnx", str(cached)]
+    )
     assert res.exit_code == 2 and "content hash" in " ".join(res.output.split()) and "Traceback" not in res.output
     with open_runner(tiny_checkpoint, backend="onnxruntime", precision="fp32") as r:  # the cache heals itself
         assert r.path == cached and r.content_hash == good_hash
@@ -169,8 +221,15 @@ def test_an_edited_openvino_ir_is_refused_and_a_cached_one_made_again(tmp_path, 
     loaded = load_checkpoint(tiny_checkpoint)
 
     def made():
-        return make_variant(loaded, "int8", folder=tmp_path, calib_dir=phantom_dir, cache_dir=tmp_path, target="openvino",
-                            log=lambda *a: None).path
+        return make_variant(
+            loaded,
+            "int8",
+            folder=tmp_path,
+            calib_dir=phantom_dir,
+            cache_dir=tmp_path,
+            target="openvino",
+            log=lambda *a: None,
+        ).path
 
     xml = made()
     weights = xml.with_suffix(".bin")
@@ -182,7 +241,7 @@ def test_an_edited_openvino_ir_is_refused_and_a_cached_one_made_again(tmp_path, 
     assert made() == xml  # the cache heals itself: made again (OpenVINO numbers its nodes per process, so
     load_verified(xml)  # the .xml, and its hash, may differ from the first one's)
     text = xml.read_text()
-    xml.write_text(text.replace('<lungrt>', '<lungrt>\n<note value="edited" />', 1))  # the graph file edited
+    xml.write_text(text.replace("<lungrt>", '<lungrt>\n<note value="edited" />', 1))  # the graph file edited
     with pytest.raises(ContentMismatch):
         open_runner(xml, backend="openvino")
     xml.write_text(text)
@@ -194,8 +253,9 @@ def test_an_edited_openvino_ir_is_refused_and_a_cached_one_made_again(tmp_path, 
 
 
 def test_infer_records_the_artifact_that_ran(tmp_path, files, phantom_dir):
-    res = runner.invoke(app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--onnx",
-                              str(files["fp16.onnx"])])
+    res = runner.invoke(
+        app, ["infer", str(phantom_dir / "images"), "--out", str(tmp_path / "o"), "--onnx", str(files["fp16.onnx"])]
+    )
     assert res.exit_code == 0, res.output
     run = json.loads((tmp_path / "o" / ".lungrt-records" / "run.json").read_text())
     assert run["artifact"] == load_verified_onnx(files["fp16.onnx"]).content_hash
@@ -215,14 +275,40 @@ def test_an_openvino_ir_runs_from_the_cli_and_is_not_compiled_for_tensorrt(tmp_p
 def test_build_from_an_onnx_file_verifies_like_every_build(tmp_path, files, tiny_checkpoint):
     onnx_file = tmp_path / "model.fp32.onnx"
     shutil.copyfile(files["fp32.onnx"], onnx_file)
-    res = runner.invoke(app, ["build", "--onnx", str(onnx_file), "--model", str(tiny_checkpoint), "--backend",
-                              "tensorrt-rtx", "--batch", "1,2,4", "--out", str(tmp_path / "eng")])
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--onnx",
+            str(onnx_file),
+            "--model",
+            str(tiny_checkpoint),
+            "--backend",
+            "tensorrt-rtx",
+            "--batch",
+            "1,2,4",
+            "--out",
+            str(tmp_path / "eng"),
+        ],
+    )
     text = " ".join(res.output.split())
     assert res.exit_code == 0, res.output
     assert "verified model.fp32.rtx-sm86.plan" in text and "passes the fp32 gate" in text
     report = json.loads(next((tmp_path / "eng").glob("*.plan.build.json")).read_text())
     assert report["verification"]["gate"]["passed"] and report["verification"]["runner"]["content_hash"]
     # weights other than the ones the file was exported from cannot verify it: refused
-    res = runner.invoke(app, ["build", "--onnx", str(onnx_file), "--model", "unet", "--backend", "tensorrt-rtx",
-                              "--out", str(tmp_path / "eng2")])
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--onnx",
+            str(onnx_file),
+            "--model",
+            "unet",
+            "--backend",
+            "tensorrt-rtx",
+            "--out",
+            str(tmp_path / "eng2"),
+        ],
+    )
     assert res.exit_code == 2 and "pass the checkpoint it was exported from" in " ".join(res.output.split())

@@ -59,7 +59,7 @@ def test_landmarks_run_from_apex_down_the_lateral_side_and_up_the_medial_side():
     for lung, lateral_is_low_x in ((right, True), (left, False)):
         apex, base = lung[0], lung[POINTS_PER_LUNG // 2 - 1]
         assert apex[1] == lung[:, 1].min() and base[1] == lung[:, 1].max()
-        lateral, medial = lung[1: POINTS_PER_LUNG // 2 - 1], lung[POINTS_PER_LUNG // 2:]
+        lateral, medial = lung[1 : POINTS_PER_LUNG // 2 - 1], lung[POINTS_PER_LUNG // 2 :]
         assert (lateral[:, 0].mean() < medial[:, 0].mean()) == lateral_is_low_x
     filled = draw(points, mask.shape)
     dice = 2 * (filled & mask).sum() / (filled.sum() + mask.sum())
@@ -83,10 +83,13 @@ def test_implausible_shape_fires_on_a_lost_lower_lobe_within_the_false_alarm_bud
     held_out = _masks(range(300, 330))
     clean = [flags(features(_prob(m), model), thresholds) for m in held_out]
     assert np.mean(["implausible_shape" in f for f in clean]) <= 0.10
-    lost = [flags(features(_prob(_lose_lower_half_of_one_lung(m, i % 2)), model), thresholds) for i, m in enumerate(held_out)]
+    lost = [
+        flags(features(_prob(_lose_lower_half_of_one_lung(m, i % 2)), model), thresholds)
+        for i, m in enumerate(held_out)
+    ]
     assert np.mean(["implausible_shape" in f for f in lost]) >= 0.8
     one_lung = held_out[0].copy()
-    one_lung[:, SIZE // 2:] = 0
+    one_lung[:, SIZE // 2 :] = 0
     assert "implausible_shape" in flags(features(_prob(one_lung), model), thresholds)
 
 
@@ -96,8 +99,9 @@ def test_shape_features_do_not_depend_on_framing(fitted, how):
     are no more implausible than they were."""
     model, thresholds = fitted
     held_out = _masks(range(300, 330))
-    shape_flags = [FEATURES["shape_distance"][1] in flags(features(_prob(_reframe(m, how)), model), thresholds)
-                   for m in held_out]
+    shape_flags = [
+        FEATURES["shape_distance"][1] in flags(features(_prob(_reframe(m, how)), model), thresholds) for m in held_out
+    ]
     assert np.mean(shape_flags) <= 0.10
 
 
@@ -105,8 +109,11 @@ def test_features_without_a_shape_model_are_unchanged():
     prob = _prob(_masks([5])[0])
     plain = features(prob)
     assert not any(k.startswith("shape_") for k in plain)
-    assert {k: v for k, v in features(prob, ShapeModel.fit([pair_landmarks(m) for m in _masks(range(10))])).items()
-            if not k.startswith("shape_")} == plain
+    assert {
+        k: v
+        for k, v in features(prob, ShapeModel.fit([pair_landmarks(m) for m in _masks(range(10))])).items()
+        if not k.startswith("shape_")
+    } == plain
 
 
 def test_completion_adds_the_lost_lobe_from_the_fit_and_only_outside_the_mask(fitted):
@@ -154,7 +161,7 @@ def test_a_batch_is_fitted_as_each_of_its_masks_alone():
 
     model = ShapeModel.fit([pair_landmarks(m) for m in _masks(range(40))])
     masks = _masks(range(100, 106)) + [_lose_lower_half_of_one_lung(_masks([106])[0], 0)]
-    masks[2][:, SIZE // 2:] = 0  # one lung: no pair
+    masks[2][:, SIZE // 2 :] = 0  # one lung: no pair
     probs = [_prob(m) for m in masks]
     shapes = [(512, 512), (600, 480), (512, 512), (400, 640), None, (512, 512), (700, 500)]
     together = features_many(probs, model, shapes)

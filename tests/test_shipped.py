@@ -52,7 +52,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     report = json.loads((out / "demo_report.json").read_text())
     assert report["infer"]["ok"] == 4 and report["parity"]["gate"]["passed"]
-    # the demo's chest-film-like phantoms read as chest films to the shipped model (target: Dice >= 0.92, <= 2 of 12 flagged)
+    # the demo's chest-film-like phantoms read as chest films to the shipped model
+    # (target: Dice >= 0.92, <= 2 of 12 flagged)
     assert report["parity"]["dice_candidate"] >= 0.92 and report["infer"]["qc_flagged"] <= 1, report
     assert (out / "overview.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "masks").rglob("*.overlay.png"))) == 4

@@ -19,7 +19,13 @@ from typer.testing import CliRunner
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.backends.tensorrt.engine import (
-    BatchProfile, PolygraphyBuilder, build_engine, check_plan_usable, export_triton, gpu_environment, metadata_path,
+    BatchProfile,
+    PolygraphyBuilder,
+    build_engine,
+    check_plan_usable,
+    export_triton,
+    gpu_environment,
+    metadata_path,
     parse_targets,
 )
 from lungrt.core.errors import LungrtError
@@ -37,8 +43,24 @@ def rtx_builds(tmp_path_factory, tiny_checkpoint, phantom_dir):
     out = tmp_path_factory.mktemp("rtx")
     outputs = {}
     for precision in ("fp32", "fp16", "int8"):
-        res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", precision, "--backend",
-                                  "tensorrt-rtx", "--calib", str(phantom_dir), "--batch", "1,4,8", "--out", str(out)])
+        res = runner.invoke(
+            app,
+            [
+                "build",
+                "--model",
+                str(tiny_checkpoint),
+                "--precision",
+                precision,
+                "--backend",
+                "tensorrt-rtx",
+                "--calib",
+                str(phantom_dir),
+                "--batch",
+                "1,4,8",
+                "--out",
+                str(out),
+            ],
+        )
         outputs[precision] = res
     return out, outputs
 
@@ -49,7 +71,9 @@ def test_rtx_build_writes_a_real_engine_and_its_metadata(rtx_builds, precision, 
     res = outputs[precision]
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())  # Rich wraps long lines
-    plans = [p for p in out.glob("*.rtx-sm86.plan") if json.loads(metadata_path(p).read_text())["precision"] == precision]
+    plans = [
+        p for p in out.glob("*.rtx-sm86.plan") if json.loads(metadata_path(p).read_text())["precision"] == precision
+    ]
     assert len(plans) == 1
     plan = plans[0]
     meta = json.loads(metadata_path(plan).read_text())
@@ -98,8 +122,19 @@ def test_int8_cpu_variant_stays_fp32_between_qdq(tiny_checkpoint, phantom_dir, t
 
 def test_up_to_date_is_a_no_op_and_other_targets_build_another_engine(rtx_builds, tiny_checkpoint, phantom_dir):
     out, _ = rtx_builds
-    args = ["build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend", "tensorrt-rtx",
-            "--batch", "1,4,8", "--out", str(out)]
+    args = [
+        "build",
+        "--model",
+        str(tiny_checkpoint),
+        "--precision",
+        "fp16",
+        "--backend",
+        "tensorrt-rtx",
+        "--batch",
+        "1,4,8",
+        "--out",
+        str(out),
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "is up to date; nothing to build" in " ".join(res.output.split()), res.output
     res = runner.invoke(app, args + ["--target", "sm86,sm89"])
@@ -161,6 +196,7 @@ def test_triton_refuses_rtx_engines(rtx_builds, tmp_path):
 
 # -- contract: every TensorRT attribute lungrt uses exists on the installed bindings -------------
 
+
 @pytest.mark.parametrize("cls, attrs", sorted(RUNTIME_API.items()))
 def test_runtime_api_used_by_the_runner_exists(cls, attrs):
     owner = getattr(trt, cls)
@@ -170,7 +206,12 @@ def test_runtime_api_used_by_the_runner_exists(cls, attrs):
 
 def test_builder_api_used_for_rtx_exists():
     assert hasattr(trt.ComputeCapability, "SM86")
-    for attr in ("set_compute_capability", "num_compute_capabilities", "set_memory_pool_limit", "add_optimization_profile"):
+    for attr in (
+        "set_compute_capability",
+        "num_compute_capabilities",
+        "set_memory_pool_limit",
+        "add_optimization_profile",
+    ):
         assert hasattr(trt.IBuilderConfig, attr), attr
     assert hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     from polygraphy.backend.tensorrt_rtx import CreateConfigRTX  # noqa: F401
@@ -191,10 +232,40 @@ def test_runner_source_uses_only_listed_attributes():
 def test_rtx_build_output_has_no_polygraphy_lines(tmp_path, tiny_checkpoint, capfd):
     from tests.test_cpu_int8 import assert_quiet
 
-    res = runner.invoke(app, ["build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend", "tensorrt-rtx",
-                              "--batch", "1,2,4", "--out", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        [
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--precision",
+            "fp16",
+            "--backend",
+            "tensorrt-rtx",
+            "--batch",
+            "1,2,4",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert_quiet(res.output, *capfd.readouterr())
-    res = runner.invoke(app, ["--verbose", "build", "--model", str(tiny_checkpoint), "--precision", "fp16", "--backend",
-                              "tensorrt-rtx", "--batch", "1,2,4", "--out", str(tmp_path), "--rebuild-stale"])
+    res = runner.invoke(
+        app,
+        [
+            "--verbose",
+            "build",
+            "--model",
+            str(tiny_checkpoint),
+            "--precision",
+            "fp16",
+            "--backend",
+            "tensorrt-rtx",
+            "--batch",
+            "1,2,4",
+            "--out",
+            str(tmp_path),
+            "--rebuild-stale",
+        ],
+    )
     assert res.exit_code == 0, res.output

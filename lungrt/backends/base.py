@@ -46,9 +46,14 @@ class Runner(ABC):
 
     def identity(self) -> dict:
         """What this runner is, as parity, build, bench and infer record it."""
-        return {"backend": self.backend, "precision": self.precision, "device": self.device,
-                "file": str(self.path) if self.path else None, "content_hash": self.content_hash,
-                "weights_hash": self.weights_id}
+        return {
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": self.device,
+            "file": str(self.path) if self.path else None,
+            "content_hash": self.content_hash,
+            "weights_hash": self.weights_id,
+        }
 
     def __enter__(self):
         return self

@@ -120,11 +120,15 @@ def load_verified_ir(path: str | Path) -> VerifiedOnnx:
     xml, weights = path.read_bytes(), weights_path.read_bytes()
     recorded, meta = _IR_HASH.search(xml), _IR_META.search(xml)
     if recorded is None or meta is None:
-        raise ContentMismatch(f"{path}: records no lungrt content hash (not written by this lungrt, or edited); "
-                              "make it again with `lungrt build`")
+        raise ContentMismatch(
+            f"{path}: records no lungrt content hash (not written by this lungrt, or edited); "
+            "make it again with `lungrt build`"
+        )
     if recorded[2].decode() != ir_hash(xml, weights):
-        raise ContentMismatch(f"{path}: its graph or weights (.bin) do not match the content hash it records "
-                              "(corrupted or edited); make it again with `lungrt build`")
+        raise ContentMismatch(
+            f"{path}: its graph or weights (.bin) do not match the content hash it records "
+            "(corrupted or edited); make it again with `lungrt build`"
+        )
     try:
         meta = json.loads(html.unescape(meta[1].decode()))
     except ValueError:
@@ -148,12 +152,16 @@ def load_verified_onnx(path: str | Path) -> VerifiedOnnx:
     meta = {p.key: p.value for p in model.metadata_props}
     recorded = meta.get(CONTENT_KEY)
     if recorded is None:
-        raise ContentMismatch(f"{path}: records no content hash (not written by this lungrt, or edited); "
-                              "make it again with `lungrt export` or `lungrt build`")
+        raise ContentMismatch(
+            f"{path}: records no content hash (not written by this lungrt, or edited); "
+            "make it again with `lungrt export` or `lungrt build`"
+        )
     if graph_hash(model) != recorded:
-        raise ContentMismatch(f"{path}: its graph, weights or lungrt metadata (spec, QC, precision) do not match the "
-                              "content hash it records (corrupted or edited); make it again with `lungrt export` or "
-                              "`lungrt build`")
+        raise ContentMismatch(
+            f"{path}: its graph, weights or lungrt metadata (spec, QC, precision) do not match the "
+            "content hash it records (corrupted or edited); make it again with `lungrt export` or "
+            "`lungrt build`"
+        )
     return VerifiedOnnx(data, meta, recorded)
 
 

@@ -40,8 +40,10 @@ class OnnxRuntimeRunner(Runner):
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise LungrtError("onnxruntime: CUDAExecutionProvider is not available (install onnxruntime-gpu)")
-            providers = [("CUDAExecutionProvider", {"device_id": int(device.split(":")[1]) if ":" in device else 0}),
-                         "CPUExecutionProvider"]
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1]) if ":" in device else 0}),
+                "CPUExecutionProvider",
+            ]
         else:
             providers = ["CPUExecutionProvider"]
         self.device, self.path = device, onnx_path

@@ -89,8 +89,11 @@ class OpenVinoRunner(Runner):
         variant = meta.get("lungrt.export.precision", "fp32")
         # the graph's own precision (fp16/int8 variants) or, for the FP32 graph, OpenVINO's bf16 mode
         self.precision = precision if variant == "fp32" else variant
-        config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1)}
+        config = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": str(threads or os.cpu_count() or 1),
+        }
         try:
             self.compiled = core.compile_model(core.read_model(checked.data, checked.weights), "CPU", config)
         except Exception as e:

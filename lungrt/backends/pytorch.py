@@ -17,8 +17,15 @@ class TorchRunner(Runner):
 
     backend = "torch"
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
-                 compile: bool = False, cuda_graph: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        compile: bool = False,
+        cuda_graph: bool = False,
+    ):
         if precision not in ("fp32", "fp16", "bf16"):
             raise LungrtError(f"torch runner: precision {precision!r} not supported (fp32, fp16, bf16)")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -34,7 +41,9 @@ class TorchRunner(Runner):
         self.forward = torch.compile(self.model) if compile else self.model
         self.cuda_graph = cuda_graph
         self._graph = None
-        self.options = [o for o, on in (("channels_last", channels_last), ("compile", compile), ("cuda_graph", cuda_graph)) if on]
+        self.options = [
+            o for o, on in (("channels_last", channels_last), ("compile", compile), ("cuda_graph", cuda_graph)) if on
+        ]
 
     def describe(self) -> str:
         return "+".join([super().describe(), *self.options])

@@ -36,15 +36,25 @@ TORCH_FAST_PATHS = {
 }
 
 
-def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str = "auto", precision: str | None = None,
-                device: str = "auto", arch: str | None = None, onnx: str | Path | None = None,
-                engine: str | Path | None = None, options: Sequence[str] = (), convention: str | None = None,
-                log=log_.info) -> Runner:
+def open_runner(
+    source: str | Path | LoadedModel | None = None,
+    *,
+    backend: str = "auto",
+    precision: str | None = None,
+    device: str = "auto",
+    arch: str | None = None,
+    onnx: str | Path | None = None,
+    engine: str | Path | None = None,
+    options: Sequence[str] = (),
+    convention: str | None = None,
+    log=log_.info,
+) -> Runner:
     """The runner for `source` (or `onnx` / `engine`, as the CLI names them) on `backend` in
     `precision` (None: the file's own; for weights, the recorded CPU choice or FP32) on `device`.
 
     A file runs as it is: an ONNX file on ONNX Runtime or OpenVINO (bf16: OpenVINO's mode on an
-    FP32 graph), an OpenVINO IR (.xml, OpenVINO's INT8) on OpenVINO, a plan on its TensorRT flavour. Weights run on PyTorch, or on the ONNX variant
+    FP32 graph), an OpenVINO IR (.xml, OpenVINO's INT8) on OpenVINO, a plan on its TensorRT flavour. Weights run on
+    PyTorch, or on the ONNX variant
     made for the backend asked. `convention` (None: any) picks a shipped name's weights for that mask
     convention and refuses a file of the other. Whatever cannot be honoured is refused (LungrtError; missing
     software or hardware: BackendUnavailable), never replaced by something else."""
@@ -65,7 +75,11 @@ def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str 
     if unknown:
         raise LungrtError(f"unknown runner option(s) {', '.join(unknown)}; use {', '.join(TORCH_OPTIONS)}")
     artifact = engine if engine is not None else onnx
-    if artifact is None and isinstance(source, (str, Path)) and str(source).endswith((*ENGINE_SUFFIXES, ".onnx", IR_SUFFIX)):
+    if (
+        artifact is None
+        and isinstance(source, (str, Path))
+        and str(source).endswith((*ENGINE_SUFFIXES, ".onnx", IR_SUFFIX))
+    ):
         artifact = source
     if options and (artifact is not None or backend not in ("auto", "torch")):
         raise LungrtError(f"runner options {', '.join(options)} are PyTorch's; they need weights on --backend torch")
@@ -78,8 +92,9 @@ def open_runner(source: str | Path | LoadedModel | None = None, *, backend: str 
     return _honoured(runner, backend, precision, device, str(artifact if artifact is not None else source), convention)
 
 
-def _honoured(runner: Runner, backend: str, precision: str | None, device: str, named: str,
-              convention: str | None = None) -> Runner:
+def _honoured(
+    runner: Runner, backend: str, precision: str | None, device: str, named: str, convention: str | None = None
+) -> Runner:
     """`runner` if it is what was asked, else closed and refused in one line."""
     wrong = []
     if convention is not None and runner.spec.convention != convention:
@@ -92,23 +107,29 @@ def _honoured(runner: Runner, backend: str, precision: str | None, device: str, 
         wrong.append(f"device {runner.device}, not {device}")
     if wrong:
         runner.close()
-        raise LungrtError(f"{named}: would run as {runner.describe()} ({'; '.join(wrong)}); refusing rather than "
-                          "running something other than what was asked")
+        raise LungrtError(
+            f"{named}: would run as {runner.describe()} ({'; '.join(wrong)}); refusing rather than "
+            "running something other than what was asked"
+        )
     return runner
 
 
 def _open_engine(plan: Path, backend: str, device: str) -> Runner:
     if backend not in ("auto", "tensorrt", "tensorrt-rtx"):
-        raise LungrtError(f"{plan}: a TensorRT plan runs on its TensorRT flavour, not {backend}; "
-                          "for the CPU engines pass the ONNX file it was built from")
+        raise LungrtError(
+            f"{plan}: a TensorRT plan runs on its TensorRT flavour, not {backend}; "
+            "for the CPU engines pass the ONNX file it was built from"
+        )
     if device not in ("auto",) and not device.startswith("cuda"):
         raise LungrtError(f"{plan}: a TensorRT plan runs on an NVIDIA GPU, not on {device}")
     from lungrt.backends.tensorrt.engine import gpu_environment, read_plan_metadata
 
     if gpu_environment() is None:
         read_plan_metadata(plan)  # a missing, corrupted or sidecar-less plan says so before "no GPU"
-        raise BackendUnavailable(f"{plan}: running a TensorRT engine needs an NVIDIA GPU; none is visible "
-                                 "(building works without one, running does not)")
+        raise BackendUnavailable(
+            f"{plan}: running a TensorRT engine needs an NVIDIA GPU; none is visible "
+            "(building works without one, running does not)"
+        )
     from lungrt.backends.tensorrt.runner import TensorRTRunner  # imported lazily: needs a TensorRT flavour
 
     return TensorRTRunner(plan)
@@ -118,9 +139,13 @@ def _open_onnx(path: Path, backend: str, precision: str | None, device: str) -> 
     if path.suffix == IR_SUFFIX and backend not in ("auto", "openvino"):
         raise LungrtError(f"{path}: an OpenVINO IR runs on openvino, not {backend}")
     if backend in ("tensorrt", "tensorrt-rtx"):
-        raise LungrtError(f"{path}: compile it first (`lungrt build --onnx {path} --backend {backend}`), then pass the plan")
+        raise LungrtError(
+            f"{path}: compile it first (`lungrt build --onnx {path} --backend {backend}`), then pass the plan"
+        )
     if backend == "torch":
-        raise LungrtError(f"{path}: an ONNX file runs on onnxruntime or openvino; PyTorch runs the checkpoint (--model)")
+        raise LungrtError(
+            f"{path}: an ONNX file runs on onnxruntime or openvino; PyTorch runs the checkpoint (--model)"
+        )
     if backend == "openvino" or path.suffix == IR_SUFFIX:
         if device not in ("auto", "cpu"):
             raise LungrtError(f"{path}: lungrt runs OpenVINO on the CPU only, not on {device}")
@@ -136,15 +161,28 @@ def _openvino(path: Path, precision: str) -> Runner:
     return OpenVinoRunner(path, precision="bf16" if precision == "bf16" else "fp32")
 
 
-def _open_weights(source, backend: str, precision: str | None, device: str, arch: str | None, options: tuple,
-                  log, convention: str | None = None) -> Runner:
+def _open_weights(
+    source,
+    backend: str,
+    precision: str | None,
+    device: str,
+    arch: str | None,
+    options: tuple,
+    log,
+    convention: str | None = None,
+) -> Runner:
     from lungrt.models.checkpoint import resolve_model
 
     if backend in ("tensorrt", "tensorrt-rtx"):
-        raise LungrtError(f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
-                          "then pass the plan (--engine PLAN)")
-    loaded = source if isinstance(source, LoadedModel) else resolve_model(source or DEFAULT_MODEL, arch=arch,
-                                                                           convention=convention)
+        raise LungrtError(
+            f"backend {backend}: build an engine first with `lungrt build --backend {backend}`, "
+            "then pass the plan (--engine PLAN)"
+        )
+    loaded = (
+        source
+        if isinstance(source, LoadedModel)
+        else resolve_model(source or DEFAULT_MODEL, arch=arch, convention=convention)
+    )
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise BackendUnavailable(f"device {device}: no CUDA device here")
@@ -156,9 +194,11 @@ def _open_weights(source, backend: str, precision: str | None, device: str, arch
     if backend == "torch" or (backend == "auto" and cuda):
         return _torch(loaded, "cuda" if cuda else "cpu", precision, options)
     if precision == "int8":  # made here it would be calibrated on phantoms and never gated
-        raise LungrtError(f"INT8 needs a calibration set and a parity gate: `lungrt build --model {loaded.info.name} "
-                          "--backend cpu --precision auto --data DIR --calib DIR` (infer then uses what passed), or "
-                          "`lungrt build --backend onnxruntime|openvino --precision int8 --data DIR --calib DIR` and --onnx FILE")
+        raise LungrtError(
+            f"INT8 needs a calibration set and a parity gate: `lungrt build --model {loaded.info.name} "
+            "--backend cpu --precision auto --data DIR --calib DIR` (infer then uses what passed), or "
+            "`lungrt build --backend onnxruntime|openvino --precision int8 --data DIR --calib DIR` and --onnx FILE"
+        )
     if precision == "bf16" and backend != "openvino":
         raise LungrtError("precision bf16 is OpenVINO's (or PyTorch's: --backend torch); use --backend openvino")
     if cuda and backend == "openvino":
@@ -168,8 +208,14 @@ def _open_weights(source, backend: str, precision: str | None, device: str, arch
 
     root = cache_root()
     target = "openvino" if backend == "openvino" else "onnxruntime"
-    path = make_variant(loaded, "fp32" if precision == "bf16" else precision, folder=root / "variants",
-                        cache_dir=root / "calibration", log=log, target=target).path
+    path = make_variant(
+        loaded,
+        "fp32" if precision == "bf16" else precision,
+        folder=root / "variants",
+        cache_dir=root / "calibration",
+        log=log,
+        target=target,
+    ).path
     return _open_onnx(path, target, precision, "cuda" if cuda else "cpu")
 
 
@@ -195,7 +241,9 @@ def cpu_choice_file(loaded: LoadedModel, weights: str | None = None) -> Path:
     from lungrt.core.hardware import cpu_tag
     from lungrt.models.checkpoint import weights_hash
 
-    return cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights or weights_hash(loaded.model)}-cpu{cpu_tag()}.json"
+    return (
+        cache_root() / "cpu-choice" / f"{loaded.info.name}-{weights or weights_hash(loaded.model)}-cpu{cpu_tag()}.json"
+    )
 
 
 def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
@@ -206,7 +254,11 @@ def record_cpu_choice(loaded: LoadedModel, choice: dict) -> Path:
 
     path = cpu_choice_file(loaded)
     path.parent.mkdir(parents=True, exist_ok=True)
-    choice = {**choice, "path": str(Path(choice["path"]).resolve()), "hardware": cpu_identity()}  # usable from any folder
+    choice = {
+        **choice,
+        "path": str(Path(choice["path"]).resolve()),
+        "hardware": cpu_identity(),
+    }  # usable from any folder
     atomic_write_bytes(path, json.dumps(choice, indent=2).encode())
     return path
 
@@ -244,8 +296,15 @@ def open_recorded_cpu_choice(loaded: LoadedModel, log=log_.info) -> Runner | Non
         return None
     if runner.weights_id != weights or runner.content_hash != choice.get("content_hash"):
         runner.close()
-        log(f"ignoring {path.name}: its variant file is not the one that was gated; rerun `lungrt build --backend cpu "
-            "--precision auto`")
+        log(
+            f"ignoring {path.name}: its variant file is not the one that was gated; rerun `lungrt build --backend cpu "
+            "--precision auto`"
+        )
         return None
-    log(f"CPU configuration chosen by `lungrt build --backend cpu --precision auto`: {choice['backend']} {choice['precision']}")
+    log(
+        (
+            f"CPU configuration chosen by `lungrt build --backend cpu --precision "
+            f"auto`: {choice['backend']} {choice['precision']}"
+        )
+    )
     return runner

@@ -56,8 +56,14 @@ def hardware() -> dict:
 
     import torch
 
-    hw = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-          "cpu_flags": cpu_flags(), "torch_threads": torch.get_num_threads(), "gpu": None}
+    hw = {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return hw
@@ -81,9 +87,20 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def bench_model(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int],
-                size: int | None = None, warmup: int = 2, iters: int = 5, rounds: int = 3, device: str = "cpu",
-                calib: Path | None = None, engines: list[Path] = (), log=logging.getLogger(__name__).info) -> dict:
+def bench_model(
+    loaded: LoadedModel,
+    backends: list[str],
+    variants: list[str],
+    batch_sizes: list[int],
+    size: int | None = None,
+    warmup: int = 2,
+    iters: int = 5,
+    rounds: int = 3,
+    device: str = "cpu",
+    calib: Path | None = None,
+    engines: list[Path] = (),
+    log=logging.getLogger(__name__).info,
+) -> dict:
     """`lungrt bench`: the variants each backend runs (INT8 gated on the validation split of `calib`
     when it is a labelled dataset) and the given TensorRT plans, timed by `run_bench`."""
     from lungrt.backends.tensorrt.engine import read_plan_metadata
@@ -96,12 +113,18 @@ def bench_model(loaded: LoadedModel, backends: list[str], variants: list[str], b
     def variant_path(v: str, backend: str) -> Path:
         if backend in ("tensorrt", "tensorrt-rtx"):
             if v not in plans:
-                raise LungrtError(f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN")
+                raise LungrtError(
+                    f"no {v} TensorRT plan given: build one with `lungrt build --precision {v}` and pass --engine PLAN"
+                )
             return plans[v]
-        return make_variant(loaded, v, calib_dir=calib, log=log, target=backend, val_pairs=gate_on if v == "int8" else None).path
+        return make_variant(
+            loaded, v, calib_dir=calib, log=log, target=backend, val_pairs=gate_on if v == "int8" else None
+        ).path
 
     names = list(backends) + (["tensorrt"] if engines and "tensorrt" not in backends else [])
-    result = run_bench(loaded, names, list(variants), batch_sizes, size, warmup, iters, rounds, device, variant_path, log=log)
+    result = run_bench(
+        loaded, names, list(variants), batch_sizes, size, warmup, iters, rounds, device, variant_path, log=log
+    )
     result["int8_gated"] = gate_on is not None
     return result
 
@@ -124,13 +147,27 @@ def open_config(loaded, backend: str, variant: str, device: str, variant_path) -
         return open_runner(engine=variant_path(variant, backend), precision=variant)
     if backend == "openvino":
         device = "cpu"  # lungrt's OpenVINO runs on the CPU, next to any GPU configuration
-    return open_runner(variant_path("fp32" if variant == "bf16" else variant, backend), backend=backend, precision=variant,
-                       device=device)
+    return open_runner(
+        variant_path("fp32" if variant == "bf16" else variant, backend),
+        backend=backend,
+        precision=variant,
+        device=device,
+    )
 
 
-def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], batch_sizes: list[int], size: int | None = None,
-              warmup: int = 2, iters: int = 10, rounds: int = 3, device: str = "cpu", variant_path=None,
-              log=logging.getLogger(__name__).info) -> dict:
+def run_bench(
+    loaded: LoadedModel,
+    backends: list[str],
+    variants: list[str],
+    batch_sizes: list[int],
+    size: int | None = None,
+    warmup: int = 2,
+    iters: int = 10,
+    rounds: int = 3,
+    device: str = "cpu",
+    variant_path=None,
+    log=logging.getLogger(__name__).info,
+) -> dict:
     import torch
 
     spec = loaded.spec
@@ -196,14 +233,18 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
         ips_rounds = c.batch * iters / per_round
         ips = float(c.batch * len(lat) / lat.sum())
         row |= {
-            "runner": c.runner.describe(), "identity": c.runner.identity(),
+            "runner": c.runner.describe(),
+            "identity": c.runner.identity(),
             "img_per_s": ips,
-            "img_per_s_min": float(ips_rounds.min()), "img_per_s_max": float(ips_rounds.max()),
+            "img_per_s_min": float(ips_rounds.min()),
+            "img_per_s_max": float(ips_rounds.max()),
             "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
             "latency_ms_p90": float(np.percentile(lat, 90) * 1e3),
             "latency_ms_p99": float(np.percentile(lat, 99) * 1e3),
-            "peak_rss_mb": c.peak_rss_mb, "peak_cuda_mb": c.peak_cuda_mb,
-            "gflops_per_image": gflops, "achieved_gflops_per_s": gflops * ips,
+            "peak_rss_mb": c.peak_rss_mb,
+            "peak_cuda_mb": c.peak_cuda_mb,
+            "gflops_per_image": gflops,
+            "achieved_gflops_per_s": gflops * ips,
             "pct_of_peak": _pct_of_peak(hw["gpu"], c.variant, gflops * ips) if device.startswith("cuda") else None,
         }
         b = base.get(c.batch)
@@ -213,8 +254,17 @@ def run_bench(loaded: LoadedModel, backends: list[str], variants: list[str], bat
         rows.append(row)
     for c in live:
         c.runner.close()
-    return {"model": loaded.info.name, "input_size": size, "device": device, "hardware": hw,
-            "warmup": warmup, "iters": iters, "rounds": rounds, "rows": rows, "warnings": loaded_machine_warnings(base)}
+    return {
+        "model": loaded.info.name,
+        "input_size": size,
+        "device": device,
+        "hardware": hw,
+        "warmup": warmup,
+        "iters": iters,
+        "rounds": rounds,
+        "rows": rows,
+        "warnings": loaded_machine_warnings(base),
+    }
 
 
 EAGER_SPREAD_LIMIT = 0.25  # (p90 - p10) / median of PyTorch eager's calls; a quiet 2-core VM stays under 0.1
@@ -228,9 +278,11 @@ def loaded_machine_warnings(base: dict) -> list[str]:
         lat = np.array(c.latencies)
         spread = float((np.percentile(lat, 90) - np.percentile(lat, 10)) / np.median(lat))
         if spread > EAGER_SPREAD_LIMIT:
-            out.append(f"batch {batch}: PyTorch eager's calls spread {spread:.0%} (p10-p90 of the median): the machine "
-                       "was loaded while timing; its 'x eager' ratios overstate the speed-up. Rerun with nothing else "
-                       "running.")
+            out.append(
+                f"batch {batch}: PyTorch eager's calls spread {spread:.0%} (p10-p90 of the median): the machine "
+                "was loaded while timing; its 'x eager' ratios overstate the speed-up. Rerun with nothing else "
+                "running."
+            )
     return out
 
 
@@ -257,7 +309,9 @@ def plot_bench(result: dict, path: str | Path) -> None:
         for b in batches:
             r = next((r for r in rows if f"{r['backend']}/{r['variant']}" == label and r["batch"] == b), None)
             vals.append(r["img_per_s"] if r else 0)
-            errs.append([[r["img_per_s"] - r["img_per_s_min"]], [r["img_per_s_max"] - r["img_per_s"]]] if r else [[0], [0]])
+            errs.append(
+                [[r["img_per_s"] - r["img_per_s_min"]], [r["img_per_s_max"] - r["img_per_s"]]] if r else [[0], [0]]
+            )
         xs = np.arange(len(batches)) + i * width
         ax.bar(xs, vals, width, label=label, yerr=np.array(errs).squeeze(-1).T, capsize=2)
     ax.set_xticks(np.arange(len(batches)) + width * (len(labels) - 1) / 2, [f"batch {b}" for b in batches])

@@ -18,8 +18,16 @@ from lungrt.evaluation.parity import throughput
 from lungrt.inference.infer import InferOptions, Item, run_infer
 
 
-def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_size: int = 8, passes: int = 2,
-                      chunks: int = 4, workers: int = 2, pool: str = "thread") -> dict:
+def interleaved_ratio(
+    runner: Runner,
+    items: list[Item],
+    x: np.ndarray,
+    batch_size: int = 8,
+    passes: int = 2,
+    chunks: int = 4,
+    workers: int = 2,
+    pool: str = "thread",
+) -> dict:
     """End-to-end and bare-model images/s and their ratio; `x` is one preprocessed batch."""
     parts = [items[i::chunks] for i in range(chunks)] * passes
     options = InferOptions(batch_size=batch_size, workers=workers, pool=pool)
@@ -32,7 +40,7 @@ def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_si
     per_round = []
     for i, part in enumerate(parts):
         timings = {}
-        for side in (("e2e", "bare") if i % 2 == 0 else ("bare", "e2e")):
+        for side in ("e2e", "bare") if i % 2 == 0 else ("bare", "e2e"):
             t0 = time.perf_counter()
             if side == "bare":
                 for _ in range(-(-len(part) // batch_size)):
@@ -45,8 +53,14 @@ def interleaved_ratio(runner: Runner, items: list[Item], x: np.ndarray, batch_si
         per_round.append((len(part) / timings["e2e"]) / (padded / timings["bare"]))
     n = sum(len(p) for p in parts)
     bare_n = sum(-(-len(p) // batch_size) * batch_size for p in parts)
-    return {"backend": runner.describe(), "images": n, "end_to_end_img_per_s": n / t_e2e,
-            "bare_model_img_per_s": bare_n / t_bare, "ratio": (n / t_e2e) / (bare_n / t_bare), "ratio_per_round": per_round}
+    return {
+        "backend": runner.describe(),
+        "images": n,
+        "end_to_end_img_per_s": n / t_e2e,
+        "bare_model_img_per_s": bare_n / t_bare,
+        "ratio": (n / t_e2e) / (bare_n / t_bare),
+        "ratio_per_round": per_round,
+    }
 
 
 def _infer_part(runner: Runner, part: list[Item], options: InferOptions) -> float:

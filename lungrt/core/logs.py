@@ -1,7 +1,8 @@
 """Third-party chatter routed through Python logging, for the span of a call.
 
 NNCF logs INFO lines and draws progress bars on stdout through a handler and console of its own,
-Polygraphy prints `[I]`/`[W]` lines itself, Ray warns through a console handler of its own. Inside `third_party_logs()` both go through `logging` instead ("nncf", "Polygraphy"),
+Polygraphy prints `[I]`/`[W]` lines itself, Ray warns through a console handler of its own. Inside
+`third_party_logs()` both go through `logging` instead ("nncf", "Polygraphy"),
 at WARNING unless lungrt's own logger is at DEBUG (`lungrt --verbose`). Everything is restored on
 exit: importing lungrt, or calling it, leaves the libraries as it found them.
 """
@@ -112,7 +113,10 @@ def third_party_logs(*modules: str, prints: str | None = None):
     for m in modules:
         importlib.import_module(m)
     level = logging.DEBUG if verbose() else logging.WARNING
-    printed = (contextlib.redirect_stdout(_LinesToLog(logging.getLogger(prints), logging.DEBUG)) if prints
-               else contextlib.nullcontext())
+    printed = (
+        contextlib.redirect_stdout(_LinesToLog(logging.getLogger(prints), logging.DEBUG))
+        if prints
+        else contextlib.nullcontext()
+    )
     with _nncf_through_logging(level), _polygraphy_through_logging(level), _ray_quiet(level), printed:
         yield

@@ -32,7 +32,9 @@ def plot_loss_curves(history: list[dict], path: str | Path, title: str = "") -> 
     fig.savefig(path, dpi=110)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None, fit: np.ndarray | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, gold: np.ndarray | None = None, fit: np.ndarray | None = None
+) -> np.ndarray:
     """RGB uint8: the X-ray with the predicted lung field tinted and its outline drawn
     (gold outline in green, a shape fit's in yellow, when given)."""
     import cv2

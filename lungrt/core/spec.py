@@ -20,9 +20,9 @@ EQUALIZATIONS = ("none", "histogram", "clahe")
 # What a "lung" mask means. Two conventions of annotators, which contradict each other as one target:
 CONVENTIONS = {
     "lung-field": "the visible lung fields; the lung behind the heart and below the diaphragm's dome left out "
-                  "(JSRT/SCR, Montgomery, Shenzhen)",
+    "(JSRT/SCR, Montgomery, Shenzhen)",
     "whole-lung": "the whole lung, behind the heart and where disease made it opaque, down to the diaphragm "
-                  "(cxr-covid-v7)",
+    "(cxr-covid-v7)",
 }
 DEFAULT_CONVENTION = "lung-field"  # what every model before the conventions were named was trained on
 
@@ -138,7 +138,9 @@ class PreprocessSpec:
         image never gets a full-size float map (3.4 + 0.9 ms -> 0.9 + 0.7 ms on one core)."""
         h, w = original_shape
         full = cv2.resize(self._prob8(probability), (w, h), interpolation=cv2.INTER_LINEAR)
-        return cv2.threshold(full, 127, 255, cv2.THRESH_BINARY, dst=full)[1]  # > 127, in place: no second full-size array
+        return cv2.threshold(full, 127, 255, cv2.THRESH_BINARY, dst=full)[
+            1
+        ]  # > 127, in place: no second full-size array
 
     def mask_region(self, probability: np.ndarray, original_shape: tuple[int, int]) -> tuple[slice, slice]:
         """The rows and columns of the original size outside which `invert_mask` is 0: an
@@ -148,8 +150,10 @@ class PreprocessSpec:
         rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
         if not len(rows):
             return slice(0, 0), slice(0, 0)
-        return (_upscaled_span(rows[0], rows[-1], self.size, original_shape[0]),
-                _upscaled_span(cols[0], cols[-1], self.size, original_shape[1]))
+        return (
+            _upscaled_span(rows[0], rows[-1], self.size, original_shape[0]),
+            _upscaled_span(cols[0], cols[-1], self.size, original_shape[1]),
+        )
 
     def _prob8(self, probability: np.ndarray) -> np.ndarray:
         return cv2.convertScaleAbs(np.asarray(probability, dtype=np.float32).reshape(self.size, self.size), alpha=255.0)
@@ -195,13 +199,19 @@ def area_downsize_bands(bands, h: int, w: int, size: int, dtype) -> np.ndarray:
         while j < size and weights[j][0] + len(weights[j][1]) <= read:
             first, row_weights = weights[j]
             stop = first + len(row_weights) - band_start
-            src = band[first - band_start: stop] if first >= band_start else \
-                np.concatenate((carry[first - carry_start:], band[:stop]))
+            src = (
+                band[first - band_start : stop]
+                if first >= band_start
+                else np.concatenate((carry[first - carry_start :], band[:stop]))
+            )
             np.dot(row_weights, src.astype(np.float32), out=rows[j])
             j += 1
         keep = weights[j][0] if j < size else read
-        carry = band[keep - band_start:].copy() if keep >= band_start else \
-            np.concatenate((carry[keep - carry_start:], band))
+        carry = (
+            band[keep - band_start :].copy()
+            if keep >= band_start
+            else np.concatenate((carry[keep - carry_start :], band))
+        )
         carry_start = keep
     if j < size or read != h:
         raise ValueError(f"the bands held {read} rows, not {h}")
@@ -221,7 +231,7 @@ def _area_weights(n_in: int, n_out: int) -> tuple[tuple[int, np.ndarray], ...]:
     stop = np.minimum(np.ceil(ends).astype(np.int64), n_in)
     idx = first[:, None] + np.arange(int((stop - first).max()))
     weights = ((np.minimum(idx + 1, ends[:, None]) - np.maximum(idx, starts[:, None])) / scale).astype(np.float32)
-    return tuple((int(f), w[: n]) for f, w, n in zip(first, weights, (stop - first).tolist()))
+    return tuple((int(f), w[:n]) for f, w, n in zip(first, weights, (stop - first).tolist()))
 
 
 def to_gray8(pixels: np.ndarray) -> np.ndarray:

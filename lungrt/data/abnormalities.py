@@ -114,7 +114,9 @@ def paint_training(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
                 region = (_meniscus_curve(lung, rng.uniform(0.2, 0.9), rng) > 0.5) & lung
             else:
                 region = (_smooth_noise(out.shape, scale * rng.uniform(0.08, 0.2), rng) > rng.uniform(-0.5, 0.8)) & lung
-            weight = _soft(_spill(region, mask & ~lung, scale * rng.uniform(0.03, 0.1)), scale * rng.uniform(0.008, 0.03))
+            weight = _soft(
+                _spill(region, mask & ~lung, scale * rng.uniform(0.03, 0.1)), scale * rng.uniform(0.008, 0.03)
+            )
             opacity, texture = rng.uniform(0.7, 1.0), texture * 0.5
         out = _opacify(out, opacity * weight, level, texture)
     return np.clip(out, 0, 1)

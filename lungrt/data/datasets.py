@@ -64,7 +64,7 @@ def dataset_convention(root: str | Path, declared: str | None = None) -> str | N
         try:
             return check_convention(json.loads(card.read_text())["convention"])
         except (ValueError, KeyError, TypeError, OSError) as e:
-            raise DatasetError(f"{card}: no valid \"convention\" ({e})") from None
+            raise DatasetError(f'{card}: no valid "convention" ({e})') from None
     return KNOWN_CONVENTIONS.get(root.resolve().name)
 
 
@@ -125,8 +125,11 @@ def discover_pairs(root: str | Path) -> Discovery:
                 images[str(p.parent / p.stem)] = p
     patients = _patients(root)
     origin = root.resolve().name.upper() if patients else ""  # hash-like names carry no source prefix
-    pairs = [Pair(Path(k).name, images[k], masks[k], patients.get(Path(k).name, ""), origin)
-             for k in sorted(images) if k in masks]
+    pairs = [
+        Pair(Path(k).name, images[k], masks[k], patients.get(Path(k).name, ""), origin)
+        for k in sorted(images)
+        if k in masks
+    ]
     return Discovery(
         pairs=pairs,
         unmatched_images=[images[k] for k in sorted(images) if k not in masks],
@@ -159,8 +162,11 @@ def split_pairs(pairs: list[Pair], seed: int = 0, ratios=DEFAULT_RATIOS) -> dict
         if n >= 3:  # keep every source in every split
             n_train = min(max(n_train, 1), n - 2)
             n_val = min(max(n_val, 1), n - n_train - 1)
-        for split, chosen in (("train", group[:n_train]), ("val", group[n_train: n_train + n_val]),
-                              ("test", group[n_train + n_val:])):
+        for split, chosen in (
+            ("train", group[:n_train]),
+            ("val", group[n_train : n_train + n_val]),
+            ("test", group[n_train + n_val :]),
+        ):
             out[split] += [p for u in chosen for p in units[u]]
     for s in SPLITS:
         out[s].sort(key=lambda p: p.name)
@@ -191,7 +197,9 @@ def _load_one(pair: Pair, spec: PreprocessSpec, equalize: bool = True) -> tuple[
     return image, cv2.resize(mask, (spec.size, spec.size), interpolation=cv2.INTER_AREA)
 
 
-def load_arrays(pairs: list[Pair], spec: PreprocessSpec, progress=None, equalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(
+    pairs: list[Pair], spec: PreprocessSpec, progress=None, equalize: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Prepared images (N, S, S) float32 in [0,1] (before normalisation) and masks (N, S, S)
     float32: the share of each network pixel the gold mask covers. (Thresholded at 0.5, every
     half-covered pixel on the boundary became background: targets shrunk by half a pixel at 512 px,
@@ -251,11 +259,14 @@ def check_dataset(root: str | Path, seed: int = 0) -> dict:
     }
 
 
-# where the known sets come from and under which terms (their READMEs); metadata.csv's `license` column adds per-film terms
+# where the known sets come from and under which terms (their READMEs); metadata.csv's `license` column adds
+# per-film terms
 KNOWN_SOURCES = {
     "cxr-mc-sz": "Montgomery County + Shenzhen chest X-ray sets (U.S. National Library of Medicine; Shenzhen No.3 "
-                 "People's Hospital): not to be redistributed",
-    "cxr-covid-v7": "ieee8023 COVID-19 chest X-ray collection (Cohen et al. 2020) with V7 Labs' lung polygons (CC BY 4.0)",
+    "People's Hospital): not to be redistributed",
+    "cxr-covid-v7": (
+        "ieee8023 COVID-19 chest X-ray collection (Cohen et al. 2020) with V7 Labs' lung polygons (CC BY 4.0)"
+    ),
 }
 
 
@@ -272,12 +283,17 @@ def data_card(roots: list[Path], seed: int = 0) -> list[dict]:
         if meta.is_file():
             with open(meta, newline="") as f:
                 licenses = Counter((r.get("license") or "").strip() or "not stated" for r in csv.DictReader(f))
-        card.append({
-            "set": root.resolve().name, "source": KNOWN_SOURCES.get(root.resolve().name, str(root)),
-            "convention": dataset_convention(root), "split_by": "patient" if any(p.patient for p in pairs) else "file",
-            "seed": seed, "licenses": dict(licenses.most_common()),
-            "splits": {s: {"films": len(v), "patients": len({p.unit for p in v})} for s, v in splits.items()},
-        })
+        card.append(
+            {
+                "set": root.resolve().name,
+                "source": KNOWN_SOURCES.get(root.resolve().name, str(root)),
+                "convention": dataset_convention(root),
+                "split_by": "patient" if any(p.patient for p in pairs) else "file",
+                "seed": seed,
+                "licenses": dict(licenses.most_common()),
+                "splits": {s: {"films": len(v), "patients": len({p.unit for p in v})} for s, v in splits.items()},
+            }
+        )
     return card
 
 

@@ -77,7 +77,9 @@ def missing_decoder(transfer_syntax) -> str | None:
         return f"transfer syntax {ts.name} ({ts}) has no decoder in pydicom"
     if decoder.is_available:
         return None
-    packages = next((s.packages for s in SYNTAXES.values() if s.uid == ts), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    packages = next(
+        (s.packages for s in SYNTAXES.values() if s.uid == ts), "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+    )
     return f"no decoder installed for {ts.name}: {INSTALL_DECODERS} (or pip install {packages.split(' (')[0]})"
 
 
@@ -92,8 +94,10 @@ SCREEN_REASONS = ("not_chest_modality", "not_chest_body_part", "lateral_view")
 
 def header_facts(ds) -> dict:
     """Modality, BodyPartExamined and ViewPosition as written (upper case, '' when absent)."""
-    return {key: str(ds.get(tag, "") or "").strip().upper()
-            for key, tag in (("modality", "Modality"), ("body_part", "BodyPartExamined"), ("view", "ViewPosition"))}
+    return {
+        key: str(ds.get(tag, "") or "").strip().upper()
+        for key, tag in (("modality", "Modality"), ("body_part", "BodyPartExamined"), ("view", "ViewPosition"))
+    }
 
 
 def screen(facts: dict | None) -> list[str]:
@@ -118,9 +122,20 @@ def seg_refusal(facts: dict | None) -> list[str]:
     return screen(facts) or ([] if facts.get("modality") in CHEST_MODALITIES else ["no_chest_modality_stated"])
 
 
-def write_dicom(path, pixels, syntax: str = "explicit-le", *, modality: str = "DX", body_part: str | None = "CHEST",
-                view: str | None = "PA", spacing_mm: tuple[float, float] | None = (0.2, 0.2), bits_stored: int = 12,
-                study_uid: str | None = None, series_uid: str | None = None, photometric: str = "MONOCHROME2") -> str:
+def write_dicom(
+    path,
+    pixels,
+    syntax: str = "explicit-le",
+    *,
+    modality: str = "DX",
+    body_part: str | None = "CHEST",
+    view: str | None = "PA",
+    spacing_mm: tuple[float, float] | None = (0.2, 0.2),
+    bits_stored: int = 12,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    photometric: str = "MONOCHROME2",
+) -> str:
     """A DICOM file of `pixels` (uint16, or uint8 for JPEG baseline) in transfer syntax `syntax` (a
     key of SYNTAXES), with a chest film's header unless told otherwise: for phantoms, tests and
     benchmarks (lungrt reads DICOM; it writes images only to make test data and SEG/SR results).

@@ -114,9 +114,9 @@ def _window_table(window: tuple[int, int, bool]) -> np.ndarray:
     lo, hi, _ = window
     lo, hi = max(0, lo), min(65535, max(lo, hi))
     table = np.empty(65536, np.uint8)
-    table[lo: hi + 1] = to_gray8(_window_unit(np.arange(lo, hi + 1, dtype=np.uint16), window))
+    table[lo : hi + 1] = to_gray8(_window_unit(np.arange(lo, hi + 1, dtype=np.uint16), window))
     edges = to_gray8(_window_unit(np.array([max(lo - 1, 0), min(hi + 1, 65535)], np.uint16), window))
-    table[:lo], table[hi + 1:] = edges
+    table[:lo], table[hi + 1 :] = edges
     table.flags.writeable = False
     return table
 
@@ -124,7 +124,11 @@ def _window_table(window: tuple[int, int, bool]) -> np.ndarray:
 def _window_unit(values: np.ndarray, window: tuple[int, int, bool]) -> np.ndarray:
     """uint16 values -> float32 [0, 1] stretched lowest..highest (as `_to_unit`), inverted if asked."""
     lo, hi, inverted = window
-    unit = np.zeros(values.shape, np.float32) if hi <= lo else ((values.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    unit = (
+        np.zeros(values.shape, np.float32)
+        if hi <= lo
+        else ((values.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    )
     return 1.0 - unit if inverted else unit
 
 
@@ -163,9 +167,42 @@ def _has_dicom_magic(head: bytes) -> bool:
     return head[128:132] == b"DICM" or _looks_like_bare_dataset(head)
 
 
-_EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB", b"OD",
-                 b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
-                 b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+_EXPLICIT_VRS = {
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SQ",
+    b"SS",
+    b"ST",
+    b"SV",
+    b"TM",
+    b"UC",
+    b"UI",
+    b"UL",
+    b"UN",
+    b"UR",
+    b"US",
+    b"UT",
+    b"UV",
+}
 
 
 def _looks_like_bare_dataset(head: bytes) -> bool:
@@ -195,7 +232,9 @@ def read_xray(path: str | Path, max_pixels: int = MAX_PIXELS, reduce_for: Prepro
         if size > MAX_FILE_BYTES:
             raise ImageReadError(path, f"file of {size / 2**30:.1f} GiB is far larger than any radiograph")
         if size and path.suffix.lower() in DICOM_SUFFIXES:
-            return _read_dicom(path, max_pixels, size, reduce_for)  # pydicom reads the file itself, faster than from bytes
+            return _read_dicom(
+                path, max_pixels, size, reduce_for
+            )  # pydicom reads the file itself, faster than from bytes
         data = path.read_bytes()  # one read: the format check and the decoder share it
         if _is_plain_gray_png(data):
             return _read_gray_png(path, data, max_pixels)
@@ -242,9 +281,18 @@ def _is_plain_gray_png(data: bytes) -> bool:
     walked, not the whole file searched (~20 headers where a search of 140 KB took 0.16 ms); a file
     of more than MAX_PNG_CHUNKS chunks goes to Pillow, never a long walk here."""
     ihdr = data[12:29]
-    if data[:8] != PNG_SIGNATURE or len(ihdr) < 17 or ihdr[:4] != b"IHDR" or ihdr[12] not in (8, 16) or ihdr[13] or ihdr[16]:
+    if (
+        data[:8] != PNG_SIGNATURE
+        or len(ihdr) < 17
+        or ihdr[:4] != b"IHDR"
+        or ihdr[12] not in (8, 16)
+        or ihdr[13]
+        or ihdr[16]
+    ):
         return False  # not PNG; or bit depth, colour type (0 = gray), interlace (0 = none) otherwise
-    return not any(kind in (b"tRNS", b"eXIf", None) for _, _, kind in _png_chunk_headers(data))  # truncated: libpng says so
+    return not any(
+        kind in (b"tRNS", b"eXIf", None) for _, _, kind in _png_chunk_headers(data)
+    )  # truncated: libpng says so
 
 
 def _png_chunk_headers(data: bytes):
@@ -293,11 +341,16 @@ def _sub_filtered_png(data: bytes, width: int, height: int) -> np.ndarray | None
     idats = [(at + 8, n) for at, n, kind in _png_chunk_headers(data) if kind == b"IDAT"]
     try:
         # the first rows' filters from the stream's first KB (zlib keeps a copy of the input it did not use)
-        first_rows = zlib.decompressobj().decompress(data[idats[0][0]: idats[0][0] + min(idats[0][1], 1024)],
-                                                     SUB_CHECK_ROWS * stride) if idats else b""
+        first_rows = (
+            zlib.decompressobj().decompress(
+                data[idats[0][0] : idats[0][0] + min(idats[0][1], 1024)], SUB_CHECK_ROWS * stride
+            )
+            if idats
+            else b""
+        )
         if not first_rows or first_rows[::stride] != b"\x01" * len(first_rows[::stride]):
             return None  # another filter up front: an encoder that chooses per row
-        stream = b"".join(data[at: at + n] for at, n in idats)
+        stream = b"".join(data[at : at + n] for at, n in idats)
         raw = np.frombuffer(imagecodecs.zlibng_decode(stream, out=height * stride), np.uint8)
     except Exception:  # zlib.error, imagecodecs' ZlibngError: libpng's route reports it
         return None
@@ -402,8 +455,13 @@ def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSp
         raise NotARadiograph(path, f"not a radiograph: multi-frame DICOM ({frames} frames); skipped")
     if tsyntax is not None and (missing := missing_decoder(tsyntax)):
         raise ImageReadError(path, missing)
-    identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
-                and "ModalityLUTSequence" not in ds and "VOILUTSequence" not in ds and "WindowCenter" not in ds)
+    identity = (
+        float(ds.get("RescaleSlope", 1) or 1) == 1
+        and float(ds.get("RescaleIntercept", 0) or 0) == 0
+        and "ModalityLUTSequence" not in ds
+        and "VOILUTSequence" not in ds
+        and "WindowCenter" not in ds
+    )
     stored = int(ds.get("BitsStored", 16) or 16)
     unsigned16 = int(ds.get("BitsAllocated", 0) or 0) == 16 and int(ds.get("PixelRepresentation", 0) or 0) == 0
     options = {}
@@ -419,8 +477,15 @@ def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSp
     if native and reduce_for is not None and reduce_for.resizes_in_bands(rows, cols):
         small, lo, hi = _native_uint16_reduced(path, pixel_bytes[0], rows, cols, reduce_for.size)
         if not hi >> stored:  # set high bits (an old overlay plane) are cleared on the whole image, below
-            return XRay(str(path), small, _dicom_spacing(ds), stored, (lo, hi, photometric == "MONOCHROME1"), header,
-                        reduced_from=(rows, cols))
+            return XRay(
+                str(path),
+                small,
+                _dicom_spacing(ds),
+                stored,
+                (lo, hi, photometric == "MONOCHROME1"),
+                header,
+                reduced_from=(rows, cols),
+            )
     try:
         if native:
             raw = np.fromfile(path, dtype="<u2", count=rows * cols, offset=pixel_bytes[0]).reshape(rows, cols)
@@ -438,7 +503,9 @@ def _read_dicom(path: Path, max_pixels: int, size: int, reduce_for: PreprocessSp
     if identity and raw.dtype == np.uint16:  # the common detector file: no float work at full size
         xray = _windowed(path, raw, _dicom_spacing(ds), stored, photometric == "MONOCHROME1")
         if unsigned16 and xray.window[1] >> stored:  # set high bits (an old overlay plane): clear them as pydicom would
-            xray = _windowed(path, np.bitwise_and(raw, (1 << stored) - 1), xray.spacing_mm, stored, photometric == "MONOCHROME1")
+            xray = _windowed(
+                path, np.bitwise_and(raw, (1 << stored) - 1), xray.spacing_mm, stored, photometric == "MONOCHROME1"
+            )
         xray.header = header
         return xray
     values = apply_modality_lut(raw, ds)  # Rescale Slope/Intercept
@@ -503,8 +570,13 @@ def _infer_transfer_syntax(ds) -> None:
     if "TransferSyntaxUID" not in meta:
         implicit = ds.original_encoding[0] if getattr(ds, "original_encoding", None) else True
         little = ds.original_encoding[1] if getattr(ds, "original_encoding", None) else True
-        meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
-                                  uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
+        meta.TransferSyntaxUID = (
+            uid.ImplicitVRLittleEndian
+            if implicit
+            else uid.ExplicitVRLittleEndian
+            if little
+            else uid.ExplicitVRBigEndian
+        )
     ds.file_meta = meta
 
 
@@ -533,8 +605,12 @@ def _is_native_uint16(ds, tsyntax, pixel_bytes: tuple[int, int] | None, rows: in
     Columns (pydicom's path then says what is wrong)."""
     from pydicom import uid
 
-    return (str(tsyntax) in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian) and int(ds.get("SamplesPerPixel", 1)) == 1
-            and pixel_bytes is not None and pixel_bytes[1] >= rows * cols * 2)
+    return (
+        str(tsyntax) in (uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian)
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+        and pixel_bytes is not None
+        and pixel_bytes[1] >= rows * cols * 2
+    )
 
 
 READ_BAND_ROWS = 64  # ~0.3 MB of a 2,500 px wide film: read, measured and reduced while in the core's cache

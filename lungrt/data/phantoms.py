@@ -30,11 +30,13 @@ def _lung_polygon(cx: float, top: float, bottom: float, half_w: float, side: int
     ys = top + (bottom - top) * t
     dome = bottom + (bottom - top) * 0.06 * np.sin(np.linspace(0, np.pi, 20))  # diaphragm arc
     xs_base = np.linspace(outer[-1], inner[-1], 20)
-    pts = np.concatenate([
-        np.stack([inner, ys], 1)[::-1],
-        np.stack([outer, ys], 1),
-        np.stack([xs_base, dome - (bottom - top) * 0.08], 1),
-    ])
+    pts = np.concatenate(
+        [
+            np.stack([inner, ys], 1)[::-1],
+            np.stack([outer, ys], 1),
+            np.stack([xs_base, dome - (bottom - top) * 0.08], 1),
+        ]
+    )
     pts += rng.normal(0, half_w * 0.01, pts.shape)
     return pts.astype(np.int32)
 
@@ -77,7 +79,16 @@ def make_phantom(seed: int, height: int = 256, width: int | None = None) -> Phan
         y = lung_top + (lung_bottom - lung_top) * (k + 0.3) / 9
         for side in (-1, 1):
             c = (int(cx + side * w * 0.05), int(y - h * 0.05))
-            cv2.ellipse(ribs, c, (int(w * 0.3), int(h * 0.06)), 0, 200 if side < 0 else -20, 340 if side < 0 else 160, 0.12, max(2, h // 90))
+            cv2.ellipse(
+                ribs,
+                c,
+                (int(w * 0.3), int(h * 0.06)),
+                0,
+                200 if side < 0 else -20,
+                340 if side < 0 else 160,
+                0.12,
+                max(2, h // 90),
+            )
     img += ribs * (img > 0)
     # vessels: faint branching texture inside the lungs
     tex = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), max(1.0, h / 120))
@@ -132,17 +143,42 @@ def make_chest_phantom(seed: int, height: int = 256, width: int | None = None) -
     mask = np.zeros((h, w), np.uint8)
     for side in (-1, 1):  # the left lung is narrower (the heart) and its base a little lower
         base = bottom - (h * rng.uniform(0.02, 0.05) if side > 0 else 0)
-        cv2.fillPoly(mask, [_lung_field(cx + side * gap, top, base, lung_w * (0.92 if side > 0 else 1.0), side, rng)], 1)
+        cv2.fillPoly(
+            mask, [_lung_field(cx + side * gap, top, base, lung_w * (0.92 if side > 0 else 1.0), side, rng)], 1
+        )
     lungs = cv2.GaussianBlur(mask.astype(np.float32), (0, 0), h / 250)  # a crisp edge where the outline is
     shade = rng.uniform(0.14, 0.22) + 0.10 * np.clip((yy - top) / (bottom - top), 0, 1) ** 2  # lighter bases
     img = img * (1 - lungs) + shade * lungs * body
     heart = np.zeros((h, w), np.uint8)
-    cv2.ellipse(heart, (int(cx + w * rng.uniform(0.06, 0.09)), int(h * rng.uniform(0.60, 0.66))),
-                (int(w * rng.uniform(0.13, 0.16)), int(h * rng.uniform(0.13, 0.16))), rng.uniform(-25, -10), 0, 360, 1, -1)
+    cv2.ellipse(
+        heart,
+        (int(cx + w * rng.uniform(0.06, 0.09)), int(h * rng.uniform(0.60, 0.66))),
+        (int(w * rng.uniform(0.13, 0.16)), int(h * rng.uniform(0.13, 0.16))),
+        rng.uniform(-25, -10),
+        0,
+        360,
+        1,
+        -1,
+    )
     mw = w * rng.uniform(0.055, 0.07)
     mediastinum = np.zeros((h, w), np.uint8)
-    cv2.fillPoly(mediastinum, [np.array([[cx - mw, 0], [cx + mw, 0], [cx + mw * 1.2, h * 0.5], [cx + mw * 1.3, h],
-                                         [cx - mw * 1.3, h], [cx - mw * 1.2, h * 0.5]], np.int32)], 1)
+    cv2.fillPoly(
+        mediastinum,
+        [
+            np.array(
+                [
+                    [cx - mw, 0],
+                    [cx + mw, 0],
+                    [cx + mw * 1.2, h * 0.5],
+                    [cx + mw * 1.3, h],
+                    [cx - mw * 1.3, h],
+                    [cx - mw * 1.2, h * 0.5],
+                ],
+                np.int32,
+            )
+        ],
+        1,
+    )
     dense = cv2.GaussianBlur(np.maximum(heart, mediastinum).astype(np.float32), (0, 0), h / 300)
     img = np.maximum(img, 0.72 * dense)
     mask[(heart > 0) | (mediastinum > 0)] = 0
@@ -156,23 +192,64 @@ def make_chest_phantom(seed: int, height: int = 256, width: int | None = None) -
     for k in range(10):
         y = top + (bottom - top) * (k - 0.3) / 9.5
         for side in (-1, 1):  # posterior ribs arc out and down; anterior ribs, fainter, slope down medially
-            cv2.ellipse(ribs, (int(cx + side * w * 0.02), int(y + h * 0.06)), (int(w * 0.40), int(h * 0.10)), 0,
-                        180 if side < 0 else 270, 270 if side < 0 else 360, 0.08, thick)
-            cv2.ellipse(ribs, (int(cx + side * w * 0.30), int(y - h * 0.02)), (int(w * 0.22), int(h * 0.07)), 0,
-                        0 if side < 0 else 180, 90 if side < 0 else 270, 0.06, thick)
+            cv2.ellipse(
+                ribs,
+                (int(cx + side * w * 0.02), int(y + h * 0.06)),
+                (int(w * 0.40), int(h * 0.10)),
+                0,
+                180 if side < 0 else 270,
+                270 if side < 0 else 360,
+                0.08,
+                thick,
+            )
+            cv2.ellipse(
+                ribs,
+                (int(cx + side * w * 0.30), int(y - h * 0.02)),
+                (int(w * 0.22), int(h * 0.07)),
+                0,
+                0 if side < 0 else 180,
+                90 if side < 0 else 270,
+                0.06,
+                thick,
+            )
     img += cv2.GaussianBlur(ribs, (0, 0), 0.8) * body * (1 - dense) * (0.4 + 0.6 * lungs)
     scapulae = np.zeros((h, w), np.float32)
     for side in (-1, 1):
-        cv2.line(img, (int(cx + side * w * 0.06), int(top + h * 0.10)), (int(cx + side * w * 0.38), int(top + h * 0.03)),
-                 0.6, max(3, h // 45))  # clavicles cross the apices
-        cv2.fillPoly(scapulae, [np.array([[cx + side * w * 0.30, top], [cx + side * w * 0.44, top + h * 0.05],
-                                          [cx + side * w * 0.36, top + h * 0.32]], np.int32)], 0.08)
+        cv2.line(
+            img,
+            (int(cx + side * w * 0.06), int(top + h * 0.10)),
+            (int(cx + side * w * 0.38), int(top + h * 0.03)),
+            0.6,
+            max(3, h // 45),
+        )  # clavicles cross the apices
+        cv2.fillPoly(
+            scapulae,
+            [
+                np.array(
+                    [
+                        [cx + side * w * 0.30, top],
+                        [cx + side * w * 0.44, top + h * 0.05],
+                        [cx + side * w * 0.36, top + h * 0.32],
+                    ],
+                    np.int32,
+                )
+            ],
+            0.08,
+        )
     img += cv2.GaussianBlur(scapulae, (0, 0), h / 80)
     if rng.random() < 0.5:  # breast shadows over the lower lateral lung fields
         breasts = np.zeros((h, w), np.float32)
         for side in (-1, 1):
-            cv2.ellipse(breasts, (int(cx + side * w * 0.25), int(bottom - h * 0.03)), (int(w * 0.15), int(h * 0.10)), 0,
-                        0, 360, 0.08, -1)
+            cv2.ellipse(
+                breasts,
+                (int(cx + side * w * 0.25), int(bottom - h * 0.03)),
+                (int(w * 0.15), int(h * 0.10)),
+                0,
+                0,
+                360,
+                0.08,
+                -1,
+            )
         img += cv2.GaussianBlur(breasts, (0, 0), h / 40)
     img += 0.04 * cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), max(1.0, h / 150)) * lungs
     img *= 1 - 0.12 * (((xx - w / 2) / (w / 2)) ** 2 + ((yy - h / 2) / (h / 2)) ** 2)  # detector falloff
@@ -182,8 +259,14 @@ def make_chest_phantom(seed: int, height: int = 256, width: int | None = None) -
     return Phantom(np.clip(img, 0, 1).astype(np.float32), mask.astype(bool))
 
 
-def write_phantom_dataset(folder: str | Path, count: int, size: int = 256, seed: int = 0,
-                          sources: tuple[str, ...] = ("PHA", "PHB"), chest: bool = False) -> Path:
+def write_phantom_dataset(
+    folder: str | Path,
+    count: int,
+    size: int = 256,
+    seed: int = 0,
+    sources: tuple[str, ...] = ("PHA", "PHB"),
+    chest: bool = False,
+) -> Path:
     """`folder/images/*.png` + `folder/masks/*.png` (0/255), names prefixed by source; `chest`: the
     chest-film-like phantoms (`make_chest_phantom`) instead of the simple ones."""
     folder = Path(folder)

@@ -70,14 +70,28 @@ def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int =
         for batch in batched(load_samples(pairs, runner.spec), batch_size):
             for s, (mask, prob) in zip(batch, predict_native(runner, batch)):
                 pred = (lung_fields(mask).mask if postprocess else mask) > 0
-                rows.append({"name": s.name, **segmentation_metrics(pred, s.gold, s.xray.spacing_mm), **behind_heart(pred, s.gold)})
+                rows.append(
+                    {
+                        "name": s.name,
+                        **segmentation_metrics(pred, s.gold, s.xray.spacing_mm),
+                        **behind_heart(pred, s.gold),
+                    }
+                )
                 if len(kept) < keep:
                     kept.append((s.name, s.xray.pixels, s.gold, pred))
                 if keep:
-                    worst = sorted(worst + [(rows[-1]["dice"], s.name, s.xray.pixels, s.gold, pred, prob)], key=lambda w: w[0])[:keep]
+                    worst = sorted(
+                        worst + [(rows[-1]["dice"], s.name, s.xray.pixels, s.gold, pred, prob)], key=lambda w: w[0]
+                    )[:keep]
             bar.advance(task, len(batch))
-    return {"model": runner.info.name, "backend": runner.describe(), "mean": mean_metrics(rows), "per_image": rows,
-            "examples": kept, "worst": worst}
+    return {
+        "model": runner.info.name,
+        "backend": runner.describe(),
+        "mean": mean_metrics(rows),
+        "per_image": rows,
+        "examples": kept,
+        "worst": worst,
+    }
 
 
 def convention_warning(runner: Runner, data) -> str | None:
@@ -87,11 +101,15 @@ def convention_warning(runner: Runner, data) -> str | None:
 
     theirs, ours = dataset_convention(data), runner.spec.convention
     if theirs is None:
-        return (f"{data}: its mask convention is not declared (lungrt-dataset.json); the model segments {ours}: "
-                "compare only if the masks do too")
+        return (
+            f"{data}: its mask convention is not declared (lungrt-dataset.json); the model segments {ours}: "
+            "compare only if the masks do too"
+        )
     if theirs != ours:
-        return (f"{data} draws {theirs} masks, the model segments {ours}: the scores measure the difference of "
-                f"convention as much as the model (use --convention {theirs} or a {theirs} model)")
+        return (
+            f"{data} draws {theirs} masks, the model segments {ours}: the scores measure the difference of "
+            f"convention as much as the model (use --convention {theirs} or a {theirs} model)"
+        )
     return None
 
 
@@ -102,11 +120,15 @@ def by_behind_heart(rows: list[dict], share: float = HABIT_SHARE) -> dict:
     """Means over the images where gold and prediction disagree about the lung behind the heart by
     more than `share` of the lung area ("differ": mostly an annotation habit, see `behind_heart`)
     and over the rest, so a report can say how much of the error that habit carries."""
+
     def differs(r: dict) -> bool:
         return max(r.get("behind_heart_missed", 0.0), r.get("behind_heart_added", 0.0)) > share
 
-    return {"share": share, "differ": mean_metrics([r for r in rows if differs(r)]),
-            "rest": mean_metrics([r for r in rows if not differs(r)])}
+    return {
+        "share": share,
+        "differ": mean_metrics([r for r in rows if differs(r)]),
+        "rest": mean_metrics([r for r in rows if not differs(r)]),
+    }
 
 
 def behind_heart_line(rows: list[dict], share: float = HABIT_SHARE) -> str:
@@ -115,9 +137,11 @@ def behind_heart_line(rows: list[dict], share: float = HABIT_SHARE) -> str:
     d, r = split["differ"], split["rest"]
     if not d["images"]:
         return f"gold and prediction agree behind the heart (within {share:.0%} of the lung) on every image"
-    return (f"{d['images']} images where gold and prediction differ behind the heart by > {share:.0%} of the lung "
-            f"(an annotation habit, see README): Dice {d['dice']:.4f}, HD95 {d['hd95']:.2f} px; "
-            f"the other {r['images']}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} px")
+    return (
+        f"{d['images']} images where gold and prediction differ behind the heart by > {share:.0%} of the lung "
+        f"(an annotation habit, see README): Dice {d['dice']:.4f}, HD95 {d['hd95']:.2f} px; "
+        f"the other {r['images']}: Dice {r['dice']:.4f}, HD95 {r['hd95']:.2f} px"
+    )
 
 
 def write_per_image_csv(rows: list[dict], path: str | Path) -> None:

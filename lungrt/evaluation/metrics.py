@@ -70,10 +70,12 @@ def behind_heart(pred: np.ndarray, gold: np.ndarray) -> dict:
     if len(ys) == 0:
         return {"behind_heart_missed": 0.0, "behind_heart_added": 0.0}
     quarter = np.zeros(gold.shape, bool)
-    quarter[(ys.min() + ys.max()) // 2:, half:half + (xs.min() + xs.max()) // 2] = True
+    quarter[(ys.min() + ys.max()) // 2 :, half : half + (xs.min() + xs.max()) // 2] = True
     area = float(np.count_nonzero(gold))
-    return {"behind_heart_missed": np.count_nonzero(quarter & gold & ~pred) / area,
-            "behind_heart_added": np.count_nonzero(quarter & pred & ~gold) / area}
+    return {
+        "behind_heart_missed": np.count_nonzero(quarter & gold & ~pred) / area,
+        "behind_heart_added": np.count_nonzero(quarter & pred & ~gold) / area,
+    }
 
 
 def mean_metrics(rows: list[dict]) -> dict:

@@ -112,8 +112,9 @@ def gate_score(summary: dict) -> float:
     return summary["mask_agreement"] - max(summary.get("dice_drop", 0.0), 0.0)
 
 
-def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size: int = 8, worst: int = 5,
-            distances: bool = True) -> dict:
+def compare(
+    reference: Runner, candidate: Runner, pairs: list[Pair], batch_size: int = 8, worst: int = 5, distances: bool = True
+) -> dict:
     """Per-image and summary parity numbers (no gate applied). `distances=False` leaves out the
     boundary distances (HD95: two thirds of the time on 512 px masks), for gates that need only
     agreement and Dice, such as the INT8 search's many."""
@@ -135,8 +136,11 @@ def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size:
                 m_ref = spec.invert_mask(pr[0], s.xray.shape) > 0
                 m_cand = spec.invert_mask(pc[0], s.xray.shape) > 0
                 compared = _masks_compared(m_ref, m_cand, s.gold)
-                row = {"name": s.name, "agreement": compared.pop("agreement"),
-                       "max_abs_prob_diff": float(np.abs(pr - pc).max())}
+                row = {
+                    "name": s.name,
+                    "agreement": compared.pop("agreement"),
+                    "max_abs_prob_diff": float(np.abs(pr - pc).max()),
+                }
                 if distances:
                     row["boundary_hd95_px"] = hd95(m_ref, m_cand)
                 rows.append({**row, **compared})
@@ -151,8 +155,14 @@ def compare(reference: Runner, candidate: Runner, pairs: list[Pair], batch_size:
     if distances:
         summary["boundary_hd95_px"] = float(np.nanmean([r["boundary_hd95_px"] for r in rows]))
     summary["worst"] = sorted(rows, key=lambda r: r["agreement"])[:worst]
-    return {"reference": reference.describe(), "candidate": candidate.describe(), "summary": summary, "per_image": rows,
-            "reference_identity": reference.identity(), "candidate_identity": candidate.identity()}
+    return {
+        "reference": reference.describe(),
+        "candidate": candidate.describe(),
+        "summary": summary,
+        "per_image": rows,
+        "reference_identity": reference.identity(),
+        "candidate_identity": candidate.identity(),
+    }
 
 
 class GateScore:
@@ -179,7 +189,9 @@ class GateScore:
         for start in range(0, len(idx), self.batch_size):
             chunk = idx[start : start + self.batch_size]
             for i, p in zip(chunk, run(np.stack([self.inputs[i] for i in chunk]))):
-                rows.append(_masks_compared(self.masks[i], self.spec.invert_mask(p[0], self.shapes[i]) > 0, self.golds[i]))
+                rows.append(
+                    _masks_compared(self.masks[i], self.spec.invert_mask(p[0], self.shapes[i]) > 0, self.golds[i])
+                )
         return gate_score(_agreement_summary(rows))
 
 
@@ -187,8 +199,10 @@ def apply_gate(summary: dict, gate: Gate) -> dict:
     checks = {"mask_agreement": (summary["mask_agreement"] >= gate.min_agreement, f">= {gate.min_agreement}")}
     if gate.max_dice_drop is not None and "dice_drop" in summary:
         checks["dice_drop"] = (summary["dice_drop"] <= gate.max_dice_drop, f"<= {gate.max_dice_drop}")
-    return {"passed": all(ok for ok, _ in checks.values()),
-            "checks": {k: {"passed": ok, "required": req, "value": summary[k]} for k, (ok, req) in checks.items()}}
+    return {
+        "passed": all(ok for ok, _ in checks.values()),
+        "checks": {k: {"passed": ok, "required": req, "value": summary[k]} for k, (ok, req) in checks.items()},
+    }
 
 
 def throughput(runner: Runner, batch: np.ndarray, seconds: float = 2.0, min_iters: int = 3) -> float:

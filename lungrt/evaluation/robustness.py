@@ -70,9 +70,17 @@ def run_robustness(runner: Runner, pairs: list[Pair], kinds=KINDS, severities=SE
     rows = []
     for (kind, sev), dices in per.items():
         d = np.array(drops.get((kind, sev), [0.0]))
-        rows.append({"kind": kind, "severity": sev, "images": len(dices), "dice": float(np.mean(dices)),
-                     "dice_drop": float(d.mean()), "share_losing_over_0.05": float((d > 0.05).mean()),
-                     "worst_drop": float(d.max())})
+        rows.append(
+            {
+                "kind": kind,
+                "severity": sev,
+                "images": len(dices),
+                "dice": float(np.mean(dices)),
+                "dice_drop": float(d.mean()),
+                "share_losing_over_0.05": float((d > 0.05).mean()),
+                "worst_drop": float(d.max()),
+            }
+        )
     return {"model": runner.info.name, "backend": runner.describe(), "rows": rows, "worst": worst}
 
 
@@ -107,7 +115,9 @@ def worst_cases_png(result: dict, path: str | Path) -> Path:
             cv2.drawContours(rgb, cnts, -1, color, 2)
         ax.imshow(rgb)
         ax.set_title(f"{name}\n{kind} {sev}: Dice -{drop:.3f}", fontsize=8)
-    fig.suptitle(f"{result['model']}: worst cases of the robustness benchmark (green gold, red prediction)", fontsize=10)
+    fig.suptitle(
+        f"{result['model']}: worst cases of the robustness benchmark (green gold, red prediction)", fontsize=10
+    )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

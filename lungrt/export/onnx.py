@@ -55,19 +55,28 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is legacy
             torch.onnx.export(
-                model, (example,), str(raw), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                model,
+                (example,),
+                str(raw),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
         graph = simplify(split_fused_convs(simplify(onnx.load(str(raw)))))
-    set_metadata(graph, {
-        "lungrt.model": json.dumps(loaded.info.to_dict(), sort_keys=True),
-        "lungrt.core.spec": spec.to_json(),
-        "lungrt.export.precision": "fp32",
-        "lungrt.weights_hash": weights_hash(loaded.model),
-        "lungrt.version": __version__,
-        "lungrt.export.revision": EXPORT_REVISION,
-    })
+    set_metadata(
+        graph,
+        {
+            "lungrt.model": json.dumps(loaded.info.to_dict(), sort_keys=True),
+            "lungrt.core.spec": spec.to_json(),
+            "lungrt.export.precision": "fp32",
+            "lungrt.weights_hash": weights_hash(loaded.model),
+            "lungrt.version": __version__,
+            "lungrt.export.revision": EXPORT_REVISION,
+        },
+    )
     graph.producer_name, graph.producer_version = "lungrt", __version__
     onnx.checker.check_model(graph, full_check=True)
     tmp_out = temp_path_for(out_path)
@@ -77,7 +86,9 @@ def export_onnx(loaded: LoadedModel, out_path: str | Path, verify: bool = True) 
         if verify:
             diff = compare_with_torch(loaded, tmp_out)
             if not diff <= FP32_TOLERANCE:  # NaN too: weights that make NaN must not pass
-                raise LungrtError(f"{out_path}: exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})")
+                raise LungrtError(
+                    f"{out_path}: exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})"
+                )
         tmp_out.replace(out_path)
     finally:
         tmp_out.unlink(missing_ok=True)
@@ -122,7 +133,7 @@ def split_fused_convs(model: onnx.ModelProto) -> onnx.ModelProto:
             names = []
             for name, p in zip(conv.input[1:], params):
                 names.append(f"{name}__part{k}")
-                g.initializer.append(numpy_helper.from_array(p[start:start + size], names[-1]))
+                g.initializer.append(numpy_helper.from_array(p[start : start + size], names[-1]))
             part = helper.make_node("Conv", [conv.input[0], *names], [out], name=f"{conv.name}__part{k}")
             part.attribute.extend(conv.attribute)
             g.node.insert(at + 1 + k, part)

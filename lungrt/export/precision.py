@@ -44,8 +44,20 @@ PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 # Kept FP32 in the FP16 graph: accumulations whose range or precision FP16 cannot hold.
 FP16_KEEP_FP32_OPS = [
-    "Softmax", "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
-    "ReduceMean", "ReduceSum", "ReduceMax", "GlobalAveragePool", "Exp", "Pow", "Sqrt", "Log", "Erf",
+    "Softmax",
+    "LayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",
+    "BatchNormalization",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "GlobalAveragePool",
+    "Exp",
+    "Pow",
+    "Sqrt",
+    "Log",
+    "Erf",
 ]
 # Ops whose inputs get Q/DQ: the GEMM-like layers that INT8 speeds up, on TensorRT and ORT CPU alike.
 INT8_OP_TYPES = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
@@ -105,9 +117,27 @@ def make_int8_fp16(int8_path: str | Path, out_path: str | Path) -> Path:
 
 # Ops that move or reinterpret data rather than compute: left out of the dtype census.
 _NOT_COMPUTE = {
-    "Cast", "QuantizeLinear", "DequantizeLinear", "Constant", "ConstantOfShape", "Shape", "Gather", "Unsqueeze",
-    "Squeeze", "Concat", "Reshape", "Transpose", "Identity", "Slice", "Flatten", "Range", "Expand", "Where",
-    "Equal", "Split", "Size",
+    "Cast",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "Constant",
+    "ConstantOfShape",
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Reshape",
+    "Transpose",
+    "Identity",
+    "Slice",
+    "Flatten",
+    "Range",
+    "Expand",
+    "Where",
+    "Equal",
+    "Split",
+    "Size",
 }
 
 
@@ -167,6 +197,7 @@ def _save(model: onnx.ModelProto, out_path: str | Path) -> None:
 
 # -- calibration set ---------------------------------------------------------------------------
 
+
 @dataclass
 class CalibrationSet:
     """Preprocessed calibration inputs and the hash that identifies them."""
@@ -196,7 +227,9 @@ def calibration_files(folder: str | Path, count: int = DEFAULT_CALIBRATION_IMAGE
     return sorted(files)
 
 
-def load_calibration_set(spec, folder: str | Path | None, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> CalibrationSet:
+def load_calibration_set(
+    spec, folder: str | Path | None, count: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0
+) -> CalibrationSet:
     from lungrt.data.io import read_xray
     from lungrt.data.phantoms import make_phantom
 
@@ -217,7 +250,11 @@ def _calibrator(method: str):
 
     if method not in CALIBRATION_METHODS:
         raise LungrtError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    return {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method]
+    return {
+        "entropy": CalibrationMethod.Entropy,
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
 
 
 class _Reader:
@@ -259,33 +296,80 @@ def usable_calibration_cache(cache: Path, calibrator) -> bool:
     return ok
 
 
-def make_int8(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "entropy",
-              exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
+def make_int8(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib: CalibrationSet,
+    method: str = "entropy",
+    exclude: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict:
     """Quantize with explicit symmetric Q/DQ (TensorRT's form). Returns what was done, including
     whether the calibration cache was hit."""
     from onnxruntime.quantization import QuantType
 
     # TensorRT takes biases in float (no int32 DQ); symmetric zero-point-0 INT8 everywhere
-    return _ort_qdq(fp32_path, out_path, calib, method, exclude, cache_dir, recipe="portable", cache_tag=method,
-                    activations=QuantType.QInt8, op_types=INT8_OP_TYPES, pre_process=False,
-                    extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
+    return _ort_qdq(
+        fp32_path,
+        out_path,
+        calib,
+        method,
+        exclude,
+        cache_dir,
+        recipe="portable",
+        cache_tag=method,
+        activations=QuantType.QInt8,
+        op_types=INT8_OP_TYPES,
+        pre_process=False,
+        extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+    )
 
 
-def make_int8_ort_cpu(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "minmax",
-                      exclude: list[str] | None = None, cache_dir: str | Path | None = None) -> dict:
+def make_int8_ort_cpu(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib: CalibrationSet,
+    method: str = "minmax",
+    exclude: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict:
     """INT8 for ONNX Runtime's CPU kernels (its documented recommendation for CPUs): the graph
     through `quant_pre_process`, asymmetric UINT8 activations and symmetric per-channel INT8 weights,
     so a ReLU folds into its QuantizeLinear and QLinearConvs chain in NHWC. ConvTranspose has no
     quantized CPU kernel and stays in float."""
     from onnxruntime.quantization import QuantType
 
-    return _ort_qdq(fp32_path, out_path, calib, method, exclude, cache_dir, recipe="onnxruntime", cache_tag=f"ortcpu-{method}",
-                    activations=QuantType.QUInt8, op_types=ORT_CPU_INT8_OP_TYPES, pre_process=True,
-                    extra={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return _ort_qdq(
+        fp32_path,
+        out_path,
+        calib,
+        method,
+        exclude,
+        cache_dir,
+        recipe="onnxruntime",
+        cache_tag=f"ortcpu-{method}",
+        activations=QuantType.QUInt8,
+        op_types=ORT_CPU_INT8_OP_TYPES,
+        pre_process=True,
+        extra={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
 
 
-def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, cache_dir, *, recipe: str, cache_tag: str,
-             activations, op_types: list[str], pre_process: bool, extra: dict) -> dict:
+def _ort_qdq(
+    fp32_path,
+    out_path,
+    calib: CalibrationSet,
+    method: str,
+    exclude,
+    cache_dir,
+    *,
+    recipe: str,
+    cache_tag: str,
+    activations,
+    op_types: list[str],
+    pre_process: bool,
+    extra: dict,
+) -> dict:
     """ONNX Runtime's quantize_static in QDQ format, per-channel INT8 weights, calibration ranges
     cached per weights, calibration set and `cache_tag`."""
     from onnxruntime.quantization import QuantFormat, QuantType
@@ -296,8 +380,9 @@ def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, c
 
     calibrator = _calibrator(method)
     meta = onnx_metadata(fp32_path)
-    cache = calibration_cache_path(cache_dir or _default_cache_dir(), meta.get("lungrt.weights_hash", "unknown"),
-                                   calib.digest, cache_tag)
+    cache = calibration_cache_path(
+        cache_dir or _default_cache_dir(), meta.get("lungrt.weights_hash", "unknown"), calib.digest, cache_tag
+    )
     hit = usable_calibration_cache(cache, calibrator)
     with tempfile.TemporaryDirectory() as tmp:
         src, tmp_out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
@@ -307,10 +392,18 @@ def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, c
             src = Path(fp32_path)
         with third_party_logs(prints="onnxruntime.quantization"):
             _quantize_static(
-                str(src), str(tmp_out), _Reader(onnx.load(str(src)).graph.input[0].name, calib.inputs),
-                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
-                op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []), calibrate_method=calibrator,
-                extra_options=extra, calibration_cache_path=str(cache),
+                str(src),
+                str(tmp_out),
+                _Reader(onnx.load(str(src)).graph.input[0].name, calib.inputs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=activations,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=list(exclude or []),
+                calibrate_method=calibrator,
+                extra_options=extra,
+                calibration_cache_path=str(cache),
             )
         q = onnx.load(str(tmp_out))
     _finish_int8(q, meta, out_path, calib, method, exclude, recipe)
@@ -322,7 +415,10 @@ def _ort_qdq(fp32_path, out_path, calib: CalibrationSet, method: str, exclude, c
 OV_INT8_LAYER_TYPES = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
 # between a layer and its quantizer: NNCF's weight decompression, and data movement a quantizer is
 # placed before (it quantizes MaxPool's and Concat's inputs, not their outputs)
-_SCALING, _MOVING = {"Multiply", "Subtract"}, {"Convert", "Reshape", "Transpose", "MaxPool", "Concat", "Squeeze", "Unsqueeze"}
+_SCALING, _MOVING = (
+    {"Multiply", "Subtract"},
+    {"Convert", "Reshape", "Transpose", "MaxPool", "Concat", "Squeeze", "Unsqueeze"},
+)
 
 
 def _int8_source(node, depth: int = 6) -> bool:
@@ -342,8 +438,12 @@ def _int8_source(node, depth: int = 6) -> bool:
 
 def float_layers(model) -> list[str]:
     """The INT8-able layers of an OpenVINO model that run in float (an input not quantized)."""
-    return [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() in OV_INT8_LAYER_TYPES
-            and not all(_int8_source(op.input_value(i).get_node()) for i in range(op.get_input_size()))]
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() in OV_INT8_LAYER_TYPES
+        and not all(_int8_source(op.input_value(i).get_node()) for i in range(op.get_input_size()))
+    ]
 
 
 def nncf_openvino(fp32_path: str | Path, calib: CalibrationSet, preset: str = "performance", validation=None):
@@ -362,13 +462,21 @@ def nncf_openvino(fp32_path: str | Path, calib: CalibrationSet, preset: str = "p
 
         model = core.read_model(str(fp32_path))
         data = nncf.Dataset([calib.inputs[i : i + 1] for i in range(len(calib.inputs))])
-        common = dict(preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU,
-                      subset_size=len(calib.inputs))
+        common = dict(
+            preset=nncf.QuantizationPreset(preset), target_device=nncf.TargetDevice.CPU, subset_size=len(calib.inputs)
+        )
         if validation is None:
             return nncf.quantize(model, data, **common)
         score, count, max_drop = validation
-        return nncf.quantize_with_accuracy_control(model, data, nncf.Dataset(list(range(count))), score,
-                                                   max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, **common)
+        return nncf.quantize_with_accuracy_control(
+            model,
+            data,
+            nncf.Dataset(list(range(count))),
+            score,
+            max_drop=max_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            **common,
+        )
 
 
 def save_int8_ir(model, fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, reverted=()) -> dict:
@@ -379,32 +487,67 @@ def save_int8_ir(model, fp32_path: str | Path, out_path: str | Path, calib: Cali
 
     meta = {k: v for k, v in load_verified_onnx(fp32_path).meta.items() if k != "lungrt.content_hash"}
     floated = float_layers(model)
-    census = {"int8_layers": sum(op.get_type_name() in OV_INT8_LAYER_TYPES for op in model.get_ordered_ops()) - len(floated),
-              "float_layers": floated}
+    census = {
+        "int8_layers": sum(op.get_type_name() in OV_INT8_LAYER_TYPES for op in model.get_ordered_ops()) - len(floated),
+        "float_layers": floated,
+    }
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    save_sealed_ir(model, {**meta, "lungrt.export.precision": "int8", "lungrt.int8_recipe": "openvino",
-                           "lungrt.calibration": json.dumps({"method": "nncf", "recipe": "openvino", "set": calib.description,
-                                                             "digest": calib.digest, "excluded_nodes": list(reverted),
-                                                             **census})}, out_path)
+    save_sealed_ir(
+        model,
+        {
+            **meta,
+            "lungrt.export.precision": "int8",
+            "lungrt.int8_recipe": "openvino",
+            "lungrt.calibration": json.dumps(
+                {
+                    "method": "nncf",
+                    "recipe": "openvino",
+                    "set": calib.description,
+                    "digest": calib.digest,
+                    "excluded_nodes": list(reverted),
+                    **census,
+                }
+            ),
+        },
+        out_path,
+    )
     return census
 
 
-def make_int8_openvino(fp32_path: str | Path, out_path: str | Path, calib: CalibrationSet, method: str = "nncf",
-                       exclude=None, cache_dir=None) -> dict:
+def make_int8_openvino(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calib: CalibrationSet,
+    method: str = "nncf",
+    exclude=None,
+    cache_dir=None,
+) -> dict:
     """The whole-graph NNCF INT8 IR for OpenVINO (`method` and `exclude` are other recipes': NNCF
     calibrates its own way, and leaves layers in float only through its accuracy control)."""
     return save_int8_ir(nncf_openvino(fp32_path, calib), fp32_path, out_path, calib)
 
 
-def _finish_int8(q: onnx.ModelProto, meta: dict, out_path, calib: CalibrationSet, method: str, exclude, recipe: str) -> None:
+def _finish_int8(
+    q: onnx.ModelProto, meta: dict, out_path, calib: CalibrationSet, method: str, exclude, recipe: str
+) -> None:
     del q.metadata_props[:]
-    set_metadata(q, {
-        **meta,
-        "lungrt.export.precision": "int8",
-        "lungrt.int8_recipe": recipe,
-        "lungrt.calibration": json.dumps({"method": method, "recipe": recipe, "set": calib.description,
-                                          "digest": calib.digest, "excluded_nodes": list(exclude or [])}),
-    })
+    set_metadata(
+        q,
+        {
+            **meta,
+            "lungrt.export.precision": "int8",
+            "lungrt.int8_recipe": recipe,
+            "lungrt.calibration": json.dumps(
+                {
+                    "method": method,
+                    "recipe": recipe,
+                    "set": calib.description,
+                    "digest": calib.digest,
+                    "excluded_nodes": list(exclude or []),
+                }
+            ),
+        },
+    )
     _save(q, out_path)
 
 

@@ -21,8 +21,20 @@ from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import EXPORT_REVISION, export_onnx
 from lungrt.evaluation.parity import GATES, GateScore, apply_gate, compare, gate_score
 from lungrt.export.precision import (
-    DEFAULT_CALIBRATION_IMAGES, PRECISIONS, CalibrationSet, float_layers, load_calibration_set, make_fp16, make_int8,
-    make_int8_fp16, make_int8_openvino, make_int8_ort_cpu, nncf_openvino, node_block, quantizable_nodes, save_int8_ir,
+    DEFAULT_CALIBRATION_IMAGES,
+    PRECISIONS,
+    CalibrationSet,
+    float_layers,
+    load_calibration_set,
+    make_fp16,
+    make_int8,
+    make_int8_fp16,
+    make_int8_openvino,
+    make_int8_ort_cpu,
+    nncf_openvino,
+    node_block,
+    quantizable_nodes,
+    save_int8_ir,
 )
 from lungrt.backends.base import Runner
 from lungrt.backends.integrity import IR_SUFFIX, ContentMismatch, VerifiedOnnx, load_verified, remove_artifact
@@ -69,12 +81,19 @@ class Int8Recipe:
 INT8_RECIPES = {
     "portable": Int8Recipe("", make_int8, OnnxRuntimeRunner),  # TensorRT's form, checked on ONNX Runtime
     "onnxruntime": Int8Recipe("ortcpu-", make_int8_ort_cpu, OnnxRuntimeRunner, per_cpu=True, default_method="minmax"),
-    "openvino": Int8Recipe("", make_int8_openvino, _open_openvino, method="nncf", per_cpu=True, controlled=True,
-                           suffix=IR_SUFFIX),
+    "openvino": Int8Recipe(
+        "", make_int8_openvino, _open_openvino, method="nncf", per_cpu=True, controlled=True, suffix=IR_SUFFIX
+    ),
 }
 # make_variant's `target` (an engine, or a backend name) -> the INT8 recipe it gets
-TARGET_RECIPES = {"portable": "portable", "cpu": "portable", "tensorrt": "portable", "tensorrt-rtx": "portable",
-                  "onnxruntime": "onnxruntime", "openvino": "openvino"}
+TARGET_RECIPES = {
+    "portable": "portable",
+    "cpu": "portable",
+    "tensorrt": "portable",
+    "tensorrt-rtx": "portable",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+}
 
 
 @dataclass
@@ -98,8 +117,9 @@ class _Made:
         h = weights_hash(loaded.model)
         return cls(f"{loaded.info.name}-{h}", h, json.loads(json.dumps(loaded.info.to_dict())))
 
-    def file(self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "",
-             suffix: str = ".onnx") -> Path:
+    def file(
+        self, folder: Path, precision: str, calib: CalibrationSet | None = None, method: str = "", suffix: str = ".onnx"
+    ) -> Path:
         if precision == "int8":
             return folder / f"{self.stem}.int8-{method}-{calib.digest}{suffix}"  # method: recipe tag + method
         return folder / f"{self.stem}.{precision}{suffix}"
@@ -117,8 +137,11 @@ class _Made:
         try:
             checked = load_verified(path)  # by content: a corrupted or edited cache file is made again
             meta = checked.meta
-            ok = (meta.get("lungrt.weights_hash") == self.weights and json.loads(meta.get("lungrt.model", "{}")) == self.info
-                  and meta.get("lungrt.export.revision") == EXPORT_REVISION)  # made by an older exporter: remake
+            ok = (
+                meta.get("lungrt.weights_hash") == self.weights
+                and json.loads(meta.get("lungrt.model", "{}")) == self.info
+                and meta.get("lungrt.export.revision") == EXPORT_REVISION
+            )  # made by an older exporter: remake
         except ContentMismatch as e:
             logging.getLogger(__name__).warning("%s; making it again", e)
             ok = False
@@ -130,10 +153,19 @@ class _Made:
         return checked
 
 
-def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None = None, calib_dir: str | Path | None = None,
-                 method: str | None = None, val_pairs=None, calib_count: int = DEFAULT_CALIBRATION_IMAGES,
-                 cache_dir: str | Path | None = None, log=logging.getLogger(__name__).info, target: str = "portable",
-                 search_minutes: float = INT8_SEARCH_MINUTES) -> Variant:
+def make_variant(
+    loaded: LoadedModel,
+    precision: str,
+    folder: str | Path | None = None,
+    calib_dir: str | Path | None = None,
+    method: str | None = None,
+    val_pairs=None,
+    calib_count: int = DEFAULT_CALIBRATION_IMAGES,
+    cache_dir: str | Path | None = None,
+    log=logging.getLogger(__name__).info,
+    target: str = "portable",
+    search_minutes: float = INT8_SEARCH_MINUTES,
+) -> Variant:
     """The ONNX file of one precision variant, made once and reused while the weights (and, for
     INT8, calibration set, method and recipe) are unchanged.
 
@@ -163,21 +195,33 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
     recipe = INT8_RECIPES[TARGET_RECIPES[target]]
     method = recipe.method or method or recipe.default_method
     calib = load_calibration_set(loaded.spec, calib_dir, calib_count)
-    path = made.file(folder, "int8", calib, recipe.tag + method + (f"-cpu{cpu_tag()}" if recipe.per_cpu else ""),
-                     recipe.suffix)
+    path = made.file(
+        folder, "int8", calib, recipe.tag + method + (f"-cpu{cpu_tag()}" if recipe.per_cpu else ""), recipe.suffix
+    )
     gate_on = val_pairs[:SENSITIVITY_IMAGES] if val_pairs else None
     # each file is checked by content once per request (its runner checks it again when it opens it)
     checked = _gated_cache(made, loaded, path, gate_on, recipe.open, log)
     if checked is None:
         try:
             if recipe.controlled and val_pairs:
-                accuracy_controlled_int8(loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe,
-                                         search_minutes)
+                accuracy_controlled_int8(
+                    loaded, fp32, path, calib, val_pairs[:SENSITIVITY_IMAGES], log, recipe, search_minutes
+                )
             else:
                 recipe.quantize(fp32, path, calib, method, cache_dir=cache_dir)
                 if val_pairs:
-                    search_int8_exclusions(loaded, fp32, path, calib, method, val_pairs[:SENSITIVITY_IMAGES], cache_dir,
-                                           log, recipe, search_minutes)
+                    search_int8_exclusions(
+                        loaded,
+                        fp32,
+                        path,
+                        calib,
+                        method,
+                        val_pairs[:SENSITIVITY_IMAGES],
+                        cache_dir,
+                        log,
+                        recipe,
+                        search_minutes,
+                    )
         except LungrtError:
             remove_artifact(path)  # never leave a variant that failed its gate for reuse
             raise
@@ -195,8 +239,10 @@ def make_variant(loaded: LoadedModel, precision: str, folder: str | Path | None 
             summary = _gate_summary(loaded, half, gate_on)
             if not apply_gate(summary, GATES["int8"])["passed"]:
                 half.unlink(missing_ok=True)
-                raise LungrtError(f"the INT8+FP16 variant of {path.name} fails the INT8 gate "
-                                  f"(agreement {summary['mask_agreement']:.4f})")
+                raise LungrtError(
+                    f"the INT8+FP16 variant of {path.name} fails the INT8 gate "
+                    f"(agreement {summary['mask_agreement']:.4f})"
+                )
             _remember_passed(half, checked_half.content_hash, gate_on)
     return Variant("int8", half, {**int8_notes(checked_half.meta), "float": "fp16"})
 
@@ -212,7 +258,9 @@ def _gated_cache(made: _Made, loaded, path: Path, gate_on, open_runner, log) -> 
     if apply_gate(summary, GATES["int8"])["passed"]:
         _remember_passed(path, checked.content_hash, gate_on)
         return checked
-    log(f"{path.name} was cached without passing this gate (agreement {summary['mask_agreement']:.4f}); making it again")
+    log(
+        f"{path.name} was cached without passing this gate (agreement {summary['mask_agreement']:.4f}); making it again"
+    )
     remove_artifact(path)
     return None
 
@@ -250,10 +298,16 @@ def int8_notes(meta: dict) -> dict:
     """What an INT8 variant (its checked metadata) was calibrated on and which blocks (OpenVINO:
     which layers) were put back in floating point for its gate."""
     cal = json.loads(meta.get("lungrt.calibration", "{}"))
-    notes = {"calibration": cal.get("set"), "method": cal.get("method"), "recipe": cal.get("recipe", "portable"),
-             "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])})}
+    notes = {
+        "calibration": cal.get("set"),
+        "method": cal.get("method"),
+        "recipe": cal.get("recipe", "portable"),
+        "excluded_blocks": sorted({node_block(n) for n in cal.get("excluded_nodes", [])}),
+    }
     if "int8_layers" in cal:  # an IR's census: INT8 layers, and the float ones (reverted or never quantized)
-        notes.update(excluded_layers=cal["excluded_nodes"], int8_layers=cal["int8_layers"], float_layers=cal["float_layers"])
+        notes.update(
+            excluded_layers=cal["excluded_nodes"], int8_layers=cal["int8_layers"], float_layers=cal["float_layers"]
+        )
     return notes
 
 
@@ -267,14 +321,25 @@ class SearchBound:
         self.steps += 1
         spent = time.monotonic() - self.t0
         if spent > self.limit:
-            raise LungrtError(f"{self.what} stopped at its bound of {self.limit / 60:g} min after {self.steps - 1} "
-                              "steps (--search-minutes); no INT8 variant kept")
-        self.log(f"  {self.what}: step {self.steps}{detail}, {spent:.0f} s spent, at most {self.limit - spent:.0f} s left")
+            raise LungrtError(
+                f"{self.what} stopped at its bound of {self.limit / 60:g} min after {self.steps - 1} "
+                "steps (--search-minutes); no INT8 variant kept"
+            )
+        self.log(
+            f"  {self.what}: step {self.steps}{detail}, {spent:.0f} s spent, at most {self.limit - spent:.0f} s left"
+        )
 
 
-def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=logging.getLogger(__name__).info,
-                             recipe: Int8Recipe = INT8_RECIPES["openvino"],
-                             search_minutes: float = INT8_SEARCH_MINUTES) -> list[str]:
+def accuracy_controlled_int8(
+    loaded,
+    fp32: Path,
+    path: Path,
+    calib,
+    pairs,
+    log=logging.getLogger(__name__).info,
+    recipe: Int8Recipe = INT8_RECIPES["openvino"],
+    search_minutes: float = INT8_SEARCH_MINUTES,
+) -> list[str]:
     """OpenVINO's INT8 under lungrt's gate: the whole graph quantized by NNCF, and if that fails
     the gate on `pairs`, NNCF's `quantize_with_accuracy_control` scoring each candidate with the
     gate's own score (`GateScore`, on OpenVINO, as it will run) and reverting the quantized
@@ -285,8 +350,10 @@ def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=l
     summary = _gate_summary(loaded, path, pairs, recipe.open)
     if apply_gate(summary, gate)["passed"]:
         return []
-    log(f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f}); NNCF's accuracy control reverts the "
-        "operations that cost the most agreement")
+    log(
+        f"INT8 fails its gate (agreement {summary['mask_agreement']:.4f}); NNCF's accuracy control reverts the "
+        "operations that cost the most agreement"
+    )
     score = GateScore(TorchRunner(loaded), pairs)
     with recipe.open(fp32) as float_graph:  # the score the drop is measured from
         initial = score(float_graph.run)
@@ -303,14 +370,25 @@ def accuracy_controlled_int8(loaded, fp32: Path, path: Path, calib, pairs, log=l
     summary = _gate_summary(loaded, path, pairs, recipe.open)
     log(f"  {len(reverted)} layer(s) back in float: agreement {summary['mask_agreement']:.4f}")
     if not apply_gate(summary, gate)["passed"]:
-        raise LungrtError(f"INT8 fails its gate even after NNCF's accuracy control ({path}: agreement "
-                          f"{summary['mask_agreement']:.4f})")
+        raise LungrtError(
+            f"INT8 fails its gate even after NNCF's accuracy control ({path}: agreement "
+            f"{summary['mask_agreement']:.4f})"
+        )
     return reverted
 
 
-def search_int8_exclusions(loaded, fp32: Path, path: Path, calib, method, pairs, cache_dir,
-                           log=logging.getLogger(__name__).info, recipe: Int8Recipe = INT8_RECIPES["portable"],
-                           search_minutes: float = INT8_SEARCH_MINUTES) -> list[str]:
+def search_int8_exclusions(
+    loaded,
+    fp32: Path,
+    path: Path,
+    calib,
+    method,
+    pairs,
+    cache_dir,
+    log=logging.getLogger(__name__).info,
+    recipe: Int8Recipe = INT8_RECIPES["portable"],
+    search_minutes: float = INT8_SEARCH_MINUTES,
+) -> list[str]:
     """Leave the most sensitive blocks in floating point until INT8 passes its gate on `pairs`
     (the ONNX Q/DQ recipes; OpenVINO's uses NNCF's own search, `accuracy_controlled_int8`).
 

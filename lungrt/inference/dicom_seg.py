@@ -44,8 +44,14 @@ def _source_for_seg(source: str | Path):
     return src
 
 
-def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artifact: str | None,
-                       convention: str = "lung-field", qc: str = "ok") -> bytes:
+def segmentation_bytes(
+    source: str | Path,
+    labels: np.ndarray,
+    model: str,
+    artifact: str | None,
+    convention: str = "lung-field",
+    qc: str = "ok",
+) -> bytes:
     """Part-10 bytes of the SEG for `source` (a DICOM file) from `labels` (0 background, 1 the
     patient's right lung, 2 the left, at the source's size); `qc`: the film's QC verdict."""
     import highdicom as hd
@@ -56,32 +62,51 @@ def segmentation_bytes(source: str | Path, labels: np.ndarray, model: str, artif
     if labels.shape != (int(src.Rows), int(src.Columns)):
         raise ValueError(f"mask {labels.shape} is not the source's {int(src.Rows)}x{int(src.Columns)}")
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=f"lungrt {model}", version=(artifact or __version__)[:64], family=codes.cid7162.ArtificialIntelligence,
-        source="lungrt", parameters={"lungrt": __version__, "artifact_sha256": artifact or "n/a"})
+        name=f"lungrt {model}",
+        version=(artifact or __version__)[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        source="lungrt",
+        parameters={"lungrt": __version__, "artifact_sha256": artifact or "n/a"},
+    )
     segments, remapped = [], np.zeros(labels.shape, np.uint8)
     for value, (code, scheme, meaning) in ((1, RIGHT_LUNG), (2, LEFT_LUNG)):
         if not (labels == value).any():
             continue
         number = len(segments) + 1
         remapped[labels == value] = number
-        segments.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=meaning, segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=hd.sr.CodedConcept(code, scheme, meaning),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm))
+        segments.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=meaning,
+                segmented_property_category=codes.SCT.AnatomicalStructure,
+                segmented_property_type=hd.sr.CodedConcept(code, scheme, meaning),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+            )
+        )
     if not segments:
         raise ValueError("the mask is empty: no segment to write")
     seg = hd.seg.Segmentation(
-        source_images=[src], pixel_array=remapped, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=[src],
+        pixel_array=remapped,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SeriesInstanceUID), model]
-                                         + ([convention] if convention != "lung-field" else [])),
+        series_instance_uid=generate_uid(
+            entropy_srcs=[_SERIES_ROOT, str(src.SeriesInstanceUID), model]
+            + ([convention] if convention != "lung-field" else [])
+        ),
         series_number=9000,
         sop_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, str(src.SOPInstanceUID), model, artifact or ""]),
-        instance_number=int(src.get("InstanceNumber", 1) or 1), manufacturer="lungrt",
-        manufacturer_model_name=model[:64], software_versions=__version__, device_serial_number="lungrt",
+        instance_number=int(src.get("InstanceNumber", 1) or 1),
+        manufacturer="lungrt",
+        manufacturer_model_name=model[:64],
+        software_versions=__version__,
+        device_serial_number="lungrt",
         series_description=f"lungrt {model} {CONVENTION_WORDS.get(convention, convention)}"[:64],
-        content_label="LUNGS", content_description=("QC ok" if qc == "ok" else f"QC flagged: {qc}")[:64],
-        content_creator_name="lungrt^")
+        content_label="LUNGS",
+        content_description=("QC ok" if qc == "ok" else f"QC flagged: {qc}")[:64],
+        content_creator_name="lungrt^",
+    )
     if "FrameOfReferenceUID" not in src:
         # General Image module, type 2C without a frame of reference (projection radiographs): the
         # SEG shares the source's pixel grid, so its orientation too (empty when the source has none)

@@ -131,15 +131,17 @@ def _not_listed(client, ds) -> str:
     """Stored is what the PACS lists afterwards: Orthanc 1.10's DICOMweb plugin answers STOW-RS with
     success for an instance its own filter (a Lua ReceivedInstanceFilter) dropped."""
     try:
-        found = client.search_for_instances(study_instance_uid=str(ds.StudyInstanceUID),
-                                            search_filters={"SOPInstanceUID": str(ds.SOPInstanceUID)})
+        found = client.search_for_instances(
+            study_instance_uid=str(ds.StudyInstanceUID), search_filters={"SOPInstanceUID": str(ds.SOPInstanceUID)}
+        )
     except Exception as e:
         return f"stored, then could not be listed: {one_line(e, 120)}"
     return "" if found else "acknowledged by STOW-RS, yet QIDO-RS does not list it"
 
 
-def store_results(out_dir: Path, pacs_inputs: list[PacsInput], records: dict[str, dict],
-                  include_flagged: bool = False) -> dict:
+def store_results(
+    out_dir: Path, pacs_inputs: list[PacsInput], records: dict[str, dict], include_flagged: bool = False
+) -> dict:
     """STOW-RS this run's SEGs (`records`: the journal, by output stem) of instances fetched from a PACS, each
     to the PACS and study it came from. A film QC flagged is held back unless `include_flagged`; a SEG
     whose study is not its source's is refused. The answer lists what went where."""
@@ -163,11 +165,13 @@ def store_results(out_dir: Path, pacs_inputs: list[PacsInput], records: dict[str
         for path in segs:
             study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
             if study != pacs.study:
-                raise LungrtError(f"{path}: its study {study} is not {pacs.study}, fetched from {pacs.root}; "
-                                  "not stored")
+                raise LungrtError(
+                    f"{path}: its study {study} is not {pacs.study}, fetched from {pacs.root}; not stored"
+                )
         stored, before = store_segs(pacs.root, out_dir, segs)
-        result["stored"] += [{"pacs": pacs.root, "study": pacs.study, "file": str(p.relative_to(out_dir))}
-                             for p in stored]
+        result["stored"] += [
+            {"pacs": pacs.root, "study": pacs.study, "file": str(p.relative_to(out_dir))} for p in stored
+        ]
         result["stored_before"] += before
     return result
 

@@ -29,8 +29,27 @@ import cv2
 import numpy as np
 
 from lungrt.core.errors import ImageReadError, LungrtError, NotARadiograph, one_line
-from lungrt.data.io import DICOM_SUFFIXES, IMAGE_SUFFIXES, TEMP_SUFFIX, atomic_text_file, atomic_write_bytes, encode_mask_png1, is_special_file, is_supported, read_xray, sync_filesystem
-from lungrt.inference.journal import check_identity, journal_for, lock_out_dir, read_records, start_fresh, write_identity, write_summary
+from lungrt.data.io import (
+    DICOM_SUFFIXES,
+    IMAGE_SUFFIXES,
+    TEMP_SUFFIX,
+    atomic_text_file,
+    atomic_write_bytes,
+    encode_mask_png1,
+    is_special_file,
+    is_supported,
+    read_xray,
+    sync_filesystem,
+)
+from lungrt.inference.journal import (
+    check_identity,
+    journal_for,
+    lock_out_dir,
+    read_records,
+    start_fresh,
+    write_identity,
+    write_summary,
+)
 from lungrt.core.plots import overlay
 from lungrt.data.dicom import screen, seg_refusal
 from lungrt.inference.postprocess import LungFields, lung_fields, side_labels
@@ -47,12 +66,46 @@ EXIT_OK, EXIT_USAGE, EXIT_SOME_FAILED = 0, 2, 3
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 # the one list of result columns: results.csv writes them, the report shows a subset (REPORT_COLUMNS), the README
 # names them (a test holds the three together). qc_shape_dice / qc_shape_residual: reported, not checked
-CSV_FIELDS = ["path", "width", "height", "status", "error", "qc", "lung_fraction", "right_lung_px", "left_lung_px",
-              "right_lung_mm2", "left_lung_mm2", "mean_confidence", *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
-              "qc_shape_dice", "qc_shape_residual", "backend", "model", "mask", "dicom_seg", "note"]
-REPORT_COLUMNS = ["path", "status", "qc", "lung_fraction", "right_lung_px", "left_lung_px", "mean_confidence",
-                  "qc_shape_dice", "qc_shape_distance", "qc_lr_balance", "qc_uncertain_fraction", "width", "height",
-                  "error", "dicom_seg", "note"]
+CSV_FIELDS = [
+    "path",
+    "width",
+    "height",
+    "status",
+    "error",
+    "qc",
+    "lung_fraction",
+    "right_lung_px",
+    "left_lung_px",
+    "right_lung_mm2",
+    "left_lung_mm2",
+    "mean_confidence",
+    *(f"qc_{k}" for k in QC_FEATURES if k != "lung_fraction"),
+    "qc_shape_dice",
+    "qc_shape_residual",
+    "backend",
+    "model",
+    "mask",
+    "dicom_seg",
+    "note",
+]
+REPORT_COLUMNS = [
+    "path",
+    "status",
+    "qc",
+    "lung_fraction",
+    "right_lung_px",
+    "left_lung_px",
+    "mean_confidence",
+    "qc_shape_dice",
+    "qc_shape_distance",
+    "qc_lr_balance",
+    "qc_uncertain_fraction",
+    "width",
+    "height",
+    "error",
+    "dicom_seg",
+    "note",
+]
 
 
 @dataclass(frozen=True)
@@ -115,14 +168,19 @@ def _walk_files(folder: Path):
     is visited once, never forever); unreadable folders and broken links come with their error."""
     seen: set[str] = set()
     errors: list[tuple[Path, str]] = []
-    for root, dirs, files in os.walk(folder, followlinks=True,
-                                     onerror=lambda e: errors.append((Path(e.filename), f"unreadable folder ({e.strerror})"))):
+    for root, dirs, files in os.walk(
+        folder,
+        followlinks=True,
+        onerror=lambda e: errors.append((Path(e.filename), f"unreadable folder ({e.strerror})")),
+    ):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen
+        )
         for name in sorted(files):
             f = Path(root) / name
             if name.startswith("."):
@@ -154,7 +212,7 @@ def _match_parts(parts: tuple[str, ...], pats: tuple[str, ...]) -> bool:
 def _glob_files(spec: str):
     """Files matching a glob; `**` walks folders without ever looping through links."""
     base = _glob_base(spec)
-    pats = Path(spec).parts[len(base.parts):] if base != Path(".") else Path(spec).parts
+    pats = Path(spec).parts[len(base.parts) :] if base != Path(".") else Path(spec).parts
     if "**" not in pats:
         for f in sorted(glob.glob(spec)):
             if os.path.isfile(f) or os.path.islink(f):
@@ -236,10 +294,14 @@ def collect_with_pacs(local: list[str], pacs_inputs: list, out_dir: str | Path) 
     taken = {it.rel.parts[0] for it in items if it.rel.parts}
     for pacs in pacs_inputs:
         if pacs.label in taken:
-            raise LungrtError(f"a local input's outputs would share {pacs.label}/ with {pacs.url}'s; rename it or "
-                              "run the PACS input with an --out of its own")
-        items += [Item(it.source, Path(pacs.label) / pacs.study / it.rel.relative_to(it.rel.parts[0]), it.error)
-                  for it in collect_inputs([str(pacs.folder)], out_dir)]
+            raise LungrtError(
+                f"a local input's outputs would share {pacs.label}/ with {pacs.url}'s; rename it or "
+                "run the PACS input with an --out of its own"
+            )
+        items += [
+            Item(it.source, Path(pacs.label) / pacs.study / it.rel.relative_to(it.rel.parts[0]), it.error)
+            for it in collect_inputs([str(pacs.folder)], out_dir)
+        ]
     return sorted(items, key=lambda it: str(it.rel))
 
 
@@ -305,10 +367,16 @@ def source_stat(path: Path) -> list[int] | None:
 
 def run_identity(runner: Runner, opts: InferOptions) -> dict:
     """What makes two runs' masks comparable; `--resume` refuses to mix runs that differ in it."""
-    return {"model": runner.info.name, "weights": runner.weights_id, "precision": runner.precision,
-            "postprocess": opts.postprocess, "preprocess": runner.spec.to_dict(),
-            "runner": runner.describe(), "artifact": runner.content_hash or runner.weights_id,
-            **({"complete_shape": True} if opts.complete_shape else {})}  # absent when off: older runs still resume
+    return {
+        "model": runner.info.name,
+        "weights": runner.weights_id,
+        "precision": runner.precision,
+        "postprocess": opts.postprocess,
+        "preprocess": runner.spec.to_dict(),
+        "runner": runner.describe(),
+        "artifact": runner.content_hash or runner.weights_id,
+        **({"complete_shape": True} if opts.complete_shape else {}),
+    }  # absent when off: older runs still resume
 
 
 def todo_items(out_dir: Path, items: list[Item], opts: InferOptions, identity: dict | None = None) -> list[Item]:
@@ -326,8 +394,14 @@ def todo_items(out_dir: Path, items: list[Item], opts: InferOptions, identity: d
 
 
 # no row filter + run-length zlib: a third faster than OpenCV's defaults on 0/255 masks, ~30% larger files
-_PNG_FAST = [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-             cv2.IMWRITE_PNG_COMPRESSION, 3]
+_PNG_FAST = [
+    cv2.IMWRITE_PNG_FILTER,
+    cv2.IMWRITE_PNG_FILTER_NONE,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_RLE,
+    cv2.IMWRITE_PNG_COMPRESSION,
+    3,
+]
 
 
 def _png(array: np.ndarray, params: list[int] | None = None) -> bytes:
@@ -352,27 +426,52 @@ class NotImage(str):
 
 def _skipped_row(item: Item, xray, reasons: list[str], runner: Runner, note: str = "") -> dict:
     h, w = xray.shape if xray is not None else ("", "")
-    return {"path": display_path(item.source), "width": w, "height": h, "status": "skipped", "error": "",
-            "qc": ";".join(reasons), "note": note, "backend": runner.describe(), "model": runner.info.name, "sizes": {},
-            "source_stat": source_stat(item.file)}
+    return {
+        "path": display_path(item.source),
+        "width": w,
+        "height": h,
+        "status": "skipped",
+        "error": "",
+        "qc": ";".join(reasons),
+        "note": note,
+        "backend": runner.describe(),
+        "model": runner.info.name,
+        "sizes": {},
+        "source_stat": source_stat(item.file),
+    }
 
 
 def _error_row(item: Item, reason: str, runner: Runner) -> dict:
-    return {"path": display_path(item.source), "status": "error", "error": one_line(reason), "backend": runner.describe(),
-            "model": runner.info.name}
+    return {
+        "path": display_path(item.source),
+        "status": "error",
+        "error": one_line(reason),
+        "backend": runner.describe(),
+        "model": runner.info.name,
+    }
 
 
-def finish_batch(out_dir: Path, entries: list, probs: np.ndarray, runner: Runner | RunnerFacts,
-                 opts: InferOptions) -> list[dict]:
+def finish_batch(
+    out_dir: Path, entries: list, probs: np.ndarray, runner: Runner | RunnerFacts, opts: InferOptions
+) -> list[dict]:
     """`finish_or_error_row` for one batch's (item, xray) entries and their probabilities; their QC
     numbers computed together first (the shape fits of a batch cost about what one did)."""
     qc = qc_thresholds_of(runner.info.qc)
     feats = qc_features_many(probs, qc.shape, [xr.shape for _, xr in entries])
-    return [finish_or_error_row(out_dir, item, xr, p, runner, opts, f) for (item, xr), p, f in zip(entries, probs, feats)]
+    return [
+        finish_or_error_row(out_dir, item, xr, p, runner, opts, f) for (item, xr), p, f in zip(entries, probs, feats)
+    ]
 
 
-def finish_or_error_row(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner | RunnerFacts,
-                        opts: InferOptions, feats: dict | None = None) -> dict:
+def finish_or_error_row(
+    out_dir: Path,
+    item: Item,
+    xray,
+    prob_small: np.ndarray,
+    runner: Runner | RunnerFacts,
+    opts: InferOptions,
+    feats: dict | None = None,
+) -> dict:
     """`finish_one`, with a failure that belongs to this input alone (its name, a permission) made
     its error row. A full or read-only disk is everyone's failure: it propagates and stops the run."""
     try:
@@ -408,8 +507,15 @@ class Measured:
         return self.spec.invert(self.prob_small, self.mask.shape)
 
 
-def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QCThresholds | None = None,
-            complete_shape: bool = False, feats: dict | None = None) -> Measured:
+def measure(
+    xray,
+    prob_small: np.ndarray,
+    spec,
+    postprocess: bool = True,
+    qc: QCThresholds | None = None,
+    complete_shape: bool = False,
+    feats: dict | None = None,
+) -> Measured:
     """Network-size probabilities of one X-ray -> its mask, lung areas and QC at the original size:
     the one function infer, the Python API and Ray all use. With `complete_shape`, a mask QC calls
     an implausible shape gets the lung its shape fit says is missing (`shape.complete`). `feats`:
@@ -430,14 +536,31 @@ def measure(xray, prob_small: np.ndarray, spec, postprocess: bool = True, qc: QC
     else:
         right, left = lungs.right_px, lungs.left_px
     px_mm2 = xray.spacing_mm[0] * xray.spacing_mm[1] if xray.spacing_mm and right is not None else None
-    return Measured(lungs.mask, right, left, round(lungs.area_px / (h * w), 6),
-                    round(right * px_mm2, 2) if px_mm2 else None, round(left * px_mm2, 2) if px_mm2 else None,
-                    _mean_confidence(prob_small, lungs.mask), verdict,
-                    {k: round(v, 5) for k, v in feats.items()}, prob_small, spec, lungs)
+    return Measured(
+        lungs.mask,
+        right,
+        left,
+        round(lungs.area_px / (h * w), 6),
+        round(right * px_mm2, 2) if px_mm2 else None,
+        round(left * px_mm2, 2) if px_mm2 else None,
+        _mean_confidence(prob_small, lungs.mask),
+        verdict,
+        {k: round(v, 5) for k, v in feats.items()},
+        prob_small,
+        spec,
+        lungs,
+    )
 
 
-def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: Runner, opts: InferOptions,
-               feats: dict | None = None) -> dict:
+def finish_one(
+    out_dir: Path,
+    item: Item,
+    xray,
+    prob_small: np.ndarray,
+    runner: Runner,
+    opts: InferOptions,
+    feats: dict | None = None,
+) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     qc = qc_thresholds_of(runner.info.qc)
     m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape, feats)
@@ -457,14 +580,26 @@ def finish_one(out_dir: Path, item: Item, xray, prob_small: np.ndarray, runner: 
         atomic_write_bytes(paths[kind], data, durable=False)
     h, w = xray.shape
     row = {
-        "path": display_path(item.source), "width": w, "height": h, "status": "ok", "error": "",
-        "lung_fraction": m.lung_fraction, "right_lung_px": _blank(m.right_px), "left_lung_px": _blank(m.left_px),
-        "right_lung_mm2": _blank(m.right_mm2), "left_lung_mm2": _blank(m.left_mm2),
-        "mean_confidence": m.mean_confidence, "qc": m.qc,
+        "path": display_path(item.source),
+        "width": w,
+        "height": h,
+        "status": "ok",
+        "error": "",
+        "lung_fraction": m.lung_fraction,
+        "right_lung_px": _blank(m.right_px),
+        "left_lung_px": _blank(m.left_px),
+        "right_lung_mm2": _blank(m.right_mm2),
+        "left_lung_mm2": _blank(m.left_mm2),
+        "mean_confidence": m.mean_confidence,
+        "qc": m.qc,
         **{f"qc_{k}": v for k, v in m.qc_features.items() if k != "lung_fraction"},
-        "backend": runner.describe(), "model": runner.info.name, "mask": str(paths["mask"].relative_to(out_dir)),
-        "sizes": {kind: len(data) for kind, data in files.items()}, "source_stat": source_stat(item.file),
-        "dicom": dicom, "dicom_seg": str(paths["seg"].relative_to(out_dir)) if "seg" in paths else seg_note,
+        "backend": runner.describe(),
+        "model": runner.info.name,
+        "mask": str(paths["mask"].relative_to(out_dir)),
+        "sizes": {kind: len(data) for kind, data in files.items()},
+        "source_stat": source_stat(item.file),
+        "dicom": dicom,
+        "dicom_seg": str(paths["seg"].relative_to(out_dir)) if "seg" in paths else seg_note,
     }
     return _write_record(out_dir, item, row)
 
@@ -529,7 +664,9 @@ def _load(item: Item, spec, keep_pixels: bool = True):
 
 
 def write_results_csv(out_dir: Path, items: list[Item]) -> Path:
-    sync_filesystem(out_dir)  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
+    sync_filesystem(
+        out_dir
+    )  # per-image files and journal lines were not fsynced one by one; they reach the disk before the CSV
     records = read_records(out_dir)
     path = out_dir / "results.csv"
     with atomic_text_file(path) as f:  # row by row: a million inputs never sit in memory at once
@@ -580,8 +717,10 @@ def _stopped_by_disk(out_dir: Path, items: list[Item], error: OSError, done: int
     except OSError:
         kept = "their journal lines are kept"
     where = f" writing {display_path(error.filename)}" if error.filename else ""
-    return LungrtError(f"{out_dir}: {error.strerror or error}{where}; stopped after {done} more images ({kept}); "
-                       "free space and rerun with --resume to finish")
+    return LungrtError(
+        f"{out_dir}: {error.strerror or error}{where}; stopped after {done} more images ({kept}); "
+        "free space and rerun with --resume to finish"
+    )
 
 
 def _take_idle_cpu_only() -> None:
@@ -655,22 +794,32 @@ def helper_pools(runner: Runner, opts: InferOptions):
     idle = runner.sleeps_when_idle  # a spinning runner (PyTorch's OpenMP) would starve idle helpers
     if opts.pool == "process":
         facts = RunnerFacts.of(runner)
-        with ProcessPoolExecutor(opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle,)) as pool:
+        with ProcessPoolExecutor(
+            opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle,)
+        ) as pool:
             try:
-                yield (lambda item: pool.submit(_load_without_pixels, item, runner.spec, opts.overlay),
-                       lambda out_dir, entries, probs: pool.submit(finish_batch, out_dir, entries, probs, facts, opts))
+                yield (
+                    lambda item: pool.submit(_load_without_pixels, item, runner.spec, opts.overlay),
+                    lambda out_dir, entries, probs: pool.submit(finish_batch, out_dir, entries, probs, facts, opts),
+                )
             except BrokenProcessPool:
-                raise LungrtError("a helper process died (out of memory?); what is done is kept: rerun with --resume, "
-                                  "with fewer --workers or --pool thread") from None
+                raise LungrtError(
+                    "a helper process died (out of memory?); what is done is kept: rerun with --resume, "
+                    "with fewer --workers or --pool thread"
+                ) from None
         return
     helper_init = _take_idle_cpu_only if idle else None
     opencv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # for this run only: the helpers are the parallelism (OpenCV's pool cost 2x the core-ms)
     try:
-        with ThreadPoolExecutor(opts.workers, "read", helper_init) as readers, \
-                ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers:
-            yield (lambda item: readers.submit(_load, item, runner.spec, opts.overlay),
-                   lambda out_dir, entries, probs: writers.submit(finish_batch, out_dir, entries, probs, runner, opts))
+        with (
+            ThreadPoolExecutor(opts.workers, "read", helper_init) as readers,
+            ThreadPoolExecutor(max(1, opts.workers), "write", helper_init) as writers,
+        ):
+            yield (
+                lambda item: readers.submit(_load, item, runner.spec, opts.overlay),
+                lambda out_dir, entries, probs: writers.submit(finish_batch, out_dir, entries, probs, runner, opts),
+            )
     finally:
         cv2.setNumThreads(opencv_threads)
 
@@ -774,11 +923,22 @@ def _run_infer_locked(runner: Runner, items: list[Item], out_dir: Path, opts: In
         raise _stopped_by_disk(out_dir, items, fatal[0], ok)
     csv_path = write_results_csv(out_dir, items)
     elapsed = time.perf_counter() - t0
-    summary = {"inputs": len(items), "skipped_done": skipped, "batch_size": batch_size, "ok": ok, "failed": failed,
-               "qc_flagged": flagged, "screened_out": screened, "not_radiographs": not_images,
-               "stopped_early": stopped, "seconds": elapsed,
-               "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
-               "results_csv": str(csv_path), "backend": runner.describe(), "model": runner.info.name,
-               "convention": runner.spec.convention,
-               "artifact": runner.content_hash or runner.weights_id}
+    summary = {
+        "inputs": len(items),
+        "skipped_done": skipped,
+        "batch_size": batch_size,
+        "ok": ok,
+        "failed": failed,
+        "qc_flagged": flagged,
+        "screened_out": screened,
+        "not_radiographs": not_images,
+        "stopped_early": stopped,
+        "seconds": elapsed,
+        "images_per_second": (ok + failed) / elapsed if elapsed > 0 else 0.0,
+        "results_csv": str(csv_path),
+        "backend": runner.describe(),
+        "model": runner.info.name,
+        "convention": runner.spec.convention,
+        "artifact": runner.content_hash or runner.weights_id,
+    }
     return write_summary(out_dir, summary)

@@ -57,8 +57,9 @@ def lock_out_dir(out_dir: str | Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise LungrtError(f"{out_dir}: in use by another lungrt run (pid {holder}); wait for it to finish "
-                              "or choose another --out") from None
+            raise LungrtError(
+                f"{out_dir}: in use by another lungrt run (pid {holder}); wait for it to finish or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -90,9 +91,13 @@ def write_summary(out_dir: str | Path, summary: dict) -> dict:
     invocations.append({k: summary.get(k) for k in INVOCATION_KEYS})
     processed = sum((i.get("ok") or 0) + (i.get("failed") or 0) for i in invocations)
     seconds = sum(i.get("seconds") or 0.0 for i in invocations)
-    run = {"invocations": invocations, "processed": processed, "seconds": seconds,
-           "qc_flagged": sum(i.get("qc_flagged") or 0 for i in invocations),
-           "images_per_second": processed / seconds if processed and seconds > 0 else None}
+    run = {
+        "invocations": invocations,
+        "processed": processed,
+        "seconds": seconds,
+        "qc_flagged": sum(i.get("qc_flagged") or 0 for i in invocations),
+        "images_per_second": processed / seconds if processed and seconds > 0 else None,
+    }
     whole = {**summary, "run": run}
     path.write_text(json.dumps(whole, indent=2, default=str))
     return whole
@@ -105,17 +110,24 @@ def check_identity(out_dir: str | Path, identity: dict) -> None:
         earlier = json.loads(path.read_text())
     except FileNotFoundError:
         if any(records_folder(out_dir).glob("*.jsonl")):
-            raise LungrtError(f"{out_dir}: its earlier run recorded no model identity (an older lungrt); "
-                              "start afresh without --resume or use another --out") from None
+            raise LungrtError(
+                f"{out_dir}: its earlier run recorded no model identity (an older lungrt); "
+                "start afresh without --resume or use another --out"
+            ) from None
         write_identity(out_dir, identity)
         return
     except (OSError, ValueError):
         raise LungrtError(f"{path}: unreadable run identity; start afresh without --resume") from None
-    diffs = [f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}" for k in sorted(identity)
-             if k not in RECORDED_ONLY and earlier.get(k) != identity.get(k)]
+    diffs = [
+        f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}"
+        for k in sorted(identity)
+        if k not in RECORDED_ONLY and earlier.get(k) != identity.get(k)
+    ]
     if diffs:
-        raise LungrtError(f"{out_dir}: --resume would mix two runs ({'; '.join(diffs)}); resume with the earlier model and "
-                          "options, or start afresh without --resume, or use another --out")
+        raise LungrtError(
+            f"{out_dir}: --resume would mix two runs ({'; '.join(diffs)}); resume with the earlier model and "
+            "options, or start afresh without --resume, or use another --out"
+        )
 
 
 class Journal:

@@ -27,7 +27,8 @@ class LungFields:
 
 
 def lung_fields(mask: np.ndarray, clean: bool = True, within: tuple[slice, slice] | None = None) -> LungFields:
-    """Measure a binary mask (bool, or uint8 with non-zero = lung); with `clean`, keep its two largest components with holes filled.
+    """Measure a binary mask (bool, or uint8 with non-zero = lung); with `clean`, keep its two largest components
+    with holes filled.
     Each component goes to the side of the image its centroid lies on; lungs that touch (one
     component across the midline) are split at the mediastinum (`_touching_lungs`). `within`:
     (rows, columns) known to hold every lung pixel (`PreprocessSpec.mask_region`): the clean-up
@@ -37,14 +38,18 @@ def lung_fields(mask: np.ndarray, clean: bool = True, within: tuple[slice, slice
         return _touching_lungs(_measure_components(u8))
     rows, cols = within or (slice(0, u8.shape[0]), slice(0, u8.shape[1]))
     region = u8[rows, cols]
-    contours = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(cols.start, rows.start))[0] if region.size else ()
+    contours = (
+        cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(cols.start, rows.start))[0]
+        if region.size
+        else ()
+    )
     drawn = np.zeros(u8.shape, np.uint8)
     sides = [0, 0]
     for c in sorted(contours, key=cv2.contourArea, reverse=True)[:2]:
         # outer contours of distinct components fill disjoint regions, so a component's area is the
         # count its drawing adds inside its bounding box (not the whole 5-megapixel image, twice)
         x, y, bw, bh = cv2.boundingRect(c)
-        box = drawn[y: y + bh, x: x + bw]
+        box = drawn[y : y + bh, x : x + bw]
         before = cv2.countNonZero(box)
         cv2.drawContours(drawn, [c], -1, 255, thickness=cv2.FILLED)
         sides[_centroid_x(c) >= u8.shape[1] / 2] += cv2.countNonZero(box) - before
@@ -69,7 +74,7 @@ def _touching_lungs(fields: LungFields) -> LungFields:
     if x0 > w / 2 - TOUCHING_REACH * w or x1 < w / 2 + TOUCHING_REACH * w:
         return fields
     lo, hi = x0 + int(0.35 * (x1 - x0)), x1 - int(0.35 * (x1 - x0))  # the central 30 %: where the mediastinum is
-    split = lo + int(np.argmin(per_column[lo: hi + 1]))
+    split = lo + int(np.argmin(per_column[lo : hi + 1]))
     right = int(per_column[:split].sum())
     return LungFields(fields.mask, right, int(per_column[split:].sum()), split)
 
@@ -80,7 +85,7 @@ def side_labels(fields: LungFields) -> np.ndarray:
     labels = np.zeros(fields.mask.shape, np.uint8)
     if fields.split_x is not None:
         labels[:, : fields.split_x][fields.mask[:, : fields.split_x] > 0] = 1
-        labels[:, fields.split_x:][fields.mask[:, fields.split_x:] > 0] = 2
+        labels[:, fields.split_x :][fields.mask[:, fields.split_x :] > 0] = 2
         return labels
     components, side, _ = _components_by_side((fields.mask > 0).view(np.uint8))
     return side[components]

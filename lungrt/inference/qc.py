@@ -52,8 +52,13 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
 MIN_COMPONENT = 0.0075
 
 # Used only by models that carry no fitted thresholds (say so in the report): wide, generic bounds.
-GENERIC = {"box_fill": [0.2, 0.95], "lr_balance": [0.2, None], "components": [None, 4.0],
-           "uncertain_fraction": [None, 0.5], "border_fraction": [None, 0.1]}
+GENERIC = {
+    "box_fill": [0.2, 0.95],
+    "lr_balance": [0.2, None],
+    "components": [None, 4.0],
+    "uncertain_fraction": [None, 0.5],
+    "border_fraction": [None, 0.1],
+}
 
 
 _WARNED: set[tuple[str, ...]] = set()
@@ -68,8 +73,12 @@ class QCThresholds:
     shape: ShapeModel | None = None  # the lung fields' statistical shape model (training-split masks)
 
     def to_dict(self) -> dict:
-        out = {"bounds": self.bounds, "fitted_on": self.fitted_on, "false_alarm_val": self.false_alarm_val,
-               "margin": self.margin}
+        out = {
+            "bounds": self.bounds,
+            "fitted_on": self.fitted_on,
+            "false_alarm_val": self.false_alarm_val,
+            "margin": self.margin,
+        }
         return {**out, "shape_model": self.shape.to_dict()} if self.shape is not None else out
 
     @classmethod
@@ -81,9 +90,16 @@ class QCThresholds:
             _WARNED.add(stale)
             logging.getLogger(__name__).warning(
                 "QC thresholds for features this lungrt no longer measures (%s) are not checked; "
-                "rebuild or re-export the model to re-fit them", ", ".join(stale))
-        return cls({k: list(v) for k, v in d["bounds"].items()}, d.get("fitted_on", "?"), d.get("false_alarm_val"),
-                   d.get("margin"), ShapeModel.from_dict(d.get("shape_model")))
+                "rebuild or re-export the model to re-fit them",
+                ", ".join(stale),
+            )
+        return cls(
+            {k: list(v) for k, v in d["bounds"].items()},
+            d.get("fitted_on", "?"),
+            d.get("false_alarm_val"),
+            d.get("margin"),
+            ShapeModel.from_dict(d.get("shape_model")),
+        )
 
 
 _PARSED: dict[int, tuple[dict, QCThresholds]] = {}
@@ -103,8 +119,9 @@ def thresholds_of(qc: dict | None) -> QCThresholds:
     return held[1]
 
 
-def features(prob_small: np.ndarray, shape: ShapeModel | None = None,
-             image_shape: tuple[int, int] | None = None) -> dict[str, float]:
+def features(
+    prob_small: np.ndarray, shape: ShapeModel | None = None, image_shape: tuple[int, int] | None = None
+) -> dict[str, float]:
     """QC numbers of one network-resolution probability map (S, S); with a shape model, also how
     plausible the mask's pair of lung fields is (`shape.shape_features`). `image_shape`: the (h, w)
     of the image it was computed from, which the network saw squeezed to a square: heights and
@@ -112,8 +129,9 @@ def features(prob_small: np.ndarray, shape: ShapeModel | None = None,
     return features_many([prob_small], shape, [image_shape])[0]
 
 
-def features_many(probs, shape: ShapeModel | None = None,
-                  image_shapes: list[tuple[int, int] | None] | None = None) -> list[dict[str, float]]:
+def features_many(
+    probs, shape: ShapeModel | None = None, image_shapes: list[tuple[int, int] | None] | None = None
+) -> list[dict[str, float]]:
     """`features` of a batch of probability maps: the shape fits run together (one fit's cost)."""
     maps = [np.asarray(p, np.float32).reshape(p.shape[-2:]) for p in probs]
     masks = [(p > 0.5).astype(np.uint8) for p in maps]
@@ -129,9 +147,19 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
     h, w = p.shape
     area = cv2.countNonZero(m)
     if area == 0:
-        return {"box_fill": 0.0, "lr_balance": 0.0, "components": 0.0, "uncertain_fraction": 1.0, "confidence": 0.0,
-                "border_fraction": 0.0, "centroid_x": 0.5, "centroid_y": 0.5, "aspect": 0.0, "base_width": 0.0,
-                "missed_mass": 1.0}
+        return {
+            "box_fill": 0.0,
+            "lr_balance": 0.0,
+            "components": 0.0,
+            "uncertain_fraction": 1.0,
+            "confidence": 0.0,
+            "border_fraction": 0.0,
+            "centroid_x": 0.5,
+            "centroid_y": 0.5,
+            "aspect": 0.0,
+            "base_width": 0.0,
+            "missed_mass": 1.0,
+        }
     sizes = component_sizes(m)
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
@@ -158,7 +186,8 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
         "centroid_x": float(np.dot(cols_h, np.arange(w)) / area) / w,
         "centroid_y": float(np.dot(rows_w, np.arange(h)) / area) / h,
         "aspect": (height + 1) / (width + 1) * stretch,
-        "base_width": float(rows_w[bottom - tenth + 1:bottom + 1].mean()) / max(float(rows_w[top:bottom + 1].max()), 1.0),
+        "base_width": float(rows_w[bottom - tenth + 1 : bottom + 1].mean())
+        / max(float(rows_w[top : bottom + 1].max()), 1.0),
         "missed_mass": missed,
     }
 
@@ -227,8 +256,9 @@ def flagged_share(feats: list[dict], thresholds: QCThresholds) -> float:
 MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def fit_thresholds(train: list[dict], val: list[dict] | dict[str, list[dict]], target: float = 0.05,
-                   description: str = "") -> QCThresholds:
+def fit_thresholds(
+    train: list[dict], val: list[dict] | dict[str, list[dict]], target: float = 0.05, description: str = ""
+) -> QCThresholds:
     """Bounds fitted on `train`, each feature's margin widened only as far as `val` needs: from the
     training extremes, the widening that clears the most validation false alarms per margin step is
     taken (one feature, else two together: an image flagged twice) until at most `target` of `val`
@@ -320,14 +350,15 @@ def reframe(image: np.ndarray, how: str, lungs: np.ndarray | None = None) -> np.
             bottom = max(0, min(bottom, h - 1 - int(ys.max()) - h // 100))
             left = max(0, min(left, int(xs.min()) - w // 100))
             right = max(0, min(right, w - 1 - int(xs.max()) - w // 100))
-        return image[: h - bottom, left: w - right]
+        return image[: h - bottom, left : w - right]
     if how == "downsampled":
         return cv2.resize(image, (w * 224 // 256, h * 224 // 256), interpolation=cv2.INTER_AREA)
     raise ValueError(f"reframing must be one of {REFRAMINGS}")
 
 
-def collect_features(runner, pairs, batch_size: int = 8, shape: ShapeModel | None = None,
-                     framing: str | None = None) -> list[dict[str, float]]:
+def collect_features(
+    runner, pairs, batch_size: int = 8, shape: ShapeModel | None = None, framing: str | None = None
+) -> list[dict[str, float]]:
     """QC features of a runner's predictions on labelled pairs (their images only), optionally
     re-framed (`reframe`)."""
     from lungrt.evaluation.evaluate import batched, load_samples
@@ -384,8 +415,13 @@ def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05, min_reca
     for how in REFRAMINGS:
         val[how] = collect_features(runner, val_pairs, shape=shape, framing=how)
     clean = f" well-segmented (recall >= {min_recall:g})" if min_recall is not None else ""
-    fitted = fit_thresholds(train, val, target, f"{len(train)} training-split predictions; checked on {len(val_pairs)}"
-                                                f"{clean} validation images as they come and {', '.join(REFRAMINGS)}; "
-                                                f"target false-alarm rate {target:.0%} in each")
+    fitted = fit_thresholds(
+        train,
+        val,
+        target,
+        f"{len(train)} training-split predictions; checked on {len(val_pairs)}"
+        f"{clean} validation images as they come and {', '.join(REFRAMINGS)}; "
+        f"target false-alarm rate {target:.0%} in each",
+    )
     fitted.shape = shape
     return fitted

@@ -18,8 +18,21 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import (InferOptions, Item, NotImage, _error_row, _load, _skipped_row, _write_record,
-                                   finish_or_error_row, prepare_out_dir, remove_partial_writes, screened_out, todo_items, write_results_csv)
+from lungrt.inference.infer import (
+    InferOptions,
+    Item,
+    NotImage,
+    _error_row,
+    _load,
+    _skipped_row,
+    _write_record,
+    finish_or_error_row,
+    prepare_out_dir,
+    remove_partial_writes,
+    screened_out,
+    todo_items,
+    write_results_csv,
+)
 from lungrt.inference.journal import lock_out_dir, write_summary
 from lungrt.data.io import XRay
 from lungrt.core.spec import PreprocessSpec
@@ -72,8 +85,10 @@ def _start_loopback_cluster(ray, kwargs: dict) -> None:
     exposed = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["NodeManagerAddress"] != "127.0.0.1"})
     if exposed:
         ray.shutdown()
-        raise LungrtError(f"--ray local: Ray advertised {', '.join(exposed)} instead of 127.0.0.1; refusing to run a "
-                          "cluster reachable from other machines (start one yourself and pass its address)")
+        raise LungrtError(
+            f"--ray local: Ray advertised {', '.join(exposed)} instead of 127.0.0.1; refusing to run a "
+            "cluster reachable from other machines (start one yourself and pass its address)"
+        )
 
 
 def _read(row: dict, spec_json: str) -> dict:
@@ -82,11 +97,26 @@ def _read(row: dict, spec_json: str) -> dict:
     _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"]), row["known_error"]), spec)
     if err is not None:
         s = spec.size
-        return {**row, "error": str(err), "not_image": isinstance(err, NotImage), "tensor": np.zeros((1, s, s), np.float32),
-                "image": np.zeros((1, 1), np.uint8), "spacing": np.zeros(2, np.float64), "bits": 0, "header": "{}"}
-    return {**row, "error": "", "not_image": False, "tensor": tensor, "image": xr.gray8,  # one dtype for every row; all the writer needs
-            "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64), "bits": xr.bits,
-            "header": json.dumps(xr.header or {})}
+        return {
+            **row,
+            "error": str(err),
+            "not_image": isinstance(err, NotImage),
+            "tensor": np.zeros((1, s, s), np.float32),
+            "image": np.zeros((1, 1), np.uint8),
+            "spacing": np.zeros(2, np.float64),
+            "bits": 0,
+            "header": "{}",
+        }
+    return {
+        **row,
+        "error": "",
+        "not_image": False,
+        "tensor": tensor,
+        "image": xr.gray8,  # one dtype for every row; all the writer needs
+        "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64),
+        "bits": xr.bits,
+        "header": json.dumps(xr.header or {}),
+    }
 
 
 class InferActor:
@@ -114,8 +144,9 @@ class InferActor:
 class _RunnerView:
     """What `finish_one` needs of a runner, rebuilt in a writer task."""
 
-    def __init__(self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None,
-                 artifact: str | None = None):
+    def __init__(
+        self, spec: PreprocessSpec, described: str, model: str, qc: dict | None = None, artifact: str | None = None
+    ):
         from lungrt.core.modelinfo import ModelInfo
 
         self.spec, self._described, self.info = spec, described, ModelInfo(model, 0, spec, qc=qc or {})
@@ -125,19 +156,28 @@ class _RunnerView:
         return self._described
 
 
-def _write(row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}", artifact: str | None = None) -> dict:
+def _write(
+    row: dict, out_dir: str, spec_json: str, opts: dict, qc_json: str = "{}", artifact: str | None = None
+) -> dict:
     item = Item(Path(row["source"]), Path(row["rel"]), where=Path(row["abs"]))  # shown as typed, read by absolute path
     spec = PreprocessSpec.from_json(spec_json)
     view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json), artifact)
     options = InferOptions(**opts)
     if row.get("not_image"):  # a SEG, SR, multi-frame...: skipped, as on one machine
-        rec = _write_record(Path(out_dir), item, _skipped_row(item, None, ["not_a_radiograph"], view, str(row["error"])))
+        rec = _write_record(
+            Path(out_dir), item, _skipped_row(item, None, ["not_a_radiograph"], view, str(row["error"]))
+        )
     elif row["error"]:
         rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
     else:
         sp = tuple(float(v) for v in row["spacing"])
-        xr = XRay(str(item.source), np.asarray(row["image"]), sp if sp[0] > 0 else None, int(row["bits"]),
-                  header=json.loads(str(row["header"])) or None)
+        xr = XRay(
+            str(item.source),
+            np.asarray(row["image"]),
+            sp if sp[0] > 0 else None,
+            int(row["bits"]),
+            header=json.loads(str(row["header"])) or None,
+        )
         if reasons := screened_out(xr, options):
             rec = _write_record(Path(out_dir), item, _skipped_row(item, xr, reasons, view))
         else:
@@ -155,9 +195,18 @@ def runner_args_for(runner, model: str, arch: str | None) -> dict:
     return {"source": ref, "arch": arch, **asked}
 
 
-def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], out_dir: str | Path, opts: InferOptions,
-                  address: str = "local", actors: int = 1, gpus_per_actor: float = 0.0, identity: dict | None = None,
-                  qc: dict | None = None) -> dict:
+def run_infer_ray(
+    runner_args: dict,
+    spec: PreprocessSpec,
+    items: list[Item],
+    out_dir: str | Path,
+    opts: InferOptions,
+    address: str = "local",
+    actors: int = 1,
+    gpus_per_actor: float = 0.0,
+    identity: dict | None = None,
+    qc: dict | None = None,
+) -> dict:
     ray = require_ray()
     from ray.data import ActorPoolStrategy
 
@@ -165,12 +214,25 @@ def run_infer_ray(runner_args: dict, spec: PreprocessSpec, items: list[Item], ou
         raise LungrtError("--strict is not supported with --ray (inputs are processed out of order)")
     out_dir = prepare_out_dir(Path(out_dir)).resolve()
     with lock_out_dir(out_dir):
-        return _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors,
-                           gpus_per_actor, identity, qc)
+        return _run_locked(
+            ray,
+            ActorPoolStrategy,
+            runner_args,
+            spec,
+            items,
+            out_dir,
+            opts,
+            address,
+            actors,
+            gpus_per_actor,
+            identity,
+            qc,
+        )
 
 
-def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor,
-                identity, qc):
+def _run_locked(
+    ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor, identity, qc
+):
     remove_partial_writes(out_dir)
     todo = todo_items(out_dir, items, opts, identity)
     opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
@@ -180,14 +242,36 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
     if todo:
         spec_json = spec.to_json()
         opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
-        ds = ray.data.from_items([{"source": str(it.source), "abs": os.path.abspath(it.source), "rel": str(it.rel),
-                                    "known_error": it.error} for it in todo])
+        ds = ray.data.from_items(
+            [
+                {
+                    "source": str(it.source),
+                    "abs": os.path.abspath(it.source),
+                    "rel": str(it.rel),
+                    "known_error": it.error,
+                }
+                for it in todo
+            ]
+        )
         ds = ds.map(_read, fn_kwargs={"spec_json": spec_json})
-        ds = ds.map_batches(InferActor, fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
-                            batch_size=opts.batch_size, compute=ActorPoolStrategy(size=actors),
-                            num_gpus=gpus_per_actor or None, batch_format="numpy")
-        ds = ds.map(_write, fn_kwargs={"out_dir": str(out_dir), "spec_json": spec_json, "opts": opts_d,
-                                          "qc_json": json.dumps(qc or {}), "artifact": (identity or {}).get("artifact")})
+        ds = ds.map_batches(
+            InferActor,
+            fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
+            batch_size=opts.batch_size,
+            compute=ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor or None,
+            batch_format="numpy",
+        )
+        ds = ds.map(
+            _write,
+            fn_kwargs={
+                "out_dir": str(out_dir),
+                "spec_json": spec_json,
+                "opts": opts_d,
+                "qc_json": json.dumps(qc or {}),
+                "artifact": (identity or {}).get("artifact"),
+            },
+        )
         with third_party_logs("ray"), progress_bar() as bar:
             task = bar.add_task(f"infer on Ray ({actors} actor{'s' if actors > 1 else ''})", total=len(todo))
             for row in ds.iter_rows():
@@ -198,9 +282,20 @@ def _run_locked(ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts,
                 bar.advance(task)
     elapsed = time.perf_counter() - t0
     csv_path = write_results_csv(out_dir, items)
-    summary = {"inputs": len(items), "skipped_done": len(items) - len(todo), "ok": ok, "failed": failed,
-               "qc_flagged": flagged, "screened_out": screened, "stopped_early": False, "seconds": elapsed,
-               "images_per_second": (ok + failed) / elapsed if elapsed else 0.0, "results_csv": str(csv_path),
-               "backend": f"ray[{address}]", "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
-               "artifact": (identity or {}).get("artifact"), "runner_args": json.dumps(runner_args, default=str)}
+    summary = {
+        "inputs": len(items),
+        "skipped_done": len(items) - len(todo),
+        "ok": ok,
+        "failed": failed,
+        "qc_flagged": flagged,
+        "screened_out": screened,
+        "stopped_early": False,
+        "seconds": elapsed,
+        "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,
+        "results_csv": str(csv_path),
+        "backend": f"ray[{address}]",
+        "model": (identity or {}).get("model") or str(runner_args.get("source") or ""),
+        "artifact": (identity or {}).get("artifact"),
+        "runner_args": json.dumps(runner_args, default=str),
+    }
     return write_summary(out_dir, summary)

@@ -59,10 +59,16 @@ def _rows(out_dir: Path) -> list[dict]:
     if why is None and len(rows) >= len(journal):
         return rows
     if not journal:
-        raise LungrtError(f"{path}: {why or 'holds no rows'}, and {out_dir} has no lungrt journal; run `lungrt infer ... "
-                          f"--out {out_dir}` first")
-    log_.warning("%s %s; the report is built from the journal's %d rows", path,
-                 why or f"holds {len(rows)} rows of the journal's {len(journal)} (cut short?)", len(journal))
+        raise LungrtError(
+            f"{path}: {why or 'holds no rows'}, and {out_dir} has no lungrt journal; run `lungrt infer ... "
+            f"--out {out_dir}` first"
+        )
+    log_.warning(
+        "%s %s; the report is built from the journal's %d rows",
+        path,
+        why or f"holds {len(rows)} rows of the journal's {len(journal)} (cut short?)",
+        len(journal),
+    )
     return [{k: "" if r.get(k) is None else r.get(k) for k in r} for r in journal]
 
 
@@ -87,6 +93,7 @@ def _distributions(rows: list[dict]) -> str:
     fig = figure(figsize=(5 * len(panels), 3.2))
     axes = fig.subplots(1, len(panels))
     for ax, (label, key) in zip(axes, panels):
+
         def value(r):
             if key == "ratio":
                 right, left = _float(r["right_lung_px"]), _float(r["left_lung_px"])
@@ -156,24 +163,39 @@ def write_report(out_dir: str | Path) -> Path:
     for r in _ordered_for_thumbs(rows):
         thumb = _thumbnail(out_dir, r, run_sources) if r["status"] == "ok" else None
         reason = {"ok": r.get("qc", ""), "skipped": f"skipped by header screening: {r.get('qc', '')}"}.get(
-            r["status"], f"failed: {r.get('error', '')}")
+            r["status"], f"failed: {r.get('error', '')}"
+        )
         kind = "failed" if r["status"] != "ok" else ("flagged" if reason != "ok" else "ok")
         img = f'<img src="data:image/jpeg;base64,{thumb}" alt="">' if thumb else '<div class="noimg">no image</div>'
-        cards.append(f'<figure class="card {kind}">{img}<figcaption><b>{html.escape(Path(r["path"]).name)}</b><br>'
-                     f'{html.escape(reason)}</figcaption></figure>')
+        cards.append(
+            f'<figure class="card {kind}">{img}<figcaption><b>{html.escape(Path(r["path"]).name)}</b><br>'
+            f"{html.escape(reason)}</figcaption></figure>"
+        )
     order = lambda r: 0 if r["status"] == "ok" and r.get("qc", "ok") != "ok" else (1 if r["status"] != "ok" else 2)  # noqa: E731
     table = [[r.get(c, "") for c in TABLE_COLUMNS] for r in sorted(rows, key=order)]
     speed = summary.get("run", {}).get("images_per_second") if "run" in summary else summary.get("images_per_second")
     page = _TEMPLATE.format(
         title=html.escape(f"lungrt run report: {out_dir.name}"),
-        total=len(rows), ok=n_ok, flagged=n_flagged, failed=n_failed,
-        model=html.escape(", ".join(models) or "?"), backend=html.escape(", ".join(backends) or "?"),
-        speed="n/a" if speed is None else f"{speed:.1f} img/s" + (
-            f" over {len(summary['run']['invocations'])} invocations" if len(summary.get("run", {}).get("invocations", [])) > 1 else ""),
+        total=len(rows),
+        ok=n_ok,
+        flagged=n_flagged,
+        failed=n_failed,
+        model=html.escape(", ".join(models) or "?"),
+        backend=html.escape(", ".join(backends) or "?"),
+        speed="n/a"
+        if speed is None
+        else f"{speed:.1f} img/s"
+        + (
+            f" over {len(summary['run']['invocations'])} invocations"
+            if len(summary.get("run", {}).get("invocations", [])) > 1
+            else ""
+        ),
         dist=_distributions(rows) if n_ok else "",
-        shown=len(cards), max_thumbs=MAX_THUMBS,
+        shown=len(cards),
+        max_thumbs=MAX_THUMBS,
         cards="\n".join(cards),
-        columns=script_json(TABLE_COLUMNS), data=script_json(table),
+        columns=script_json(TABLE_COLUMNS),
+        data=script_json(table),
     )
     path = out_dir / "report.html"
     from lungrt.data.io import atomic_write_bytes
@@ -235,7 +257,8 @@ function render() {{
     `<th data-i="${{i}}">${{c}}${{i === sortCol ? (asc ? " \u25b2" : " \u25bc") : ""}}</th>`).join("") + "</tr>";
   const body = rows.slice(page * PAGE, (page + 1) * PAGE).map(r => {{
     const cls = r[1] !== "ok" ? "fail" : (r[2] !== "ok" ? "flag" : "");
-    return `<tr class="${{cls}}">` + r.map(v => `<td>${{String(v).replace(/&/g, "&amp;").replace(/</g, "&lt;")}}</td>`).join("") + "</tr>";
+    const cell = v => `<td>${{String(v).replace(/&/g, "&amp;").replace(/</g, "&lt;")}}</td>`;
+    return `<tr class="${{cls}}">` + r.map(cell).join("") + "</tr>";
   }});
   document.querySelector("#results tbody").innerHTML = body.join("");
   document.getElementById("pageinfo").textContent = `${{rows.length}} rows, page ${{page + 1}} of ${{pages}}`;

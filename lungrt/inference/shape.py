@@ -13,7 +13,8 @@ versioned.
 
 Predicted masks are fitted robustly, a batch at once (`ShapeModel.fit_many`: pose and mode weights
 by iteratively re-weighted least squares, landmarks far from the model's reach down-weighted, a
-Gaussian prior on the modes), which yields per mask: its Mahalanobis distance in shape space, the residual, and the plausible
+Gaussian prior on the modes), which yields per mask: its Mahalanobis distance in shape space, the residual, and
+the plausible
 fit (modes clamped to 3 standard deviations) drawn as two polygons. The Dice between the mask and
 that drawing, `shape_dice`, estimates how much of the mask anatomy would keep: a lung that ends
 halfway down the rib cage, next to a full one, scores low. QC's `implausible_shape` bounds the
@@ -49,7 +50,7 @@ def _smooth(contour: np.ndarray) -> np.ndarray:
     """A closed pixel outline with its staircase averaged out (a circular running mean over ~2 % of
     its length): landmarks then move with the shape, not with the pixel grid (framing, resolution)."""
     k = max(3, len(contour) // 50) | 1
-    padded = np.concatenate([contour[-(k // 2):], contour, contour[: k // 2]])
+    padded = np.concatenate([contour[-(k // 2) :], contour, contour[: k // 2]])
     kernel = np.ones(k) / k
     return np.stack([np.convolve(padded[:, i], kernel, mode="valid") for i in (0, 1)], axis=1)
 
@@ -96,13 +97,18 @@ def pair_landmarks(mask: np.ndarray) -> np.ndarray | None:
     fields = lung_fields(mask if mask.dtype == np.uint8 else mask.astype(np.uint8))
     if fields.split_x is not None:  # lungs that touch: one outline, cut at the mediastinum
         halves = np.zeros_like(fields.mask), np.zeros_like(fields.mask)
-        halves[0][:, : fields.split_x], halves[1][:, fields.split_x:] = (fields.mask[:, : fields.split_x],
-                                                                         fields.mask[:, fields.split_x:])
+        halves[0][:, : fields.split_x], halves[1][:, fields.split_x :] = (
+            fields.mask[:, : fields.split_x],
+            fields.mask[:, fields.split_x :],
+        )
         outlines = [_largest_contour(h) for h in halves]
     else:
         contours, _ = cv2.findContours(fields.mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        by_side = {bool(c[:, 0, 0].mean() >= mask.shape[1] / 2): c[:, 0, :].astype(np.float64)
-                   for c in sorted(contours, key=cv2.contourArea)[-2:] if len(c) >= 8}
+        by_side = {
+            bool(c[:, 0, 0].mean() >= mask.shape[1] / 2): c[:, 0, :].astype(np.float64)
+            for c in sorted(contours, key=cv2.contourArea)[-2:]
+            if len(c) >= 8
+        }
         outlines = [by_side.get(False), by_side.get(True)]
     if any(o is None for o in outlines):
         return None
@@ -149,22 +155,32 @@ class ShapeModel:
             mean = _normalise(normed.mean(axis=0))[0]
         flat = (normed - mean).reshape(len(normed), -1)
         _, sing, vt = np.linalg.svd(flat, full_matrices=False)
-        var = sing ** 2 / max(len(normed) - 1, 1)
+        var = sing**2 / max(len(normed) - 1, 1)
         keep = int(np.searchsorted(np.cumsum(var) / var.sum(), VARIANCE_KEPT) + 1)
         return cls(mean, vt[:keep].T, var[:keep], description or f"{len(shapes)} masks")
 
     def to_dict(self) -> dict:
-        return {"version": self.version, "points_per_lung": POINTS_PER_LUNG, "fitted_on": self.fitted_on,
-                "mean": np.round(self.mean, 6).tolist(), "modes": np.round(self.modes, 6).tolist(),
-                "variances": np.round(self.variances, 9).tolist()}
+        return {
+            "version": self.version,
+            "points_per_lung": POINTS_PER_LUNG,
+            "fitted_on": self.fitted_on,
+            "mean": np.round(self.mean, 6).tolist(),
+            "modes": np.round(self.modes, 6).tolist(),
+            "variances": np.round(self.variances, 9).tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ShapeModel | None":
         """None for a missing model, or one of another version or landmark count (re-fit it)."""
         if not d or d.get("version") != VERSION or d.get("points_per_lung") != POINTS_PER_LUNG:
             return None
-        return cls(np.asarray(d["mean"], np.float64), np.asarray(d["modes"], np.float64),
-                   np.asarray(d["variances"], np.float64), d.get("fitted_on", ""), d["version"])
+        return cls(
+            np.asarray(d["mean"], np.float64),
+            np.asarray(d["modes"], np.float64),
+            np.asarray(d["variances"], np.float64),
+            d.get("fitted_on", ""),
+            d["version"],
+        )
 
     @functools.cached_property
     def _landmark_outer(self) -> np.ndarray:
@@ -184,7 +200,7 @@ class ShapeModel:
         operations (~40 an iteration), not their size, so a batch of 8 costs about what one did."""
         n, k = points.shape[:2]
         mean, modes, m = self.mean, self.modes, len(self.variances)
-        prior = np.diag(NOISE ** 2 / self.variances)
+        prior = np.diag(NOISE**2 / self.variances)
         w = np.ones((n, 1, k))  # row vectors: weighted sums are matrix products
         b = np.zeros((n, len(self.variances)))
         model, (middle, half) = np.broadcast_to(mean, points.shape), ((k - 1) // 2, k // 2)  # b = 0; the median's ranks
@@ -193,7 +209,9 @@ class ShapeModel:
             centre_m, centre_x = w @ model / total, w @ points / total  # (n, 1, 2)
             dm, dx = model - centre_m, points - centre_x
             wdm = dm * w.transpose(0, 2, 1)
-            scale = (np.einsum("nkd,nkd->n", wdm, dx) / np.maximum(np.einsum("nkd,nkd->n", wdm, dm), 1e-12))[:, None, None]
+            scale = (np.einsum("nkd,nkd->n", wdm, dx) / np.maximum(np.einsum("nkd,nkd->n", wdm, dm), 1e-12))[
+                :, None, None
+            ]
             seen = dx / scale  # each observation in the model's frame, about the model's weighted centre
             # the weighted normal equations: modes' x w x modes as one product with each landmark's
             # outer products (its x and y rows summed), then the prior
@@ -212,18 +230,21 @@ class ShapeModel:
         plausible = mean + (np.clip(b, -3 * sd, 3 * sd) @ modes.T).reshape(n, k, 2)
         centre_p = w @ plausible / w.sum(axis=2, keepdims=True)
         drawn = (plausible - centre_p) * scale + centre_x
-        distance = np.sqrt(np.sum(b ** 2 / self.variances, axis=1))
-        rms = np.sqrt(np.mean(residual ** 2, axis=1))
+        distance = np.sqrt(np.sum(b**2 / self.variances, axis=1))
+        rms = np.sqrt(np.mean(residual**2, axis=1))
         return [ShapeFit(float(distance[i]), float(rms[i]), drawn[i], w[i, 0]) for i in range(n)]
 
 
-def shape_features(mask: np.ndarray, model: ShapeModel, stretch: float = 1.0) -> tuple[dict[str, float], ShapeFit | None]:
+def shape_features(
+    mask: np.ndarray, model: ShapeModel, stretch: float = 1.0
+) -> tuple[dict[str, float], ShapeFit | None]:
     """`shape_features_many` of one mask."""
     return shape_features_many([mask], model, [stretch])[0]
 
 
-def shape_features_many(masks: list[np.ndarray], model: ShapeModel,
-                        stretches: list[float]) -> list[tuple[dict[str, float], ShapeFit | None]]:
+def shape_features_many(
+    masks: list[np.ndarray], model: ShapeModel, stretches: list[float]
+) -> list[tuple[dict[str, float], ShapeFit | None]]:
     """QC numbers of (network-resolution) masks against the shape model: `shape_dice` (the mask
     against its plausible fit), `shape_distance` (Mahalanobis), `shape_residual`, and the fit; the
     masks' landmarks are fitted together (`ShapeModel.fit_many`). Without a lung on each side there
@@ -244,8 +265,10 @@ def shape_features_many(masks: list[np.ndarray], model: ShapeModel,
         drawn = draw(fit.points, mask.shape)
         both = cv2.countNonZero(drawn) + cv2.countNonZero(inside)
         dice = 2.0 * cv2.countNonZero(drawn & inside) / both if both else 0.0
-        out[i] = ({"shape_dice": dice, "shape_distance": min(fit.distance, 99.0),
-                   "shape_residual": min(fit.residual, 9.9)}, fit)
+        out[i] = (
+            {"shape_dice": dice, "shape_distance": min(fit.distance, 99.0), "shape_residual": min(fit.residual, 9.9)},
+            fit,
+        )
     return out
 
 

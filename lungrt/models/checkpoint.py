@@ -77,7 +77,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(path, f"not a weights-only PyTorch state_dict ({type(e).__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            path, f"not a weights-only PyTorch state_dict ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     for key in ("state_dict", "model_state_dict", "model"):  # common training-script wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -99,7 +101,9 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], path: Pa
                 parts.append(f"{len(keys)} {label} keys (e.g. {', '.join(keys[:3])})")
         if misshaped:
             k = misshaped[0]
-            parts.append(f"{len(misshaped)} mis-shaped (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(misshaped)} mis-shaped (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})"
+            )
         raise CheckpointError(path, "weights do not fit the model: " + "; ".join(parts))
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
@@ -142,8 +146,9 @@ def resolve_model(ref: str, arch: str | None = None, width: int = 16, convention
     if ref in REGISTRY and not Path(ref).exists():
         ckpt = shipped_checkpoint(ref, convention)
         if ckpt is None:
-            raise CheckpointError(ref, f"no shipped {convention or DEFAULT_CONVENTION} weights for this model "
-                                       "in the installed package")
+            raise CheckpointError(
+                ref, f"no shipped {convention or DEFAULT_CONVENTION} weights for this model in the installed package"
+            )
         return load_checkpoint(ckpt)
     path = Path(ref)
     if path.is_dir() and (path / "model.safetensors").exists():  # a training run folder

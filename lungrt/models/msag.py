@@ -66,8 +66,8 @@ class MSAGUNet(UNetSkeleton):
     def __init__(self, width: int = 16):
         super().__init__(width)
         c = widths(width)
-        self.enc_attn = nn.ModuleDict({str(l): MHSABlock(c[l], r) for l, r in self.REDUCTION.items()})
-        self.dec_attn = nn.ModuleDict({str(l): MHSABlock(c[l], r) for l, r in self.REDUCTION.items() if l < 4})
+        self.enc_attn = nn.ModuleDict({str(lv): MHSABlock(c[lv], r) for lv, r in self.REDUCTION.items()})
+        self.dec_attn = nn.ModuleDict({str(lv): MHSABlock(c[lv], r) for lv, r in self.REDUCTION.items() if lv < 4})
 
     def after_encoder(self, level: int, x: torch.Tensor) -> torch.Tensor:
         blk = self.enc_attn[str(level)] if str(level) in self.enc_attn else None

@@ -165,8 +165,9 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generato
     return images, masks
 
 
-def augment_robust(raw: torch.Tensor, masks: torch.Tensor, spec: PreprocessSpec, gen: torch.Generator,
-                   abnormality_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_robust(
+    raw: torch.Tensor, masks: torch.Tensor, spec: PreprocessSpec, gen: torch.Generator, abnormality_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The robust recipe on raw (un-equalized) [0,1] images (B, 1, S, S): wider geometry, then per
     image an abnormality, a detector look and the spec's own equalization, then mild exposure jitter.
     Returns equalized [0,1] images and masks, like `augment_batch`."""
@@ -181,7 +182,9 @@ def augment_robust(raw: torch.Tensor, masks: torch.Tensor, spec: PreprocessSpec,
     fill = raw.mean(dim=(1, 2, 3))
     # pad with each image's mean rather than black, then paint occasional collimation below
     shifted = raw - fill.view(b, 1, 1, 1)
-    images = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill.view(b, 1, 1, 1)
+    images = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill.view(
+        b, 1, 1, 1
+    )
     masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     seeds = torch.randint(0, 2**31 - 1, (b,), generator=gen).tolist()
     out = np.empty(tuple(images.shape), np.float32)
@@ -216,11 +219,11 @@ def _detector_look(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if side == 0:
             im[:k] = value
         elif side == 1:
-            im[h - k:] = value
+            im[h - k :] = value
         elif side == 2:
             im[:, :k] = value
         else:
-            im[:, w - k:] = value
+            im[:, w - k :] = value
     return np.clip(im, 0, 1)
 
 
@@ -235,8 +238,13 @@ def predict_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 16, 
     return np.concatenate(out)
 
 
-def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, resume: bool = False,
-          log=logging.getLogger(__name__).info) -> dict:
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path | list,
+    out_dir: str | Path,
+    resume: bool = False,
+    log=logging.getLogger(__name__).info,
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -263,8 +271,12 @@ def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, re
         va_img, va_mask = load_arrays(val_pairs, spec, lambda: bar.advance(task))
     tr_img = np.concatenate([im for im, _ in loaded])
     tr_mask = np.concatenate([m for _, m in loaded])
-    tr_weight = np.concatenate([partial_label_weights(m) if conv != convention else np.ones_like(m)
-                                for (_, m), (_, conv) in zip(loaded, parts)])
+    tr_weight = np.concatenate(
+        [
+            partial_label_weights(m) if conv != convention else np.ones_like(m)
+            for (_, m), (_, conv) in zip(loaded, parts)
+        ]
+    )
     partial = any(conv != convention for _, conv in parts)
     va_x = spec.normalize(va_img)[:, None]
 
@@ -275,8 +287,10 @@ def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, re
     if cfg.init:
         start = resolve_model(cfg.init)
         if (start.info.name, start.info.width) != (cfg.model, cfg.width):
-            raise ValueError(f"--init {cfg.init}: a {start.info.name} of width {start.info.width}, "
-                             f"not a {cfg.model} of width {cfg.width}")
+            raise ValueError(
+                f"--init {cfg.init}: a {start.info.name} of width {start.info.width}, "
+                f"not a {cfg.model} of width {cfg.width}"
+            )
         model.load_state_dict(start.model.state_dict())
         log(f"fine-tuning from {cfg.init}")
     model = model.to(device, memory_format=torch.channels_last)
@@ -303,15 +317,25 @@ def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, re
     gen = torch.Generator().manual_seed(cfg.seed)
     if gen_state is not None:  # resume continues the same augmentation stream
         gen.set_state(gen_state)
-    info = ModelInfo(cfg.model, cfg.width, spec, fingerprint(all_pairs),
-                     training={**asdict(cfg), "convention": convention, "device": device,
-                               "autocast": str(amp_dtype) if use_amp else "off",
-                               "data": data_card([root for root, _ in sets], cfg.seed)})
+    info = ModelInfo(
+        cfg.model,
+        cfg.width,
+        spec,
+        fingerprint(all_pairs),
+        training={
+            **asdict(cfg),
+            "convention": convention,
+            "device": device,
+            "autocast": str(amp_dtype) if use_amp else "off",
+            "data": data_card([root for root, _ in sets], cfg.seed),
+        },
+    )
 
     shown = "val Dice (seen)" if cfg.fit_on == "train+val" else "best val Dice"
     with progress_bar() as bar:
-        task = bar.add_task(f"training {cfg.model}", total=cfg.epochs * steps_per_epoch,
-                            completed=start_epoch * steps_per_epoch)
+        task = bar.add_task(
+            f"training {cfg.model}", total=cfg.epochs * steps_per_epoch, completed=start_epoch * steps_per_epoch
+        )
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             model.train()
@@ -337,27 +361,59 @@ def train(cfg: TrainConfig, data_dir: str | Path | list, out_dir: str | Path, re
                 scaler.update()
                 sched.step()
                 losses.append(loss.item())
-                bar.update(task, advance=1, description=f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} {shown} {max(best, 0):.4f}")
+                bar.update(
+                    task,
+                    advance=1,
+                    description=(
+                        f"{cfg.model} ep {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} {shown} {max(best, 0):.4f}"
+                    ),
+                )
             val_logits = predict_logits(model, va_x, device=device)
             val_loss = float(dice_bce_loss(torch.from_numpy(val_logits), torch.from_numpy(va_mask[:, None])))
             val_dice = float(dice_batch(val_logits[:, 0] > 0, va_mask).mean())
-            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                            "val_dice": val_dice, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0})
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": float(np.mean(losses)),
+                    "val_loss": val_loss,
+                    "val_dice": val_dice,
+                    "lr": sched.get_last_lr()[0],
+                    "seconds": time.time() - t0,
+                }
+            )
             if val_dice > best or cfg.fit_on == "train+val":  # train+val: validation is seen, keep the last
                 best = val_dice
                 info.metrics = {"val_dice_train_res": val_dice, "epoch": epoch + 1, "fit_on": cfg.fit_on}
                 save_checkpoint(out / "model.safetensors", model, info)
             _write_run_files(out, cfg, history, best)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": torch.get_rng_state(), "gen": gen.get_state(), "epoch": epoch + 1, "best": best}, state_path)
-            log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}  "
-                f"val Dice {val_dice:.4f}  ({history[-1]['seconds']:.0f} s)")
-    return {"best_val_dice": best, "history": history, "checkpoint": str(out / "model.safetensors"),
-            "fit_images": len(train_pairs)}
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "gen": gen.get_state(),
+                    "epoch": epoch + 1,
+                    "best": best,
+                },
+                state_path,
+            )
+            log(
+                f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}  "
+                f"val Dice {val_dice:.4f}  ({history[-1]['seconds']:.0f} s)"
+            )
+    return {
+        "best_val_dice": best,
+        "history": history,
+        "checkpoint": str(out / "model.safetensors"),
+        "fit_images": len(train_pairs),
+    }
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, history: list[dict], best: float) -> None:
     from lungrt.core.plots import plot_loss_curves
 
-    (out / "metrics.json").write_text(json.dumps({"config": asdict(cfg), "best_val_dice": best, "history": history}, indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps({"config": asdict(cfg), "best_val_dice": best, "history": history}, indent=2)
+    )
     plot_loss_curves(history, out / "loss_curves.png", title=f"{cfg.model} (width {cfg.width}, {cfg.size}px)")

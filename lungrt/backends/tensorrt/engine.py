@@ -30,8 +30,14 @@ from lungrt._version import __version__
 from lungrt.core.errors import LungrtError
 from lungrt.data.io import atomic_write_bytes
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME
-from lungrt.backends.integrity import (CONTENT_KEY, SIDECAR_DIGEST, ContentMismatch, file_sha256, load_verified_onnx,
-                                      sidecar_digest)
+from lungrt.backends.integrity import (
+    CONTENT_KEY,
+    SIDECAR_DIGEST,
+    ContentMismatch,
+    file_sha256,
+    load_verified_onnx,
+    sidecar_digest,
+)
 
 log_ = logging.getLogger(__name__)
 
@@ -87,13 +93,16 @@ def target_tag(targets) -> str:
 
 # -- which TensorRT is here ----------------------------------------------------------------------
 
+
 def import_flavour(flavour: Flavour):
     """The flavour's TensorRT module, or a LungrtError that says how to install it."""
     try:
         return importlib.import_module(flavour.module)
     except Exception as e:  # missing wheels, or libraries that fail to load
-        raise LungrtError(f"{flavour.name} does not import ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                          f"install it with: pip install 'lungrt[{flavour.extra}]'") from None
+        raise LungrtError(
+            f"{flavour.name} does not import ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"install it with: pip install 'lungrt[{flavour.extra}]'"
+        ) from None
 
 
 def gpu_environment() -> dict | None:
@@ -125,7 +134,13 @@ def flavour_status(name: str) -> tuple[bool, str]:
         return True, f"{flavour.module} {trt.__version__}: {runs}"
     gpu = gpu_environment()
     if gpu is None:
-        return False, f"{flavour.module} {trt.__version__} imports but no NVIDIA GPU is visible (standard TensorRT builds on the GPU it runs on)"
+        return (
+            False,
+            (
+                f"{flavour.module} {trt.__version__} imports but no NVIDIA GPU "
+                f"is visible (standard TensorRT builds on the GPU it runs on)"
+            ),
+        )
     return True, f"{flavour.module} {trt.__version__} on {gpu['gpu']}"
 
 
@@ -140,7 +155,9 @@ def choose_flavour(backend: str) -> Flavour:
     for name in FLAVOURS:
         if flavour_status(name)[0]:
             return FLAVOURS[name]
-    raise LungrtError("no TensorRT flavour can build here: " + "; ".join(f"{n}: {flavour_status(n)[1]}" for n in FLAVOURS))
+    raise LungrtError(
+        "no TensorRT flavour can build here: " + "; ".join(f"{n}: {flavour_status(n)[1]}" for n in FLAVOURS)
+    )
 
 
 def _polygraphy_for(flavour: Flavour) -> None:
@@ -150,20 +167,31 @@ def _polygraphy_for(flavour: Flavour) -> None:
 
     want = flavour.aot
     if "polygraphy.backend.trt.loader" in sys.modules and pconfig.USE_TENSORRT_RTX != want:
-        raise LungrtError(f"this process already loaded the other TensorRT flavour through Polygraphy; "
-                          f"build {flavour.name} engines in a separate process")
+        raise LungrtError(
+            f"this process already loaded the other TensorRT flavour through Polygraphy; "
+            f"build {flavour.name} engines in a separate process"
+        )
     pconfig.USE_TENSORRT_RTX = want
 
 
 # -- building ------------------------------------------------------------------------------------
+
 
 class EngineBuilder(Protocol):
     """What lungrt asks of TensorRT. The real one is Polygraphy; tests also use a recording fake."""
 
     def environment(self) -> dict: ...
 
-    def build(self, onnx_path: Path, *, strongly_typed: bool, input_name: str, shapes: dict, timing_cache: Path | None,
-              workspace_bytes: int) -> bytes: ...
+    def build(
+        self,
+        onnx_path: Path,
+        *,
+        strongly_typed: bool,
+        input_name: str,
+        shapes: dict,
+        timing_cache: Path | None,
+        workspace_bytes: int,
+    ) -> bytes: ...
 
 
 class PolygraphyBuilder:
@@ -182,17 +210,29 @@ class PolygraphyBuilder:
             known = {n for n in dir(trt.ComputeCapability) if n.startswith("SM")}
             missing = [t for t in self.targets if f"SM{t.replace('.', '')}" not in known]
             if missing:
-                raise LungrtError(f"{self.flavour.module} {trt.__version__} cannot target {', '.join(missing)}; "
-                                  f"it knows {', '.join(sorted(known))}")
+                raise LungrtError(
+                    f"{self.flavour.module} {trt.__version__} cannot target {', '.join(missing)}; "
+                    f"it knows {', '.join(sorted(known))}"
+                )
             return {**env, "targets": list(self.targets)}
         gpu = gpu_environment()
         if gpu is None:
-            raise LungrtError("standard TensorRT builds on the GPU it will run on, and no NVIDIA GPU is visible; "
-                              "for RTX GPUs build ahead of time with --backend tensorrt-rtx")
+            raise LungrtError(
+                "standard TensorRT builds on the GPU it will run on, and no NVIDIA GPU is visible; "
+                "for RTX GPUs build ahead of time with --backend tensorrt-rtx"
+            )
         return {**env, **gpu}
 
-    def build(self, onnx_path: Path, *, strongly_typed: bool, input_name: str, shapes: dict, timing_cache: Path | None,
-              workspace_bytes: int) -> bytes:
+    def build(
+        self,
+        onnx_path: Path,
+        *,
+        strongly_typed: bool,
+        input_name: str,
+        shapes: dict,
+        timing_cache: Path | None,
+        workspace_bytes: int,
+    ) -> bytes:
         from lungrt.core.logs import third_party_logs
 
         _polygraphy_for(self.flavour)
@@ -239,9 +279,15 @@ def timing_cache_path(out_dir: Path, env: dict) -> Path | None:
     return out_dir / f"timing-{env['flavour']}-{env['tensorrt']}-sm{env['compute_capability'].replace('.', '')}.cache"
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: BatchProfile = BatchProfile(),
-                 workspace_gib: float = 4.0, builder: EngineBuilder | None = None, rebuild: bool = False,
-                 log=log_.info) -> dict:
+def build_engine(
+    onnx_path: str | Path,
+    out_dir: str | Path = "engines",
+    batch: BatchProfile = BatchProfile(),
+    workspace_gib: float = 4.0,
+    builder: EngineBuilder | None = None,
+    rebuild: bool = False,
+    log=log_.info,
+) -> dict:
     """Build (or reuse) the plan for one precision-variant ONNX file; returns its metadata."""
     from lungrt.export.precision import dtype_census
 
@@ -257,8 +303,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
     wanted = {"onnx_hash": meta_onnx[CONTENT_KEY], "batch_profile": [batch.min, batch.opt, batch.max], **env}
     if plan.exists() and metadata_path(plan).exists() and not rebuild:
         existing = _read_metadata(plan)
-        if not stale_reasons(existing, wanted) and existing.get("plan_hash") == file_sha256(plan) \
-                and existing.get(SIDECAR_DIGEST) == sidecar_digest(existing):
+        if (
+            not stale_reasons(existing, wanted)
+            and existing.get("plan_hash") == file_sha256(plan)
+            and existing.get(SIDECAR_DIGEST) == sidecar_digest(existing)
+        ):
             log(f"{plan} is up to date; nothing to build")
             return existing
     size = json.loads(meta_onnx["lungrt.core.spec"])["size"]
@@ -266,12 +315,20 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     try:
-        data = builder.build(onnx_path, strongly_typed=True, input_name=INPUT_NAME, shapes=shapes,
-                             timing_cache=timing_cache_path(out_dir, env), workspace_bytes=int(workspace_gib * 2**30))
+        data = builder.build(
+            onnx_path,
+            strongly_typed=True,
+            input_name=INPUT_NAME,
+            shapes=shapes,
+            timing_cache=timing_cache_path(out_dir, env),
+            workspace_bytes=int(workspace_gib * 2**30),
+        )
     except LungrtError:
         raise
     except Exception as e:  # Polygraphy reports parser/builder failures as exceptions with the reason
-        raise LungrtError(f"{onnx_path}: {env['flavour']} could not build an engine: {str(e).strip().splitlines()[-1][:300]}") from None
+        raise LungrtError(
+            f"{onnx_path}: {env['flavour']} could not build an engine: {str(e).strip().splitlines()[-1][:300]}"
+        ) from None
     if not data:
         raise LungrtError(f"{onnx_path}: {env['flavour']} returned an empty engine")
     meta = {
@@ -297,8 +354,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path = "engines", batch: 
     atomic_write_bytes(plan, data)
     atomic_write_bytes(metadata_path(plan), json.dumps(meta, indent=2).encode())
     where = f"for {target_tag(env['targets'])}" if env.get("targets") else f"on {env.get('gpu')}"
-    log(f"built {plan} ({env['flavour']} {env['tensorrt']}, {meta['precision']}, batch {batch.min}-{batch.max}, {where}) "
-        f"in {meta['build_seconds']} s, {len(data) / 2**20:.1f} MiB")
+    log(
+        f"built {plan} ({env['flavour']} {env['tensorrt']}, {meta['precision']}, batch {batch.min}-{batch.max}, "
+        f"{where}) "
+        f"in {meta['build_seconds']} s, {len(data) / 2**20:.1f} MiB"
+    )
     return meta
 
 
@@ -306,19 +366,29 @@ def _read_metadata(plan: Path) -> dict:
     try:
         meta = json.loads(metadata_path(plan).read_text())
     except (OSError, ValueError) as e:
-        raise LungrtError(f"{plan}: unreadable engine metadata {metadata_path(plan).name} ({type(e).__name__}); "
-                          "rebuild it with `lungrt build`") from None
+        raise LungrtError(
+            f"{plan}: unreadable engine metadata {metadata_path(plan).name} ({type(e).__name__}); "
+            "rebuild it with `lungrt build`"
+        ) from None
     if not isinstance(meta, dict) or "model" not in meta:
-        raise LungrtError(f"{plan}: engine metadata {metadata_path(plan).name} is not lungrt's; rebuild it with `lungrt build`")
+        raise LungrtError(
+            f"{plan}: engine metadata {metadata_path(plan).name} is not lungrt's; rebuild it with `lungrt build`"
+        )
     return meta
 
 
 def stale_reasons(meta: dict, current: dict) -> list[str]:
     """Why an existing plan is not the one wanted now: other flavour, TensorRT, targets or GPU, ONNX."""
     reasons = []
-    for key, what in (("flavour", "TensorRT flavour"), ("tensorrt", "TensorRT version"), ("targets", "target list"),
-                      ("gpu", "GPU"), ("compute_capability", "compute capability"), ("onnx_hash", "ONNX graph"),
-                      ("batch_profile", "batch profile")):
+    for key, what in (
+        ("flavour", "TensorRT flavour"),
+        ("tensorrt", "TensorRT version"),
+        ("targets", "target list"),
+        ("gpu", "GPU"),
+        ("compute_capability", "compute capability"),
+        ("onnx_hash", "ONNX graph"),
+        ("batch_profile", "batch profile"),
+    ):
         if key in current and meta.get(key, "tensorrt" if key == "flavour" else None) != current[key]:
             reasons.append(f"{what} {meta.get(key)} != {current[key]}")
     return reasons
@@ -328,10 +398,14 @@ def runtime_reasons(meta: dict, installed_version: str, gpu: dict) -> list[str]:
     """Why a plan cannot run with this TensorRT on this GPU."""
     reasons = []
     if meta.get("tensorrt") != installed_version:
-        reasons.append(f"built with {meta.get('flavour', 'tensorrt')} {meta.get('tensorrt')}, installed {installed_version}")
+        reasons.append(
+            f"built with {meta.get('flavour', 'tensorrt')} {meta.get('tensorrt')}, installed {installed_version}"
+        )
     if meta.get("targets"):
         if gpu["compute_capability"] not in meta["targets"]:
-            reasons.append(f"built for {', '.join(meta['targets'])}, this GPU ({gpu['gpu']}) is {gpu['compute_capability']}")
+            reasons.append(
+                f"built for {', '.join(meta['targets'])}, this GPU ({gpu['gpu']}) is {gpu['compute_capability']}"
+            )
     else:
         for key, what in (("gpu", "GPU"), ("compute_capability", "compute capability")):
             if meta.get(key) != gpu[key]:
@@ -353,19 +427,27 @@ def read_plan_metadata(plan: Path) -> dict:
     if not plan.is_file():
         raise LungrtError(f"{plan}: engine file does not exist")
     if not metadata_path(plan).exists():
-        raise LungrtError(f"{plan}: its metadata {metadata_path(plan).name} is not beside it; copy that file from the "
-                          f"build machine next to {plan.name} (or rebuild with `lungrt build`)")
+        raise LungrtError(
+            f"{plan}: its metadata {metadata_path(plan).name} is not beside it; copy that file from the "
+            f"build machine next to {plan.name} (or rebuild with `lungrt build`)"
+        )
     meta = _read_metadata(plan)
     if "plan_hash" not in meta:
-        raise LungrtError(f"{plan}: built by an older lungrt (no plan hash in {metadata_path(plan).name}); rebuild it "
-                          f"with {rebuild_command(meta)}")
+        raise LungrtError(
+            f"{plan}: built by an older lungrt (no plan hash in {metadata_path(plan).name}); rebuild it "
+            f"with {rebuild_command(meta)}"
+        )
     if file_sha256(plan) != meta["plan_hash"]:
-        raise ContentMismatch(f"{plan}: its bytes do not match the plan hash in {metadata_path(plan).name} (corrupted, "
-                              f"or another build's file); rebuild it with {rebuild_command(meta)}")
+        raise ContentMismatch(
+            f"{plan}: its bytes do not match the plan hash in {metadata_path(plan).name} (corrupted, "
+            f"or another build's file); rebuild it with {rebuild_command(meta)}"
+        )
     if meta.get(SIDECAR_DIGEST) != sidecar_digest(meta):
-        raise ContentMismatch(f"{plan}: {metadata_path(plan).name} does not match the digest it records (its spec, QC "
-                              f"bounds or precision were edited, or an older lungrt wrote it); rebuild it with "
-                              f"{rebuild_command(meta)}")
+        raise ContentMismatch(
+            f"{plan}: {metadata_path(plan).name} does not match the digest it records (its spec, QC "
+            f"bounds or precision were edited, or an older lungrt wrote it); rebuild it with "
+            f"{rebuild_command(meta)}"
+        )
     return meta
 
 
@@ -375,8 +457,10 @@ def check_plan_usable(plan: Path, installed_version: str, gpu: dict, meta: dict 
     meta = meta if meta is not None else read_plan_metadata(plan)
     reasons = runtime_reasons(meta, installed_version, gpu)
     if reasons:
-        raise LungrtError(f"{plan}: cannot run here ({'; '.join(reasons)}); install {meta.get('flavour', 'tensorrt')} "
-                          f"{meta.get('tensorrt')} exactly, or rebuild with {rebuild_command(meta)}")
+        raise LungrtError(
+            f"{plan}: cannot run here ({'; '.join(reasons)}); install {meta.get('flavour', 'tensorrt')} "
+            f"{meta.get('tensorrt')} exactly, or rebuild with {rebuild_command(meta)}"
+        )
     return meta
 
 
@@ -394,20 +478,26 @@ def triton_config(name: str, meta: dict) -> str:
         dims = ", ".join(str(d) for d in t["shape"][1:])
         return f'  {{\n    name: "{t["name"]}"\n    data_type: {TRITON_DTYPES[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
 
-    return "\n".join([
-        f'name: "{name}"',
-        'platform: "tensorrt_plan"',
-        f"max_batch_size: {hi}",
-        f"input [\n{tensor(meta['input'])}\n]",
-        f"output [\n{tensor(meta['output'])}\n]",
-        "dynamic_batching {",
-        f"  preferred_batch_size: [ {', '.join(map(str, preferred or [hi]))} ]",
-        "  max_queue_delay_microseconds: 2000",
-        "}",
-        "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]",
-        f'parameters {{\n  key: "lungrt_preprocess"\n  value: {{ string_value: {json.dumps(json.dumps(meta["model"]["preprocess"], sort_keys=True))} }}\n}}',
-        "",
-    ])
+    return "\n".join(
+        [
+            f'name: "{name}"',
+            'platform: "tensorrt_plan"',
+            f"max_batch_size: {hi}",
+            f"input [\n{tensor(meta['input'])}\n]",
+            f"output [\n{tensor(meta['output'])}\n]",
+            "dynamic_batching {",
+            f"  preferred_batch_size: [ {', '.join(map(str, preferred or [hi]))} ]",
+            "  max_queue_delay_microseconds: 2000",
+            "}",
+            "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]",
+            (
+                f'parameters {{\n  key: "lungrt_preprocess"\n  value: {{ string_value: '
+                f"{json.dumps(json.dumps(meta['model']['preprocess'], sort_keys=True))} "
+                f"}}\n}}"
+            ),
+            "",
+        ]
+    )
 
 
 def export_triton(plan: str | Path, repo: str | Path, name: str | None = None) -> Path:
@@ -419,9 +509,11 @@ def export_triton(plan: str | Path, repo: str | Path, name: str | None = None) -
         raise LungrtError(f"{plan}: no engine metadata ({metadata_path(plan).name}); build it with `lungrt build`")
     meta = _read_metadata(plan)
     if meta.get("flavour", "tensorrt") != "tensorrt":
-        raise LungrtError(f"{plan}: a {meta['flavour']} engine; Triton's tensorrt_plan backend runs standard TensorRT "
-                          "plans only. Serve the ONNX variant with Triton's onnxruntime backend, or build with "
-                          "--backend tensorrt on the serving GPU")
+        raise LungrtError(
+            f"{plan}: a {meta['flavour']} engine; Triton's tensorrt_plan backend runs standard TensorRT "
+            "plans only. Serve the ONNX variant with Triton's onnxruntime backend, or build with "
+            "--backend tensorrt on the serving GPU"
+        )
     try:
         name = name or f"lungrt_{meta['model']['name'].replace('-', '_')}_{meta['precision']}"
         config = triton_config(name, meta)

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.modelinfo import ModelInfo
-from lungrt.backends.tensorrt.engine import FLAVOURS, check_plan_usable, gpu_environment, import_flavour, read_plan_metadata
+from lungrt.backends.tensorrt.engine import (
+    FLAVOURS,
+    check_plan_usable,
+    gpu_environment,
+    import_flavour,
+    read_plan_metadata,
+)
 from lungrt.core.errors import LungrtError
 from lungrt.backends.base import INPUT_NAME, OUTPUT_NAME, Runner
 
@@ -26,8 +32,13 @@ log = logging.getLogger(__name__)
 RUNTIME_API = {
     "Logger": ["WARNING"],
     "Runtime": ["deserialize_cuda_engine"],
-    "ICudaEngine": ["create_execution_context", "get_tensor_profile_shape", "get_tensor_dtype", "num_io_tensors",
-                    "get_tensor_name"],
+    "ICudaEngine": [
+        "create_execution_context",
+        "get_tensor_profile_shape",
+        "get_tensor_dtype",
+        "num_io_tensors",
+        "get_tensor_name",
+    ],
     "IExecutionContext": ["set_input_shape", "set_tensor_address", "get_tensor_shape", "execute_async_v3"],
     "DataType": ["FLOAT", "HALF", "INT8", "INT32", "BOOL"],
     "MemoryPoolType": ["WORKSPACE"],
@@ -37,8 +48,13 @@ RUNTIME_API = {
 def torch_dtype(trt, dtype):
     import torch
 
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT8: torch.int8,
-             trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.INT8: torch.int8,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.BOOL: torch.bool,
+    }
     if dtype not in table:
         raise LungrtError(f"TensorRT runner: engine tensor type {dtype} is not supported")
     return table[dtype]
@@ -56,8 +72,10 @@ class TensorRTRunner(Runner):
         trt = import_flavour(flavour)
         gpu = gpu_environment()
         if gpu is None:
-            raise LungrtError(f"{plan}: running a {flavour.name} engine needs an NVIDIA GPU; none is visible "
-                              "(build works without one, running does not)")
+            raise LungrtError(
+                f"{plan}: running a {flavour.name} engine needs an NVIDIA GPU; none is visible "
+                "(build works without one, running does not)"
+            )
         import torch
 
         check_plan_usable(plan, trt.__version__, gpu, meta)
