@@ -195,6 +195,27 @@ def test_a_refused_stow_is_one_line_and_keeps_the_local_outputs(orthanc, tmp_pat
     assert again.exit_code == 0 and "2 already done" in again.output, again.output
 
 
+def _file_into_study(base: str, folder: Path, study: str, patient: str) -> None:
+    """Real non-chest films (pydicom's CT slice, pydicom-data's extremity CR) filed into `study`: they must get no
+    lung SEG, and nothing of theirs may be stored."""
+    import pydicom
+
+    from tests.real_dicom import bundled_folder, pydicom_data_folder
+
+    sources = [bundled_folder() / "CT_small.dcm"] + (
+        [pydicom_data_folder() / "RG3_UNCR.dcm"] if pydicom_data_folder() else []
+    )
+    for path in sources:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.PatientID = study, patient
+        out = folder / f"nonchest_{path.name}"
+        ds.save_as(out, enforce_file_format=True)
+        req = urllib.request.Request(
+            f"{base}/instances", data=out.read_bytes(), method="POST", headers={"Content-Type": "application/dicom"}
+        )
+        assert json.loads(urllib.request.urlopen(req, timeout=30).read())["Status"] == "Success"
+
+
 def _seg_patients(base: str) -> list[str]:
     from dicomweb_client.api import DICOMwebClient
 
@@ -216,6 +237,7 @@ def test_each_seg_goes_back_to_its_own_pacs_and_never_a_local_ones(orthanc, orth
     local.mkdir()
     write_dicom(local / "local_dx.dcm", (make_phantom(7, 128).image * 4000).astype(np.uint16))
     shutil.copy(chest_cr(), local / "real_chest_cr.dcm")
+    _file_into_study(orthanc, tmp_path / "a", study_a, "PACS-A")  # a CT slice and an extremity CR in the same study
     before_a, before_b = _seg_patients(orthanc), _seg_patients(orthanc2)
     out = tmp_path / "out"
     res = _infer(
@@ -232,9 +254,12 @@ def test_each_seg_goes_back_to_its_own_pacs_and_never_a_local_ones(orthanc, orth
         "--store-flagged",
     )
     assert res.exit_code == 0, res.output
-    assert _seg_patients(orthanc) == sorted(before_a + ["PACS-A"] * 2)
+    assert _seg_patients(orthanc) == sorted(before_a + ["PACS-A"] * 2)  # the two DX films only: no CT, no extremity
     assert _seg_patients(orthanc2) == sorted(before_b + ["PACS-B"])
     assert len(list((out / "local").glob("*.seg.dcm"))) == 2  # written, never stored
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    screened = [r for r in rows if r["dicom_seg"].startswith("no SEG: header screening")]
+    assert len(screened) == 2 and all(r["status"] == "ok" for r in screened)  # masked and flagged, no SEG
     tag = lambda base: "pacs_" + base.removeprefix("http://").replace(":", "_") + "_dicom-web"  # noqa: E731
     assert len(list((out / tag(orthanc) / study_a).rglob("*.seg.dcm"))) == 2
     assert len(list((out / tag(orthanc2) / study_b).rglob("*.seg.dcm"))) == 1
