@@ -26,25 +26,15 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("real-dicom"))
 
 
+def _infer_corpus(corpus: Path, out: Path, checkpoint: Path, *extra: str):
+    args = ["infer", str(corpus), "--out", str(out), "--dicom-seg", "--model", str(checkpoint), "--backend", "torch"]
+    return runner.invoke(app, [*args, "--batch-size", "4", *extra])
+
+
 @pytest.fixture(scope="module")
 def corpus_run(corpus, tmp_path_factory, tiny_checkpoint):
     out = tmp_path_factory.mktemp("real-dicom-out")
-    res = runner.invoke(
-        app,
-        [
-            "infer",
-            str(corpus),
-            "--out",
-            str(out),
-            "--dicom-seg",
-            "--model",
-            str(tiny_checkpoint),
-            "--backend",
-            "torch",
-            "--batch-size",
-            "4",
-        ],
-    )
+    res = _infer_corpus(corpus, out, tiny_checkpoint)
     rows = (
         {Path(r["path"]).name: r for r in csv.DictReader(open(out / "results.csv"))}
         if (out / "results.csv").exists()
@@ -149,23 +139,7 @@ def test_dcmqi_cannot_take_a_projection_radiograph_seg_by_design(corpus_run, tmp
 
 def test_resume_after_damaged_files_finishes(corpus, corpus_run, tiny_checkpoint):
     _, out, rows = corpus_run
-    res = runner.invoke(
-        app,
-        [
-            "infer",
-            str(corpus),
-            "--out",
-            str(out),
-            "--dicom-seg",
-            "--model",
-            str(tiny_checkpoint),
-            "--backend",
-            "torch",
-            "--batch-size",
-            "4",
-            "--resume",
-        ],
-    )
+    res = _infer_corpus(corpus, out, tiny_checkpoint, "--resume")
     assert "Traceback" not in res.output and res.exit_code == 3, res.output[-2000:]
     done = sum(r["status"] in ("ok", "skipped") for r in rows.values())
     assert f"{done} already done" in res.output
