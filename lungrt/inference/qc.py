@@ -38,10 +38,6 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     # lungs end below in the narrow costophrenic tips and the heart's notch; a lung field as wide at
     # its lowest tenth as at its widest row is upside down, or its bases are cut off by the film's edge
     "base_width": (None, "wide_base"),
-    # a mask that stops short of the lung (opacified bases, the lung behind the heart): the network still gives
-    # the lung it leaves out a fading, sub-threshold probability; this is that probability mass (0.05 < p < 0.5)
-    # per pixel of the mask. A clean film's mask ends in a sharp edge (little mass); one cut short by disease not
-    "missed_mass": (None, "stops_short"),
     # the statistical shape model's verdict (lungrt.inference.shape), when the model carries one: a
     # pair of lung fields far from every plausible pair (Mahalanobis distance; scale-free, unlike the
     # Dice against the plausible fit, which is reported but falls with the lungs' size in pixels)
@@ -158,15 +154,12 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
             "centroid_y": 0.5,
             "aspect": 0.0,
             "base_width": 0.0,
-            "missed_mass": 1.0,
         }
     sizes = component_sizes(m)
     big = np.argsort(-sizes)[:2]
     two = sizes[big]
     balance = float(two.min() / two.max()) if len(two) == 2 else 0.0
     uncertain = float(cv2.countNonZero(cv2.compare(p, 0.1, cv2.CMP_GT) & cv2.compare(p, 0.9, cv2.CMP_LT))) / area
-    below = cv2.compare(p, 0.05, cv2.CMP_GT) & cv2.compare(p, 0.5, cv2.CMP_LE)
-    missed = float(cv2.sumElems(cv2.multiply(p, below.astype(np.float32) / 255.0))[0]) / area
     inner = cv2.countNonZero(m[2:-2, 2:-2])
     # the mask's pixel coordinates summarised by their row and column counts: the same percentiles
     # and means as over np.nonzero's coordinates, without sorting every lung pixel
@@ -188,7 +181,6 @@ def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[s
         "aspect": (height + 1) / (width + 1) * stretch,
         "base_width": float(rows_w[bottom - tenth + 1 : bottom + 1].mean())
         / max(float(rows_w[top : bottom + 1].max()), 1.0),
-        "missed_mass": missed,
     }
 
 
