@@ -145,8 +145,6 @@ def store_results(
     """STOW-RS this run's SEGs (`records`: the journal, by output stem) of instances fetched from a PACS, each
     to the PACS and study it came from. A film QC flagged is held back unless `include_flagged`; a SEG
     whose study is not its source's is refused. The answer lists what went where."""
-    import pydicom
-
     result = {"stored": [], "stored_before": 0, "held_qc_flagged": [], "not_stored": []}
     for pacs in pacs_inputs:
         segs = []
@@ -162,13 +160,7 @@ def store_results(
                 result["held_qc_flagged"].append({"output": rel, "qc": row["qc"]})
                 continue
             segs.append(out_dir / seg)
-        for path in segs:
-            study = str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
-            if study != pacs.study:
-                raise LungrtError(
-                    f"{path}: its study {study} is not {pacs.study}, fetched from {pacs.root}; not stored"
-                )
-        stored, before = store_segs(pacs.root, out_dir, segs)
+        stored, before = store_segs(pacs.root, out_dir, segs, study=pacs.study)
         result["stored"] += [
             {"pacs": pacs.root, "study": pacs.study, "file": str(p.relative_to(out_dir))} for p in stored
         ]
@@ -176,9 +168,10 @@ def store_results(
     return result
 
 
-def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[list[Path], int]:
-    """STOW-RS to `root_url` every SEG not stored there before; (stored now, how many earlier). One failure
-    stops it with one line; what was stored is recorded first, so `--resume --store` sends only the rest."""
+def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path], study: str | None = None) -> tuple[list[Path], int]:
+    """STOW-RS to `root_url` every SEG not stored there before; (stored now, how many earlier). `study`: the one
+    study they may go into (a SEG of another is refused, not sent). One failure stops it with one line; what was
+    stored is recorded first, so `--resume --store` sends only the rest."""
     import pydicom
 
     m = _URL.match(root_url)
@@ -188,7 +181,11 @@ def store_segs(root_url: str, out_dir: Path, seg_paths: list[Path]) -> tuple[lis
     done = {tuple(line.split(" ", 1)) for line in record.read_text().splitlines()} if record.exists() else set()
     now: list[Path] = []
     for path in seg_paths:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)  # read once: the study check and STOW-RS share it
+        if study is not None and str(ds.StudyInstanceUID) != study:
+            raise LungrtError(
+                f"{path}: its study {ds.StudyInstanceUID} is not {study}, fetched from {root}; not stored"
+            )
         if (ds.SOPInstanceUID, root) in done:
             continue
         what = f"storing {path.name} (STOW-RS; {len(now)} stored now, the rest after a rerun with --resume --store)"
