@@ -37,7 +37,9 @@ def encoder():
 
         return encode_mask_png1
     except ImportError:
-        return lambda mask: infer._png(mask, infer._PNG_FAST)
+        from lungrt.inference import measure
+
+        return lambda mask: measure._png(mask, measure._PNG_FAST)
 
 
 def reader(spec):
@@ -52,7 +54,7 @@ def reader(spec):
 def batch_qc(probs: np.ndarray, qc, shapes: list) -> list:
     """A batch's QC numbers computed together, as infer does where this release can (per image,
     inside `measure`, where it cannot: None each)."""
-    many = getattr(infer, "qc_features_many", None)
+    many = getattr(infer, "qc_features_many", None) or getattr(_measure_module(), "qc_features_many", None)
     return many(list(probs), qc.shape, shapes) if many else [None] * len(probs)
 
 
@@ -87,7 +89,7 @@ def host_stage_ms(files: list[str], probs: np.ndarray, spec, qc, out_dir: Path, 
 
 def end_to_end(cfg: dict) -> dict:
     """`lungrt infer`'s loop against the bare model, interleaved (this release's endtoend)."""
-    from lungrt.backends.select import open_runner
+    from lungrt.build.resolve import open_runner
     from lungrt.benchmark import endtoend
 
     if cfg.get("model"):  # the model's recorded CPU choice (this release's resolver)
@@ -124,3 +126,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _measure_module():
+    """Where this release keeps one image's measuring (infer.py itself in older releases)."""
+    try:
+        from lungrt.inference import measure
+
+        return measure
+    except ImportError:
+        return infer

@@ -20,7 +20,7 @@ import numpy as np
 
 from lungrt.core.hardware import cpu_identity
 from lungrt.export.onnx import reference_inputs
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.models.checkpoint import resolve_model
 
 RESULTS = Path(__file__).parent / "results"

@@ -26,11 +26,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.datasets import discover_pairs
 from lungrt.data.io import read_xray
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.evaluation.parity import throughput
 from lungrt.models.checkpoint import resolve_model
 

@@ -26,7 +26,7 @@ from lungrt.core.logs import third_party_logs
 from lungrt.data.datasets import validation_pairs
 from lungrt.data.io import read_xray
 from lungrt.export.precision import load_calibration_set
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.models.checkpoint import resolve_model
 
 

@@ -27,7 +27,7 @@ from lungrt.data.io import read_xray
 from lungrt.export.onnx import reference_inputs
 from _nncf_onnx_route import make_int8_nncf_mixed, save_derived_int8
 from lungrt.export.precision import load_calibration_set
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.models.checkpoint import resolve_model
 
 RESULTS = Path(__file__).parent / "results"

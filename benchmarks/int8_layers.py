@@ -23,9 +23,9 @@ from lungrt.data.datasets import validation_pairs
 from lungrt.evaluation.parity import compare
 from _nncf_onnx_route import dequantize_nodes, make_int8_nncf, make_int8_nncf_mixed, save_derived_int8
 from lungrt.export.precision import load_calibration_set, node_block, quantizable_nodes
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.models.checkpoint import resolve_model
 
 RESULTS = Path(__file__).parent / "results"

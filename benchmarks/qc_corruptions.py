@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from lungrt.data.abnormalities import paint_benchmark
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.data.datasets import select_split
 from lungrt.inference.infer import measure
 from lungrt.data.io import XRay, read_mask, read_xray

@@ -22,7 +22,7 @@ import numpy as np
 
 from _common import save_result
 from shape_qc import predictions
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.datasets import select_split
 from lungrt.data.io import read_mask, read_xray

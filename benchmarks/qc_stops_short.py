@@ -18,7 +18,7 @@ from pathlib import Path
 
 from _common import save_result
 
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.data.datasets import select_split
 from lungrt.evaluation.evaluate import evaluate
 from lungrt.inference.qc import QCThresholds, collect_features, flags

@@ -25,10 +25,10 @@ from lungrt.inference.infer import collect_inputs
 from lungrt.data.io import read_xray
 from lungrt.evaluation.parity import GATES, apply_gate, compare
 from lungrt.backends.openvino import native_bf16
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.backends.base import Runner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.data.datasets import validation_pairs
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
@@ -290,7 +290,7 @@ def bench(data: Path, save_as: str = "bench_cpu") -> None:
 def infer_runners(loaded, only_chosen: bool = False):
     """The configurations infer is measured with: ONNX Runtime FP32, PyTorch eager FP32, and the
     CPU configuration `lungrt build --backend cpu --precision auto` recorded here, if any."""
-    from lungrt.backends.select import open_recorded_cpu_choice
+    from lungrt.build.resolve import open_recorded_cpu_choice
 
     if not only_chosen:
         yield open_runner(make_variant(loaded, "fp32").path, backend="onnxruntime")

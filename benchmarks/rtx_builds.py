@@ -20,7 +20,7 @@ from pathlib import Path
 from lungrt.build import build_and_verify, census_text
 from lungrt.core.cache import cache_root
 from lungrt.models.checkpoint import resolve_model
-from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
+from lungrt.backends.tensorrt import BatchProfile, parse_targets
 
 MODELS = ("unet", "gsconv-unet", "msag-unet")
 RESULTS = Path(__file__).parent / "results"

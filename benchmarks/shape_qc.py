@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from _common import save_result
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.core.hardware import cpu_identity
 from lungrt.data.abnormalities import paint_benchmark
 from lungrt.data.datasets import select_split

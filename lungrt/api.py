@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections import deque
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import Measured, collect_inputs, measure
-from lungrt.inference.qc import features_many, thresholds_of
-from lungrt.data.io import MIN_SIDE, XRay, _to_unit, read_xray
 from lungrt.backends.base import Runner
+from lungrt.data.io import array_xray  # noqa: F401  (public: lungrt.api.array_xray)
+from lungrt.inference.inputs import Item, collect_inputs
+from lungrt.inference.measure import Measured, measure
+from lungrt.inference.qc import features_many, thresholds_of
+from lungrt.inference.stream import Frame, batch_shape, read_window, segment, thread_reader
 
 PathLike = str | Path
 
@@ -50,15 +51,31 @@ class LungResult:
     qc: str = "ok"  # "ok", or ";"-separated reasons to look at this mask (see lungrt.inference.qc)
     qc_features: dict = field(default_factory=dict)
     error: str = ""  # an input that could not be segmented: the one-line reason (as infer's error rows); no mask
+    status: str = "ok"  # "ok", "error", or "skipped" (no radiograph in it: a SEG, SR...; `note` says what)
+    note: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.error
+        return self.status == "ok"
 
     @classmethod
-    def failed(cls, path: str | None, reason: str) -> "LungResult":
-        """The result of an input that could not be read: no mask, no measurements, the reason."""
-        return cls(np.zeros((0, 0), bool), None, None, None, 0.0, 0.0, path=path, qc="error", error=reason)
+    def failed(
+        cls, path: str | None, reason: str, status: str = "error", qc: str = "error", note: str = ""
+    ) -> "LungResult":
+        """The result of an input that was not segmented: no mask, no measurements, the reason (as infer's row)."""
+        return cls(
+            np.zeros((0, 0), bool),
+            None,
+            None,
+            None,
+            0.0,
+            0.0,
+            path=path,
+            qc=qc or status,
+            error=reason,
+            status=status,
+            note=note,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -173,7 +190,7 @@ class LungSegmenter:
             first = next(results)
             results.close()  # ends the reader pool
             if not first.ok:
-                raise LungrtError(first.error)
+                raise LungrtError(f"{first.path or 'the array'}: {first.error or first.note or first.qc}")
             return first
         if errors == "raise":
             results = _raise_after(results)
@@ -182,56 +199,25 @@ class LungSegmenter:
     def _stream(
         self, x, batch_size: int, postprocess: bool, workers: int, complete_shape: bool
     ) -> Iterator[LungResult]:
-        from concurrent.futures import ThreadPoolExecutor
+        """`stream.segment` over the inputs (infer's reader, batch rule and errors), measured as infer measures."""
+        if isinstance(x, (str, Path)) and not Path(x).is_file():
+            x = collect_inputs([str(x)])  # a folder or a glob: listed first, as infer lists it
+        count = 1 if isinstance(x, (np.ndarray, str, Path)) else len(x) if isinstance(x, (list, tuple)) else None
+        size = batch_shape(batch_size, count, self.runner)  # a generator's length is unknown: full batches
+        with thread_reader(self.spec, workers) as submit:
+            for chunk in segment(self.runner, self._items(x), size, submit, read_window(size, workers)):
+                yield from self._results(chunk, postprocess, complete_shape)
 
-        window = max(2 * batch_size, workers)
-        source_error: BaseException | None = None
-        with ThreadPoolExecutor(max(1, workers), "lungrt-read") as pool:
-            pending: deque = deque()
-            sources = iter(self._sources(x))
-            batch: list = []
-            while True:
-                while source_error is None and len(pending) < window:
-                    try:
-                        src = next(sources)
-                    except StopIteration:
-                        break
-                    except Exception as e:  # the caller's source failed: what came before it is still handed over
-                        source_error = e
-                        break
-                    pending.append(pool.submit(self._prepared, src))
-                if not pending:
-                    break
-                batch.append(pending.popleft().result())
-                if len(batch) == batch_size or not pending:  # nothing pending after a refill: the last batch
-                    yield from self._segment(batch, postprocess, complete_shape)
-                    batch = []
-        if source_error is not None:
-            raise source_error
-
-    def _prepared(self, source) -> tuple[XRay, np.ndarray] | LungResult:
-        """(X-ray, network input), or the failed result of a source that cannot be read."""
-        try:
-            xr = array_xray(source) if isinstance(source, np.ndarray) else read_xray(source)
-            return xr, self.spec.apply_xray(xr)
-        except LungrtError as e:
-            return LungResult.failed(None if isinstance(source, np.ndarray) else str(source), str(e))
-        except Exception as e:  # one bad input never stops the others
-            return LungResult.failed(
-                None if isinstance(source, np.ndarray) else str(source), f"{type(e).__name__}: {e}"
-            )
-
-    def _segment(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
-        good = [b for b in batch if not isinstance(b, LungResult)]
-        done = iter(self._segment_good(good, postprocess, complete_shape) if good else ())
-        for b in batch:  # input order, failures in their place
-            yield b if isinstance(b, LungResult) else next(done)
-
-    def _segment_good(self, batch: list, postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
-        probs = self.runner.run(np.stack([tensor for _, tensor in batch]))[: len(batch), 0]
-        feats = features_many(probs, self.qc.shape, [xr.shape for xr, _ in batch])  # the batch's shape fits together
-        for (xr, _), p, f in zip(batch, probs, feats):
-            m = measure(xr, p, self.spec, postprocess, self.qc, complete_shape, f)
+    def _results(self, chunk: list[Frame], postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
+        good = [f for f in chunk if f.status == "ok"]
+        probs = np.stack([f.prob for f in good]) if good else np.zeros((0, 1, 1), np.float32)
+        feats = iter(features_many(probs, self.qc.shape, [f.xray.shape for f in good]) if good else [])
+        for f in chunk:  # input order, failures in their place
+            path = None if f.item.array is not None else str(f.item.source)
+            if f.status != "ok":
+                yield LungResult.failed(path, f.error, f.status, ";".join(f.skipped), f.note)
+                continue
+            m = measure(f.xray, f.prob, self.spec, postprocess, self.qc, complete_shape, next(feats))
             yield LungResult(
                 m.mask > 0,
                 m,
@@ -241,11 +227,21 @@ class LungSegmenter:
                 m.mean_confidence,
                 m.right_mm2,
                 m.left_mm2,
-                xr.path or None,
-                xr.gray8,
+                path,
+                f.xray.gray8,
                 m.qc,
                 m.qc_features,
             )
+
+    def _items(self, x) -> Iterator[Item]:
+        """One `Item` per image (an array travels inside its item), named as infer names them."""
+        for k, one in enumerate(self._sources(x)):
+            if isinstance(one, np.ndarray):
+                yield Item(Path(f"array_{k}"), Path(f"array_{k}"), array=one)
+            elif isinstance(one, Item):
+                yield one
+            else:
+                yield Item(Path(one), Path(Path(one).name))
 
     def _sources(self, x) -> Iterator:
         """Paths and arrays, one per image, from what `predict` was given (checked as they come)."""
@@ -255,11 +251,10 @@ class LungSegmenter:
             if Path(x).is_file():
                 yield x
             else:
-                for item in collect_inputs([str(x)]):
-                    yield item.source
+                yield from collect_inputs([str(x)])
         elif isinstance(x, Iterable) and not isinstance(x, (bytes, dict)):
             for one in x:
-                if not isinstance(one, (np.ndarray, str, Path)):
+                if not isinstance(one, (np.ndarray, str, Path, Item)):
                     raise LungrtError(
                         f"predict: an iterable must hold paths or 2-D arrays, not {type(one).__name__} "
                         "(for an image given as nested lists, pass np.asarray(...))"
@@ -277,16 +272,11 @@ class LungSegmenter:
         a journal for resume; `options` as `InferOptions` (dicom_seg=True, overlay=True, resume=True, ...).
         `store`: send this run's SEGs of PACS instances back to the PACS each came from (QC-flagged ones
         with `store_flagged`). The run's summary, with what was stored where under "stored"."""
-        from lungrt.inference.dicomweb import store_results
-        from lungrt.inference.infer import InferOptions, gather_inputs, run_infer
-        from lungrt.inference.journal import read_records
+        from lungrt.inference.infer import InferOptions
+        from lungrt.jobs import infer_job
 
         opts = InferOptions(**{**options, "dicom_seg": options.get("dicom_seg", False) or store})
-        items, pacs_inputs = gather_inputs([str(i) for i in inputs], out)
-        summary = run_infer(self.runner, items, out, opts)
-        if store:
-            summary["stored"] = store_results(Path(out), pacs_inputs, read_records(Path(out)), store_flagged)
-        return summary
+        return infer_job([str(i) for i in inputs], out, opts, self.runner, store=store, store_flagged=store_flagged)
 
     # -- the rest of the pipeline -------------------------------------------------------------
     def export(
@@ -306,8 +296,8 @@ class LungSegmenter:
         from lungrt.build import build_and_verify, choose_backend
         from lungrt.core.cache import cache_root, engines_dir
         from lungrt.models.checkpoint import resolve_model
-        from lungrt.backends.tensorrt.engine import BatchProfile, parse_targets
-        from lungrt.export.variants import make_variant
+        from lungrt.backends.tensorrt import BatchProfile, parse_targets
+        from lungrt.build.variants import make_variant
 
         loaded = resolve_model(self.source)
         folder = Path(out) if out is not None else (engines_dir() if format == "engine" else cache_root() / "variants")
@@ -365,7 +355,7 @@ class PredictErrors(LungrtError):
 
     def __init__(self, results: list[LungResult]):
         self.results = results
-        self.errors = [r for r in results if not r.ok]
+        self.errors = [r for r in results if r.status == "error"]
         first = self.errors[0]
         super().__init__(f"{len(self.errors)} of {len(results)} inputs could not be segmented; first: {first.error}")
 
@@ -375,9 +365,9 @@ def _raise_after(results: Iterator[LungResult]) -> Iterator[LungResult]:
     seen: list[LungResult] = []
     for r in results:
         seen.append(r)
-        if r.ok:
+        if r.status != "error":
             yield r
-    if any(not r.ok for r in seen):
+    if any(r.status == "error" for r in seen):
         raise PredictErrors(seen)
 
 
@@ -393,24 +383,3 @@ def _listed(results: Iterator[LungResult]) -> list[LungResult]:
         e.results = got  # type: ignore[attr-defined]  # what was segmented before the source failed
         raise
     return got
-
-
-def array_xray(a: np.ndarray) -> XRay:
-    """A 2-D array as an X-ray: uint8 kept as is, deeper integer or float values stretched like
-    16-bit files. Refused as the CLI refuses a file: too small, or not a gray image's numbers
-    (bool: most likely a mask passed by mistake; complex; objects)."""
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise LungrtError(f"predict: an array must be 2-D (H, W), got shape {a.shape}")
-    if a.dtype == bool:
-        raise LungrtError("predict: a bool array looks like a mask, not an X-ray; pass the image's gray values")
-    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise LungrtError(f"predict: an array of {a.dtype} is not a gray image; pass integer or float values")
-    if min(a.shape) < MIN_SIDE:
-        raise LungrtError(f"predict: image too small ({a.shape[1]}x{a.shape[0]}, need at least {MIN_SIDE} px a side)")
-    if a.dtype == np.uint8:
-        return XRay("", a)
-    try:
-        return XRay("", _to_unit(a, 16), None, 16)
-    except ValueError as e:
-        raise LungrtError(f"predict: {e}") from None

@@ -19,7 +19,7 @@ from lungrt.inference.infer import InferOptions, collect_inputs, run_infer
 from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
 from lungrt.data.phantoms import make_chest_phantom, write_phantom_dataset
 from lungrt.core.plots import overlay
-from lungrt.backends.select import open_runner, recorded_cpu_choice
+from lungrt.build.resolve import open_runner, recorded_cpu_choice
 from lungrt.backends.pytorch import TorchRunner
 
 

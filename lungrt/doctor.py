@@ -17,7 +17,7 @@ def _version(module: str) -> str:
 
 def tensorrt_status(flavour: str = "tensorrt") -> tuple[bool, str]:
     """(can build here, reason) for a TensorRT flavour: `tensorrt` or `tensorrt-rtx`."""
-    from lungrt.backends.tensorrt.engine import flavour_status
+    from lungrt.backends.tensorrt import flavour_status
 
     return flavour_status(flavour)
 
@@ -102,7 +102,7 @@ def engine_checks(plan) -> list[tuple[str, bool, str]]:
     from pathlib import Path
 
     from lungrt.backends.integrity import IR_SUFFIX, load_verified
-    from lungrt.backends.tensorrt.engine import (
+    from lungrt.backends.tensorrt import (
         FLAVOURS,
         gpu_environment,
         import_flavour,

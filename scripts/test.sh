@@ -11,6 +11,7 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null || need+=(chromium)  # the report's escaping, rendered by a real browser
+command -v storescu >/dev/null || need+=(dcmtk)  # DCMTK: a second, independent DICOM sender for the node
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"; } \
     >/dev/null 2>&1 || echo "test.sh: could not install ${need[*]}; the tests that need them skip" >&2

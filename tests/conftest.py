@@ -71,7 +71,7 @@ def gate_forcing_a_search(loaded, pairs, target: str, folder: Path, calib_dir=No
     graph). A fixed strict gate would assert that this CPU's FP32 kernels reproduce PyTorch's masks
     exactly. Skips where INT8 is already as faithful as FP32 here."""
     from lungrt.evaluation import parity
-    from lungrt.export import variants as V
+    from lungrt.build import variants as V
 
     recipe = V.INT8_RECIPES[V.TARGET_RECIPES[target]]
     fp32 = V.make_variant(loaded, "fp32", folder=folder).path

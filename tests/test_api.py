@@ -64,7 +64,7 @@ def test_engine_export_and_load(tmp_path, empty_cwd, tiny_checkpoint):
     seg = lungrt.LungSegmenter.load(tiny_checkpoint)
     plan = seg.export("engine", precision="fp16", backend="tensorrt-rtx", out=tmp_path / "eng")
     assert plan.suffix == ".plan" and plan.stat().st_size > 0
-    from lungrt.backends.tensorrt.engine import gpu_environment
+    from lungrt.backends.tensorrt import gpu_environment
 
     if gpu_environment() is None:
         with pytest.raises(LungrtError, match="needs an NVIDIA GPU"):
@@ -171,7 +171,8 @@ def test_one_unreadable_file_in_a_folder_loses_no_result(tmp_path, tiny_checkpoi
     seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
     results = seg.predict(tmp_path, batch_size=2)
     assert [Path(r.path).name for r in results] == ["bad.png", "good0.png", "good1.png", "good2.png"]
-    assert not results[0].ok and "bad.png" in results[0].error and results[0].mask.size == 0
+    assert not results[0].ok and results[0].status == "error" and results[0].mask.size == 0
+    assert results[0].error == "corrupt or truncated image (Truncated File Read)"  # infer's row says the same
     assert all(r.ok and r.mask.shape == (96, 96) for r in results[1:])
     handed = []
     with pytest.raises(PredictErrors) as e:
@@ -196,3 +197,38 @@ def test_a_failing_source_still_hands_over_what_came_before(tiny_checkpoint):
     with pytest.raises(ConnectionError) as e:
         seg.predict(films(), batch_size=3)
     assert len(e.value.results) == 4
+
+
+def test_api_and_infer_give_the_same_masks_and_rows(tmp_path, tiny_checkpoint):
+    """One stream behind both front doors: the same batch shape, masks, measurements and rows, with a
+    corrupt PNG, an empty file and a DICOM that holds no radiograph (pydicom's RT structure set) among them."""
+    import csv
+    import shutil
+
+    from pydicom.data import get_testdata_file
+    from PIL import Image
+
+    d = tmp_path / "in"
+    for i in range(5):
+        write_png(d / f"f{i}.png", (make_phantom(90 + i, 96 + 16 * (i % 2), 112).image * 255).astype(np.uint8))
+    (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (d / "empty.png").write_bytes(b"")
+    shutil.copy(get_testdata_file("rtstruct.dcm"), d / "rtstruct.dcm")
+    seg = lungrt.LungSegmenter.load(str(tiny_checkpoint), backend="torch")
+    results = seg.predict(d, batch_size=3)
+    summary = seg.infer([d], tmp_path / "out", batch_size=3)
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["ok"] == 5 and summary["failed"] == 2 and summary["not_radiographs"] == 1
+    assert [Path(r.path).name for r in results] == [Path(row["path"]).name for row in rows]
+    assert [r.status for r in results].count("skipped") == 1
+    for r, row in zip(results, rows):
+        assert (r.status, r.error, r.note) == (row["status"], row["error"], row["note"]), row["path"]
+        if r.ok:
+            on_disk = np.asarray(Image.open(tmp_path / "out" / row["mask"]).convert("L")) > 0
+            assert np.array_equal(r.mask, on_disk), row["path"]
+            assert (r.right_lung_px, r.left_lung_px, r.qc) == (
+                int(row["right_lung_px"]),
+                int(row["left_lung_px"]),
+                row["qc"],
+            )

@@ -145,7 +145,7 @@ def test_bench_reports_a_broken_backend_as_an_error_and_a_missing_one_as_a_skip(
     assert res.exit_code == 1 and "session refused the graph" in " ".join(res.output.split())
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert "error" in next(r for r in rows if r["backend"] == "onnxruntime")
-    from lungrt.backends.tensorrt.engine import gpu_environment
+    from lungrt.backends.tensorrt import gpu_environment
 
     if gpu_environment() is None:
         assert "NVIDIA GPU" in next(r for r in rows if r["backend"] == "tensorrt")["skipped"]
@@ -167,7 +167,7 @@ def test_end_to_end_ratio_counts_every_image_and_times_both_sides(tmp_path, tiny
     from lungrt.backends.onnxruntime import OnnxRuntimeRunner
     from lungrt.benchmark.endtoend import interleaved_ratio
     from lungrt.data.io import read_xray
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
     from lungrt.inference.infer import collect_inputs
     from lungrt.models.checkpoint import load_checkpoint
 
@@ -191,7 +191,7 @@ def test_pipeline_cost_excludes_the_model(tmp_path, tiny_checkpoint, phantom_dir
     from lungrt.backends.onnxruntime import OnnxRuntimeRunner
     from lungrt.benchmark.endtoend import ReplayRunner, pipeline_core_ms
     from lungrt.data.io import read_xray
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
     from lungrt.inference.infer import collect_inputs
     from lungrt.models.checkpoint import load_checkpoint
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from lungrt.backends.select import open_runner
+from lungrt.build.resolve import open_runner
 from lungrt.cli import app
 from lungrt.core.errors import DatasetError, LungrtError
 from lungrt.core.spec import PreprocessSpec

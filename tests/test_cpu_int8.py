@@ -21,7 +21,7 @@ from lungrt.core.errors import LungrtError
 from lungrt.core.hardware import cpu_flags
 from lungrt.data.datasets import discover_pairs
 from lungrt.evaluation import parity
-from lungrt.export import variants as variants_mod
+from lungrt.build import variants as variants_mod
 from lungrt.export.onnx import reference_inputs
 from lungrt.models.checkpoint import load_checkpoint
 
@@ -257,7 +257,7 @@ def assert_quiet(*texts: str) -> None:
 def test_build_cpu_auto_records_the_fastest_passing_choice_and_infer_uses_it(
     tmp_path, tiny_checkpoint, phantom_dir, monkeypatch, capfd
 ):
-    from lungrt.backends import select
+    from lungrt.build import resolve as select
 
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(
@@ -367,7 +367,7 @@ def test_cpu_int8_is_remade_and_regated_on_another_cpu(tmp_path, tiny_checkpoint
 
 
 def test_demo_explains_a_recorded_choice_that_misses_its_gate_on_phantoms(tiny_checkpoint):
-    from lungrt.backends import select
+    from lungrt.build import resolve as select
     from lungrt.demo import recorded_choice_note
 
     class FakeRunner:  # glue only: what the demo ran on
@@ -399,7 +399,7 @@ def test_demo_explains_a_recorded_choice_that_misses_its_gate_on_phantoms(tiny_c
 
 def test_a_cpu_choice_gated_only_on_phantoms_is_never_recorded(tmp_path, tiny_checkpoint, monkeypatch):
     """Without --data the gate runs on drawings: every gate line says so, and the choice is not what infer will use."""
-    from lungrt.backends import select
+    from lungrt.build import resolve as select
 
     monkeypatch.chdir(tmp_path)
     record = select.cpu_choice_file(load_checkpoint(tiny_checkpoint))
@@ -417,7 +417,7 @@ def test_a_cpu_choice_gated_only_on_phantoms_is_never_recorded(tmp_path, tiny_ch
 
 def test_the_int8_search_says_each_step_and_stops_at_its_bound():
     from lungrt.core.errors import LungrtError
-    from lungrt.export.variants import SearchBound
+    from lungrt.build.variants import SearchBound
 
     said = []
     bound = SearchBound("INT8 block search", minutes=0.0005, log=said.append)  # 30 ms

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
 from lungrt.doctor import tensorrt_status
-from lungrt.backends.tensorrt.engine import (
+from lungrt.backends.tensorrt import (
     BatchProfile,
     build_engine,
     check_plan_usable,
@@ -23,7 +23,7 @@ from lungrt.backends.tensorrt.engine import (
 )
 from lungrt.backends.integrity import ContentMismatch
 from lungrt.core.errors import LungrtError
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 
 TRT_OK, TRT_WHY = tensorrt_status("tensorrt")
 

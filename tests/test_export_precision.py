@@ -11,12 +11,13 @@ from typer.testing import CliRunner
 
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
+from lungrt.evaluation.parity import check_export
 from lungrt.export.onnx import export_onnx, reference_inputs
 from lungrt.export.precision import FP16_KEEP_FP32_OPS, load_calibration_set, make_fp16, make_int8
 from lungrt.backends.base import onnx_metadata
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_export_round_trip_equals_torch_at_other_batch(tmp_path, name):
     from lungrt.core.spec import PreprocessSpec
 
     loaded = LoadedModel(build_model(name, 4).eval(), ModelInfo(name, 4, PreprocessSpec(size=64)))
-    path = export_onnx(loaded, tmp_path / "m.onnx")  # raises if ORT and torch differ
+    path = export_onnx(loaded, tmp_path / "m.onnx", check_export(loaded))  # raises if ORT and torch differ
     m = onnx.load(str(path))
     assert m.opset_import[0].version >= 17
     assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -151,7 +152,7 @@ def test_int8_exclusion_search_leaves_sensitive_blocks_in_float(tmp_path, tiny_c
     """With a gate that full INT8 cannot meet, the search must exclude blocks (worst first) until
     the variant passes, and record them in the ONNX metadata."""
     from lungrt.evaluation import parity
-    from lungrt.export import variants as variants_mod
+    from lungrt.build import variants as variants_mod
     from lungrt.data.datasets import discover_pairs
 
     from tests.conftest import gate_forcing_a_search

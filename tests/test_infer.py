@@ -146,9 +146,11 @@ def test_helpers_take_only_idle_cpu_beside_a_sleeping_runner(tmp_path, tiny_chec
     for i in range(2):
         write_png(d / f"ok_{i}.png", (make_phantom(i, 96).image * 255).astype(np.uint8))
     policies = []
-    real_read = infer.read_xray
+    import lungrt.inference.stream as stream
+
+    real_read = stream.read_xray
     monkeypatch.setattr(
-        infer, "read_xray", lambda p, **kw: (policies.append(os.sched_getscheduler(0)), real_read(p, **kw))[1]
+        stream, "read_xray", lambda p, **kw: (policies.append(os.sched_getscheduler(0)), real_read(p, **kw))[1]
     )
     model = TorchRunner(resolve_model(str(tiny_checkpoint)))
     model.sleeps_when_idle = sleeps

@@ -249,7 +249,7 @@ def test_derived_onnx_goes_to_the_cache_and_is_verified(tmp_path, tiny_checkpoin
 
 # 9 ------------------------------------------------------------------------------------------------
 def test_disk_full_is_one_line_and_keeps_what_is_done(tmp_path, tiny_checkpoint, monkeypatch):
-    import lungrt.inference.infer as infer_mod
+    import lungrt.inference.measure as infer_mod
 
     folder = tmp_path / "in"
     for i in range(6):
@@ -506,7 +506,7 @@ def test_fifos_never_hang_and_get_rows(tmp_path, tiny_checkpoint):
 
 def test_error_cells_are_one_line(tmp_path, tiny_checkpoint, monkeypatch):
     """A decoder's message with newlines and tabs (as pydicom's plugin errors have) stays one CSV cell line."""
-    from lungrt.inference import infer as infer_mod
+    from lungrt.inference import stream as infer_mod
 
     def garbled(path, *a, **k):
         raise RuntimeError("cannot decode:\n\tall plugins are missing dependencies:\n\tgdcm\tpylibjpeg")

@@ -12,7 +12,7 @@ from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.openvino import OpenVinoRunner, native_bf16
 from lungrt.cli import app
 from lungrt.export.onnx import reference_inputs
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.models.checkpoint import load_checkpoint
 
 runner = CliRunner()

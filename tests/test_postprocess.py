@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungrt.inference.postprocess import lung_fields
+from lungrt.data.postprocess import lung_fields
 
 
 def _two_lungs():
@@ -88,7 +88,7 @@ def test_qc_features_equal_the_definitions_over_every_lung_pixel():
 def test_touching_lungs_are_split_at_the_mediastinum():
     """Two lungs that meet (severe ARDS): one component across the midline. Each side gets its own
     area (it used to give one side 0), split where the mask is narrowest between them."""
-    from lungrt.inference.postprocess import side_labels
+    from lungrt.data.postprocess import side_labels
 
     m = np.zeros((200, 220), np.uint8)
     cv2.ellipse(m, (70, 100), (45, 75), 0, 0, 360, 255, -1)  # the patient's right lung (image left), larger

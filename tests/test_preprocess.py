@@ -109,7 +109,7 @@ def test_native_size_masks_are_unchanged_by_the_banded_resize():
     everywhere, except where that pipeline's probability is within 1/255 of 0.5."""
     import cv2
 
-    from lungrt.backends.select import open_runner
+    from lungrt.build.resolve import open_runner
     from lungrt.data.io import XRay
     from lungrt.data.phantoms import make_chest_phantom
     from lungrt.models.checkpoint import resolve_model
@@ -163,7 +163,7 @@ def test_mask_region_holds_every_lung_pixel_and_clean_up_there_is_the_same():
     mask may lie outside it, and the clean mask and areas equal the whole image's."""
     import cv2
 
-    from lungrt.inference.postprocess import lung_fields
+    from lungrt.data.postprocess import lung_fields
 
     spec = PreprocessSpec(size=64)
     rng = np.random.default_rng(3)

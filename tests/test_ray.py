@@ -81,6 +81,14 @@ def _folder(d: Path, n: int, broken: bool = True) -> Path:
     return d
 
 
+def _with_non_radiograph(d: Path) -> Path:
+    """A DICOM that holds no radiograph (pydicom's RT structure set): skipped by every front door alike."""
+    from pydicom.data import get_testdata_file
+
+    shutil.copy(get_testdata_file("rtstruct.dcm"), d / "rtstruct.dcm")
+    return d
+
+
 def _outputs(out: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(out)): p.read_bytes()
@@ -107,7 +115,7 @@ def _only_loopback(facts: dict) -> None:
 def test_ray_local_binds_loopback_and_matches_single_machine(tmp_path, tiny_checkpoint):
     """`--ray local` stays on 127.0.0.1 although the namespace offers Ray another address (which a
     plain `ray.init` takes, and listens on every interface)."""
-    src = _folder(tmp_path / "in", 7)
+    src = _with_non_radiograph(_folder(tmp_path / "in", 7))
     facts = run_scenario("local", tiny_checkpoint, src, tmp_path, WITH_DECOY)
     assert facts["exit_code"] == 3, facts["output"]  # the broken input is a row
     assert "WARNING" not in facts["output"] and "Token authentication" not in facts["output"], facts["output"]

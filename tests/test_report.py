@@ -219,6 +219,7 @@ def test_one_list_of_result_columns():
     from lungrt.inference.report import TABLE_COLUMNS
 
     assert set(TABLE_COLUMNS) <= set(CSV_FIELDS)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    promised = set(re.findall(r"`(qc_[a-z_]+)`", readme))
+    root = Path(__file__).resolve().parents[1]
+    readme = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    promised = set(re.findall(r"`(qc_[a-z_]+)`", readme))  # the columns README and docs promise
     assert promised and promised <= set(CSV_FIELDS), promised - set(CSV_FIELDS)

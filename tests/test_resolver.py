@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from lungrt.backends.integrity import CONTENT_KEY, ContentMismatch, load_verified, load_verified_onnx
 from lungrt.backends.onnxruntime import OnnxRuntimeRunner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.backends.select import BACKENDS, RUNNER_PRECISIONS, open_runner
+from lungrt.build.resolve import BACKENDS, RUNNER_PRECISIONS, open_runner
 from lungrt.cli import app
 from lungrt.core.errors import LungrtError
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 from lungrt.models.checkpoint import load_checkpoint
 
 runner = CliRunner()
@@ -45,7 +45,7 @@ def files(tmp_path_factory, tiny_checkpoint, phantom_dir):
     ir = make_variant(
         loaded, "int8", folder=folder, calib_dir=phantom_dir, cache_dir=folder, target="openvino", log=lambda *a: None
     ).path  # OpenVINO's INT8: an IR (whole graph: no gate asked here)
-    from lungrt.backends.tensorrt.engine import BatchProfile, PolygraphyBuilder, build_engine
+    from lungrt.backends.tensorrt import BatchProfile, PolygraphyBuilder, build_engine
 
     meta = build_engine(
         made["fp16"], folder, BatchProfile(1, 2, 4), builder=PolygraphyBuilder("tensorrt-rtx"), log=lambda *a: None
@@ -85,7 +85,7 @@ def _ground_truth(r) -> tuple[str, str, str]:
 
 @pytest.mark.parametrize("kind", ["weights", "fp32.onnx", "fp16.onnx", "int8.onnx", "int8.xml", "plan"])
 def test_every_combination_opens_what_was_asked_or_is_refused_in_one_line(files, kind):
-    from lungrt.backends.tensorrt.engine import gpu_environment
+    from lungrt.backends.tensorrt import gpu_environment
 
     opened, refused = 0, 0
     for backend, precision, device in itertools.product(BACKENDS, (None, *RUNNER_PRECISIONS), DEVICES):

@@ -142,7 +142,7 @@ def test_shape_model_travels_from_checkpoint_to_onnx(tiny_checkpoint, tmp_path):
     import json
 
     from lungrt.backends.base import onnx_metadata
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
     from lungrt.models.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(tiny_checkpoint)

@@ -37,7 +37,7 @@ def test_shipped_model_segments_real_test_xrays(name):
     from lungrt.backends.onnxruntime import OnnxRuntimeRunner
     from lungrt.data.datasets import select_split
     from lungrt.evaluation.evaluate import evaluate
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
 
     loaded = resolve_model(name)
     pairs = select_split(REAL_DATA, "test")[::8]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from lungrt.models.checkpoint import load_checkpoint
 from lungrt.cli import app
-from lungrt.backends.tensorrt.engine import (
+from lungrt.backends.tensorrt import (
     BatchProfile,
     PolygraphyBuilder,
     build_engine,
@@ -31,7 +31,7 @@ from lungrt.backends.tensorrt.engine import (
 from lungrt.core.errors import LungrtError
 from lungrt.export.precision import dtype_census
 from lungrt.backends.tensorrt.runner import RUNTIME_API, TensorRTRunner
-from lungrt.export.variants import make_variant
+from lungrt.build.variants import make_variant
 
 runner = CliRunner()
 NO_GPU = gpu_environment() is None

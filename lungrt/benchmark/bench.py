@@ -21,7 +21,7 @@ from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.core.hardware import cpu_flags, cpu_name
 from lungrt.models import gflops_per_image
 from lungrt.export.onnx import reference_inputs
-from lungrt.backends.select import TORCH_FAST_PATHS, open_runner
+from lungrt.build.resolve import TORCH_FAST_PATHS, open_runner
 from lungrt.backends.base import Runner
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor datasheets), for "% of peak".
@@ -103,9 +103,9 @@ def bench_model(
 ) -> dict:
     """`lungrt bench`: the variants each backend runs (INT8 gated on the validation split of `calib`
     when it is a labelled dataset) and the given TensorRT plans, timed by `run_bench`."""
-    from lungrt.backends.tensorrt.engine import read_plan_metadata
+    from lungrt.backends.tensorrt import read_plan_metadata
     from lungrt.data.datasets import discover_pairs, validation_pairs
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
 
     plans = {read_plan_metadata(Path(p))["precision"]: Path(p) for p in engines}
     gate_on = validation_pairs(calib) if calib is not None and discover_pairs(calib).pairs else None
@@ -140,7 +140,7 @@ def open_config(loaded, backend: str, variant: str, device: str, variant_path) -
     if backend == "onnxruntime" and variant == "bf16":
         raise BackendUnavailable("no bf16 variant for ONNX Runtime (OpenVINO runs bf16)")
     if backend in ("tensorrt", "tensorrt-rtx"):
-        from lungrt.backends.tensorrt.engine import gpu_environment
+        from lungrt.backends.tensorrt import gpu_environment
 
         if gpu_environment() is None:
             raise BackendUnavailable("running TensorRT engines needs an NVIDIA GPU; none is visible")

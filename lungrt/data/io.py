@@ -21,7 +21,7 @@ import imagecodecs
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from lungrt.core.errors import ImageReadError, NotARadiograph
+from lungrt.core.errors import ImageReadError, LungrtError, NotARadiograph
 from lungrt.core.spec import PreprocessSpec, area_downsize_bands, to_gray8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -767,3 +767,24 @@ def _deflate_fast(data: np.ndarray) -> bytes:
 
 def write_png(path: str | Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, encode_png(array))
+
+
+def array_xray(a: np.ndarray) -> XRay:
+    """A 2-D array as an X-ray: uint8 kept as is, deeper integer or float values stretched like
+    16-bit files. Refused as the CLI refuses a file: too small, or not a gray image's numbers
+    (bool: most likely a mask passed by mistake; complex; objects)."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise LungrtError(f"predict: an array must be 2-D (H, W), got shape {a.shape}")
+    if a.dtype == bool:
+        raise LungrtError("predict: a bool array looks like a mask, not an X-ray; pass the image's gray values")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise LungrtError(f"predict: an array of {a.dtype} is not a gray image; pass integer or float values")
+    if min(a.shape) < MIN_SIDE:
+        raise LungrtError(f"predict: image too small ({a.shape[1]}x{a.shape[0]}, need at least {MIN_SIDE} px a side)")
+    if a.dtype == np.uint8:
+        return XRay("", a)
+    try:
+        return XRay("", _to_unit(a, 16), None, 16)
+    except ValueError as e:
+        raise LungrtError(f"predict: {e}") from None

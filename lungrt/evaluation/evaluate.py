@@ -62,7 +62,7 @@ def evaluate(runner: Runner, pairs: list[Pair], batch_size: int = 8, keep: int =
     """Per-image metrics and their means; the first `keep` samples ("examples") and the `keep`
     with the lowest Dice ("worst": with their network-size probabilities, for the shape fit) are
     returned for figures. `postprocess` applies infer's clean-up (two largest components, holes filled) first."""
-    from lungrt.inference.postprocess import lung_fields
+    from lungrt.data.postprocess import lung_fields
 
     rows, kept, worst = [], [], []
     with progress_bar() as bar:

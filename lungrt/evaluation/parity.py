@@ -217,3 +217,39 @@ def throughput(runner: Runner, batch: np.ndarray, seconds: float = 2.0, min_iter
 
 def parity_report_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.parity.json"
+
+
+def compare_with_torch(loaded, onnx_path: str | Path, batch: int = 3) -> float:
+    """Max |probability difference| between ONNX Runtime and PyTorch on phantom inputs, at a batch
+    size other than the export example's (proves the dynamic batch axis too)."""
+    from lungrt.backends.onnxruntime import OnnxRuntimeRunner
+    from lungrt.backends.pytorch import TorchRunner
+    from lungrt.export.onnx import reference_inputs
+
+    x = reference_inputs(loaded.spec, batch, seed=7)
+    ref = TorchRunner(loaded).run(x)
+    with OnnxRuntimeRunner(onnx_path) as ort_runner:
+        got = ort_runner.run(x)
+    return float(np.abs(ref - got).max())
+
+
+def check_export(loaded):
+    """`export_onnx`'s check: the written graph computes what PyTorch does, within FP32_TOLERANCE (NaN fails)."""
+    from lungrt.core.errors import LungrtError
+    from lungrt.export.onnx import FP32_TOLERANCE
+
+    def check(path: Path) -> None:
+        diff = compare_with_torch(loaded, path)
+        if not diff <= FP32_TOLERANCE:  # NaN too: weights that make NaN must not pass
+            raise LungrtError(f"exported graph differs from PyTorch (max |dp| {diff:.2e} > {FP32_TOLERANCE:.0e})")
+
+    return check
+
+
+def verify_candidate(reference: Runner, candidate: Runner, pairs: list[Pair], precision: str) -> dict:
+    """The build's verification in one call: parity of `candidate` against `reference` on `pairs` and the
+    verdict of its precision's gate ({"parity": summary, "gate": verdict, "runner": what ran})."""
+    result = compare(reference, candidate, pairs)
+    summary = result["summary"]
+    summary.pop("worst", None)
+    return {"parity": summary, "gate": apply_gate(summary, GATES[precision]), "runner": result["candidate_identity"]}

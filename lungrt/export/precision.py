@@ -453,7 +453,7 @@ def nncf_openvino(fp32_path: str | Path, calib: CalibrationSet, preset: str = "p
     number of items, largest allowed drop): NNCF's `quantize_with_accuracy_control` then reverts the
     quantized operations that cost the score most, one at a time, until the drop from the FP32
     model's score is within bounds."""
-    from lungrt.backends.openvino import openvino_core
+    from lungrt.export.openvino_ir import openvino_core
     from lungrt.core.logs import third_party_logs
 
     _, core = openvino_core()
@@ -483,7 +483,7 @@ def save_int8_ir(model, fp32_path: str | Path, out_path: str | Path, calib: Cali
     """Save an NNCF-quantized OpenVINO model as a sealed IR carrying the FP32 file's metadata and
     what it was calibrated on; `reverted`: layers the accuracy control put back in float."""
     from lungrt.backends.integrity import load_verified_onnx
-    from lungrt.backends.openvino import save_sealed_ir
+    from lungrt.export.openvino_ir import save_sealed_ir
 
     meta = {k: v for k, v in load_verified_onnx(fp32_path).meta.items() if k != "lungrt.content_hash"}
     floated = float_layers(model)

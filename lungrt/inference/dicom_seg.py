@@ -114,3 +114,39 @@ def segmentation_bytes(
     buf = io.BytesIO()
     seg.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def secondary_capture_bytes(source: str | Path, overlay_png: str | Path, model: str) -> bytes:
+    """Part-10 bytes of a Secondary Capture of `source` showing lungrt's outline burned in (RGB, from infer's
+    overlay PNG): what most PACS viewers draw for a projection radiograph. Marked DERIVED\\SECONDARY, burned-in
+    annotation YES, made by lungrt; it joins the source's study as a series of its own (UIDs derived, so a
+    re-send after a restart is the same instance)."""
+    import cv2
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    from lungrt.data.io import read_dicom_dataset
+
+    src = read_dicom_dataset(source, stop_before_pixels=True)
+    rgb = cv2.cvtColor(cv2.imread(str(overlay_png), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=src,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, "sc", str(src.SeriesInstanceUID), model]),
+        series_number=9001,
+        sop_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, "sc", str(src.SOPInstanceUID), model]),
+        instance_number=int(src.get("InstanceNumber", 1) or 1),
+        manufacturer="lungrt",
+        patient_orientation=tuple(src.get("PatientOrientation", None) or ("L", "F")),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = f"lungrt {model} outline (not for diagnosis alone)"[:64]
+    sc.DerivationDescription = "lung outline drawn by lungrt over the source radiograph"
+    buf = io.BytesIO()
+    sc.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

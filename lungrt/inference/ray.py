@@ -13,26 +13,24 @@ import json
 import os
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 
 from lungrt.core.errors import LungrtError
-from lungrt.inference.infer import (
-    InferOptions,
-    Item,
-    NotImage,
-    _error_row,
-    _load,
-    _skipped_row,
-    _write_record,
-    finish_or_error_row,
-    prepare_out_dir,
+from lungrt.inference.inputs import Item, prepare_out_dir
+from lungrt.inference.measure import finish_or_error_row
+from lungrt.inference.options import InferOptions
+from lungrt.inference.outputs import (
+    error_row,
     remove_partial_writes,
-    screened_out,
+    skipped_row,
     todo_items,
+    write_record,
     write_results_csv,
 )
+from lungrt.inference.stream import batch_shape, load, run_batch
 from lungrt.inference.journal import lock_out_dir, write_summary
 from lungrt.data.io import XRay
 from lungrt.core.spec import PreprocessSpec
@@ -91,50 +89,55 @@ def _start_loopback_cluster(ray, kwargs: dict) -> None:
         )
 
 
-def _read(row: dict, spec_json: str) -> dict:
-    """infer's own loader (same errors, same preprocessing); workers read by absolute path."""
+def _read(row: dict, spec_json: str, screen: str = "flag") -> dict:
+    """The stream's own loader (same errors, same preprocessing, same screening); workers read by absolute path."""
     spec = PreprocessSpec.from_json(spec_json)
-    _, xr, tensor, err = _load(Item(Path(row["abs"]), Path(row["rel"]), row["known_error"]), spec)
-    if err is not None:
+    frame = load(Item(Path(row["abs"]), Path(row["rel"]), row["known_error"]), spec, screen=screen)
+    xr, tensor = frame.xray, frame.tensor
+    if frame.status != "ok":
         s = spec.size
         return {
             **row,
-            "error": str(err),
-            "not_image": isinstance(err, NotImage),
+            "error": frame.error,
+            "skipped": ";".join(frame.skipped),
+            "note": frame.note,
             "tensor": np.zeros((1, s, s), np.float32),
             "image": np.zeros((1, 1), np.uint8),
             "spacing": np.zeros(2, np.float64),
             "bits": 0,
             "header": "{}",
+            "shape": np.array(xr.shape if xr is not None else (0, 0), np.int64),
         }
     return {
         **row,
         "error": "",
-        "not_image": False,
+        "skipped": "",
+        "note": "",
         "tensor": tensor,
         "image": xr.gray8,  # one dtype for every row; all the writer needs
         "spacing": np.array(xr.spacing_mm or (0.0, 0.0), np.float64),
         "bits": xr.bits,
         "header": json.dumps(xr.header or {}),
+        "shape": np.array(xr.shape, np.int64),
     }
+
+
+class _NoProfile:
+    """The driver holds no runner here: the batch is bounded by the inputs; an engine's profile bounds it in
+    the actor (`open_runner` refuses a batch outside it)."""
 
 
 class InferActor:
     """Opens the runner once per actor; pads partial batches like the single-machine path."""
 
-    def __init__(self, runner_args: dict, batch_size: int):
-        from lungrt.backends.select import open_runner
-
-        self.runner = open_runner(**runner_args, log=lambda *a: None)
+    def __init__(self, runner_args: dict, batch_size: int, opener):
+        self.runner = opener(**runner_args, log=lambda *a: None)  # the driver's resolver, passed down
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
         x = np.asarray(batch["tensor"], np.float32)
         n = len(x)
-        if n < self.batch_size:
-            x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
-        probs = self.runner.run(x)[:n, 0]
-        batch["prob"] = probs
+        batch["prob"] = run_batch(self.runner, list(x), self.batch_size)
         batch["runner"] = np.array([self.runner.describe()] * n)
         batch["model"] = np.array([self.runner.info.name] * n)
         del batch["tensor"]
@@ -163,12 +166,12 @@ def _write(
     spec = PreprocessSpec.from_json(spec_json)
     view = _RunnerView(spec, str(row["runner"]), str(row["model"]), json.loads(qc_json), artifact)
     options = InferOptions(**opts)
-    if row.get("not_image"):  # a SEG, SR, multi-frame...: skipped, as on one machine
-        rec = _write_record(
-            Path(out_dir), item, _skipped_row(item, None, ["not_a_radiograph"], view, str(row["error"]))
-        )
+    if row["skipped"]:  # a SEG, SR, multi-frame, or screened out by its header: skipped, as on one machine
+        shape = SimpleNamespace(shape=tuple(int(v) for v in row["shape"])) if int(row["shape"][0]) else None
+        skipped = skipped_row(item, shape, str(row["skipped"]).split(";"), view, str(row["note"]))
+        rec = write_record(Path(out_dir), item, skipped)
     elif row["error"]:
-        rec = _write_record(Path(out_dir), item, _error_row(item, str(row["error"]), view))
+        rec = write_record(Path(out_dir), item, error_row(item, str(row["error"]), view))
     else:
         sp = tuple(float(v) for v in row["spacing"])
         xr = XRay(
@@ -178,11 +181,8 @@ def _write(
             int(row["bits"]),
             header=json.loads(str(row["header"])) or None,
         )
-        if reasons := screened_out(xr, options):
-            rec = _write_record(Path(out_dir), item, _skipped_row(item, xr, reasons, view))
-        else:
-            rec = finish_or_error_row(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
-    return {"status": rec["status"], "qc": str(rec.get("qc") or "")}
+        rec = finish_or_error_row(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
+    return {"status": rec["status"], "qc": str(rec.get("qc") or ""), "not_image": "not_a_radiograph" in row["skipped"]}
 
 
 def runner_args_for(runner, model: str, arch: str | None) -> dict:
@@ -196,6 +196,7 @@ def runner_args_for(runner, model: str, arch: str | None) -> dict:
 
 
 def run_infer_ray(
+    opener,
     runner_args: dict,
     spec: PreprocessSpec,
     items: list[Item],
@@ -217,6 +218,7 @@ def run_infer_ray(
         return _run_locked(
             ray,
             ActorPoolStrategy,
+            opener,
             runner_args,
             spec,
             items,
@@ -231,14 +233,26 @@ def run_infer_ray(
 
 
 def _run_locked(
-    ray, ActorPoolStrategy, runner_args, spec, items, out_dir, opts, address, actors, gpus_per_actor, identity, qc
+    ray,
+    ActorPoolStrategy,
+    opener,
+    runner_args,
+    spec,
+    items,
+    out_dir,
+    opts,
+    address,
+    actors,
+    gpus_per_actor,
+    identity,
+    qc,
 ):
     remove_partial_writes(out_dir)
     todo = todo_items(out_dir, items, opts, identity)
-    opts = replace(opts, batch_size=max(1, min(opts.batch_size, len(items))))
+    opts = replace(opts, batch_size=batch_shape(opts.batch_size, len(items), _NoProfile()))
     connect(address)
     t0 = time.perf_counter()
-    ok = failed = flagged = screened = 0
+    ok = failed = flagged = screened = not_images = 0
     if todo:
         spec_json = spec.to_json()
         opts_d = {k: getattr(opts, k) for k in InferOptions.__dataclass_fields__}
@@ -253,10 +267,10 @@ def _run_locked(
                 for it in todo
             ]
         )
-        ds = ds.map(_read, fn_kwargs={"spec_json": spec_json})
+        ds = ds.map(_read, fn_kwargs={"spec_json": spec_json, "screen": opts.screen})
         ds = ds.map_batches(
             InferActor,
-            fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size},
+            fn_constructor_kwargs={"runner_args": runner_args, "batch_size": opts.batch_size, "opener": opener},
             batch_size=opts.batch_size,
             compute=ActorPoolStrategy(size=actors),
             num_gpus=gpus_per_actor or None,
@@ -277,7 +291,8 @@ def _run_locked(
             for row in ds.iter_rows():
                 ok += row["status"] == "ok"
                 failed += row["status"] == "error"
-                screened += row["status"] == "skipped"
+                screened += row["status"] == "skipped" and not row["not_image"]
+                not_images += bool(row["not_image"])
                 flagged += row["status"] == "ok" and row["qc"] not in ("", "ok")
                 bar.advance(task)
     elapsed = time.perf_counter() - t0
@@ -289,6 +304,7 @@ def _run_locked(
         "failed": failed,
         "qc_flagged": flagged,
         "screened_out": screened,
+        "not_radiographs": not_images,
         "stopped_early": False,
         "seconds": elapsed,
         "images_per_second": (ok + failed) / elapsed if elapsed else 0.0,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lungrt.inference.postprocess import lung_fields
+from lungrt.data.postprocess import lung_fields
 
 VERSION = 1
 POINTS_PER_LUNG = 32

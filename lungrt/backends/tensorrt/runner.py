@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lungrt.core.modelinfo import ModelInfo
-from lungrt.backends.tensorrt.engine import (
+from lungrt.backends.tensorrt import (
     FLAVOURS,
     check_plan_usable,
     gpu_environment,

@@ -122,7 +122,7 @@ def _open_engine(plan: Path, backend: str, device: str) -> Runner:
         )
     if device not in ("auto",) and not device.startswith("cuda"):
         raise LungrtError(f"{plan}: a TensorRT plan runs on an NVIDIA GPU, not on {device}")
-    from lungrt.backends.tensorrt.engine import gpu_environment, read_plan_metadata
+    from lungrt.backends.tensorrt import gpu_environment, read_plan_metadata
 
     if gpu_environment() is None:
         read_plan_metadata(plan)  # a missing, corrupted or sidecar-less plan says so before "no GPU"
@@ -204,7 +204,7 @@ def _open_weights(
     if cuda and backend == "openvino":
         raise LungrtError("lungrt runs OpenVINO on the CPU only")
     from lungrt.core.cache import cache_root
-    from lungrt.export.variants import make_variant
+    from lungrt.build.variants import make_variant
 
     root = cache_root()
     target = "openvino" if backend == "openvino" else "onnxruntime"

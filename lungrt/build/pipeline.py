@@ -24,16 +24,16 @@ from pathlib import Path
 from lungrt.core.defaults import DEFAULT_MODEL
 from lungrt.models.checkpoint import LoadedModel
 from lungrt.data.datasets import discover_pairs, select_split, validation_pairs
-from lungrt.backends.tensorrt.engine import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
+from lungrt.backends.tensorrt import FLAVOURS, BatchProfile, PolygraphyBuilder, build_engine, choose_flavour
 from lungrt.core.errors import BackendUnavailable, LungrtError
 from lungrt.export.onnx import reference_inputs
-from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput
+from lungrt.evaluation.parity import GATES, apply_gate, compare, throughput, verify_candidate
 from lungrt.data.phantoms import write_phantom_dataset
 from lungrt.export.precision import PRECISIONS
 from lungrt.backends.base import Runner
 from lungrt.backends.pytorch import TorchRunner
-from lungrt.backends.select import open_runner, record_cpu_choice
-from lungrt.export.variants import INT8_SEARCH_MINUTES, make_variant
+from lungrt.build.resolve import open_runner, record_cpu_choice
+from lungrt.build.variants import INT8_SEARCH_MINUTES, make_variant
 
 log_ = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime", "openvino", "cpu")
@@ -78,7 +78,7 @@ def run_build(
     """`lungrt build`: a file (`onnx`) compiled for TensorRT, one precision, `--precision auto` on a
     backend, or every CPU engine (`backend="cpu"`); each verified. Returns what was built (or chosen).
     `search_minutes` bounds each INT8 search (NNCF's accuracy control, the block search)."""
-    from lungrt.backends.tensorrt.engine import parse_targets
+    from lungrt.backends.tensorrt import parse_targets
     from lungrt.models.checkpoint import resolve_model
 
     be = choose_backend(backend, log=log)
@@ -210,12 +210,9 @@ def verify(b: Built, loaded: LoadedModel, pairs, log=log_.info, where: str = "")
     """Parity of what was built against PyTorch FP32, on `pairs` (labelled; `where`: what they are)."""
     runner, what = open_for_verification(b, log)
     with runner:
-        result = compare(TorchRunner(loaded), runner, pairs)
-    summary = result["summary"]
-    summary.pop("worst", None)
-    gate = apply_gate(summary, GATES[b.precision])
-    checked = result["candidate_identity"]
-    out = {"checked": what, "images": summary["images"], "parity": summary, "gate": gate, "runner": checked}
+        verdict = verify_candidate(TorchRunner(loaded), runner, pairs, b.precision)
+    summary, gate, checked = verdict["parity"], verdict["gate"], verdict["runner"]
+    out = {"checked": what, "images": summary["images"], **verdict}
     log(
         f"verified {b.path.name} ({what}, sha256 {checked['content_hash'][:16]}): mask agreement "
         f"{summary['mask_agreement']:.5f} on {where or str(summary['images']) + ' images'}, "

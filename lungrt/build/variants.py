@@ -19,7 +19,7 @@ from lungrt.core.hardware import cpu_tag
 from lungrt.models.checkpoint import LoadedModel, weights_hash
 from lungrt.core.errors import LungrtError
 from lungrt.export.onnx import EXPORT_REVISION, export_onnx
-from lungrt.evaluation.parity import GATES, GateScore, apply_gate, compare, gate_score
+from lungrt.evaluation.parity import check_export, GATES, GateScore, apply_gate, compare, gate_score
 from lungrt.export.precision import (
     DEFAULT_CALIBRATION_IMAGES,
     PRECISIONS,
@@ -184,7 +184,7 @@ def make_variant(
     fp32 = made.file(folder, "fp32")
     if not made.reusable(fp32):
         with working_on(f"exporting {loaded.info.name} to ONNX (first use of these weights; kept in {folder})"):
-            export_onnx(loaded, fp32)
+            export_onnx(loaded, fp32, check_export(loaded))
     if precision == "fp32":
         return Variant("fp32", fp32)
     if precision == "fp16":

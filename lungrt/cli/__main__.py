@@ -1,0 +1,3 @@
+from lungrt.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,373 @@
+"""lungrt as a DICOM node: receive chest films over DIMSE (C-STORE, C-ECHO), segment them with `lungrt infer`'s
+batched stream, send the results back by C-STORE, lose nothing.
+
+Everything lives in one spool folder, so a node killed at any moment (SIGKILL included) picks up where it was:
+
+    SPOOL/incoming/STUDY/SOP.dcm   what was received: written and fsynced before the C-STORE is acknowledged
+    SPOOL/results/...              `lungrt infer`'s output folder (its journal says which films are done)
+    SPOOL/sent.jsonl               one fsynced line per instance a destination acknowledged (never sent twice)
+    SPOOL/studies.jsonl            one line per study answered (films, SEGs, destinations, latency)
+    SPOOL/status.json              counts and latency percentiles (`lungrt serve --status SPOOL`)
+
+A study is processed once no film of it arrived for `quiet_seconds`; every study due at that moment goes through
+one stream run (batches across studies keep an accelerator fed; the batch shape is fixed, so a film's mask never
+depends on what came with it). Its SEGs (and, if asked, a Secondary Capture with the outline burned in) go to
+every destination, retried with back-off until acknowledged. Films that header screening refuses get no SEG
+(what infer writes decides what is sent); QC-flagged films' results are held unless `send_flagged`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from lungrt.backends.base import Runner
+from lungrt.core.errors import LungrtError
+from lungrt.data.io import atomic_write_bytes
+from lungrt.inference.inputs import collect_inputs
+from lungrt.inference.journal import read_records, records_folder
+from lungrt.inference.options import InferOptions
+
+log_ = logging.getLogger(__name__)
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+ACCEPTED_SOP_CLASSES = (CR, DX_PRESENTATION, DX_PROCESSING)
+VERIFICATION = "1.2.840.10008.1.1"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        """AE@HOST:PORT, e.g. PACS@127.0.0.1:4242."""
+        try:
+            ae, rest = text.split("@", 1)
+            host, port = rest.rsplit(":", 1)
+            return cls(ae, host, int(port))
+        except ValueError:
+            raise LungrtError(f"destination {text!r}: write it as AE@HOST:PORT, e.g. PACS@127.0.0.1:4242") from None
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class NodeConfig:
+    spool: Path
+    ae_title: str = "LUNGRT"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[str, ...] = ()  # calling AE titles accepted; any other association is rejected
+    destinations: tuple[Destination, ...] = ()
+    quiet_seconds: float = 5.0  # a study is complete once no film of it arrived for this long
+    max_queued: int = 2000  # films received and not yet processed; beyond it C-STORE answers "out of resources"
+    min_free_mb: int = 512  # and so it does when the spool's disk has less free than this
+    batch_size: int = 8
+    workers: int = 2
+    secondary_capture: bool = False  # also a Secondary Capture with the outline burned in, per film
+    send_flagged: bool = False  # QC-flagged films' results too (their SEG says "QC flagged: ...")
+    retry_seconds: float = 2.0  # first back-off for a destination that does not answer (doubles, up to a minute)
+    options: InferOptions = field(default_factory=InferOptions)
+
+
+class DicomNode:
+    """The node: a pynetdicom storage SCP on `config.port`, a processing loop and a sender, over one spool."""
+
+    def __init__(self, runner: Runner, config: NodeConfig):
+        if not config.allowed_callers:
+            raise LungrtError("serve: name the calling AE titles to accept (--allow AE); others are refused")
+        self.runner, self.config = runner, config
+        self.incoming = config.spool / "incoming"
+        self.results = config.spool / "results"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.counts = dict.fromkeys(("received", "refused", "processed", "failed", "sent", "send_failures"), 0)
+        self.latencies: list[float] = self._earlier_latencies()
+        self.sent = self._read_sent()
+        self.last_arrival: dict[str, float] = {}
+        self.next_try: dict[str, float] = {}
+        self.server = None
+        self.opts = replace(
+            config.options, batch_size=config.batch_size, workers=config.workers, dicom_seg=True, pad_batch=True,
+            overlay=config.options.overlay or config.secondary_capture, screen="flag",
+        )  # fmt: skip
+
+    # -- receiving ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start listening (in pynetdicom's threads); `serve_forever` or `step` does the rest."""
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_calling_aet = list(self.config.allowed_callers)
+        for uid in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(uid)
+        ae.add_supported_context(VERIFICATION)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
+        self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        log_.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+
+    def _on_store(self, event) -> int:
+        """Write the instance durably, then acknowledge; refuse (never drop) when the queue or the disk is full."""
+        try:
+            ds = event.dataset
+            study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        except Exception:  # no UIDs to file it under: the sender hears it
+            return STATUS_CANNOT_UNDERSTAND
+        if self.queued() >= self.config.max_queued or self._free_mb() < self.config.min_free_mb:
+            with self.lock:
+                self.counts["refused"] += 1
+            return STATUS_OUT_OF_RESOURCES
+        folder = self.incoming / _safe_uid(study)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"{_safe_uid(sop)}.dcm", event.encoded_dataset(), durable=True)
+        with self.lock:
+            self.counts["received"] += 1
+            self.last_arrival[folder.name] = time.time()
+        return 0x0000
+
+    def queued(self) -> int:
+        done = self._done_sources()
+        return sum(1 for f in self.incoming.glob("*/*.dcm") if f"{f.parent.name}/{f.stem}" not in done)
+
+    def _free_mb(self) -> float:
+        return shutil.disk_usage(self.config.spool).free / 2**20
+
+    # -- processing and sending ---------------------------------------------------------------
+    def serve_forever(self, poll: float = 0.2) -> None:
+        """Receive, process and send until `stop()` (SIGTERM): then stop listening, finish the round in
+        flight, write the status, return."""
+        if self.server is None:
+            self.start()
+        try:
+            while not self.stopping.is_set():
+                self.step()
+                self.stopping.wait(poll)
+        finally:
+            if self.server is not None:
+                self.server.shutdown()
+            self.write_status()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def step(self, now: float | None = None) -> None:
+        """One round: process every study due, send what is unsent, write the status."""
+        now = time.time() if now is None else now
+        due = self.due_studies(now)
+        if due:
+            self.process(due)
+        self.send_pending(now)
+        self.write_status()
+
+    def due_studies(self, now: float) -> list[str]:
+        """Studies with unprocessed films and no film for `quiet_seconds` (after a restart the files' times count)."""
+        done = self._done_sources()
+        due = []
+        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+            films = [f for f in folder.glob("*.dcm") if f"{folder.name}/{f.stem}" not in done]
+            if not films:
+                continue
+            last = self.last_arrival.get(folder.name) or max(f.stat().st_mtime for f in films)
+            if now - last >= self.config.quiet_seconds:
+                due.append(folder.name)
+        return due
+
+    def process(self, studies: list[str]) -> dict:
+        """One stream run over every film of `studies` not yet done (the journal resumes the rest)."""
+        from lungrt.inference.infer import run_infer
+
+        items = collect_inputs([str(self.incoming / s) for s in studies])
+        resume = records_folder(self.results).exists()
+        summary = run_infer(self.runner, items, self.results, replace(self.opts, resume=resume))
+        with self.lock:
+            self.counts["processed"] += summary["ok"] + summary.get("screened_out", 0)
+            self.counts["failed"] += summary["failed"]
+        log_.info("processed %d studies: %d ok, %d failed", len(studies), summary["ok"], summary["failed"])
+        return summary
+
+    def outputs_of(self, study: str, records: dict) -> tuple[list[Path], bool]:
+        """(files to send for `study`, whether every film of it is done)."""
+        files, complete = [], True
+        for film in sorted((self.incoming / study).glob("*.dcm")):
+            row = records.get(f"{study}/{film.stem}")
+            if row is None or row.get("status") not in ("ok", "skipped", "error"):
+                complete = False
+                continue
+            if row.get("status") != "ok" or (row.get("qc", "ok") != "ok" and not self.config.send_flagged):
+                continue
+            seg = row.get("dicom_seg", "")
+            if seg.endswith(".seg.dcm"):
+                files.append(self.results / seg)
+                if self.config.secondary_capture:
+                    files.append(self._secondary_capture(film, self.results / seg))
+        return files, complete
+
+    def send_pending(self, now: float) -> None:
+        """Send every processed study's unsent outputs to every destination; a destination that fails waits
+        its back-off. A study whose outputs all went everywhere is answered: one line in studies.jsonl."""
+        records = {k: v for k, v in read_records(self.results).items()}
+        answered = self._answered()
+        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
+            study = folder.name
+            if study in answered:
+                continue
+            files, complete = self.outputs_of(study, records)
+            if not complete:
+                continue
+            pending = [(d, f) for d in self.config.destinations for f in files if (str(d), f.name) not in self.sent]
+            for dest in dict.fromkeys(d for d, _ in pending):
+                if self.next_try.get(str(dest), 0) > now:
+                    continue
+                self._send(dest, [f for d, f in pending if d == dest])
+            if all((str(d), f.name) in self.sent for d in self.config.destinations for f in files):
+                self._answer(study, folder, files)
+
+    def _send(self, dest: Destination, files: list[Path]) -> None:
+        """One association per destination and round; each acknowledged instance is recorded at once."""
+        from pydicom import dcmread
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.config.ae_title)
+        for uid in (SEG_STORAGE, SC_STORAGE):
+            ae.add_requested_context(uid)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        if not assoc.is_established:
+            self._back_off(dest, "association refused or no answer")
+            return
+        try:
+            for f in files:
+                status = assoc.send_c_store(dcmread(f))
+                if status and getattr(status, "Status", None) == 0x0000:
+                    self._record_sent(dest, f)
+                else:
+                    self._back_off(dest, f"C-STORE of {f.name}: status {getattr(status, 'Status', 'none')}")
+                    return
+            self.next_try.pop(str(dest), None)
+        finally:
+            assoc.release()
+
+    def _back_off(self, dest: Destination, why: str) -> None:
+        with self.lock:
+            self.counts["send_failures"] += 1
+        wait = min(60.0, self.config.retry_seconds * 2 ** min(self.counts["send_failures"], 5))
+        self.next_try[str(dest)] = time.time() + wait
+        log_.warning("%s: %s; retrying in %.0f s", dest, why, wait)
+
+    def _record_sent(self, dest: Destination, f: Path) -> None:
+        line = json.dumps({"destination": str(dest), "file": f.name, "time": time.time()}) + "\n"
+        with open(self.config.spool / "sent.jsonl", "a", encoding="utf-8") as out:
+            out.write(line)
+            out.flush()
+            os.fsync(out.fileno())
+        with self.lock:
+            self.sent.add((str(dest), f.name))
+            self.counts["sent"] += 1
+
+    def _answer(self, study: str, folder: Path, files: list[Path]) -> None:
+        last_received = max(f.stat().st_mtime for f in folder.glob("*.dcm"))
+        latency = time.time() - last_received
+        line = {
+            "study": study,
+            "films": len(list(folder.glob("*.dcm"))),
+            "sent_files": len(files),
+            "destinations": [str(d) for d in self.config.destinations],
+            "latency_s": round(latency, 3),
+        }
+        with open(self.config.spool / "studies.jsonl", "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        self.latencies.append(latency)
+        log_.info("study answered: %s", json.dumps(line))
+
+    def _secondary_capture(self, film: Path, seg: Path) -> Path:
+        """FILM.sc.dcm beside its SEG: the film with the lung outline burned in (made once, reused after a restart)."""
+        from lungrt.inference.dicom_seg import secondary_capture_bytes
+
+        path = seg.with_name(seg.name.removesuffix(".seg.dcm") + ".sc.dcm")
+        if not path.exists():
+            overlay = seg.with_name(seg.name.removesuffix(".seg.dcm") + ".overlay.png")
+            atomic_write_bytes(path, secondary_capture_bytes(film, overlay, self.runner.info.name))
+        return path
+
+    # -- records ------------------------------------------------------------------------------
+    def _done_sources(self) -> set[str]:
+        return {
+            rel for rel, row in read_records(self.results).items() if row.get("status") in ("ok", "skipped", "error")
+        }
+
+    def _read_sent(self) -> set[tuple[str, str]]:
+        path = self.config.spool / "sent.jsonl"
+        if not path.exists():
+            return set()
+        sent = set()
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                sent.add((row["destination"], row["file"]))
+            except (ValueError, KeyError):  # a line cut by a crash: that instance is sent again (same UID)
+                continue
+        return sent
+
+    def _answered(self) -> set[str]:
+        path = self.config.spool / "studies.jsonl"
+        if not path.exists():
+            return set()
+        return {json.loads(line)["study"] for line in path.read_text().splitlines() if line.strip().endswith("}")}
+
+    def _earlier_latencies(self) -> list[float]:
+        path = self.config.spool / "studies.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line)["latency_s"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+    def status(self) -> dict:
+        with self.lock:
+            counts = dict(self.counts)
+        lat = np.array(self.latencies) if self.latencies else None
+        return {
+            **counts,
+            "queued": self.queued(),
+            "studies_answered": len(self.latencies),
+            "latency_s_p50": float(np.percentile(lat, 50)) if lat is not None else None,
+            "latency_s_p99": float(np.percentile(lat, 99)) if lat is not None else None,
+            "listening": f"{self.config.ae_title}@{self.config.host}:{self.config.port}",
+            "destinations": [str(d) for d in self.config.destinations],
+            "time": time.time(),
+        }
+
+    def write_status(self) -> None:
+        atomic_write_bytes(self.config.spool / "status.json", json.dumps(self.status(), indent=2).encode(), False)
+
+
+def _safe_uid(uid: str) -> str:
+    """A UID as a file name: digits and dots only (anything else a sender put there becomes '_')."""
+    text = "".join(c if c.isdigit() or c == "." else "_" for c in uid.strip())
+    return text.strip(".") or "_"
+
+
+def read_status(spool: Path) -> dict:
+    try:
+        return json.loads((Path(spool) / "status.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LungrtError(f"{spool}: no node status here ({e})") from None

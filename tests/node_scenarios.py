@@ -1,0 +1,205 @@
+"""The DICOM node's scenario, run by tests/test_node.py inside a private network namespace that has only loopback
+(Orthanc 1.10 cannot bind its DICOM port to 127.0.0.1 alone; in the namespace nothing else exists).
+
+    python tests/node_scenarios.py CHECKPOINT WORK      -> WORK/node.json (what was seen), exit 0
+
+A real Orthanc is the destination AE; `lungrt serve` runs as its own process (so SIGKILL is real); senders are
+pynetdicom and DCMTK's storescu, concurrently. Facts only: the test decides what they must be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lungrt.data.dicom import write_dicom  # noqa: E402
+from lungrt.data.phantoms import make_phantom  # noqa: E402
+
+NODE_AE, ORTHANC_AE = "LUNGRT", "ORTHANC"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_orthanc(home: Path, http: int, dicom: int) -> subprocess.Popen:
+    home.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "node-test", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
+        "HttpPort": http, "DicomServerEnabled": True, "DicomAet": ORTHANC_AE, "DicomPort": dicom,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomAlwaysAllowStore": True,
+    }  # fmt: skip
+    (home / "orthanc.json").write_text(json.dumps(config))
+    proc = subprocess.Popen(
+        ["Orthanc", str(home / "orthanc.json")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("Orthanc did not start")
+
+
+def orthanc_segs(http: int) -> list[dict]:
+    """Every SEG instance Orthanc holds: its SOP Instance UID and the study it was filed in."""
+    base = f"http://127.0.0.1:{http}"
+    found = []
+    for iid in json.loads(urllib.request.urlopen(f"{base}/instances", timeout=10).read()):
+        tags = json.loads(urllib.request.urlopen(f"{base}/instances/{iid}/simplified-tags", timeout=10).read())
+        if tags.get("Modality") == "SEG":
+            found.append({"sop": tags["SOPInstanceUID"], "study": tags["StudyInstanceUID"]})
+    return found
+
+
+def make_study(folder: Path, films: int, seed: int, body_part: str = "CHEST") -> tuple[str, list[Path]]:
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(films):
+        path = folder / f"film_{seed}_{i}.dcm"
+        pixels = (make_phantom(seed * 10 + i, 128).image * 4000).astype(np.uint16)
+        write_dicom(path, pixels, study_uid=study, series_uid=series, body_part=body_part)
+        paths.append(path)
+    return study, paths
+
+
+def send_pynetdicom(files: list[Path], port: int, calling: str) -> list[int]:
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established, f"{calling}: association not established"
+    statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
+    assoc.release()
+    return statuses
+
+
+def send_storescu(files: list[Path], port: int) -> int:
+    cmd = ["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, timeout=60).returncode
+
+
+def start_node(ckpt: str, spool: Path, port: int, orthanc_dicom: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "lungrt.cli", "serve", "--spool", str(spool), "--port", str(port),
+        "--allow", "SENDER1", "--allow", "STORESCU", "--to", f"{ORTHANC_AE}@127.0.0.1:{orthanc_dicom}",
+        "--model", ckpt, "--backend", "torch", "--batch-size", "2", "--quiet-seconds", "1.0", "--send-flagged",
+    ]  # fmt: skip
+    log = open(spool.parent / f"node-{time.time():.0f}.log", "a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 90
+    while time.time() < deadline:  # listening once a C-ECHO from an allowed AE succeeds
+        if echo(port, "SENDER1") == "ok":
+            return proc
+        time.sleep(0.5)
+    raise RuntimeError("the node did not start listening")
+
+
+def echo(port: int, calling: str) -> str:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    if assoc.is_rejected:
+        return "rejected"
+    if not assoc.is_established:
+        return "no answer"
+    status = assoc.send_c_echo()
+    assoc.release()
+    return "ok" if status and status.Status == 0 else "failed"
+
+
+def answered(spool: Path) -> list[dict]:
+    path = spool / "studies.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def wait_for(predicate, seconds: float = 120.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def main(ckpt: str, work: Path) -> None:
+    facts: dict = {}
+    spool, films = work / "spool", work / "films"
+    spool.mkdir(parents=True)
+    http, dicom, node_port = free_port(), free_port(), free_port()
+    orthanc = start_orthanc(work / "orthanc", http, dicom)
+    node = start_node(ckpt, spool, node_port, dicom)
+    facts["unknown_ae"] = echo(node_port, "INTRUDER")
+    facts["allowed_echo"] = echo(node_port, "SENDER1")
+
+    # two senders at once, two studies each; one study that header screening refuses (a knee)
+    studies = {f"s{i}": make_study(films / f"s{i}", 2, i) for i in range(4)}
+    knee_uid, knee_files = make_study(films / "knee", 1, 9, body_part="KNEE")
+    t = threading.Thread(target=lambda: facts.setdefault("pynetdicom_status", send_pynetdicom(
+        studies["s0"][1] + studies["s1"][1] + knee_files, node_port, "SENDER1")))  # fmt: skip
+    t.start()
+    facts["storescu_rc"] = send_storescu(studies["s2"][1] + studies["s3"][1], node_port)
+    t.join()
+    facts["first_round_answered"] = wait_for(lambda: len(answered(spool)) >= 5)
+    facts["segs_after_first_round"] = orthanc_segs(http)
+    facts["study_uids"] = {k: v[0] for k, v in studies.items()} | {"knee": knee_uid}
+
+    # killed with SIGKILL right after a study arrives, restarted on the same spool
+    kill_uid, kill_files = make_study(films / "killed", 3, 20)
+    facts["killed_send_status"] = send_pynetdicom(kill_files, node_port, "SENDER1")
+    node.send_signal(signal.SIGKILL)
+    node.wait(timeout=30)
+    node = start_node(ckpt, spool, node_port, dicom)
+    facts["killed_answered"] = wait_for(lambda: any(a["study"] == kill_uid for a in answered(spool)))
+    facts["killed_uid"] = kill_uid
+
+    # the destination down for a while: retried until it is back
+    orthanc.terminate()
+    orthanc.wait(timeout=30)
+    down_uid, down_files = make_study(films / "down", 2, 30)
+    facts["down_send_status"] = send_pynetdicom(down_files, node_port, "SENDER1")
+    facts["retried_while_down"] = wait_for(
+        lambda: json.loads((spool / "status.json").read_text()).get("send_failures", 0) > 0, 60
+    )
+    orthanc = start_orthanc(work / "orthanc", http, dicom)
+    facts["down_answered"] = wait_for(lambda: any(a["study"] == down_uid for a in answered(spool)))
+    facts["down_uid"] = down_uid
+    facts["segs"] = orthanc_segs(http)
+    sent = [json.loads(x) for x in (spool / "sent.jsonl").read_text().splitlines()]
+    facts["sent_lines"], facts["sent_unique"] = len(sent), len({(s["destination"], s["file"]) for s in sent})
+
+    node.send_signal(signal.SIGTERM)
+    facts["sigterm_exit"] = node.wait(timeout=60)
+    facts["status"] = json.loads((spool / "status.json").read_text())
+    facts["answered"] = answered(spool)
+    orthanc.terminate()
+    orthanc.wait(timeout=30)
+    (work / "node.json").write_text(json.dumps(facts, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

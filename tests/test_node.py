@@ -1,0 +1,97 @@
+"""`lungrt serve`, the DICOM node, against things nobody here wrote: a real Orthanc as the destination AE, DCMTK's
+storescu and pynetdicom as senders, all on loopback inside a private network namespace (tests/node_scenarios.py).
+Every study is answered exactly once with the SEGs `lungrt infer` makes of the same files; an unknown calling AE
+is refused; a knee gets no SEG; SIGKILL mid-stream and a destination that is down lose nothing and send nothing
+twice; SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lungrt.cli import app
+
+pytest.importorskip("pynetdicom", reason="pip install 'lungrt[dicom]'")
+SCENARIO = Path(__file__).with_name("node_scenarios.py")
+LOOPBACK_ONLY = 'ip link set lo up && exec "$@"'
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("Orthanc") and shutil.which("storescu") and shutil.which("unshare")),
+    reason="needs Orthanc, DCMTK (storescu) and unshare: apt-get install orthanc dcmtk util-linux",
+)
+
+
+@pytest.fixture(scope="module")
+def node_run(tmp_path_factory, tiny_checkpoint):
+    work = tmp_path_factory.mktemp("node")
+    cmd = ["unshare", "--net", "--", "sh", "-c", LOOPBACK_ONLY, "sh", sys.executable, str(SCENARIO)]
+    res = subprocess.run([*cmd, str(tiny_checkpoint), str(work)], capture_output=True, text=True, timeout=500)
+    if res.returncode and "unshare failed" in res.stderr:
+        pytest.skip(f"cannot make a private network namespace: {res.stderr.strip()[-300:]}")
+    logs = "".join(p.read_text()[-1500:] for p in work.glob("node-*.log"))
+    assert res.returncode == 0, res.stderr[-3000:] + logs
+    return work, json.loads((work / "node.json").read_text())
+
+
+def test_unknown_calling_ae_is_refused_and_echo_answers(node_run):
+    _, facts = node_run
+    assert facts["unknown_ae"] == "rejected" and facts["allowed_echo"] == "ok"
+
+
+def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
+    _, facts = node_run
+    assert facts["storescu_rc"] == 0 and set(facts["pynetdicom_status"]) == {0}
+    assert facts["first_round_answered"] and facts["killed_answered"] and facts["down_answered"]
+    studies = [a["study"] for a in facts["answered"]]
+    assert len(studies) == len(set(studies)) == 7  # 4 + the knee + the killed one + the one sent while PACS was down
+    per_study = {}
+    for seg in facts["segs"]:
+        per_study[seg["study"]] = per_study.get(seg["study"], 0) + 1
+    uids = facts["study_uids"]
+    expected = {
+        uids["s0"]: 2,
+        uids["s1"]: 2,
+        uids["s2"]: 2,
+        uids["s3"]: 2,
+        facts["killed_uid"]: 3,
+        facts["down_uid"]: 2,
+    }
+    assert per_study == expected  # the knee's study got nothing: header screening refuses a lung SEG
+    assert len({s["sop"] for s in facts["segs"]}) == len(facts["segs"])
+    assert facts["sent_lines"] == facts["sent_unique"] == 13  # nothing sent twice, SIGKILL and the outage included
+
+
+def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
+    """Masks byte for byte and the SEGs' UIDs: the node is `lungrt infer` behind a DICOM port."""
+    import pydicom
+
+    work, facts = node_run
+    res = CliRunner().invoke(
+        app,
+        ["infer", str(work / "spool" / "incoming"), "--out", str(work / "infer"), "--model", str(tiny_checkpoint),
+         "--backend", "torch", "--batch-size", "2", "--dicom-seg"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    node_masks = {
+        p.relative_to(work / "spool" / "results"): p.read_bytes()
+        for p in (work / "spool" / "results").rglob("*.mask.png")
+    }
+    infer_masks = {
+        p.relative_to(work / "infer" / "incoming"): p.read_bytes() for p in (work / "infer").rglob("*.mask.png")
+    }
+    assert node_masks and node_masks == infer_masks
+    infer_segs = {pydicom.dcmread(p).SOPInstanceUID for p in (work / "infer").rglob("*.seg.dcm")}
+    assert infer_segs == {s["sop"] for s in facts["segs"]}
+
+
+def test_sigterm_stops_cleanly_with_a_status(node_run):
+    _, facts = node_run
+    status = facts["status"]
+    assert facts["sigterm_exit"] == 0
+    assert status["studies_answered"] == 7 and status["queued"] == 0 and status["send_failures"] >= 1
+    assert status["latency_s_p50"] is not None and status["latency_s_p99"] >= status["latency_s_p50"]
