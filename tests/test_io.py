@@ -139,39 +139,6 @@ def _png_of_rows(rows: np.ndarray, width: int, depth: int) -> bytes:
     )
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_sub_filtered_pngs_decode_to_libpngs_pixels(tmp_path, dtype):
-    """Every row Sub-filtered (OpenCV's PNGs): inflated by zlib-ng and summed per row, the pixels
-    libpng gives; one row of another filter, another encoder's file or a damaged stream go to libpng."""
-    import cv2
-    import imagecodecs
-
-    from lungrt.data.io import _sub_filtered_png
-
-    rng = np.random.default_rng(2)
-    image = cv2.GaussianBlur(rng.random((67, 45)), (0, 0), 3)
-    image = (image / image.max() * np.iinfo(dtype).max * 0.9 + rng.integers(0, 9, image.shape)).astype(dtype)
-    data = cv2.imencode(".png", image)[1].tobytes()
-    fast = _sub_filtered_png(data, 45, 67)
-    assert fast is not None and fast.dtype == dtype and np.array_equal(fast, image)
-    assert np.array_equal(read_xray(_write(tmp_path / "cv.png", data)).image, image)
-    rows = (
-        np.frombuffer(zlib.decompress(data[data.index(b"IDAT") + 4 : -12]), np.uint8).reshape(67, -1).copy()
-    )  # one IDAT
-    rows[30, 0] = 2  # Up: a valid file whose pixels differ from row 30 on
-    mixed = _png_of_rows(rows, 45, 8 * np.dtype(dtype).itemsize)
-    assert _sub_filtered_png(mixed, 45, 67) is None
-    assert np.array_equal(read_xray(_write(tmp_path / "mixed.png", mixed)).image, imagecodecs.png_decode(mixed))
-    buffer = BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")  # Pillow filters row by row
-    assert _sub_filtered_png(buffer.getvalue(), 45, 67) is None
-    damaged = bytearray(data)
-    damaged[data.index(b"IDAT") + 40] ^= 0xFF
-    assert _sub_filtered_png(bytes(damaged), 45, 67) is None
-    with pytest.raises(ImageReadError):
-        read_xray(_write(tmp_path / "damaged.png", bytes(damaged)))
-
-
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

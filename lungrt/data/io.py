@@ -311,63 +311,19 @@ def _png_chunk_headers(data: bytes):
 
 
 def _read_gray_png(path: Path, data: bytes, max_pixels: int) -> XRay:
-    """libpng through imagecodecs (Sub-filtered files through zlib-ng: `_sub_filtered_png`): the
-    same pixels as Pillow's route, without feeding the decoder one chunk at a time from Python and
-    two copies on the way into NumPy (decode stage 2.1 -> 1.9 ms at 512 px with libpng)."""
+    """libpng through imagecodecs: the same pixels as Pillow's route, without feeding the decoder one chunk
+    at a time from Python and two copies on the way into NumPy (decode stage 2.1 -> 1.9 ms at 512 px). A
+    hand-written zlib-ng route for Sub-filtered rows bought 1.14x on this stage (0.3 ms per 512 px film,
+    benchmarks/results/codec_paths.json) and was removed: not worth its code."""
     width, height = struct.unpack(">II", data[16:24])
     _check_dimensions(path, width, height, max_pixels)
-    arr = _sub_filtered_png(data, width, height)
-    if arr is None:
-        try:
-            arr = imagecodecs.png_decode(data)
-        except Exception as e:  # imagecodecs.PngError and the like: libpng's own reason
-            raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
+    try:
+        arr = imagecodecs.png_decode(data)
+    except Exception as e:  # imagecodecs.PngError and the like: libpng's own reason
+        raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
     if arr.dtype == np.uint16:
         return _windowed(path, arr, None, 16)
     return XRay(str(path), arr, None, 8)
-
-
-def _sub_filtered_png(data: bytes, width: int, height: int) -> np.ndarray | None:
-    """The pixels of a plain gray PNG whose every row has the Sub filter (what OpenCV writes, so
-    many ML pipelines' exports: all 1,439 shared PNGs), inflated by zlib-ng and
-    un-filtered by a running sum per row: 512 px, 1.9 -> 1.45 ms (libpng inflates with the system
-    zlib, at half zlib-ng's speed on these files; native 16-bit PNGs, mostly noise, gain nothing).
-    None for anything else (other filters, a damaged stream; ~0.08 ms to find out): libpng decodes
-    it and names what is wrong."""
-    if not imagecodecs.ZLIBNG.available:
-        return None
-    sample = data[24] // 8  # bytes per sample: 1 or 2
-    stride = width * sample + 1
-    idats = [(at + 8, n) for at, n, kind in _png_chunk_headers(data) if kind == b"IDAT"]
-    try:
-        # the first rows' filters from the stream's first KB (zlib keeps a copy of the input it did not use)
-        first_rows = (
-            zlib.decompressobj().decompress(
-                data[idats[0][0] : idats[0][0] + min(idats[0][1], 1024)], SUB_CHECK_ROWS * stride
-            )
-            if idats
-            else b""
-        )
-        if not first_rows or first_rows[::stride] != b"\x01" * len(first_rows[::stride]):
-            return None  # another filter up front: an encoder that chooses per row
-        stream = b"".join(data[at : at + n] for at, n in idats)
-        raw = np.frombuffer(imagecodecs.zlibng_decode(stream, out=height * stride), np.uint8)
-    except Exception:  # zlib.error, imagecodecs' ZlibngError: libpng's route reports it
-        return None
-    if raw.size != height * stride:
-        return None
-    rows = raw.reshape(height, stride)
-    if np.any(rows[:, 0] != 1):
-        return None
-    # Sub: each byte plus the byte one pixel before it, modulo 256, so a running sum along the row
-    # per byte of the sample, computed down the columns of the transposed rows (vectorised)
-    columns = cv2.transpose(np.ascontiguousarray(rows[:, 1:]).reshape(height, width, sample))
-    np.add.accumulate(columns, axis=0, dtype=np.uint8, out=columns)
-    pixels = cv2.transpose(columns).reshape(height, width * sample)
-    return pixels if sample == 1 else pixels.view(">u2").astype(np.uint16)
-
-
-SUB_CHECK_ROWS = 8  # rows inflated first to see the filter: a file of mixed filters goes to libpng at once
 
 
 def _read_raster(path: Path, data: bytes, max_pixels: int) -> XRay:
