@@ -208,3 +208,29 @@ def test_report_names_the_screened_out_inputs(header_folder, tmp_path, tiny_chec
     _infer(header_folder, out, tiny_checkpoint, "--screen", "skip")
     page = write_report(out).read_text()
     assert page.count("skipped by header screening") == 3 and "failed: " not in page
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy not installed: apt-get install dicom3tools")
+def test_secondary_capture_with_the_outline_passes_dciodvfy(tmp_path):
+    """What `lungrt serve --secondary-capture` sends: a valid SC IOD (dciodvfy: no error), RGB, marked derived and
+    burned in, in the film's study, with the overlay's pixels."""
+    import cv2
+    import pydicom
+
+    from lungrt.data.dicom import write_dicom
+    from lungrt.inference.dicom_seg import secondary_capture_bytes
+
+    film = tmp_path / "film.dcm"
+    write_dicom(film, (make_phantom(3, 96).image * 4000).astype(np.uint16))
+    overlay = np.dstack([(make_phantom(3, 96).image * 255).astype(np.uint8)] * 3)
+    overlay[10:20, 10:20] = (0, 0, 255)  # red in BGR
+    cv2.imwrite(str(tmp_path / "film.overlay.png"), overlay)
+    sc_path = tmp_path / "film.sc.dcm"
+    sc_path.write_bytes(secondary_capture_bytes(film, tmp_path / "film.overlay.png", "msag-unet"))
+    res = subprocess.run(["dciodvfy", str(sc_path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
+    sc, src = pydicom.dcmread(sc_path), pydicom.dcmread(film)
+    assert list(sc.ImageType) == ["DERIVED", "SECONDARY"] and sc.BurnedInAnnotation == "YES"
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
+    assert sc.PhotometricInterpretation == "RGB" and tuple(sc.pixel_array[15, 15]) == (255, 0, 0)

@@ -49,9 +49,10 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
     assert facts["first_round_answered"] and facts["killed_answered"] and facts["down_answered"]
     studies = [a["study"] for a in facts["answered"]]
     assert len(studies) == len(set(studies)) == 7  # 4 + the knee + the killed one + the one sent while PACS was down
-    per_study = {}
+    per_study, captures = {}, {}
     for seg in facts["segs"]:
-        per_study[seg["study"]] = per_study.get(seg["study"], 0) + 1
+        counts = per_study if seg["kind"] == "SEG" else captures
+        counts[seg["study"]] = counts.get(seg["study"], 0) + 1
     uids = facts["study_uids"]
     expected = {
         uids["s0"]: 2,
@@ -62,8 +63,9 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
         facts["down_uid"]: 2,
     }
     assert per_study == expected  # the knee's study got nothing: header screening refuses a lung SEG
+    assert captures == expected  # and one Secondary Capture with the outline per film that got a SEG
     assert len({s["sop"] for s in facts["segs"]}) == len(facts["segs"])
-    assert facts["sent_lines"] == facts["sent_unique"] == 13  # nothing sent twice, SIGKILL and the outage included
+    assert facts["sent_lines"] == facts["sent_unique"] == 26  # nothing sent twice, SIGKILL and the outage included
 
 
 def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
@@ -86,7 +88,7 @@ def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
     }
     assert node_masks and node_masks == infer_masks
     infer_segs = {pydicom.dcmread(p).SOPInstanceUID for p in (work / "infer").rglob("*.seg.dcm")}
-    assert infer_segs == {s["sop"] for s in facts["segs"]}
+    assert infer_segs == {s["sop"] for s in facts["segs"] if s["kind"] == "SEG"}
 
 
 def test_sigterm_stops_cleanly_with_a_status(node_run):

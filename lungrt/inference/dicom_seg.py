@@ -145,6 +145,7 @@ def secondary_capture_bytes(source: str | Path, overlay_png: str | Path, model: 
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
+    sc.Laterality = src.get("Laterality", "")  # General Series, type 2C: empty for a film of both lungs
     sc.SeriesDescription = f"lungrt {model} outline (not for diagnosis alone)"[:64]
     sc.DerivationDescription = "lung outline drawn by lungrt over the source radiograph"
     buf = io.BytesIO()
