@@ -46,6 +46,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 STATUS_OUT_OF_RESOURCES = 0xA700
+MAX_PDU_BYTES = 1 << 20
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
@@ -102,6 +103,7 @@ class DicomNode:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.counts = dict.fromkeys(("received", "refused", "processed", "failed", "sent", "send_failures"), 0)
+        self.seconds = dict.fromkeys(("processing", "sending", "receiving_cpu", "sending_cpu"), 0.0)
         self.latencies: list[float] = self._earlier_latencies()
         self.sent = self._read_sent()
         self.last_arrival: dict[str, float] = {}
@@ -119,6 +121,9 @@ class DicomNode:
 
         ae = AE(ae_title=self.config.ae_title)
         ae.require_calling_aet = list(self.config.allowed_callers)
+        # senders cut a film into PDUs of at most this: 16 KB (pynetdicom's default) made a 2 MB film 128 PDUs,
+        # each a round of Python; 1 MB makes it 2
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         for uid in ACCEPTED_SOP_CLASSES:
             ae.add_supported_context(uid)
         ae.add_supported_context(VERIFICATION)
@@ -128,6 +133,13 @@ class DicomNode:
 
     def _on_store(self, event) -> int:
         """Write the instance durably, then acknowledge; refuse (never drop) when the queue or the disk is full."""
+        c0 = time.thread_time()
+        try:
+            return self._store(event)
+        finally:
+            self.seconds["receiving_cpu"] += time.thread_time() - c0
+
+    def _store(self, event) -> int:
         try:
             ds = event.dataset
             study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
@@ -155,34 +167,60 @@ class DicomNode:
     # -- processing and sending ---------------------------------------------------------------
     def serve_forever(self, poll: float = 0.2) -> None:
         """Receive, process and send until `stop()` (SIGTERM): then stop listening, finish the round in
-        flight, write the status, return."""
+        flight, write the status, return. Sending runs in a thread of its own, so results go out while the
+        next studies are segmented."""
         if self.server is None:
             self.start()
+        sender = threading.Thread(target=self._loop, args=(self._send_round, poll), name="lungrt-send")
+        sender.start()
         try:
-            while not self.stopping.is_set():
-                self.step()
-                self.stopping.wait(poll)
+            self._loop(self._process_round, poll)
         finally:
             if self.server is not None:
                 self.server.shutdown()
+            sender.join()
             self.write_status()
+
+    def _loop(self, round_fn, poll: float) -> None:
+        while not self.stopping.is_set():
+            try:
+                round_fn(time.time())
+            except Exception:  # one bad study or a full disk must never stop the node: said, retried next round
+                log_.exception("node round failed; retrying")
+            self.stopping.wait(poll)
+
+    def _process_round(self, now: float) -> None:
+        t0 = time.perf_counter()
+        due = self.due_studies(now)
+        if due:
+            self.process(due)
+            self.seconds["processing"] += time.perf_counter() - t0
+        if due or now - getattr(self, "_status_written", 0.0) >= 1.0:  # at most once a second when idle
+            self.write_status()
+            self._status_written = now
+
+    def _send_round(self, now: float) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        if self.send_pending(now):
+            self.seconds["sending"] += time.perf_counter() - t0
+            self.seconds["sending_cpu"] += time.thread_time() - c0
 
     def stop(self) -> None:
         self.stopping.set()
 
     def step(self, now: float | None = None) -> None:
-        """One round: process every study due, send what is unsent, write the status."""
+        """One round of both loops in this thread: process every study due, send what is unsent, write the status."""
         now = time.time() if now is None else now
-        due = self.due_studies(now)
-        if due:
-            self.process(due)
-        self.send_pending(now)
-        self.write_status()
+        self._process_round(now)
+        self._send_round(now)
 
     def due_studies(self, now: float) -> list[str]:
-        """Studies with unprocessed films and no film for `quiet_seconds` (after a restart the files' times count)."""
+        """Studies to segment now: complete ones (no film for `quiet_seconds`; after a restart the files' times
+        count), once they fill a batch, or once the oldest has waited another `quiet_seconds` for company. Every
+        batch runs in the same shape, so a round of one 4-film study would compute 8 films' worth: waiting a
+        moment for the next study halved the work per film when studies come one after another."""
         done = self._done_sources()
-        due = []
+        due, films_due, oldest = [], 0, now
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
             films = [f for f in folder.glob("*.dcm") if f"{folder.name}/{f.stem}" not in done]
             if not films:
@@ -190,7 +228,15 @@ class DicomNode:
             last = self.last_arrival.get(folder.name) or max(f.stat().st_mtime for f in films)
             if now - last >= self.config.quiet_seconds:
                 due.append(folder.name)
-        return due
+                films_due += len(films)
+                oldest = min(oldest, last + self.config.quiet_seconds)
+        if (
+            films_due % self.config.batch_size == 0
+            or now - oldest >= self.config.quiet_seconds
+            or self.stopping.is_set()
+        ):
+            return due
+        return []
 
     def process(self, studies: list[str]) -> dict:
         """One stream run over every film of `studies` not yet done (the journal resumes the rest)."""
@@ -207,8 +253,9 @@ class DicomNode:
 
     def outputs_of(self, study: str, records: dict) -> tuple[list[Path], bool]:
         """(files to send for `study`, whether every film of it is done)."""
-        files, complete = [], True
-        for film in sorted((self.incoming / study).glob("*.dcm")):
+        films = sorted((self.incoming / study).glob("*.dcm"))
+        files, complete = [], bool(films)  # a folder made for a film still being written is not a study yet
+        for film in films:
             row = records.get(f"{study}/{film.stem}")
             if row is None or row.get("status") not in ("ok", "skipped", "error"):
                 complete = False
@@ -222,14 +269,17 @@ class DicomNode:
                     files.append(self._secondary_capture(film, self.results / seg))
         return files, complete
 
-    def send_pending(self, now: float) -> None:
+    def send_pending(self, now: float) -> int:
         """Send every processed study's unsent outputs to every destination; a destination that fails waits
-        its back-off. A study whose outputs all went everywhere is answered: one line in studies.jsonl."""
-        records = {k: v for k, v in read_records(self.results).items()}
+        its back-off. A study whose outputs all went everywhere is answered: one line in studies.jsonl.
+        Returns how many instances it tried to send."""
+        tried = 0
+        records = self._records()
         answered = self._answered()
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
             study = folder.name
-            if study in answered:
+            films = len(list(folder.glob("*.dcm")))
+            if answered.get(study, 0) >= films:  # answered with every film it has (a later film reopens it)
                 continue
             files, complete = self.outputs_of(study, records)
             if not complete:
@@ -238,13 +288,15 @@ class DicomNode:
             for dest in dict.fromkeys(d for d, _ in pending):
                 if self.next_try.get(str(dest), 0) > now:
                     continue
-                self._send(dest, [f for d, f in pending if d == dest])
+                batch = [f for d, f in pending if d == dest]
+                tried += len(batch)
+                self._send(dest, batch)
             if all((str(d), f.name) in self.sent for d in self.config.destinations for f in files):
                 self._answer(study, folder, files)
+        return tried
 
     def _send(self, dest: Destination, files: list[Path]) -> None:
         """One association per destination and round; each acknowledged instance is recorded at once."""
-        from pydicom import dcmread
         from pynetdicom import AE
 
         ae = AE(ae_title=self.config.ae_title)
@@ -256,7 +308,7 @@ class DicomNode:
             return
         try:
             for f in files:
-                status = assoc.send_c_store(dcmread(f))
+                status = assoc.send_c_store(f)  # the file's bytes as written: no decode and re-encode
                 if status and getattr(status, "Status", None) == 0x0000:
                     self._record_sent(dest, f)
                 else:
@@ -311,10 +363,19 @@ class DicomNode:
         return path
 
     # -- records ------------------------------------------------------------------------------
+    def _records(self) -> dict:
+        """infer's journal of the results folder, re-read only when a journal file changed (both loops ask for it
+        several times a round)."""
+        folder = records_folder(self.results)
+        files = sorted(folder.glob("*.jsonl")) if folder.exists() else []
+        signature = tuple((f.name, *_size_and_time(f)) for f in files)
+        with self.lock:
+            if signature != getattr(self, "_records_signature", None):
+                self._records_cache, self._records_signature = read_records(self.results), signature
+            return self._records_cache
+
     def _done_sources(self) -> set[str]:
-        return {
-            rel for rel, row in read_records(self.results).items() if row.get("status") in ("ok", "skipped", "error")
-        }
+        return {rel for rel, row in self._records().items() if row.get("status") in ("ok", "skipped", "error")}
 
     def _read_sent(self) -> set[tuple[str, str]]:
         path = self.config.spool / "sent.jsonl"
@@ -329,11 +390,13 @@ class DicomNode:
                 continue
         return sent
 
-    def _answered(self) -> set[str]:
+    def _answered(self) -> dict[str, int]:
+        """study -> how many films it had when it was last answered."""
         path = self.config.spool / "studies.jsonl"
         if not path.exists():
-            return set()
-        return {json.loads(line)["study"] for line in path.read_text().splitlines() if line.strip().endswith("}")}
+            return {}
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip().endswith("}")]
+        return {row["study"]: row["films"] for row in lines}
 
     def _earlier_latencies(self) -> list[float]:
         path = self.config.spool / "studies.jsonl"
@@ -347,6 +410,7 @@ class DicomNode:
         lat = np.array(self.latencies) if self.latencies else None
         return {
             **counts,
+            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
             "queued": self.queued(),
             "studies_answered": len(self.latencies),
             "latency_s_p50": float(np.percentile(lat, 50)) if lat is not None else None,
@@ -358,6 +422,14 @@ class DicomNode:
 
     def write_status(self) -> None:
         atomic_write_bytes(self.config.spool / "status.json", json.dumps(self.status(), indent=2).encode(), False)
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
 
 
 def _safe_uid(uid: str) -> str:

@@ -77,7 +77,7 @@ def _start_loopback_cluster(ray, kwargs: dict) -> None:
     was = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)  # new, never a stale one in /tmp/ray
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = was
     exposed = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["NodeManagerAddress"] != "127.0.0.1"})
