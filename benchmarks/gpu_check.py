@@ -173,9 +173,8 @@ def parity_part(cfg: dict, device: str, models: dict) -> dict:
 def write_dicoms(folder: Path, count: int, shape: tuple[int, int]) -> list[Path]:
     """Native-size 16-bit DX chest phantoms (12 bits stored), as a detector writes them."""
     import cv2
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
+    from lungrt.data.dicom import write_dicom
     from lungrt.data.phantoms import make_chest_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,22 +182,8 @@ def write_dicoms(folder: Path, count: int, shape: tuple[int, int]) -> list[Path]
     for i in range(count):
         small = make_chest_phantom(500 + i, 512).image
         pixels = (cv2.resize(small, shape[::-1], interpolation=cv2.INTER_LINEAR) * 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelSpacing = [0.14, 0.14]
-        ds.PixelData = pixels.tobytes()
         path = folder / f"dx_{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        write_dicom(path, pixels, spacing_mm=(0.14, 0.14))
         paths.append(path)
     return paths
 

@@ -61,6 +61,7 @@ def sink(port: int) -> None:
     ae = AE(ae_title="SINK")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.66.4")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.7")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.34")
     ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
 
 

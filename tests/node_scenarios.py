@@ -64,8 +64,10 @@ def orthanc_segs(http: int) -> list[dict]:
     found = []
     for iid in json.loads(urllib.request.urlopen(f"{base}/instances", timeout=10).read()):
         tags = json.loads(urllib.request.urlopen(f"{base}/instances/{iid}/simplified-tags", timeout=10).read())
-        if tags.get("Modality") == "SEG" or tags.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.7":
-            kind = "SEG" if tags.get("Modality") == "SEG" else "SC"
+        kind = {"SEG": "SEG", "SR": "SR"}.get(tags.get("Modality"))
+        if tags.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.7":
+            kind = "SC"
+        if kind:
             found.append({"sop": tags["SOPInstanceUID"], "study": tags["StudyInstanceUID"], "kind": kind})
     return found
 
@@ -107,7 +109,7 @@ def start_node(ckpt: str, spool: Path, port: int, orthanc_dicom: int) -> subproc
         sys.executable, "-m", "lungrt.cli", "serve", "--spool", str(spool), "--port", str(port),
         "--allow", "SENDER1", "--allow", "STORESCU", "--to", f"{ORTHANC_AE}@127.0.0.1:{orthanc_dicom}",
         "--model", ckpt, "--backend", "torch", "--batch-size", "2", "--quiet-seconds", "1.0", "--send-flagged",
-        "--secondary-capture",
+        "--secondary-capture", "--sr",
     ]  # fmt: skip
     log = open(spool.parent / f"node-{time.time():.0f}.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})

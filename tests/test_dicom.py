@@ -234,3 +234,33 @@ def test_secondary_capture_with_the_outline_passes_dciodvfy(tmp_path):
     assert list(sc.ImageType) == ["DERIVED", "SECONDARY"] and sc.BurnedInAnnotation == "YES"
     assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.SeriesInstanceUID != src.SeriesInstanceUID
     assert sc.PhotometricInterpretation == "RGB" and tuple(sc.pixel_array[15, 15]) == (255, 0, 0)
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy not installed: apt-get install dicom3tools")
+def test_measurement_report_passes_dciodvfy_and_reads_back_in_highdicom(tmp_path):
+    """`lungrt serve --sr`: a TID 1500 measurement report of the two lungs' areas and the QC verdict that dciodvfy
+    finds no error in and highdicom's own SR reader gives back (areas in mm², the film referenced)."""
+    import highdicom as hd
+    import pydicom
+
+    from lungrt.data.dicom import write_dicom
+    from lungrt.inference.dicom_seg import report_bytes
+
+    film = tmp_path / "film.dcm"
+    write_dicom(film, (make_phantom(4, 96).image * 4000).astype(np.uint16))
+    sr_path = tmp_path / "film.sr.dcm"
+    sr_path.write_bytes(report_bytes(film, {"right": 10234.5, "left": None}, "msag-unet", "abc", "stops_short"))
+    res = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
+    assert not [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+    groups = hd.sr.srread(sr_path).content.get_image_measurement_groups()
+    read = {
+        g.finding_type.meaning: ([(m.value, m.unit.value) for m in g.get_measurements()],
+                                 [q.value.meaning for q in g.get_qualitative_evaluations()])
+        for g in groups
+    }  # fmt: skip
+    assert read == {
+        "Right lung structure": ([(10234.5, "mm2")], ["QC flagged for review"]),
+        "Left lung structure": ([], ["QC flagged for review"]),  # no area where the film gave none
+    }
+    assert all(g.tracking_identifier.endswith("lungrt QC: stops_short") for g in groups)  # the reasons, in words
+    assert pydicom.dcmread(sr_path).StudyInstanceUID == pydicom.dcmread(film).StudyInstanceUID

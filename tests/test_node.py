@@ -49,9 +49,9 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
     assert facts["first_round_answered"] and facts["killed_answered"] and facts["down_answered"]
     studies = [a["study"] for a in facts["answered"]]
     assert len(studies) == len(set(studies)) == 7  # 4 + the knee + the killed one + the one sent while PACS was down
-    per_study, captures = {}, {}
+    per_study, captures, reports = {}, {}, {}
     for seg in facts["segs"]:
-        counts = per_study if seg["kind"] == "SEG" else captures
+        counts = {"SEG": per_study, "SC": captures, "SR": reports}[seg["kind"]]
         counts[seg["study"]] = counts.get(seg["study"], 0) + 1
     uids = facts["study_uids"]
     expected = {
@@ -64,8 +64,9 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
     }
     assert per_study == expected  # the knee's study got nothing: header screening refuses a lung SEG
     assert captures == expected  # and one Secondary Capture with the outline per film that got a SEG
+    assert reports == {**expected, uids["knee"]: 1}  # an SR per film: the knee's says why it got no SEG
     assert len({s["sop"] for s in facts["segs"]}) == len(facts["segs"])
-    assert facts["sent_lines"] == facts["sent_unique"] == 26  # nothing sent twice, SIGKILL and the outage included
+    assert facts["sent_lines"] == facts["sent_unique"] == 40  # nothing sent twice, SIGKILL and the outage included
 
 
 def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
@@ -97,3 +98,43 @@ def test_sigterm_stops_cleanly_with_a_status(node_run):
     assert facts["sigterm_exit"] == 0
     assert status["studies_answered"] == 7 and status["queued"] == 0 and status["send_failures"] >= 1
     assert status["latency_s_p50"] is not None and status["latency_s_p99"] >= status["latency_s_p50"]
+
+
+def test_a_full_queue_answers_out_of_resources_and_drops_nothing(tmp_path):
+    """Backpressure: past `max_queued` waiting films a C-STORE is answered A700 (the sender keeps the film and
+    retries); what was acknowledged is on disk. In-process, loopback; a named fake runner (nothing is segmented)."""
+    import socket
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from lungrt.data.dicom import write_dicom
+    from lungrt.data.phantoms import make_phantom
+    from lungrt.inference.node import DicomNode, NodeConfig
+
+    class FakeRunnerNeverRun:
+        info = spec = None
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = DicomNode(
+        FakeRunnerNeverRun(), NodeConfig(tmp_path / "spool", port=port, allowed_callers=("PACS",), max_queued=2)
+    )
+    node.start()
+    try:
+        films = []
+        for i in range(3):
+            films.append(tmp_path / f"f{i}.dcm")
+            write_dicom(films[-1], (make_phantom(i, 64).image * 4000).astype("uint16"))
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="LUNGRT")
+        statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in films]
+        assoc.release()
+    finally:
+        node.server.shutdown()
+    assert statuses == [0x0000, 0x0000, 0xA700]
+    kept = sorted(p.name for p in (tmp_path / "spool" / "incoming").rglob("*.dcm"))
+    assert kept == sorted(f"{dcmread(f).SOPInstanceUID}.dcm" for f in films[:2])
+    assert node.status()["refused"] == 1 and node.status()["queued"] == 2

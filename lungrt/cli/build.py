@@ -12,6 +12,11 @@ from rich.table import Table
 from lungrt.cli._app import app, out, run_guarded, write_json
 from lungrt.core.defaults import DEFAULT_MODEL
 
+METHOD_HELP = (
+    "INT8 calibration: entropy | minmax | percentile (default: each engine's own: entropy for TensorRT, minmax "
+    "for ONNX Runtime's CPU INT8; OpenVINO's is NNCF's)."
+)
+
 
 @app.command()
 def build(
@@ -35,14 +40,7 @@ def build(
         None, help="tensorrt-rtx: compute capabilities to build for, e.g. sm86,sm89 (default sm86: RTX 3090 class)."
     ),
     calib: Optional[Path] = typer.Option(None, help="INT8 calibration folder (a dataset: its train split)."),
-    method: Optional[str] = typer.Option(
-        None,
-        help=(
-            "INT8 calibration: entropy | minmax | percentile (default: each "
-            "engine's own: entropy for TensorRT, minmax for ONNX Runtime's "
-            "CPU INT8; OpenVINO's is NNCF's)."
-        ),
-    ),
+    method: Optional[str] = typer.Option(None, help=METHOD_HELP),
     data: Optional[Path] = typer.Option(
         None,
         help=(
@@ -124,14 +122,7 @@ def export(
     calib: Optional[Path] = typer.Option(
         None, help="INT8 calibration folder (a dataset: its train split; else all images). Default: synthetic phantoms."
     ),
-    method: Optional[str] = typer.Option(
-        None,
-        help=(
-            "INT8 calibration: entropy | minmax | percentile (default: each "
-            "engine's own: entropy for TensorRT, minmax for ONNX Runtime's "
-            "CPU INT8; OpenVINO's is NNCF's)."
-        ),
-    ),
+    method: Optional[str] = typer.Option(None, help=METHOD_HELP),
     val_data: Optional[Path] = typer.Option(
         None, help="Labelled dataset whose validation split gates INT8 (sensitive blocks are then left unquantized)."
     ),

@@ -33,6 +33,7 @@ def serve(
     max_queued: int = typer.Option(2000, min=1, help="Films waiting beyond which C-STORE answers A700 (retry)."),
     secondary_capture: bool = typer.Option(False, help="Also send a Secondary Capture with the outline burned in."),
     send_flagged: bool = typer.Option(False, help="Also send QC-flagged films' results (their SEG says so)."),
+    sr: bool = typer.Option(False, "--sr", help="Also a DICOM SR per film: lung areas (mm²) and QC (flagged too)."),
     status: bool = typer.Option(False, "--status", help="Print the status of the node that uses SPOOL and exit."),
 ):
     """Receive chest films (CR/DX) by C-STORE from the AEs you allow, segment each study once it is complete,
@@ -49,6 +50,7 @@ def serve(
     config = NodeConfig(
         spool, ae_title, host, port, tuple(allow), destinations, quiet_seconds, max_queued,
         batch_size=batch_size, workers=workers, secondary_capture=secondary_capture, send_flagged=send_flagged,
+        structured_report=sr,
     )  # fmt: skip
 
     def body():

@@ -151,3 +151,71 @@ def secondary_capture_bytes(source: str | Path, overlay_png: str | Path, model: 
     buf = io.BytesIO()
     sc.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+QC_CONCEPT = ("QC", "99LUNGRT", "lungrt segmentation quality control")
+QC_VALUES = {"ok": ("OK", "99LUNGRT", "QC ok"), "flagged": ("FLAGGED", "99LUNGRT", "QC flagged for review")}
+AREA = ("42798000", "SCT", "Area")
+
+
+def report_bytes(
+    source: str | Path, areas_mm2: dict[str, float | None], model: str, artifact: str | None, qc: str
+) -> bytes:
+    """Part-10 bytes of a DICOM SR measurement report (TID 1500, highdicom) for `source`: one measurement group per
+    lung ("right"/"left" in `areas_mm2`) with its area in mm² where the film gives a pixel spacing, and the QC
+    verdict as a qualitative evaluation (ok, or flagged with the reasons in the group's tracking identifier). In
+    the film's study, a series of its own; UIDs derived from the film and the artifact."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from lungrt.data.io import read_dicom_dataset
+
+    src = read_dicom_dataset(source, stop_before_pixels=True)
+    verdict = hd.sr.CodedConcept(*QC_VALUES["ok" if qc == "ok" else "flagged"])
+    groups = []
+    for side, site in (("right", RIGHT_LUNG), ("left", LEFT_LUNG)):
+        area = areas_mm2.get(side)
+        measurements = [] if area is None else [
+            hd.sr.Measurement(name=hd.sr.CodedConcept(*AREA), value=float(area), unit=codes.UCUM.SquareMillimeter)
+        ]  # fmt: skip
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(entropy_srcs=[_SERIES_ROOT, "sr", side, str(src.SOPInstanceUID), artifact or ""]),
+                    identifier=(f"{site[2]}; lungrt QC: {qc}")[:64],
+                ),
+                finding_type=hd.sr.CodedConcept(*site),
+                finding_sites=[hd.sr.FindingSite(anatomic_location=hd.sr.CodedConcept(*site))],
+                measurements=measurements or None,
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(hd.sr.CodedConcept(*QC_CONCEPT), verdict)],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src)],
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=generate_uid(entropy_srcs=[_SERIES_ROOT, "device", model]), name=f"lungrt {model}"[:64]
+                ),
+            )
+        ),
+        procedure_reported=hd.sr.CodedConcept("168731009", "SCT", "Chest X-ray"),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[src],
+        content=report,
+        series_instance_uid=generate_uid(entropy_srcs=[_SERIES_ROOT, "sr", str(src.SeriesInstanceUID), model]),
+        series_number=9002,
+        sop_instance_uid=generate_uid(
+            entropy_srcs=[_SERIES_ROOT, "sr", str(src.SOPInstanceUID), model, artifact or ""]
+        ),
+        instance_number=int(src.get("InstanceNumber", 1) or 1),
+        manufacturer="lungrt",
+        series_description=f"lungrt {model} lung areas and QC"[:64],
+    )
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

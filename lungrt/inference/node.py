@@ -45,6 +45,7 @@ ACCEPTED_SOP_CLASSES = (CR, DX_PRESENTATION, DX_PROCESSING)
 VERIFICATION = "1.2.840.10008.1.1"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR: what highdicom writes for TID 1500
 STATUS_OUT_OF_RESOURCES = 0xA700
 MAX_PDU_BYTES = 1 << 20
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -85,6 +86,7 @@ class NodeConfig:
     workers: int = 2
     secondary_capture: bool = False  # also a Secondary Capture with the outline burned in, per film
     send_flagged: bool = False  # QC-flagged films' results too (their SEG says "QC flagged: ...")
+    structured_report: bool = False  # a DICOM SR (TID 1500) per film: lung areas and the QC verdict, flagged too
     retry_seconds: float = 2.0  # first back-off for a destination that does not answer (doubles, up to a minute)
     options: InferOptions = field(default_factory=InferOptions)
 
@@ -260,7 +262,11 @@ class DicomNode:
             if row is None or row.get("status") not in ("ok", "skipped", "error"):
                 complete = False
                 continue
-            if row.get("status") != "ok" or (row.get("qc", "ok") != "ok" and not self.config.send_flagged):
+            if row.get("status") != "ok":
+                continue
+            if self.config.structured_report:  # areas and the QC verdict; for a flagged film, the reasons
+                files.append(self._report(film, row))
+            if row.get("qc", "ok") != "ok" and not self.config.send_flagged:
                 continue
             seg = row.get("dicom_seg", "")
             if seg.endswith(".seg.dcm"):
@@ -300,7 +306,7 @@ class DicomNode:
         from pynetdicom import AE
 
         ae = AE(ae_title=self.config.ae_title)
-        for uid in (SEG_STORAGE, SC_STORAGE):
+        for uid in (SEG_STORAGE, SC_STORAGE, SR_STORAGE):
             ae.add_requested_context(uid)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
@@ -351,6 +357,17 @@ class DicomNode:
             os.fsync(out.fileno())
         self.latencies.append(latency)
         log_.info("study answered: %s", json.dumps(line))
+
+    def _report(self, film: Path, row: dict) -> Path:
+        """FILM.sr.dcm in the results: its SR (made once, reused after a restart)."""
+        from lungrt.inference.dicom_seg import report_bytes
+
+        path = self.results / f"{film.parent.name}/{film.stem}.sr.dcm"
+        if not path.exists():
+            areas = {side: _number(row.get(f"{side}_lung_mm2")) for side in ("right", "left")}
+            artifact = self.runner.content_hash or self.runner.weights_id
+            atomic_write_bytes(path, report_bytes(film, areas, self.runner.info.name, artifact, row.get("qc", "ok")))
+        return path
 
     def _secondary_capture(self, film: Path, seg: Path) -> Path:
         """FILM.sc.dcm beside its SEG: the film with the lung outline burned in (made once, reused after a restart)."""
@@ -422,6 +439,10 @@ class DicomNode:
 
     def write_status(self) -> None:
         atomic_write_bytes(self.config.spool / "status.json", json.dumps(self.status(), indent=2).encode(), False)
+
+
+def _number(value) -> float | None:
+    return None if value in (None, "") else float(value)
 
 
 def _size_and_time(path: Path) -> tuple[int, int]:
