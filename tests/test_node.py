@@ -138,3 +138,12 @@ def test_a_full_queue_answers_out_of_resources_and_drops_nothing(tmp_path):
     kept = sorted(p.name for p in (tmp_path / "spool" / "incoming").rglob("*.dcm"))
     assert kept == sorted(f"{dcmread(f).SOPInstanceUID}.dcm" for f in films[:2])
     assert node.status()["refused"] == 1 and node.status()["queued"] == 2
+    node.config.max_queued, node.config.min_free_mb = 100, 10**12  # a disk with less free than asked: refused too
+    node.start()
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="LUNGRT")
+        status = int(assoc.send_c_store(dcmread(films[2])).Status)
+        assoc.release()
+    finally:
+        node.server.shutdown()
+    assert status == 0xA700 and node.status()["refused"] == 2 and node.status()["queued"] == 2

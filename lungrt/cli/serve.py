@@ -31,6 +31,7 @@ def serve(
     batch_size: int = typer.Option(8, min=1, help="Films per model call, across studies (always this shape)."),
     workers: int = typer.Option(2, min=1, help="Decode and write helpers."),
     max_queued: int = typer.Option(2000, min=1, help="Films waiting beyond which C-STORE answers A700 (retry)."),
+    min_free_mb: int = typer.Option(512, min=0, help="Free disk (MB) under which C-STORE answers A700 too."),
     secondary_capture: bool = typer.Option(False, help="Also send a Secondary Capture with the outline burned in."),
     send_flagged: bool = typer.Option(False, help="Also send QC-flagged films' results (their SEG says so)."),
     sr: bool = typer.Option(False, "--sr", help="Also a DICOM SR per film: lung areas (mm²) and QC (flagged too)."),
@@ -48,7 +49,7 @@ def serve(
         fail("serve: name the calling AE titles to accept (--allow AE); every other association is refused")
     destinations = tuple(run_guarded(lambda: [Destination.parse(t) for t in to]))
     config = NodeConfig(
-        spool, ae_title, host, port, tuple(allow), destinations, quiet_seconds, max_queued,
+        spool, ae_title, host, port, tuple(allow), destinations, quiet_seconds, max_queued, min_free_mb,
         batch_size=batch_size, workers=workers, secondary_capture=secondary_capture, send_flagged=send_flagged,
         structured_report=sr,
     )  # fmt: skip
