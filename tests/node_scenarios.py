@@ -72,7 +72,9 @@ def orthanc_segs(http: int) -> list[dict]:
     return found
 
 
-def make_study(folder: Path, films: int, seed: int, body_part: str = "CHEST") -> tuple[str, list[Path]]:
+def make_study(
+    folder: Path, films: int, seed: int, body_part: str = "CHEST", syntax: str = "explicit-le"
+) -> tuple[str, list[Path]]:
     from pydicom.uid import generate_uid
 
     study, series = generate_uid(), generate_uid()
@@ -81,7 +83,7 @@ def make_study(folder: Path, films: int, seed: int, body_part: str = "CHEST") ->
     for i in range(films):
         path = folder / f"film_{seed}_{i}.dcm"
         pixels = (make_phantom(seed * 10 + i, 128).image * 4000).astype(np.uint16)
-        write_dicom(path, pixels, study_uid=study, series_uid=series, body_part=body_part)
+        write_dicom(path, pixels, syntax, study_uid=study, series_uid=series, body_part=body_part)
         paths.append(path)
     return study, paths
 
@@ -91,10 +93,13 @@ def send_pynetdicom(files: list[Path], port: int, calling: str) -> list[int]:
     from pynetdicom import AE
 
     ae = AE(ae_title=calling)
-    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1")
+    datasets = [dcmread(f) for f in files]
+    # each film offered in its own transfer syntax only, as a modality that compresses does
+    for sop_class, syntax in dict.fromkeys((ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in datasets):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
     assert assoc.is_established, f"{calling}: association not established"
-    statuses = [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
     return statuses
 
@@ -161,7 +166,7 @@ def main(ckpt: str, work: Path) -> None:
     facts["allowed_echo"] = echo(node_port, "SENDER1")
 
     # two senders at once, two studies each; one study that header screening refuses (a knee)
-    studies = {f"s{i}": make_study(films / f"s{i}", 2, i) for i in range(4)}
+    studies = {f"s{i}": make_study(films / f"s{i}", 2, i, syntax="rle" if i == 1 else "explicit-le") for i in range(4)}
     knee_uid, knee_files = make_study(films / "knee", 1, 9, body_part="KNEE")
     t = threading.Thread(target=lambda: facts.setdefault("pynetdicom_status", send_pynetdicom(
         studies["s0"][1] + studies["s1"][1] + knee_files, node_port, "SENDER1")))  # fmt: skip

@@ -1,6 +1,7 @@
 """`lungrt serve`, the DICOM node, against things nobody here wrote: a real Orthanc as the destination AE, DCMTK's
 storescu and pynetdicom as senders, all on loopback inside a private network namespace (tests/node_scenarios.py).
-Every study is answered exactly once with the SEGs `lungrt infer` makes of the same files; an unknown calling AE
+Every study is answered exactly once with the SEGs `lungrt infer` makes of the same files (one study offered in
+RLE Lossless only, as a compressing modality sends it); an unknown calling AE
 is refused; a knee gets no SEG; SIGKILL mid-stream and a destination that is down lose nothing and send nothing
 twice; SIGTERM stops it cleanly."""
 

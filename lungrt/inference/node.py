@@ -119,15 +119,15 @@ class DicomNode:
     # -- receiving ----------------------------------------------------------------------------
     def start(self) -> None:
         """Start listening (in pynetdicom's threads); `serve_forever` or `step` does the rest."""
-        from pynetdicom import AE, evt
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
 
         ae = AE(ae_title=self.config.ae_title)
         ae.require_calling_aet = list(self.config.allowed_callers)
         # senders cut a film into PDUs of at most this: 16 KB (pynetdicom's default) made a 2 MB film 128 PDUs,
         # each a round of Python; 1 MB makes it 2
         ae.maximum_pdu_size = MAX_PDU_BYTES
-        for uid in ACCEPTED_SOP_CLASSES:
-            ae.add_supported_context(uid)
+        for uid in ACCEPTED_SOP_CLASSES:  # any transfer syntax: a modality may offer only JPEG Lossless or J2K,
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)  # and lungrt decodes them all
         ae.add_supported_context(VERIFICATION)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: 0x0000)]
         self.server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
