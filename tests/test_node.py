@@ -7,6 +7,7 @@ twice; SIGTERM stops it cleanly."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -89,6 +90,8 @@ def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
         p.relative_to(work / "infer" / "incoming"): p.read_bytes() for p in (work / "infer").rglob("*.mask.png")
     }
     assert node_masks and node_masks == infer_masks
+    with open(work / "spool" / "results" / "results.csv", newline="") as f:  # every film of every round
+        assert len(list(csv.DictReader(f))) == 14
     infer_segs = {pydicom.dcmread(p).SOPInstanceUID for p in (work / "infer").rglob("*.seg.dcm")}
     assert infer_segs == {s["sop"] for s in facts["segs"] if s["kind"] == "SEG"}
 

@@ -35,6 +35,7 @@ from lungrt.data.io import atomic_write_bytes
 from lungrt.inference.inputs import collect_inputs
 from lungrt.inference.journal import read_records, records_folder
 from lungrt.inference.options import InferOptions
+from lungrt.inference.outputs import write_results_csv
 
 log_ = logging.getLogger(__name__)
 
@@ -247,6 +248,9 @@ class DicomNode:
         items = collect_inputs([str(self.incoming / s) for s in studies])
         resume = records_folder(self.results).exists()
         summary = run_infer(self.runner, items, self.results, replace(self.opts, resume=resume))
+        # run_infer's results.csv lists this round's films; the node's lists every film it has answered
+        every_study = [str(p) for p in sorted(self.incoming.iterdir()) if p.is_dir()]
+        write_results_csv(self.results, collect_inputs(every_study))
         with self.lock:
             self.counts["processed"] += summary["ok"] + summary.get("screened_out", 0)
             self.counts["failed"] += summary["failed"]
