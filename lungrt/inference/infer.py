@@ -88,8 +88,10 @@ def die_with_parent() -> None:
         pass
 
 
-def _start_helper_process(idle: bool) -> None:
+def _start_helper_process(idle: bool, parent: int) -> None:
     die_with_parent()
+    if os.getppid() != parent:  # the run died while this helper was still starting: the signal came too late
+        os._exit(1)  # (an orphan would wait forever on a queue its sibling keeps open)
     cv2.setNumThreads(1)  # the pool is the parallelism; OpenCV's own threads would only compete with it
     if idle:
         _take_idle_cpu_only()
@@ -115,7 +117,7 @@ def helper_pools(runner: Runner, opts: InferOptions):
     if opts.pool == "process":
         facts = RunnerFacts.of(runner)
         with ProcessPoolExecutor(
-            opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle,)
+            opts.workers, multiprocessing.get_context("spawn"), _start_helper_process, (idle, os.getpid())
         ) as pool:
             try:
                 yield (
