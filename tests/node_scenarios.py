@@ -9,6 +9,7 @@ pynetdicom and DCMTK's storescu, concurrently. Facts only: the test decides what
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -58,8 +59,14 @@ def start_orthanc(home: Path, http: int, dicom: int) -> subprocess.Popen:
     raise RuntimeError("Orthanc did not start")
 
 
+def dataset_digest(data: bytes) -> str:
+    """SHA-256 of a DICOM file's dataset: what follows the File Meta group (which every writer writes its own)."""
+    assert data[128:132] == b"DICM" and data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) group length first
+    return hashlib.sha256(data[144 + int.from_bytes(data[140:144], "little") :]).hexdigest()
+
+
 def orthanc_segs(http: int) -> list[dict]:
-    """Every SEG instance Orthanc holds: its SOP Instance UID and the study it was filed in."""
+    """Every result instance Orthanc holds: its SOP Instance UID, the study it was filed in, its dataset's digest."""
     base = f"http://127.0.0.1:{http}"
     found = []
     for iid in json.loads(urllib.request.urlopen(f"{base}/instances", timeout=10).read()):
@@ -68,7 +75,11 @@ def orthanc_segs(http: int) -> list[dict]:
         if tags.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.7":
             kind = "SC"
         if kind:
-            found.append({"sop": tags["SOPInstanceUID"], "study": tags["StudyInstanceUID"], "kind": kind})
+            stored = urllib.request.urlopen(f"{base}/instances/{iid}/file", timeout=10).read()
+            found.append(
+                {"sop": tags["SOPInstanceUID"], "study": tags["StudyInstanceUID"], "kind": kind,
+                 "digest": dataset_digest(stored)}
+            )  # fmt: skip
     return found
 
 
@@ -200,6 +211,8 @@ def main(ckpt: str, work: Path) -> None:
     facts["segs"] = orthanc_segs(http)
     sent = [json.loads(x) for x in (spool / "sent.jsonl").read_text().splitlines()]
     facts["sent_lines"], facts["sent_unique"] = len(sent), len({(s["destination"], s["file"]) for s in sent})
+    results = [p for p in (spool / "results").rglob("*.dcm") if p.name.endswith((".seg.dcm", ".sc.dcm", ".sr.dcm"))]
+    facts["spool_digests"] = sorted(dataset_digest(p.read_bytes()) for p in results)
 
     node.send_signal(signal.SIGTERM)
     facts["sigterm_exit"] = node.wait(timeout=60)

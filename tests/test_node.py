@@ -69,6 +69,8 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
     assert reports == {**expected, uids["knee"]: 1}  # an SR per film: the knee's says why it got no SEG
     assert len({s["sop"] for s in facts["segs"]}) == len(facts["segs"])
     assert facts["sent_lines"] == facts["sent_unique"] == 40  # nothing sent twice, SIGKILL and the outage included
+    # what Orthanc stored is what the node wrote, byte for byte after the file meta (sent as stored, not re-encoded)
+    assert sorted(seg["digest"] for seg in facts["segs"]) == facts["spool_digests"]
 
 
 def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):

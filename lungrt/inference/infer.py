@@ -17,6 +17,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -169,18 +170,26 @@ class InferRun:
         remove_partial_writes(self.out_dir)
         todo = todo_items(self.out_dir, self.items, self.opts, run_identity(self.runner, self.opts))
         t0 = time.perf_counter()
-        with helper_pools(self.runner, self.opts) as (submit_read, submit_write), progress_bar() as bar:
-            self.advance = lambda: bar.advance(task)
+        with progress_bar() as bar:
             task = bar.add_task(f"infer {self.runner.describe()}", total=len(todo))
-            for chunk in segment(self.runner, todo, self.batch_size, submit_read, self.window, self.opts.strict):
+            self.consume(todo, lambda: bar.advance(task))
+        if self.fatal is not None:
+            raise stopped_by_disk(self.out_dir, self.items, self.fatal, self.counts["ok"])
+        return self._summary(todo, write_results_csv(self.out_dir, self.items), time.perf_counter() - t0)
+
+    def consume(self, todo: Iterable[Item | None], advance=lambda: None, wait_for_input=None) -> None:
+        """Segment `todo` into the output folder: a list, or a live source (`stream.segment`: the DICOM node's
+        films as their studies complete). Stops early at a full disk (`self.fatal`) or, strict, the first error."""
+        self.advance = advance
+        waiting = {} if wait_for_input is None else {"wait_for_input": wait_for_input}
+        with helper_pools(self.runner, self.opts) as (submit_read, submit_write):
+            stream = segment(self.runner, todo, self.batch_size, submit_read, self.window, self.opts.strict, **waiting)
+            for chunk in stream:
                 self._record(chunk, submit_write)
                 if self.fatal is not None or self.stopped:
                     break
             while self.writes:
                 self._settle(self.writes.popleft())
-        if self.fatal is not None:
-            raise stopped_by_disk(self.out_dir, self.items, self.fatal, self.counts["ok"])
-        return self._summary(todo, write_results_csv(self.out_dir, self.items), time.perf_counter() - t0)
 
     def _record(self, chunk: list[Frame], submit_write) -> None:
         """Rows of the chunk's failed and skipped inputs now; its segmented ones to the writers."""
@@ -204,8 +213,8 @@ class InferRun:
         if good:
             probs = np.stack([f.prob for f in good])
             self.writes.append(submit_write(self.out_dir, [(f.item, f.xray) for f in good], probs))
-        while len(self.writes) * self.batch_size > self.window:
-            self._settle(self.writes.popleft())
+        while self.writes and (self.writes[0].done() or len(self.writes) * self.batch_size > self.window):
+            self._settle(self.writes.popleft())  # counts stay current for a live stream's status
 
     def _settle(self, future: Future) -> None:
         try:

@@ -9,11 +9,12 @@ Everything lives in one spool folder, so a node killed at any moment (SIGKILL in
     SPOOL/studies.jsonl            one line per study answered (films, SEGs, destinations, latency)
     SPOOL/status.json              counts and latency percentiles (`lungrt serve --status SPOOL`)
 
-A study is processed once no film of it arrived for `quiet_seconds`; every study due at that moment goes through
-one stream run (batches across studies keep an accelerator fed; the batch shape is fixed, so a film's mask never
-depends on what came with it). Its SEGs (and, if asked, a Secondary Capture with the outline burned in) go to
-every destination, retried with back-off until acknowledged. Films that header screening refuses get no SEG
-(what infer writes decides what is sent); QC-flagged films' results are held unless `send_flagged`.
+A study is processed once no film of it arrived for `quiet_seconds`: its films join the node's one live stream
+(`InferRun.consume` fed by `films_due`; batches across studies keep an accelerator fed; the batch shape is fixed,
+so a film's mask never depends on what came with it). Its SEGs (and, if asked, a Secondary Capture with the
+outline burned in and an SR) go to every destination, retried with back-off until acknowledged. Films that
+header screening refuses get no SEG (what infer writes decides what is sent); QC-flagged films' results are held
+unless `send_flagged`.
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from lungrt.backends.base import Runner
 from lungrt.core.errors import LungrtError
 from lungrt.data.io import atomic_write_bytes
-from lungrt.inference.inputs import collect_inputs
-from lungrt.inference.journal import read_records, records_folder
+from lungrt.inference.infer import InferRun
+from lungrt.inference.inputs import Item, collect_inputs
+from lungrt.inference.journal import lock_out_dir, read_records, records_folder
 from lungrt.inference.options import InferOptions
-from lungrt.inference.outputs import write_results_csv
+from lungrt.inference.outputs import remove_partial_writes, run_identity, todo_items, write_results_csv
 
 log_ = logging.getLogger(__name__)
 
@@ -105,11 +108,18 @@ class DicomNode:
         self.results.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.counts = dict.fromkeys(("received", "refused", "processed", "failed", "sent", "send_failures"), 0)
-        self.seconds = dict.fromkeys(("processing", "sending", "receiving_cpu", "sending_cpu"), 0.0)
-        self.latencies: list[float] = self._earlier_latencies()
+        self.counts = dict.fromkeys(("received", "refused", "sent", "send_failures"), 0)
+        self.finished = dict.fromkeys(("ok", "failed", "qc_flagged", "screened_out", "not_radiographs"), 0)
+        self.run: InferRun | None = None  # the live stream (its counts add to `finished` when it ends)
+        self.fed: set[str] = set()  # films given to the stream and not done yet
+        self._status_written = self._csv_written = 0.0
+        self._csv_due = False  # studies answered since results.csv was written
+        self.seconds = dict.fromkeys(("sending", "receiving_cpu", "sending_cpu"), 0.0)
+        self.answered, self.latencies = self._earlier_answers()  # study -> films answered; every study's latency
+        self._scanned = None  # the journal's signature at the sender's last look
         self.sent = self._read_sent()
         self.last_arrival: dict[str, float] = {}
+        self.waiting = {f"{s}/{f.stem}" for s, films in self._unfinished().items() for f in films}
         self.next_try: dict[str, float] = {}
         self.server = None
         self.opts = replace(
@@ -158,104 +168,126 @@ class DicomNode:
         with self.lock:
             self.counts["received"] += 1
             self.last_arrival[folder.name] = time.time()
+            self.waiting.add(f"{folder.name}/{_safe_uid(sop)}")
         return 0x0000
 
     def queued(self) -> int:
+        """Films received and not done yet (kept as a set: a glob of the spool per C-STORE grew with the spool)."""
         done = self._done_sources()
-        return sum(1 for f in self.incoming.glob("*/*.dcm") if f"{f.parent.name}/{f.stem}" not in done)
+        with self.lock:
+            self.waiting -= done
+            return len(self.waiting)
 
     def _free_mb(self) -> float:
         return shutil.disk_usage(self.config.spool).free / 2**20
 
     # -- processing and sending ---------------------------------------------------------------
     def serve_forever(self, poll: float = 0.2) -> None:
-        """Receive, process and send until `stop()` (SIGTERM): then stop listening, finish the round in
-        flight, write the status, return. Sending runs in a thread of its own, so results go out while the
-        next studies are segmented."""
-        if self.server is None:
-            self.start()
-        sender = threading.Thread(target=self._loop, args=(self._send_round, poll), name="lungrt-send")
-        sender.start()
-        try:
-            self._loop(self._process_round, poll)
-        finally:
-            if self.server is not None:
-                self.server.shutdown()
-            sender.join()
-            self.write_status()
-
-    def _loop(self, round_fn, poll: float) -> None:
-        while not self.stopping.is_set():
+        """Receive, process and send until `stop()` (SIGTERM): then stop listening, finish the films in
+        flight, write the status, return. Segmenting is one live stream for the node's life; sending runs in a
+        thread of its own, so results go out while the next studies are segmented."""
+        with lock_out_dir(self.results):
+            remove_partial_writes(self.results)
+            resume = records_folder(self.results).exists()  # checks (or writes) the model and options it was made with
+            todo_items(self.results, [], replace(self.opts, resume=resume), run_identity(self.runner, self.opts))
+            if self.server is None:
+                self.start()
+            sender = threading.Thread(target=self._send_forever, args=(poll,), name="lungrt-send")
+            sender.start()
             try:
-                round_fn(time.time())
-            except Exception:  # one bad study or a full disk must never stop the node: said, retried next round
-                log_.exception("node round failed; retrying")
+                self._segment_forever(poll)
+            finally:
+                if self.server is not None:
+                    self.server.shutdown()
+                sender.join()
+                write_results_csv(self.results, self._every_film())
+                self.write_status()
+
+    def _segment_forever(self, poll: float) -> None:
+        """One live stream (`InferRun.consume`) fed by `films_due`: reading the next study overlaps the model's
+        work on this one (a stream per round drained and refilled the pipeline every round: 0.69x of infer's
+        throughput). A stream that fails (a full disk) is said and started again: nothing stops the node."""
+        while not self.stopping.is_set():
+            self.run = InferRun(self.runner, [], self.results, self.opts)
+            try:
+                self.run.consume(self.films_due(), wait_for_input=lambda: self.stopping.wait(poll))
+                if self.run.fatal is not None:
+                    raise self.run.fatal
+            except Exception:
+                log_.exception("node stream failed; starting it again")
+                self.stopping.wait(max(poll, self.config.retry_seconds))
+            finally:
+                with self.lock:
+                    self.fed.clear()  # what the stream was given and did not finish is given again
+                    self.finished = _add_counts(self.finished, self.run.counts)
+
+    def _send_forever(self, poll: float) -> None:
+        while not self.stopping.is_set():
+            now = time.time()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                if self.send_pending(now):
+                    self.seconds["sending"] += time.perf_counter() - t0
+                    self.seconds["sending_cpu"] += time.thread_time() - c0
+                if now - self._status_written >= 1.0:
+                    self.write_status()
+                    self._status_written = now
+                if self._csv_due and now - self._csv_written >= 30.0:  # every film answered: O(films), so rarely
+                    self._csv_due, self._csv_written = False, now
+                    write_results_csv(self.results, self._every_film())
+            except Exception:  # an unreachable destination or a full disk must never stop the node: retried
+                log_.exception("node send round failed; retrying")
             self.stopping.wait(poll)
-
-    def _process_round(self, now: float) -> None:
-        t0 = time.perf_counter()
-        due = self.due_studies(now)
-        if due:
-            self.process(due)
-            self.seconds["processing"] += time.perf_counter() - t0
-        if due or now - getattr(self, "_status_written", 0.0) >= 1.0:  # at most once a second when idle
-            self.write_status()
-            self._status_written = now
-
-    def _send_round(self, now: float) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
-        if self.send_pending(now):
-            self.seconds["sending"] += time.perf_counter() - t0
-            self.seconds["sending_cpu"] += time.thread_time() - c0
 
     def stop(self) -> None:
         self.stopping.set()
 
-    def step(self, now: float | None = None) -> None:
-        """One round of both loops in this thread: process every study due, send what is unsent, write the status."""
-        now = time.time() if now is None else now
-        self._process_round(now)
-        self._send_round(now)
+    def films_due(self) -> Iterator[Item | None]:
+        """The node stream's live source: each film of every study due (`due_studies`) once, None while there
+        is nothing; it ends when the node stops (the films already given are finished)."""
+        while not self.stopping.is_set():
+            due = self.due_studies(time.time())
+            items = collect_inputs([str(self.incoming / s) for s in due]) if due else []
+            with self.lock:
+                items = [it for it in items if str(it.rel) not in self.fed]
+                self.fed.update(str(it.rel) for it in items)
+            if items:
+                log_.info("segmenting %d films of %d studies", len(items), len(due))
+            yield from items or [None]
 
     def due_studies(self, now: float) -> list[str]:
         """Studies to segment now: complete ones (no film for `quiet_seconds`; after a restart the files' times
         count), once they fill a batch, or once the oldest has waited another `quiet_seconds` for company. Every
-        batch runs in the same shape, so a round of one 4-film study would compute 8 films' worth: waiting a
-        moment for the next study halved the work per film when studies come one after another."""
-        done = self._done_sources()
+        batch runs in the same shape, so a lone 4-film study would compute 8 films' worth: waiting a moment for
+        the next study halved the work per film when studies come one after another."""
+        unfinished = self._unfinished()
         due, films_due, oldest = [], 0, now
-        for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
-            films = [f for f in folder.glob("*.dcm") if f"{folder.name}/{f.stem}" not in done]
-            if not films:
-                continue
-            last = self.last_arrival.get(folder.name) or max(f.stat().st_mtime for f in films)
+        for study, films in sorted(unfinished.items()):
+            last = self.last_arrival.get(study) or max(_mtime(f) for f in films)
             if now - last >= self.config.quiet_seconds:
-                due.append(folder.name)
+                due.append(study)
                 films_due += len(films)
                 oldest = min(oldest, last + self.config.quiet_seconds)
-        if (
-            films_due % self.config.batch_size == 0
-            or now - oldest >= self.config.quiet_seconds
-            or self.stopping.is_set()
-        ):
+        if films_due % self.config.batch_size == 0 or now - oldest >= self.config.quiet_seconds:
             return due
         return []
 
-    def process(self, studies: list[str]) -> dict:
-        """One stream run over every film of `studies` not yet done (the journal resumes the rest)."""
-        from lungrt.inference.infer import run_infer
-
-        items = collect_inputs([str(self.incoming / s) for s in studies])
-        resume = records_folder(self.results).exists()
-        summary = run_infer(self.runner, items, self.results, replace(self.opts, resume=resume))
-        # run_infer's results.csv lists this round's films; the node's lists every film it has answered
-        every_study = [str(p) for p in sorted(self.incoming.iterdir()) if p.is_dir()]
-        write_results_csv(self.results, collect_inputs(every_study))
+    def _unfinished(self) -> dict[str, list[Path]]:
+        """study -> its films received and neither done (journal) nor in the stream now."""
+        done = self._done_sources()
         with self.lock:
-            self.counts["processed"] += summary["ok"] + summary.get("screened_out", 0)
-            self.counts["failed"] += summary["failed"]
-        log_.info("processed %d studies: %d ok, %d failed", len(studies), summary["ok"], summary["failed"])
-        return summary
+            self.fed -= done
+            skip = done | self.fed
+        out: dict[str, list[Path]] = {}
+        for folder in self.incoming.iterdir():
+            if folder.is_dir():
+                films = [f for f in folder.glob("*.dcm") if f"{folder.name}/{f.stem}" not in skip]
+                if films:
+                    out[folder.name] = films
+        return out
+
+    def _every_film(self) -> list:
+        return collect_inputs([str(p) for p in sorted(self.incoming.iterdir()) if p.is_dir()])
 
     def outputs_of(self, study: str, records: dict) -> tuple[list[Path], bool]:
         """(files to send for `study`, whether every film of it is done)."""
@@ -280,45 +312,48 @@ class DicomNode:
         return files, complete
 
     def send_pending(self, now: float) -> int:
-        """Send every processed study's unsent outputs to every destination; a destination that fails waits
-        its back-off. A study whose outputs all went everywhere is answered: one line in studies.jsonl.
+        """Send every processed study's unsent outputs to every destination (one association each); a
+        destination that fails waits its back-off. A study whose outputs all went everywhere is answered: one
+        line in studies.jsonl. Looks again only when the journal changed or a send is to be retried.
         Returns how many instances it tried to send."""
-        tried = 0
         records = self._records()
-        answered = self._answered()
+        signature = self._records_signature
+        if signature == self._scanned and not self.next_try:
+            return 0
+        ready = {}  # study -> its files, for every processed study not yet answered with all its films
         for folder in sorted(p for p in self.incoming.iterdir() if p.is_dir()):
-            study = folder.name
-            films = len(list(folder.glob("*.dcm")))
-            if answered.get(study, 0) >= films:  # answered with every film it has (a later film reopens it)
-                continue
-            files, complete = self.outputs_of(study, records)
-            if not complete:
-                continue
-            pending = [(d, f) for d in self.config.destinations for f in files if (str(d), f.name) not in self.sent]
-            for dest in dict.fromkeys(d for d, _ in pending):
-                if self.next_try.get(str(dest), 0) > now:
-                    continue
-                batch = [f for d, f in pending if d == dest]
-                tried += len(batch)
-                self._send(dest, batch)
+            if self.answered.get(folder.name, 0) < len(list(folder.glob("*.dcm"))):  # a later film reopens it
+                files, complete = self.outputs_of(folder.name, records)
+                if complete:
+                    ready[folder.name] = files
+        tried = 0
+        for dest in self.config.destinations:
+            unsent = [f for files in ready.values() for f in files if (str(dest), f.name) not in self.sent]
+            if unsent and self.next_try.get(str(dest), 0) <= now:
+                tried += len(unsent)
+                self._send(dest, unsent)
+        for study, files in ready.items():
             if all((str(d), f.name) in self.sent for d in self.config.destinations for f in files):
-                self._answer(study, folder, files)
+                self._answer(study, self.incoming / study, files)
+        self._scanned = signature
         return tried
 
     def _send(self, dest: Destination, files: list[Path]) -> None:
         """One association per destination and round; each acknowledged instance is recorded at once."""
-        from pynetdicom import AE
+        from pydicom.uid import ExplicitVRLittleEndian
+        from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.config.ae_title)
-        for uid in (SEG_STORAGE, SC_STORAGE, SR_STORAGE):
-            ae.add_requested_context(uid)
+        for uid in (SEG_STORAGE, SC_STORAGE, SR_STORAGE):  # a context of what lungrt writes (sent as stored)
+            ae.add_requested_context(uid, ExplicitVRLittleEndian)  # apart: a peer picks one syntax per context
+            ae.add_requested_context(uid, DEFAULT_TRANSFER_SYNTAXES)
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             self._back_off(dest, "association refused or no answer")
             return
         try:
             for f in files:
-                status = assoc.send_c_store(f)  # the file's bytes as written: no decode and re-encode
+                status = _send_as_stored(assoc, f)
                 if status and getattr(status, "Status", None) == 0x0000:
                     self._record_sent(dest, f)
                 else:
@@ -360,6 +395,8 @@ class DicomNode:
             out.flush()
             os.fsync(out.fileno())
         self.latencies.append(latency)
+        self.answered[study] = line["films"]
+        self._csv_due = True
         log_.info("study answered: %s", json.dumps(line))
 
     def _report(self, film: Path, row: dict) -> Path:
@@ -411,26 +448,22 @@ class DicomNode:
                 continue
         return sent
 
-    def _answered(self) -> dict[str, int]:
-        """study -> how many films it had when it was last answered."""
+    def _earlier_answers(self) -> tuple[dict[str, int], list[float]]:
+        """(study -> how many films it had when it was last answered, every answer's latency) from studies.jsonl."""
         path = self.config.spool / "studies.jsonl"
-        if not path.exists():
-            return {}
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip().endswith("}")]
-        return {row["study"]: row["films"] for row in lines}
-
-    def _earlier_latencies(self) -> list[float]:
-        path = self.config.spool / "studies.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line)["latency_s"] for line in path.read_text().splitlines() if line.strip().endswith("}")]
+        lines = path.read_text().splitlines() if path.exists() else []
+        rows = [json.loads(x) for x in lines if x.strip().endswith("}")]  # a line cut by a crash: answered again
+        return {row["study"]: row["films"] for row in rows}, [row["latency_s"] for row in rows]
 
     def status(self) -> dict:
         with self.lock:
             counts = dict(self.counts)
+            done = _add_counts(self.finished, self.run.counts if self.run is not None else {})
         lat = np.array(self.latencies) if self.latencies else None
         return {
             **counts,
+            "processed": done["ok"] + done["screened_out"] + done["not_radiographs"],
+            "failed": done["failed"],
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
             "queued": self.queued(),
             "studies_answered": len(self.latencies),
@@ -443,6 +476,34 @@ class DicomNode:
 
     def write_status(self) -> None:
         atomic_write_bytes(self.config.spool / "status.json", json.dumps(self.status(), indent=2).encode(), False)
+
+
+def _send_as_stored(assoc, path: Path):
+    """C-STORE of the file's bytes as written. Given a path, pynetdicom decodes and re-encodes the dataset (~50 ms
+    of CPU per SEG here, half the node's sending cost) unless its process-wide STORE_SEND_CHUNKED_DATASET is on:
+    on for this call. A peer that accepted none of the file's transfer syntax gets it decoded and re-encoded."""
+    from pydicom import dcmread
+    from pynetdicom import _config
+
+    before, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return assoc.send_c_store(path)
+    except ValueError:  # no presentation context for the stored transfer syntax
+        pass
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+    return assoc.send_c_store(dcmread(path))
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    return {k: a[k] + b.get(k, 0) for k in a}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # gone since it was listed
+        return 0.0
 
 
 def _number(value) -> float | None:

@@ -8,6 +8,7 @@ their own: one bad input never stops the others, and none is ever dropped.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -98,44 +99,65 @@ def thread_reader(spec, workers: int = 2, keep_pixels: bool = True, screen: str 
 
 def segment(
     runner: Runner,
-    items: Iterable[Item],
+    items: Iterable[Item | None],
     batch_size: int,
     submit_read: Callable[[Item], Future],
     window: int,
     stop_at_error: bool = False,
+    wait_for_input: Callable[[], object] = lambda: time.sleep(0.05),
 ) -> Iterator[list[Frame]]:
     """Frames of `items` in input order, yielded in chunks: each chunk holds at most `batch_size` readable
     frames (their `prob` set, computed as one padded batch) and the failed or skipped frames read among
     them. `stop_at_error`: the chunk that holds the first error is the last. An exception raised by
-    `items` itself (a caller's generator) is re-raised after everything before it was yielded."""
+    `items` itself (a caller's generator) is re-raised after everything before it was yielded.
+
+    A live source (the DICOM node's films as their studies complete) yields None when it has nothing now:
+    what was read is run (a short batch padded) and yielded, and once nothing is in flight the source is
+    asked again after `wait_for_input()`; it ends the stream by ending."""
     pending: deque[Future] = deque()
     sources = iter(items)
     source_error: list[BaseException] = []
     chunk: list[Frame] = []
+    ended = quiet = False  # quiet: the live source had nothing; not asked again before the stream drains
 
     def refill() -> None:
-        while not source_error and len(pending) < max(1, window):
+        nonlocal ended, quiet
+        while not ended and not quiet and len(pending) < max(1, window):
             try:
-                pending.append(submit_read(next(sources)))
+                item = next(sources)
             except StopIteration:
-                return
+                ended = True
             except Exception as e:  # the caller's source failed: what came before it is still handed over
                 source_error.append(e)
+                ended = True
+            else:
+                if item is None:
+                    quiet = True
+                else:
+                    pending.append(submit_read(item))
 
     try:
         refill()
-        while pending:
+        while pending or not ended:
+            if not pending:  # a live source with nothing now: ask again after a while
+                wait_for_input()
+                quiet = False
+                refill()
+                continue
             frame = pending.popleft().result()
             refill()
             chunk.append(frame)
             stop = stop_at_error and frame.status == "error"
             good = [f for f in chunk if f.status == "ok"]
-            if len(good) == batch_size or stop or not pending:  # nothing pending after a refill: the source ended
+            if len(good) == batch_size or stop or not pending:  # nothing pending after a refill: the source paused
                 _run_chunk(runner, good, batch_size)
                 yield chunk
                 chunk = []
                 if stop:
                     return
+                if not pending:
+                    quiet = False
+                    refill()
     finally:
         for f in pending:
             f.cancel()
