@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,39 @@ def orthanc_segs(http: int) -> list[dict]:
     return found
 
 
+RESULT_KINDS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+    "1.2.840.10008.5.1.4.1.1.7": "SC",
+    "1.2.840.10008.5.1.4.1.1.88.34": "SR",
+}
+
+
+def real_chest_cr(folder: Path) -> Path:
+    """pydicom-data's real chest CR (RG1, JPEG 2000 lossless; the test set-up installs the package)."""
+    import data_store
+
+    folder.mkdir(parents=True)
+    return Path(shutil.copy(Path(data_store.__file__).parent / "data" / "RG1_J2KR.dcm", folder / "RG1_J2KR.dcm"))
+
+
+def study_of(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def keep_orthanc_copies(http: int, study: str, folder: Path) -> None:
+    """The files Orthanc stored for `study`'s results, as a PACS would hand them to a viewer."""
+    base = f"http://127.0.0.1:{http}"
+    folder.mkdir()
+    for iid in json.loads(urllib.request.urlopen(f"{base}/instances", timeout=10).read()):
+        tags = json.loads(urllib.request.urlopen(f"{base}/instances/{iid}/simplified-tags", timeout=10).read())
+        kind = RESULT_KINDS.get(tags.get("SOPClassUID"))
+        if tags.get("StudyInstanceUID") == study and kind:
+            data = urllib.request.urlopen(f"{base}/instances/{iid}/file", timeout=10).read()
+            (folder / f"{kind}-{iid}.dcm").write_bytes(data)
+
+
 def make_study(
     folder: Path, films: int, seed: int, body_part: str = "CHEST", syntax: str = "explicit-le"
 ) -> tuple[str, list[Path]]:
@@ -116,8 +150,12 @@ def send_pynetdicom(files: list[Path], port: int, calling: str) -> list[int]:
 
 
 def send_storescu(files: list[Path], port: int) -> int:
-    cmd = ["storescu", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, timeout=60).returncode
+    # -xv: JPEG 2000 lossless besides the uncompressed syntaxes (the real CR is stored so; storescu sends it as is)
+    cmd = ["storescu", "-xv", "-aet", "STORESCU", "-aec", NODE_AE, "127.0.0.1", str(port), *map(str, files)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if res.returncode:
+        print("storescu:", res.stdout[-2000:], res.stderr[-2000:], file=sys.stderr)
+    return res.returncode
 
 
 def start_node(ckpt: str, spool: Path, port: int, orthanc_dicom: int) -> subprocess.Popen:
@@ -182,11 +220,12 @@ def main(ckpt: str, work: Path) -> None:
     t = threading.Thread(target=lambda: facts.setdefault("pynetdicom_status", send_pynetdicom(
         studies["s0"][1] + studies["s1"][1] + knee_files, node_port, "SENDER1")))  # fmt: skip
     t.start()
-    facts["storescu_rc"] = send_storescu(studies["s2"][1] + studies["s3"][1], node_port)
+    real = real_chest_cr(films / "real")  # a vendor's chest CR in JPEG 2000, as storescu finds it on disk
+    facts["storescu_rc"] = send_storescu(studies["s2"][1] + studies["s3"][1] + [real], node_port)
     t.join()
-    facts["first_round_answered"] = wait_for(lambda: len(answered(spool)) >= 5)
+    facts["first_round_answered"] = wait_for(lambda: len(answered(spool)) >= 6)
     facts["segs_after_first_round"] = orthanc_segs(http)
-    facts["study_uids"] = {k: v[0] for k, v in studies.items()} | {"knee": knee_uid}
+    facts["study_uids"] = {k: v[0] for k, v in studies.items()} | {"knee": knee_uid, "real": study_of(real)}
 
     # killed with SIGKILL right after a study arrives, restarted on the same spool
     kill_uid, kill_files = make_study(films / "killed", 3, 20)
@@ -209,6 +248,7 @@ def main(ckpt: str, work: Path) -> None:
     facts["down_answered"] = wait_for(lambda: any(a["study"] == down_uid for a in answered(spool)))
     facts["down_uid"] = down_uid
     facts["segs"] = orthanc_segs(http)
+    keep_orthanc_copies(http, facts["study_uids"]["real"], work / "real-from-orthanc")  # for dciodvfy
     sent = [json.loads(x) for x in (spool / "sent.jsonl").read_text().splitlines()]
     facts["sent_lines"], facts["sent_unique"] = len(sent), len({(s["destination"], s["file"]) for s in sent})
     results = [p for p in (spool / "results").rglob("*.dcm") if p.name.endswith((".seg.dcm", ".sc.dcm", ".sr.dcm"))]

@@ -50,7 +50,7 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
     assert facts["storescu_rc"] == 0 and set(facts["pynetdicom_status"]) == {0}
     assert facts["first_round_answered"] and facts["killed_answered"] and facts["down_answered"]
     studies = [a["study"] for a in facts["answered"]]
-    assert len(studies) == len(set(studies)) == 7  # 4 + the knee + the killed one + the one sent while PACS was down
+    assert len(studies) == len(set(studies)) == 8  # 4, knee, a real CR, killed one, one sent while PACS was down
     per_study, captures, reports = {}, {}, {}
     for seg in facts["segs"]:
         counts = {"SEG": per_study, "SC": captures, "SR": reports}[seg["kind"]]
@@ -63,12 +63,13 @@ def test_every_study_answered_once_with_one_seg_per_chest_film(node_run):
         uids["s3"]: 2,
         facts["killed_uid"]: 3,
         facts["down_uid"]: 2,
+        uids["real"]: 1,  # the vendor's chest CR, received in JPEG 2000
     }
     assert per_study == expected  # the knee's study got nothing: header screening refuses a lung SEG
     assert captures == expected  # and one Secondary Capture with the outline per film that got a SEG
     assert reports == {**expected, uids["knee"]: 1}  # an SR per film: the knee's says why it got no SEG
     assert len({s["sop"] for s in facts["segs"]}) == len(facts["segs"])
-    assert facts["sent_lines"] == facts["sent_unique"] == 40  # nothing sent twice, SIGKILL and the outage included
+    assert facts["sent_lines"] == facts["sent_unique"] == 43  # nothing sent twice, SIGKILL and the outage included
     # what Orthanc stored is what the node wrote, byte for byte after the file meta (sent as stored, not re-encoded)
     assert sorted(seg["digest"] for seg in facts["segs"]) == facts["spool_digests"]
 
@@ -93,16 +94,28 @@ def test_the_node_segments_as_lungrt_infer_does(node_run, tiny_checkpoint):
     }
     assert node_masks and node_masks == infer_masks
     with open(work / "spool" / "results" / "results.csv", newline="") as f:  # every film of every round
-        assert len(list(csv.DictReader(f))) == 14
+        assert len(list(csv.DictReader(f))) == 15
     infer_segs = {pydicom.dcmread(p).SOPInstanceUID for p in (work / "infer").rglob("*.seg.dcm")}
     assert infer_segs == {s["sop"] for s in facts["segs"] if s["kind"] == "SEG"}
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dciodvfy not installed: apt-get install dicom3tools")
+def test_what_orthanc_holds_for_a_real_chest_cr_passes_dciodvfy(node_run):
+    """The SEG, Secondary Capture and SR of a vendor's film as the PACS stored them: valid IODs (dciodvfy)."""
+    work, _ = node_run
+    kept = sorted((work / "real-from-orthanc").glob("*.dcm"))
+    assert sorted(p.name.split("-")[0] for p in kept) == ["SC", "SEG", "SR"], kept
+    for path in kept:
+        res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+        errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, (path.name, errors)
 
 
 def test_sigterm_stops_cleanly_with_a_status(node_run):
     _, facts = node_run
     status = facts["status"]
     assert facts["sigterm_exit"] == 0
-    assert status["studies_answered"] == 7 and status["queued"] == 0 and status["send_failures"] >= 1
+    assert status["studies_answered"] == 8 and status["queued"] == 0 and status["send_failures"] >= 1
     assert status["latency_s_p50"] is not None and status["latency_s_p99"] >= status["latency_s_p50"]
 
 
