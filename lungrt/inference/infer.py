@@ -55,7 +55,7 @@ from lungrt.inference.outputs import (  # noqa: F401
     write_record,
     write_results_csv,
 )
-from lungrt.inference.stream import Frame, batch_shape, load, read_window, segment
+from lungrt.inference.stream import POLL_SECONDS, Frame, batch_shape, load, read_window, segment
 
 
 def effective_batch(opts: InferOptions, items: list[Item], runner: Runner) -> int:
@@ -177,13 +177,16 @@ class InferRun:
             raise stopped_by_disk(self.out_dir, self.items, self.fatal, self.counts["ok"])
         return self._summary(todo, write_results_csv(self.out_dir, self.items), time.perf_counter() - t0)
 
-    def consume(self, todo: Iterable[Item | None], advance=lambda: None, wait_for_input=None) -> None:
+    def consume(
+        self, todo: Iterable[Item | None], advance=lambda: None, wait_for_input=lambda: time.sleep(POLL_SECONDS)
+    ) -> None:
         """Segment `todo` into the output folder: a list, or a live source (`stream.segment`: the DICOM node's
         films as their studies complete). Stops early at a full disk (`self.fatal`) or, strict, the first error."""
         self.advance = advance
-        waiting = {} if wait_for_input is None else {"wait_for_input": wait_for_input}
         with helper_pools(self.runner, self.opts) as (submit_read, submit_write):
-            stream = segment(self.runner, todo, self.batch_size, submit_read, self.window, self.opts.strict, **waiting)
+            stream = segment(
+                self.runner, todo, self.batch_size, submit_read, self.window, self.opts.strict, wait_for_input
+            )
             for chunk in stream:
                 self._record(chunk, submit_write)
                 if self.fatal is not None or self.stopped:

@@ -119,7 +119,9 @@ class DicomNode:
         self._scanned = None  # the journal's signature at the sender's last look
         self.sent = self._read_sent()
         self.last_arrival: dict[str, float] = {}
-        self.waiting = {f"{s}/{f.stem}" for s, films in self._unfinished().items() for f in films}
+        self._records_cache, self._records_signature = {}, None  # infer's journal, re-read when it changed
+        done = self._done_sources()  # films received and not done: listed once here, then kept up to date
+        self.waiting = {f"{f.parent.name}/{f.stem}" for f in self.incoming.glob("*/*.dcm")} - done
         self.next_try: dict[str, float] = {}
         self.server = None
         self.opts = replace(
@@ -273,17 +275,17 @@ class DicomNode:
         return []
 
     def _unfinished(self) -> dict[str, list[Path]]:
-        """study -> its films received and neither done (journal) nor in the stream now."""
+        """study -> its films received and neither done (journal) nor in the stream now: from the `waiting` set,
+        not a listing of the spool (asked whenever the stream runs dry; a spool of months would be listed each time)."""
         done = self._done_sources()
         with self.lock:
+            self.waiting -= done
             self.fed -= done
-            skip = done | self.fed
+            keys = self.waiting - self.fed
         out: dict[str, list[Path]] = {}
-        for folder in self.incoming.iterdir():
-            if folder.is_dir():
-                films = [f for f in folder.glob("*.dcm") if f"{folder.name}/{f.stem}" not in skip]
-                if films:
-                    out[folder.name] = films
+        for key in keys:
+            study, sop = key.split("/", 1)
+            out.setdefault(study, []).append(self.incoming / study / f"{sop}.dcm")
         return out
 
     def _every_film(self) -> list:
@@ -428,7 +430,7 @@ class DicomNode:
         files = sorted(folder.glob("*.jsonl")) if folder.exists() else []
         signature = tuple((f.name, *_size_and_time(f)) for f in files)
         with self.lock:
-            if signature != getattr(self, "_records_signature", None):
+            if signature != self._records_signature:
                 self._records_cache, self._records_signature = read_records(self.results), signature
             return self._records_cache
 

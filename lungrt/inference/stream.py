@@ -24,6 +24,7 @@ from lungrt.data.io import array_xray, read_xray
 from lungrt.inference.inputs import Item
 
 SCREEN_CHOICES = ("flag", "skip")
+POLL_SECONDS = 0.05  # how long a stream whose live source has nothing waits before asking again
 
 
 @dataclass
@@ -104,7 +105,7 @@ def segment(
     submit_read: Callable[[Item], Future],
     window: int,
     stop_at_error: bool = False,
-    wait_for_input: Callable[[], object] = lambda: time.sleep(0.05),
+    wait_for_input: Callable[[], object] = lambda: time.sleep(POLL_SECONDS),
 ) -> Iterator[list[Frame]]:
     """Frames of `items` in input order, yielded in chunks: each chunk holds at most `batch_size` readable
     frames (their `prob` set, computed as one padded batch) and the failed or skipped frames read among
