@@ -111,6 +111,30 @@ def test_what_orthanc_holds_for_a_real_chest_cr_passes_dciodvfy(node_run):
         assert not errors, (path.name, errors)
 
 
+def test_what_orthanc_holds_for_a_real_chest_cr_reads_back_with_highdicom_as_the_mask(node_run):
+    """highdicom reads Orthanc's SEG as the node's mask of that film, and its SR as the areas results.csv holds."""
+    import highdicom as hd
+    import numpy as np
+
+    from lungrt.data.io import read_mask
+
+    work, facts = node_run
+    kept = {p.name.split("-")[0]: p for p in (work / "real-from-orthanc").glob("*.dcm")}
+    seg = hd.seg.segread(kept["SEG"])
+    labels = [seg.get_segment_description(n).SegmentLabel for n in seg.get_segment_numbers()]
+    assert labels == ["Right lung structure", "Left lung structure"]
+    [(study, _, sop)] = seg.get_source_image_uids()  # the vendor's film, by its own UIDs
+    assert study == facts["study_uids"]["real"]
+    [mask] = (work / "spool" / "results").glob(f"*/{sop}.mask.png")
+    assert np.array_equal(seg.pixel_array.reshape(-1, seg.Rows, seg.Columns).max(axis=0) > 0, read_mask(mask) > 0)
+    with open(work / "spool" / "results" / "results.csv", newline="") as f:
+        [row] = [r for r in csv.DictReader(f) if r["path"].endswith(f"{sop}.dcm")]
+    groups = hd.sr.srread(kept["SR"]).content.get_image_measurement_groups()
+    areas = {g.finding_type.meaning: [m.value for m in g.get_measurements()] for g in groups}
+    expected = {"Right lung structure": row["right_lung_mm2"], "Left lung structure": row["left_lung_mm2"]}
+    assert areas == {k: [float(v)] if v else [] for k, v in expected.items()}  # RG1: no usable spacing, no area
+
+
 def test_sigterm_stops_cleanly_with_a_status(node_run):
     _, facts = node_run
     status = facts["status"]
