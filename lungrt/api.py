@@ -125,6 +125,7 @@ class LungSegmenter:
         precision: str | None = None,
         device: str = "auto",
         convention: str | None = None,
+        second_opinion: bool | PathLike = False,
     ) -> "LungSegmenter":
         """`source`: a shipped name (unet, gsconv-unet, msag-unet), a lungrt checkpoint or run
         folder, an ONNX variant or a TensorRT engine (.plan/.engine).
@@ -132,10 +133,11 @@ class LungSegmenter:
         own engine; for weights, CUDA PyTorch on a GPU, else the recorded CPU choice or ONNX Runtime).
         `precision`: fp32 | fp16 | int8 | bf16 (openvino, torch); None: a file's own, else FP32.
         `convention`: lung-field | whole-lung (None: the model's own; a shipped name: its weights for it).
+        `second_opinion`: True (the shipped whole-lung weights of the same architecture) or a whole-lung model's
+        file: QC's `whole_lung_cover` flags a lung-field mask that stops short of their lung (twice the compute).
         A combination that cannot be honoured is refused (LungrtError), never replaced."""
-        return cls(
-            open_runner(source, backend=backend, precision=precision, device=device, convention=convention), str(source)
-        )
+        args = dict(backend=backend, precision=precision, device=device, convention=convention)
+        return cls(open_runner(source, **args, second_opinion=second_opinion), str(source))
 
     @property
     def spec(self):
@@ -211,7 +213,8 @@ class LungSegmenter:
     def _results(self, chunk: list[Frame], postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
         good = [f for f in chunk if f.status == "ok"]
         probs = np.stack([f.prob for f in good]) if good else np.zeros((0, 1, 1), np.float32)
-        feats = iter(features_many(probs, self.qc.shape, [f.xray.shape for f in good]) if good else [])
+        refs = np.stack([f.reference for f in good]) if good and good[0].reference is not None else None
+        feats = iter(features_many(probs, self.qc.shape, [f.xray.shape for f in good], refs) if good else [])
         for f in chunk:  # input order, failures in their place
             path = None if f.item.array is not None else str(f.item.source)
             if f.status != "ok":

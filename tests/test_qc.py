@@ -70,7 +70,8 @@ def test_fit_stops_when_no_widening_clears_a_false_alarm():
         row["border_fraction"] = 0.2  # 10% of validation, beyond any margin
     fitted = fit_thresholds(train, val, target=0.05)
     assert fitted.false_alarm_val == flagged_share(val, fitted) == 0.1
-    assert set(fitted.margin) == set(FEATURES) and set(fitted.margin.values()) <= set(MARGINS)
+    measured = set(FEATURES) - {"whole_lung_cover"}  # the second opinion's: only when a reference ran
+    assert set(fitted.margin) == measured and set(fitted.margin.values()) <= set(MARGINS)
 
 
 def test_every_framing_stays_within_the_budget_not_only_all_pooled():

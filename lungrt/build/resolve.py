@@ -47,6 +47,7 @@ def open_runner(
     engine: str | Path | None = None,
     options: Sequence[str] = (),
     convention: str | None = None,
+    second_opinion: bool | str | Path = False,
     log=log_.info,
 ) -> Runner:
     """The runner for `source` (or `onnx` / `engine`, as the CLI names them) on `backend` in
@@ -56,8 +57,11 @@ def open_runner(
     FP32 graph), an OpenVINO IR (.xml, OpenVINO's INT8) on OpenVINO, a plan on its TensorRT flavour. Weights run on
     PyTorch, or on the ONNX variant
     made for the backend asked. `convention` (None: any) picks a shipped name's weights for that mask
-    convention and refuses a file of the other. Whatever cannot be honoured is refused (LungrtError; missing
-    software or hardware: BackendUnavailable), never replaced by something else."""
+    convention and refuses a file of the other. `second_opinion`: a `SecondOpinionRunner` with the whole-lung
+    model QC's `whole_lung_cover` bound was fitted with: True for the shipped whole-lung weights of the same
+    architecture, on the same backend and device; or that model's checkpoint, ONNX file or plan. Whatever cannot
+    be honoured is refused (LungrtError; missing software or hardware: BackendUnavailable), never replaced by
+    something else."""
     if convention is not None:
         from lungrt.core.spec import check_convention
 
@@ -89,7 +93,38 @@ def open_runner(
         runner = _open_engine(Path(artifact), backend, device)
     else:
         runner = _open_onnx(Path(artifact), backend, precision, device)
-    return _honoured(runner, backend, precision, device, str(artifact if artifact is not None else source), convention)
+    named = str(artifact if artifact is not None else source)
+    runner = _honoured(runner, backend, precision, device, named, convention)
+    return with_second_opinion(runner, second_opinion, log) if second_opinion else runner
+
+
+def with_second_opinion(runner: Runner, reference: bool | str | Path, log=log_.info) -> Runner:
+    """`runner` with its second opinion (`open_runner`'s `second_opinion`) opened on the same backend and device;
+    refused, and `runner` closed, when that cannot be honoured or QC holds no bound fitted with those weights."""
+    from lungrt.backends.second_opinion import SecondOpinionRunner
+    from lungrt.core.spec import WHOLE_LUNG
+
+    if reference is True and runner.backend in ("tensorrt", "tensorrt-rtx"):
+        runner.close()
+        from lungrt.models.checkpoint import shipped_checkpoint
+
+        weights = shipped_checkpoint(runner.info.name, WHOLE_LUNG) or f"{runner.info.name}.{WHOLE_LUNG}.safetensors"
+        raise LungrtError(
+            f"a second opinion on {runner.backend} runs the {WHOLE_LUNG} model's own plan: build it (`lungrt build "
+            f"--model {weights} --backend {runner.backend}`) and name that plan as the second opinion"
+        )
+    source = runner.info.name if reference is True else reference
+    try:
+        other = open_runner(source, backend=runner.backend, device=runner.device, convention=WHOLE_LUNG, log=log)
+    except BaseException:
+        runner.close()
+        raise
+    try:
+        return SecondOpinionRunner(runner, other)
+    except BaseException:
+        runner.close()
+        other.close()
+        raise
 
 
 def _honoured(

@@ -42,6 +42,24 @@ def run_guarded(fn):
         fail(str(e))
 
 
+SECOND_OPINION_HELP = (
+    "QC's second opinion (lung-field models): the same architecture's whole-lung weights segment each film too, "
+    "and a mask that covers too little of their lung is flagged stops_short (twice the model compute; masks "
+    "unchanged)."
+)
+SECOND_OPINION_MODEL_HELP = (
+    "With --second-opinion: the whole-lung checkpoint, ONNX file or plan to run (default: the shipped whole-lung "
+    "weights; a plan for TensorRT). Refused unless QC's bound was fitted with those weights."
+)
+
+
+def second_opinion_arg(flag: bool, model: Optional[Path]) -> bool | str:
+    """`open_runner`'s `second_opinion` from the two options."""
+    if model is not None and not flag:
+        fail("--second-opinion-model needs --second-opinion")
+    return str(model) if model is not None else flag
+
+
 def check_json_path(path: Optional[Path]) -> None:
     if path is not None and (path.is_dir() or str(path) in ("", ".")):
         fail(f"--json {path}: is a folder; give a file name such as {Path(path) / 'summary.json'}")

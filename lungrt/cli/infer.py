@@ -7,7 +7,17 @@ from typing import List, Optional
 
 import typer
 
-from lungrt.cli._app import app, check_json_path, fail, out, run_guarded, write_json
+from lungrt.cli._app import (
+    SECOND_OPINION_HELP,
+    SECOND_OPINION_MODEL_HELP,
+    app,
+    check_json_path,
+    fail,
+    out,
+    run_guarded,
+    second_opinion_arg,
+    write_json,
+)
 from lungrt.core.defaults import DEFAULT_MODEL
 
 
@@ -98,6 +108,8 @@ def infer(
             "of the other convention is refused."
         ),
     ),
+    second_opinion: bool = typer.Option(False, "--second-opinion", help=SECOND_OPINION_HELP),
+    second_opinion_model: Optional[Path] = typer.Option(None, "--second-opinion-model", help=SECOND_OPINION_MODEL_HELP),
     ray: Optional[str] = typer.Option(
         None, "--ray", help="Run on Ray: 'local' (start one here), 'auto', or a cluster address."
     ),
@@ -132,7 +144,11 @@ def infer(
             out_dir,
             opts,
             None,
-            {**open_args, "convention": convention},
+            {
+                **open_args,
+                "convention": convention,
+                "second_opinion": second_opinion_arg(second_opinion, second_opinion_model),
+            },
             ray,
             actors,
             gpus_per_actor,

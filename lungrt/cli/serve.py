@@ -9,7 +9,15 @@ from typing import List, Optional
 
 import typer
 
-from lungrt.cli._app import app, fail, out, run_guarded
+from lungrt.cli._app import (
+    SECOND_OPINION_HELP,
+    SECOND_OPINION_MODEL_HELP,
+    app,
+    fail,
+    out,
+    run_guarded,
+    second_opinion_arg,
+)
 from lungrt.core.defaults import DEFAULT_MODEL
 
 
@@ -28,6 +36,8 @@ def serve(
     backend: str = typer.Option("auto", help="auto | torch | onnxruntime | openvino | tensorrt | tensorrt-rtx"),
     precision: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | bf16 (default: the file's own)."),
     convention: Optional[str] = typer.Option(None, help="lung-field (default) | whole-lung."),
+    second_opinion: bool = typer.Option(False, "--second-opinion", help=SECOND_OPINION_HELP),
+    second_opinion_model: Optional[Path] = typer.Option(None, "--second-opinion-model", help=SECOND_OPINION_MODEL_HELP),
     batch_size: int = typer.Option(8, min=1, help="Films per model call, across studies (always this shape)."),
     workers: int = typer.Option(2, min=1, help="Decode and write helpers."),
     max_queued: int = typer.Option(2000, min=1, help="Films waiting beyond which C-STORE answers A700 (retry)."),
@@ -58,6 +68,7 @@ def serve(
         from lungrt.build.resolve import open_runner
 
         args = dict(onnx=onnx, engine=engine, backend=backend, precision=precision, convention=convention)
+        args["second_opinion"] = second_opinion_arg(second_opinion, second_opinion_model)
         with open_runner(model, **args, log=out.print) as runner:
             node = DicomNode(runner, config)
             for sig in (signal.SIGTERM, signal.SIGINT):

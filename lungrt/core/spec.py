@@ -24,7 +24,8 @@ CONVENTIONS = {
     "whole-lung": "the whole lung, behind the heart and where disease made it opaque, down to the diaphragm "
     "(cxr-covid-v7)",
 }
-DEFAULT_CONVENTION = "lung-field"  # what every model before the conventions were named was trained on
+LUNG_FIELD, WHOLE_LUNG = CONVENTIONS
+DEFAULT_CONVENTION = LUNG_FIELD  # what every model before the conventions were named was trained on
 
 
 def check_convention(name: str) -> str:

@@ -123,7 +123,9 @@ def helper_pools(runner: Runner, opts: InferOptions):
             try:
                 yield (
                     lambda item: pool.submit(_load_without_pixels, item, runner.spec, opts.overlay, opts.screen),
-                    lambda out_dir, entries, probs: pool.submit(finish_batch, out_dir, entries, probs, facts, opts),
+                    lambda out_dir, entries, probs, refs: pool.submit(
+                        finish_batch, out_dir, entries, probs, facts, opts, refs
+                    ),
                 )
             except BrokenProcessPool:
                 raise LungrtError(
@@ -141,7 +143,9 @@ def helper_pools(runner: Runner, opts: InferOptions):
         ):
             yield (
                 lambda item: readers.submit(load, item, runner.spec, opts.overlay, opts.screen),
-                lambda out_dir, entries, probs: writers.submit(finish_batch, out_dir, entries, probs, runner, opts),
+                lambda out_dir, entries, probs, refs: writers.submit(
+                    finish_batch, out_dir, entries, probs, runner, opts, refs
+                ),
             )
     finally:
         cv2.setNumThreads(opencv_threads)
@@ -215,7 +219,8 @@ class InferRun:
         good = [f for f in chunk if f.status == "ok"]
         if good:
             probs = np.stack([f.prob for f in good])
-            self.writes.append(submit_write(self.out_dir, [(f.item, f.xray) for f in good], probs))
+            refs = np.stack([f.reference for f in good]) if good[0].reference is not None else None
+            self.writes.append(submit_write(self.out_dir, [(f.item, f.xray) for f in good], probs, refs))
         while self.writes and (self.writes[0].done() or len(self.writes) * self.batch_size > self.window):
             self._settle(self.writes.popleft())  # counts stay current for a live stream's status
 

@@ -120,7 +120,7 @@ def check_identity(out_dir: str | Path, identity: dict) -> None:
         raise LungrtError(f"{path}: unreadable run identity; start afresh without --resume") from None
     diffs = [
         f"{k} {earlier.get(k)!r} -> {identity.get(k)!r}"
-        for k in sorted(identity)
+        for k in sorted(set(identity) | set(earlier))  # an option on then and off now differs too
         if k not in RECORDED_ONLY and earlier.get(k) != identity.get(k)
     ]
     if diffs:

@@ -92,13 +92,15 @@ def measure(
     qc: QCThresholds | None = None,
     complete_shape: bool = False,
     feats: dict | None = None,
+    reference: np.ndarray | None = None,
 ) -> Measured:
     """Network-size probabilities of one X-ray -> its mask, lung areas and QC at the original size:
     the one function infer, the Python API and Ray all use. With `complete_shape`, a mask QC calls
     an implausible shape gets the lung its shape fit says is missing (`shape.complete`). `feats`:
-    its QC numbers when already computed with its batch's (`qc.features_many`)."""
+    its QC numbers when already computed with its batch's (`qc.features_many`); else computed here, with the
+    second opinion's probabilities `reference` when given."""
     qc = qc or QCThresholds.from_dict(None)
-    feats = dict(feats) if feats is not None else qc_features(prob_small, qc.shape, xray.shape)
+    feats = dict(feats) if feats is not None else qc_features(prob_small, qc.shape, xray.shape, reference)
     lungs = lung_fields(spec.invert_mask(prob_small, xray.shape), postprocess, spec.mask_region(prob_small, xray.shape))
     h, w = xray.shape
     verdict = qc_verdict(feats, qc)
@@ -130,12 +132,18 @@ def measure(
 
 
 def finish_batch(
-    out_dir: Path, entries: list, probs: np.ndarray, runner: Runner | RunnerFacts, opts: InferOptions
+    out_dir: Path,
+    entries: list,
+    probs: np.ndarray,
+    runner: Runner | RunnerFacts,
+    opts: InferOptions,
+    references: np.ndarray | None = None,
 ) -> list[dict]:
-    """`finish_or_error_row` for one batch's (item, xray) entries and their probabilities; their QC
-    numbers computed together first (the shape fits of a batch cost about what one did)."""
+    """`finish_or_error_row` for one batch's (item, xray) entries and their probabilities (and the second
+    opinion's, when there is one); their QC numbers computed together first (the shape fits of a batch cost
+    about what one did)."""
     qc = qc_thresholds_of(runner.info.qc)
-    feats = qc_features_many(probs, qc.shape, [xr.shape for _, xr in entries])
+    feats = qc_features_many(probs, qc.shape, [xr.shape for _, xr in entries], references)
     return [
         finish_or_error_row(out_dir, item, xr, p, runner, opts, f) for (item, xr), p, f in zip(entries, probs, feats)
     ]
@@ -149,11 +157,12 @@ def finish_or_error_row(
     runner: Runner | RunnerFacts,
     opts: InferOptions,
     feats: dict | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict:
     """`finish_one`, with a failure that belongs to this input alone (its name, a permission) made
     its error row. A full or read-only disk is everyone's failure: it propagates and stops the run."""
     try:
-        return finish_one(out_dir, item, xray, prob_small, runner, opts, feats)
+        return finish_one(out_dir, item, xray, prob_small, runner, opts, feats, reference)
     except OSError as e:
         if e.errno in FATAL_ERRNOS:
             raise
@@ -170,10 +179,11 @@ def finish_one(
     runner: Runner,
     opts: InferOptions,
     feats: dict | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict:
     """Native-size mask, measurements and files for one image; the record is written last."""
     qc = qc_thresholds_of(runner.info.qc)
-    m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape, feats)
+    m = measure(xray, prob_small, runner.spec, opts.postprocess, qc, opts.complete_shape, feats, reference)
     files = {"mask": encode_mask_png1(m.mask) if opts.mask_bits == 1 else _png(m.mask, _PNG_FAST)}
     if opts.overlay:
         files["overlay"] = _png(_overlay_with_fit(xray, m, qc))

@@ -128,6 +128,7 @@ def run_identity(runner: Runner, opts: InferOptions) -> dict:
         "runner": runner.describe(),
         "artifact": runner.content_hash or runner.weights_id,
         **({"complete_shape": True} if opts.complete_shape else {}),
+        **({"second_opinion": runner.reference.weights_id} if getattr(runner, "reference", None) else {}),
     }  # absent when off: older runs still resume
 
 

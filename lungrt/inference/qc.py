@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from lungrt.backends.second_opinion import COVER, check_reference, reference_record
 from lungrt.inference.shape import ShapeModel, pair_landmarks, shape_features_many
 
 # feature -> (reason when below the low bound, reason when above the high bound); None: not checked
@@ -42,6 +43,11 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     # pair of lung fields far from every plausible pair (Mahalanobis distance; scale-free, unlike the
     # Dice against the plausible fit, which is reported but falls with the lungs' size in pixels)
     "shape_distance": (None, "implausible_shape"),
+    # the second opinion (`SecondOpinionRunner`, opt-in): the share of the same architecture's whole-lung mask
+    # that this lung-field mask covers. ~0.8 on a clean film (the lung behind the heart is outside the lung-field
+    # convention); lower where the mask stops short of lung that disease made opaque, which no feature of the
+    # mask alone sees. Measured only when the reference ran; checked only against a bound fitted with it.
+    COVER: ("stops_short", None),
 }
 # of the mask's area: smaller specks are not counted as fragments (0.2 % of a film whose lungs fill
 # a quarter of it, as this was when measured against the image)
@@ -67,6 +73,8 @@ class QCThresholds:
     false_alarm_val: float | None = None  # share of validation images flagged at fit time
     margin: dict[str, float] | float | None = None  # per feature: how far past the training extremes (see _bounds_at)
     shape: ShapeModel | None = None  # the lung fields' statistical shape model (training-split masks)
+    # the whole-lung weights `whole_lung_cover` was fitted with: {"model", "convention", "weights_hash"}, or None
+    reference: dict | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -75,6 +83,8 @@ class QCThresholds:
             "false_alarm_val": self.false_alarm_val,
             "margin": self.margin,
         }
+        if self.reference is not None:
+            out["second_opinion"] = self.reference
         return {**out, "shape_model": self.shape.to_dict()} if self.shape is not None else out
 
     @classmethod
@@ -95,6 +105,7 @@ class QCThresholds:
             d.get("false_alarm_val"),
             d.get("margin"),
             ShapeModel.from_dict(d.get("shape_model")),
+            d.get("second_opinion"),
         )
 
 
@@ -116,17 +127,24 @@ def thresholds_of(qc: dict | None) -> QCThresholds:
 
 
 def features(
-    prob_small: np.ndarray, shape: ShapeModel | None = None, image_shape: tuple[int, int] | None = None
+    prob_small: np.ndarray,
+    shape: ShapeModel | None = None,
+    image_shape: tuple[int, int] | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict[str, float]:
     """QC numbers of one network-resolution probability map (S, S); with a shape model, also how
     plausible the mask's pair of lung fields is (`shape.shape_features`). `image_shape`: the (h, w)
     of the image it was computed from, which the network saw squeezed to a square: heights and
-    widths are compared in the image's own proportions (a tighter crop is not a squatter lung)."""
-    return features_many([prob_small], shape, [image_shape])[0]
+    widths are compared in the image's own proportions (a tighter crop is not a squatter lung).
+    `reference`: the whole-lung weights' probabilities of the same input (the second opinion)."""
+    return features_many([prob_small], shape, [image_shape], None if reference is None else [reference])[0]
 
 
 def features_many(
-    probs, shape: ShapeModel | None = None, image_shapes: list[tuple[int, int] | None] | None = None
+    probs,
+    shape: ShapeModel | None = None,
+    image_shapes: list[tuple[int, int] | None] | None = None,
+    references=None,
 ) -> list[dict[str, float]]:
     """`features` of a batch of probability maps: the shape fits run together (one fit's cost)."""
     maps = [np.asarray(p, np.float32).reshape(p.shape[-2:]) for p in probs]
@@ -136,7 +154,18 @@ def features_many(
     if shape is not None:
         for f, (plausibility, _) in zip(feats, shape_features_many(masks, shape, stretches)):
             f.update(plausibility)
+    if references is not None:
+        for f, m, ref in zip(feats, masks, references):
+            f[COVER] = whole_lung_cover(m, ref)
     return feats
+
+
+def whole_lung_cover(mask: np.ndarray, reference: np.ndarray) -> float:
+    """The share of the reference (whole-lung) mask inside `mask`, both on the network's grid; 1.0 when the
+    reference sees no lung (nothing for the lung-field mask to fall short of: the other flags speak then)."""
+    whole = np.asarray(reference, np.float32).reshape(mask.shape) > 0.5
+    n = int(np.count_nonzero(whole))
+    return float(np.count_nonzero(whole & (mask > 0))) / n if n else 1.0
 
 
 def _mask_features(p: np.ndarray, m: np.ndarray, stretch: float = 1.0) -> dict[str, float]:
@@ -349,18 +378,23 @@ def reframe(image: np.ndarray, how: str, lungs: np.ndarray | None = None) -> np.
 
 
 def collect_features(
-    runner, pairs, batch_size: int = 8, shape: ShapeModel | None = None, framing: str | None = None
+    runner,
+    pairs,
+    batch_size: int = 8,
+    shape: ShapeModel | None = None,
+    framing: str | None = None,
+    reference=None,
 ) -> list[dict[str, float]]:
     """QC features of a runner's predictions on labelled pairs (their images only), optionally
-    re-framed (`reframe`)."""
+    re-framed (`reframe`); with the `reference` (whole-lung) runner, `whole_lung_cover` too."""
     from lungrt.evaluation.evaluate import batched, load_samples
 
     out = []
     for batch in batched(load_samples(pairs, runner.spec), batch_size):
         images = [reframe(s.xray.gray8, framing, s.gold) if framing else s.xray.gray8 for s in batch]
-        tensors = [runner.spec.apply(im) if framing else s.tensor for im, s in zip(images, batch)]
-        probs = runner.run(np.stack(tensors))
-        out += features_many(probs, shape, [im.shape for im in images])
+        x = np.stack([runner.spec.apply(im) if framing else s.tensor for im, s in zip(images, batch)])
+        refs = reference.run(x) if reference is not None else None
+        out += features_many(runner.run(x), shape, [im.shape for im in images], refs)
     return out
 
 
@@ -394,26 +428,39 @@ def well_segmented(runner, pairs, min_recall: float = 0.7, batch_size: int = 8) 
     return kept
 
 
-def fit_for_model(runner, train_pairs, val_pairs, target: float = 0.05, min_recall: float | None = 0.7) -> QCThresholds:
+def fit_for_model(
+    runner, train_pairs, val_pairs, target: float = 0.05, min_recall: float | None = 0.7, reference=None
+) -> QCThresholds:
     """Thresholds for this model: the shape model from the training split's reference masks, the
     bounds fitted on its training-split predictions and checked on validation, re-framed too. With
     `min_recall`, the validation films whose masks miss more of the lung are left out of the false-alarm
-    budget (they are what the flags are for)."""
+    budget (they are what the flags are for). With the `reference` runner (the same architecture's
+    whole-lung weights), `whole_lung_cover` is fitted with the others, under the same budget, and the
+    thresholds name the reference's weights (`SecondOpinionRunner` refuses any other)."""
+    if reference is not None:
+        check_reference(runner, reference)
     if min_recall is not None:
         val_pairs = well_segmented(runner, val_pairs, min_recall)
     shape = fit_shape_model(train_pairs, runner.spec.size)
-    train = collect_features(runner, train_pairs, shape=shape)
-    val = {"as it comes": collect_features(runner, val_pairs, shape=shape)}
+
+    def feats(pairs, framing=None):
+        return collect_features(runner, pairs, shape=shape, framing=framing, reference=reference)
+
+    train = feats(train_pairs)
+    val = {"as it comes": feats(val_pairs)}
     for how in REFRAMINGS:
-        val[how] = collect_features(runner, val_pairs, shape=shape, framing=how)
+        val[how] = feats(val_pairs, how)
     clean = f" well-segmented (recall >= {min_recall:g})" if min_recall is not None else ""
+    second = f"; with the second opinion of {reference.info.name} ({reference.spec.convention})" if reference else ""
     fitted = fit_thresholds(
         train,
         val,
         target,
         f"{len(train)} training-split predictions; checked on {len(val_pairs)}"
         f"{clean} validation images as they come and {', '.join(REFRAMINGS)}; "
-        f"target false-alarm rate {target:.0%} in each",
+        f"target false-alarm rate {target:.0%} in each{second}",
     )
     fitted.shape = shape
+    if reference is not None:
+        fitted.reference = reference_record(reference)
     return fitted

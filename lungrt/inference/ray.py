@@ -137,7 +137,9 @@ class InferActor:
     def __call__(self, batch: dict) -> dict:
         x = np.asarray(batch["tensor"], np.float32)
         n = len(x)
-        batch["prob"] = run_batch(self.runner, list(x), self.batch_size)
+        batch["prob"], refs = run_batch(self.runner, list(x), self.batch_size)
+        if refs is not None:  # the second opinion's probabilities, for QC's whole_lung_cover
+            batch["reference"] = refs
         batch["runner"] = np.array([self.runner.describe()] * n)
         batch["model"] = np.array([self.runner.info.name] * n)
         del batch["tensor"]
@@ -181,7 +183,9 @@ def _write(
             int(row["bits"]),
             header=json.loads(str(row["header"])) or None,
         )
-        rec = finish_or_error_row(Path(out_dir), item, xr, np.asarray(row["prob"], np.float32), view, options)
+        prob = np.asarray(row["prob"], np.float32)
+        reference = np.asarray(row["reference"], np.float32) if "reference" in row else None
+        rec = finish_or_error_row(Path(out_dir), item, xr, prob, view, options, reference=reference)
     return {"status": rec["status"], "qc": str(rec.get("qc") or ""), "not_image": "not_a_radiograph" in row["skipped"]}
 
 
@@ -189,6 +193,9 @@ def runner_args_for(runner, model: str, arch: str | None) -> dict:
     """How an actor re-opens, on any node, exactly the runner the driver resolved (artefacts by
     absolute path: they must be on storage every node sees; the resolver checks their content)."""
     asked = {"backend": runner.backend, "precision": runner.precision, "device": runner.device}
+    reference = getattr(runner, "reference", None)
+    if reference is not None:  # the second opinion's artefact, or the shipped whole-lung weights it was fitted with
+        asked["second_opinion"] = str(Path(reference.path).resolve()) if reference.path is not None else True
     if runner.path is not None:
         return {"source": str(Path(runner.path).resolve()), **asked}
     ref = str(Path(model).resolve()) if Path(model).exists() else model

@@ -35,6 +35,7 @@ class Frame:
     xray: object = None  # XRay (or its XRayFacts from a helper process); None when it could not be read
     tensor: np.ndarray | None = None  # the network input; dropped once the batch has run
     prob: np.ndarray | None = None  # the network's (size, size) probabilities
+    reference: np.ndarray | None = None  # the second opinion's (whole-lung) probabilities, when the runner has one
     error: str = ""  # why it could not be read or prepared (one line)
     skipped: tuple[str, ...] = ()  # why it gets no mask although nothing failed: not_a_radiograph, screening
     note: str = ""  # what a skipped input holds instead (e.g. the SOP class of a SEG)
@@ -82,13 +83,16 @@ def read_window(batch_size: int, workers: int) -> int:
     return max(3 * batch_size, 2 * workers)
 
 
-def run_batch(runner: Runner, tensors: list[np.ndarray], batch_size: int) -> np.ndarray:
+def run_batch(runner: Runner, tensors: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(n, size, size) probabilities of n <= batch_size network inputs, run as one batch of `batch_size`
-    (the last input repeated): the last-batch rule of every front door."""
+    (the last input repeated): the last-batch rule of every front door; and the second opinion's of the same
+    inputs (`SecondOpinionRunner.reference`), or None."""
     x = np.stack(tensors)
     if len(x) < batch_size:
         x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
-    return runner.run(x)[: len(tensors), 0]
+    n, reference = len(tensors), getattr(runner, "reference", None)
+    refs = reference.run(x)[:n, 0] if reference is not None else None
+    return runner.run(x)[:n, 0], refs
 
 
 @contextmanager
@@ -169,6 +173,7 @@ def segment(
 def _run_chunk(runner: Runner, good: list[Frame], batch_size: int) -> None:
     if not good:
         return
-    probs = run_batch(runner, [f.tensor for f in good], batch_size)
-    for f, p in zip(good, probs):
-        f.prob, f.tensor = p, None
+    probs, refs = run_batch(runner, [f.tensor for f in good], batch_size)
+    for i, f in enumerate(good):
+        f.prob, f.tensor = probs[i], None
+        f.reference = None if refs is None else refs[i]
