@@ -223,3 +223,17 @@ def test_sizes_are_measured_against_the_lung_field_not_the_image():
         assert f["aspect"] == pytest.approx(feats["as drawn"]["aspect"], rel=0.03), name
         assert f["components"] == 3, name
     assert feats["padded below"]["centroid_y"] < feats["as drawn"]["centroid_y"] - 0.1
+
+
+def test_a_spread_floor_lets_a_zero_spread_flag_widen_only_as_far_as_validation_needs():
+    """border_fraction is zero on every training image: no margin widens it (above). With a floor under its spread
+    (`min_spread`, benchmarks/qc_border_floor.py) it widens until the slightly touching validation films pass,
+    and a film with a tenth of its mask at the border is still flagged."""
+    rng = np.random.default_rng(2)
+    train, val = _normal(rng, 200), _normal(rng, 50)
+    for row in val[:5]:
+        row["border_fraction"] = 0.004
+    assert fit_thresholds(train, val, target=0.05).false_alarm_val == 0.1
+    fitted = fit_thresholds(train, val, target=0.05, min_spread={"border_fraction": 0.005})
+    assert fitted.false_alarm_val <= 0.05 and 0.004 < fitted.bounds["border_fraction"][1] <= 0.01
+    assert "at_border" in flags({**val[10], "border_fraction": 0.1}, fitted)

@@ -253,15 +253,19 @@ def verdict(feats: dict[str, float], thresholds: QCThresholds) -> str:
     return ";".join(flags(feats, thresholds)) or "ok"
 
 
-def _bounds_at(train: list[dict], margins: dict[str, float], q: float = 0.005) -> dict[str, list[float | None]]:
+def _bounds_at(
+    train: list[dict], margins: dict[str, float], q: float = 0.005, min_spread: dict[str, float] | None = None
+) -> dict[str, list[float | None]]:
     """Per-feature bounds: the training predictions' q and 1-q quantiles, widened by that feature's
-    margin times their 5-95% spread (282 training images cannot pin the extremes down on their own)."""
+    margin times their 5-95% spread (282 training images cannot pin the extremes down on their own),
+    or `min_spread`'s for that feature where larger (a spread of zero: no margin widens it)."""
     bounds = {}
     for name, (low_reason, high_reason) in FEATURES.items():
         if name not in train[0]:  # the shape features, for a model without a shape model
             continue
         values = np.array([f[name] for f in train], np.float64)
         spread = float(np.quantile(values, 0.95) - np.quantile(values, 0.05))
+        spread = max(spread, (min_spread or {}).get(name, 0.0))
         lo = float(np.quantile(values, q)) - margins[name] * spread if low_reason else None
         hi = float(np.quantile(values, 1 - q)) + margins[name] * spread if high_reason else None
         if name == "components" and hi is not None:
@@ -278,7 +282,11 @@ MARGINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
 def fit_thresholds(
-    train: list[dict], val: list[dict] | dict[str, list[dict]], target: float = 0.05, description: str = ""
+    train: list[dict],
+    val: list[dict] | dict[str, list[dict]],
+    target: float = 0.05,
+    description: str = "",
+    min_spread: dict[str, float] | None = None,
 ) -> QCThresholds:
     """Bounds fitted on `train`, each feature's margin widened only as far as `val` needs: from the
     training extremes, the widening that clears the most validation false alarms per margin step is
@@ -290,12 +298,14 @@ def fit_thresholds(
 
     One margin shared by every feature let the flags no margin can quieten (a lung touching the
     image border has a spread of zero) use up the false-alarm budget and widen every other bound;
-    per feature, the bounds that flag few validation images (upside down, say) stay tight."""
+    per feature, the bounds that flag few validation images (upside down, say) stay tight.
+    `min_spread` (`_bounds_at`) lets such a flag widen too (measured in benchmarks/qc_border_floor.py; not used
+    by the shipped fits)."""
     groups = val if isinstance(val, dict) else {"validation": val}
 
     def at(steps: dict[str, int]) -> tuple[QCThresholds, dict[str, float]]:
         margins = {name: MARGINS[i] for name, i in steps.items()}
-        cand = QCThresholds(_bounds_at(train, margins), description, None, margins)
+        cand = QCThresholds(_bounds_at(train, margins, min_spread=min_spread), description, None, margins)
         shares = {g: flagged_share(feats, cand) for g, feats in groups.items()}
         cand.false_alarm_val = max(shares.values())
         return cand, shares
