@@ -29,7 +29,7 @@ from lungrt.data.io import array_xray  # noqa: F401  (public: lungrt.api.array_x
 from lungrt.inference.inputs import Item, collect_inputs
 from lungrt.inference.measure import Measured, measure
 from lungrt.inference.qc import features_many, thresholds_of
-from lungrt.inference.stream import Frame, batch_shape, read_window, segment, thread_reader
+from lungrt.inference.stream import Frame, batch_shape, read_window, segment, stacked, thread_reader
 
 PathLike = str | Path
 
@@ -212,8 +212,7 @@ class LungSegmenter:
 
     def _results(self, chunk: list[Frame], postprocess: bool, complete_shape: bool) -> Iterator[LungResult]:
         good = [f for f in chunk if f.status == "ok"]
-        probs = np.stack([f.prob for f in good]) if good else np.zeros((0, 1, 1), np.float32)
-        refs = np.stack([f.reference for f in good]) if good and good[0].reference is not None else None
+        probs, refs = stacked(good) if good else (None, None)
         feats = iter(features_many(probs, self.qc.shape, [f.xray.shape for f in good], refs) if good else [])
         for f in chunk:  # input order, failures in their place
             path = None if f.item.array is not None else str(f.item.source)

@@ -114,16 +114,14 @@ def with_second_opinion(runner: Runner, reference: bool | str | Path, log=log_.i
             f"--model {weights} --backend {runner.backend}`) and name that plan as the second opinion"
         )
     source = runner.info.name if reference is True else reference
+    other = None
     try:
         other = open_runner(source, backend=runner.backend, device=runner.device, convention=WHOLE_LUNG, log=log)
-    except BaseException:
-        runner.close()
-        raise
-    try:
         return SecondOpinionRunner(runner, other)
-    except BaseException:
+    except BaseException:  # refused: close what was opened
         runner.close()
-        other.close()
+        if other is not None:
+            other.close()
         raise
 
 

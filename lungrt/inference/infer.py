@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable
 
 import cv2
-import numpy as np
 
 from lungrt.backends.base import Runner
 from lungrt.core.errors import LungrtError
@@ -55,7 +54,7 @@ from lungrt.inference.outputs import (  # noqa: F401
     write_record,
     write_results_csv,
 )
-from lungrt.inference.stream import POLL_SECONDS, Frame, batch_shape, load, read_window, segment
+from lungrt.inference.stream import POLL_SECONDS, Frame, batch_shape, load, read_window, segment, stacked
 
 
 def effective_batch(opts: InferOptions, items: list[Item], runner: Runner) -> int:
@@ -218,8 +217,7 @@ class InferRun:
             return
         good = [f for f in chunk if f.status == "ok"]
         if good:
-            probs = np.stack([f.prob for f in good])
-            refs = np.stack([f.reference for f in good]) if good[0].reference is not None else None
+            probs, refs = stacked(good)
             self.writes.append(submit_write(self.out_dir, [(f.item, f.xray) for f in good], probs, refs))
         while self.writes and (self.writes[0].done() or len(self.writes) * self.batch_size > self.window):
             self._settle(self.writes.popleft())  # counts stay current for a live stream's status

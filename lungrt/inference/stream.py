@@ -170,6 +170,12 @@ def segment(
         raise source_error[0]
 
 
+def stacked(good: list[Frame]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The probabilities of segmented frames as one array, and their second opinion's (None without one)."""
+    probs = np.stack([f.prob for f in good])
+    return probs, (np.stack([f.reference for f in good]) if good[0].reference is not None else None)
+
+
 def _run_chunk(runner: Runner, good: list[Frame], batch_size: int) -> None:
     if not good:
         return
